@@ -1,0 +1,167 @@
+"""The model-adapter interface: everything the engine needs to know about one LALM family.
+
+An adapter is a small table of module paths (its hook points) plus a generate function. It is a
+class registered through the ``register_adapters`` hook; ``esn adapters list`` reads only class
+attributes, so listing never imports the model's heavy packages.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from esn.emotions import EMOTIONS, normalize_emotion
+from esn.errors import EsnError
+from esn.hookpoints import STREAMS, HookPoint, Layout
+
+DEFAULT_INSTRUCTION = (
+    "Convert the emotion of this speech to {emotion}. Say exactly the same words as the input speech, "
+    "in the same language, with a clearly {emotion} voice."
+)
+
+
+class GenerationConfig(BaseModel):
+    """How an EVC conversion is generated. Adapter defaults apply where a field is None."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system_prompt: str | None = None
+    instruction: str = DEFAULT_INSTRUCTION
+    max_new_tokens: int = Field(256, ge=1, description="text tokens (language-model stream)")
+    max_audio_tokens: int = Field(1024, ge=1, description="speech tokens (synthesis stream)")
+    seed: int = 0
+    speaker: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="adapter-specific settings")
+
+
+@dataclass
+class EVCRequest:
+    """One conversion attempt: neutral source speech and the emotion to convert it to."""
+
+    audio: np.ndarray  # float32 mono waveform at 16 kHz, [samples]
+    emotion: str
+    id: str = ""
+    transcript: str | None = None  # the reference words; never shown to the model
+
+    def __post_init__(self) -> None:
+        self.emotion = normalize_emotion(self.emotion, EMOTIONS)
+        audio = np.asarray(self.audio)
+        if audio.ndim != 1 or audio.size == 0:
+            raise EsnError(f"request {self.id or '?'}: audio must be a non-empty mono array, got shape {audio.shape}")
+        self.audio = audio.astype(np.float32, copy=False)
+
+
+@dataclass
+class EVCResult:
+    """What a conversion produced: the model's decoded text and its speech."""
+
+    id: str
+    text: str  # decoded text, special tokens stripped
+    waveform: np.ndarray  # float32 [samples]; empty if the model produced no audio
+    sample_rate: int
+    info: dict[str, Any] = field(default_factory=dict)  # token counts, timings, warnings
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """How to tell real positions from padding in one stream, for recording.
+
+    ``root`` is the module whose forward receives ``input_ids`` and ``attention_mask`` for every step of
+    this stream. In a prefill call, positions where ``attention_mask`` is 0 are padding. In a decode call
+    a row that has already fed one of ``stop_token_ids`` is finished (a solo run would have stopped).
+    """
+
+    root: str
+    stop_token_ids: tuple[int, ...] = ()
+
+
+class ModelAdapter(abc.ABC):
+    """Base class of every adapter. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]  # short id used on the command line, e.g. "qwen_omni"
+    architectures: ClassVar[tuple[str, ...]]  # config ``architectures`` strings this adapter loads
+    streams: ClassVar[tuple[str, ...]] = STREAMS
+    description: ClassVar[str] = ""
+    # True if generate() runs all its requests as rows of one batch (per-row conditions need this).
+    batched: ClassVar[bool] = True
+    sample_rate: ClassVar[int] = 24_000
+
+    def __init__(self, model: Any, source: str | Path):
+        self.model = model
+        self.source = str(source)
+        self._layout: Layout | None = None
+
+    # -- loading -----------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str = "cpu",
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> ModelAdapter:
+        """Load a checkpoint from a local directory or hub id."""
+
+    @classmethod
+    @abc.abstractmethod
+    def write_tiny(cls, directory: str | Path, *, seed: int = 0) -> Path:
+        """Write a tiny random checkpoint that ``load`` reads (tests, demo, adapter authors)."""
+
+    # -- hook points -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def hook_points(self) -> list[HookPoint]:
+        """Every instrumented gate, ``lm`` first then ``synth``, in layer order."""
+
+    def layout(self, streams: Sequence[str] | None = None) -> Layout:
+        if self._layout is None:
+            self._layout = Layout(self.hook_points())
+        return self._layout.select(streams)
+
+    def module(self, hook_point: HookPoint | str) -> Any:
+        """The ``act_fn`` module of a hook point; its output is the gate ``[batch, pos, d_mlp]``."""
+        hp = self.layout()[hook_point] if isinstance(hook_point, str) else hook_point
+        return self.model.get_submodule(hp.module)
+
+    def stream_specs(self) -> dict[str, StreamSpec]:
+        """Per stream, how recording tells padding from real positions (empty: count every position)."""
+        return {}
+
+    def envoy(self, traced: Any, hook_point: HookPoint | str) -> Any:
+        """The nnsight envoy of a hook point's ``act_fn`` inside a trace of ``nnsight.NNsight(self.model)``."""
+        hp = self.layout()[hook_point] if isinstance(hook_point, str) else hook_point
+        node = traced
+        for part in hp.module.split("."):
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        return node
+
+    @property
+    def architecture(self) -> str:
+        config = getattr(self.model, "config", None)
+        archs = getattr(config, "architectures", None) or [type(self.model).__name__]
+        return str(archs[0])
+
+    @property
+    def device(self) -> Any:
+        import torch
+
+        try:
+            return next(self.model.parameters()).device
+        except (StopIteration, AttributeError):
+            return torch.device("cpu")
+
+    # -- generation --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
+        """Convert each request; with ``batched`` all requests are rows of one batch, in order."""
+
+    def instruction(self, request: EVCRequest, config: GenerationConfig) -> str:
+        return config.instruction.format(emotion=request.emotion)

@@ -1,0 +1,12 @@
+"""One exception type for every mistake a user can make; the CLI prints it as one line."""
+
+
+class EsnError(Exception):
+    """A user-facing error: bad input, bad configuration, a file that does not fit.
+
+    The message names the problem (file, field, value) and, where there is one, the fix.
+    """
+
+
+class LayoutMismatchError(EsnError):
+    """An artifact (mask, statistics) was made for a different set of hook points."""
