@@ -39,3 +39,57 @@ def installed(
 def has_hooks(model: nn.Module) -> bool:
     """True if any submodule still carries a forward or pre-forward hook (a leak check for tests)."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class ModelTarget:
+    """The part of an adapter that recording and steering need, for a plain ``nn.Module``.
+
+    Adapters provide the same three members (``model``, ``layout()``, ``stream_specs()``), so engine
+    code takes either. Useful for tests and for models that have no adapter yet.
+    """
+
+    def __init__(self, model: nn.Module, hook_points, stream_specs: dict | None = None):
+        from esn.hookpoints import Layout
+
+        self.model = model
+        self._layout = Layout(hook_points)
+        self._specs = dict(stream_specs or {})
+
+    def layout(self, streams=None):
+        return self._layout.select(streams)
+
+    def stream_specs(self) -> dict:
+        return self._specs
+
+    def module(self, hook_point) -> nn.Module:
+        hp = self._layout[hook_point] if isinstance(hook_point, str) else hook_point
+        return self.model.get_submodule(hp.module)
+
+
+def gate_hook_points(model: nn.Module, layers_path: str, stream: str) -> list:
+    """Hook points for every SwiGLU MLP under ``layers_path`` (``{layers_path}.{l}.mlp.act_fn``).
+
+    The width is ``mlp.gate_proj.out_features``; ``down_proj`` is recorded for weight folding.
+    """
+    from esn.errors import EsnError
+    from esn.hookpoints import HookPoint
+
+    try:
+        layers = model.get_submodule(layers_path)
+    except AttributeError:
+        raise EsnError(f"model {type(model).__name__} has no module {layers_path!r}") from None
+    points = []
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or not hasattr(mlp, "act_fn") or not hasattr(mlp, "gate_proj"):
+            raise EsnError(f"{layers_path}.{i} has no SwiGLU mlp (act_fn, gate_proj)")
+        points.append(
+            HookPoint(
+                stream=stream,
+                layer=i,
+                width=int(mlp.gate_proj.out_features),
+                module=f"{layers_path}.{i}.mlp.act_fn",
+                down_proj=f"{layers_path}.{i}.mlp.down_proj",
+            )
+        )
+    return points
