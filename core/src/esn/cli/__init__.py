@@ -18,7 +18,7 @@ from esn.errors import EsnError
 # Modules under esn.cli that contribute commands, in help order.
 COMMAND_MODULES = ("plugins_cmd",)
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

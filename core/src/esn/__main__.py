@@ -1,0 +1,5 @@
+import sys
+
+from esn.cli import main
+
+sys.exit(main())
