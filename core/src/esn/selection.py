@@ -1,28 +1,32 @@
 """Neuron selectors of the paper (section 3.3.2): LAP, LAPE, MAD, CAS and Random.
 
 Input is the activation-probability matrix ``P`` ``[E, N]`` (rows in ``emotions`` order, neurons flat
-over the layout). Every selector keeps ``N_sel = floor(r * N)`` neurons per emotion (CAS may keep fewer)
-and breaks ties towards the lower flat index. ``N_sel = 0`` is an error: a mask that selects nothing
-would silently turn every intervention into a no-op.
+over the layout). Every selector keeps ``N_sel = floor(r * N)`` neurons per emotion (CAS and LAPE may keep
+fewer when they have fewer candidates) and breaks ties towards the lower flat index. ``N_sel = 0`` is an
+error: a mask that selects nothing would silently turn every intervention into a no-op.
 
 Selectors are plugins: ``register(name, fn)`` with
-``fn(probs, n_select, *, rate, seed, **options) -> list[np.ndarray]`` (one index array per row).
+``fn(probs, n_select, *, rate, seed, emotions, **options) -> list[np.ndarray]`` (one index array per
+row). The exact rules, with the edge cases, are in ``docs/selection.md``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import zlib
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 
 from esn.errors import EsnError
-from esn.plugins import hookimpl
+from esn.plugins import Registry, hookimpl
 
 
 def n_selected(rate: float, n_neurons: int) -> int:
-    """``floor(rate * n_neurons)``, robust to binary fractions (0.005 * 1000 is 5, not 4)."""
-    return int(math.floor(rate * n_neurons + 1e-9))
+    """``floor(rate * n_neurons)`` on the rate as written: 0.29 * 100 is 29 (floats say 28.999...), 1/6 * 6 is 1."""
+    return math.floor(Fraction(repr(float(rate))).limit_denominator(10**12) * n_neurons)
 
 
 def _top(score: np.ndarray, k: int) -> np.ndarray:
@@ -32,29 +36,39 @@ def _top(score: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order[:k]).astype(np.int64)
 
 
+def emotion_seed(seed: int, emotion: str) -> list[int]:
+    """A seed sequence for ``emotion``'s own draw: independent of the other emotions and of row order."""
+    return [int(seed), zlib.crc32(emotion.encode())]
+
+
 def lap(probs: np.ndarray, n_select: int, **_) -> list[np.ndarray]:
     """Top ``n_select`` neurons by activation probability P_e."""
     return [_top(row, n_select) for row in probs]
 
 
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """``H[n] = -sum_e P~ log P~`` with ``P~ = P / sum_e P`` (natural log, 0 log 0 = 0; all-zero -> 0)."""
+    total = probs.sum(axis=0)
+    norm = np.divide(probs, total, out=np.zeros_like(probs), where=total > 0)
+    logs = np.log(norm, out=np.zeros_like(norm), where=norm > 0)
+    return -(norm * logs).sum(axis=0)
+
+
 def lape(probs: np.ndarray, n_select: int, *, rate: float, quantile: float = 0.95, **_) -> list[np.ndarray]:
     """Low-entropy pool of active neurons, then top P_e within the pool.
 
-    ``tau_p`` is the ``quantile`` of all P values; a neuron stays if ``max_e P > tau_p``. The
-    ``floor(min(1, 5r) N)`` lowest-entropy survivors form the pool (0 log 0 = 0).
+    ``tau_p`` is the ``quantile`` (linear interpolation) of all ``E * N`` values of P; a neuron survives
+    if ``max_e P > tau_p`` (strictly). The ``floor(min(1, 5r) N)`` lowest-entropy survivors (ties to the
+    lower index) form the pool; each emotion keeps the top ``n_select`` of the pool by P_e (fewer when
+    the pool is smaller).
     """
-    if not 0.0 <= quantile <= 1.0:
-        raise EsnError(f"LAPE quantile must be in [0, 1], got {quantile}")
+    if not isinstance(quantile, numbers.Real) or not 0.0 <= quantile <= 1.0:
+        raise EsnError(f"LAPE quantile must be in [0, 1], got {quantile!r}")
     n = probs.shape[1]
-    total = probs.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        norm = np.where(total > 0, probs / np.where(total > 0, total, 1), 0.0)
-        plogp = np.where(norm > 0, norm * np.log(np.where(norm > 0, norm, 1)), 0.0)
-    entropy = -plogp.sum(axis=0)
     tau = np.quantile(probs, quantile)
     alive = np.flatnonzero(probs.max(axis=0) > tau)
     pool_size = n_selected(min(1.0, 5 * rate), n)
-    pool = alive[np.argsort(entropy[alive], kind="stable")][:pool_size]
+    pool = alive[np.argsort(entropy(probs)[alive], kind="stable")][:pool_size]
     out = []
     for row in probs:
         score = np.full(n, -np.inf)
@@ -72,7 +86,8 @@ def mad(probs: np.ndarray, n_select: int, **_) -> list[np.ndarray]:
 def cas(probs: np.ndarray, n_select: int, **_) -> list[np.ndarray]:
     """Contrastive margin (largest minus second-largest P) for the neuron's top emotion only.
 
-    A neuron whose top value is shared by two emotions belongs to the lower emotion row, margin 0.
+    A neuron whose largest P is shared by two or more emotions (margin 0, e.g. an all-zero neuron) has
+    no top emotion and is a candidate for none: the result never depends on the order of the rows.
     """
     if probs.shape[0] < 2:
         raise EsnError("CAS needs at least two emotions")
@@ -81,17 +96,17 @@ def cas(probs: np.ndarray, n_select: int, **_) -> list[np.ndarray]:
     margin = ordered[-1] - ordered[-2]
     out = []
     for e in range(probs.shape[0]):
-        score = np.where(top == e, margin, -np.inf)
+        score = np.where((top == e) & (margin > 0), margin, -np.inf)
         out.append(_top(score, n_select))
     return out
 
 
-def random(probs: np.ndarray, n_select: int, *, seed: int = 0, **_) -> list[np.ndarray]:
-    """``n_select`` neurons uniformly without replacement, an independent seeded draw per emotion row."""
+def random(probs: np.ndarray, n_select: int, *, seed: int = 0, emotions: Sequence[str], **_) -> list[np.ndarray]:
+    """``n_select`` of all N neurons uniformly without replacement, one seeded draw per emotion name."""
     n = probs.shape[1]
     return [
-        np.sort(np.random.default_rng([seed, e]).choice(n, size=n_select, replace=False)).astype(np.int64)
-        for e in range(probs.shape[0])
+        np.sort(np.random.default_rng(emotion_seed(seed, e)).choice(n, size=n_select, replace=False)).astype(np.int64)
+        for e in emotions
     ]
 
 
@@ -104,6 +119,12 @@ def register_selectors(register):
         register(name, fn)
 
 
+def _check_rate(rate: object) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < float(rate) <= 1:
+        raise EsnError(f"selection rate r must be a number in (0, 1], got {rate!r}")
+    return float(rate)
+
+
 def select_neurons(
     probs,
     method: str,
@@ -111,34 +132,47 @@ def select_neurons(
     *,
     emotions: Sequence[str],
     seed: int = 0,
+    registry: Registry | None = None,
     **options,
 ) -> dict[str, np.ndarray]:
     """Select neurons per emotion. ``probs`` ``[E, N]``, rows in ``emotions`` order.
 
-    Returns ``{emotion: sorted int64 flat indices}``. Raises ``EsnError`` for a bad rate, shape, NaN,
-    or a rate so small that ``floor(rate * N) == 0``.
+    Returns ``{emotion: sorted unique int64 flat indices}``. ``registry`` defaults to the process
+    registry (built-ins plus installed plugins); pass ``esn.plugins.registry_with(plugin)`` to use a
+    selector registered in code. Raises ``EsnError`` for a bad rate, shape or value, an unknown
+    selector, a rate so small that ``floor(rate * N) == 0``, or a selector that returns bad indices.
     """
-    from esn.plugins import registry
+    from esn import plugins
 
     probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 2:
-        raise EsnError(f"probs must be a 2-D [emotions, neurons] array, got shape {probs.shape}")
-    emotions = list(emotions)
+    if probs.ndim != 2 or probs.shape[1] == 0:
+        raise EsnError(f"probs must be a 2-D [emotions, neurons] array with neurons, got shape {probs.shape}")
+    emotions = [str(e) for e in emotions]
     if len(emotions) != probs.shape[0]:
         raise EsnError(f"{len(emotions)} emotions given for {probs.shape[0]} probability rows")
     if len(set(emotions)) != len(emotions):
         raise EsnError(f"duplicate emotions: {emotions}")
-    if not np.all(np.isfinite(probs)) or probs.min(initial=0) < 0 or probs.max(initial=0) > 1:
+    if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
         raise EsnError("probs must be finite activation probabilities in [0, 1]")
-    if not (isinstance(rate, (int, float)) and 0 < rate <= 1):
-        raise EsnError(f"selection rate r must be in (0, 1], got {rate!r}")
-    n_select = n_selected(rate, probs.shape[1])
+    rate = _check_rate(rate)
+    n = probs.shape[1]
+    n_select = n_selected(rate, n)
     if n_select == 0:
-        raise EsnError(
-            f"rate r={rate} selects floor(r*N) = 0 of N={probs.shape[1]} neurons; use r >= {1 / probs.shape[1]:.3g}"
-        )
-    fn = registry().selector(method.lower())
-    rows = fn(probs, n_select, rate=rate, seed=seed, **options)
+        raise EsnError(f"rate r={rate} selects floor(r*N) = 0 of N={n} neurons; use r >= {1 / n:.3g}")
+    fn = (registry or plugins.registry()).selector(method.lower())
+    rows = fn(probs, n_select, rate=rate, seed=seed, emotions=tuple(emotions), **options)
     if len(rows) != len(emotions):
         raise EsnError(f"selector {method!r} returned {len(rows)} rows for {len(emotions)} emotions")
-    return {e: np.asarray(r, dtype=np.int64) for e, r in zip(emotions, rows, strict=True)}
+    out = {}
+    for emotion, row in zip(emotions, rows, strict=True):
+        idx = np.asarray(row).reshape(-1)
+        if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= n):
+            raise EsnError(f"selector {method!r} returned indices outside 0..{n - 1} for {emotion!r}")
+        idx = np.unique(idx.astype(np.int64))
+        if idx.size != np.asarray(row).size or idx.size > n_select:
+            raise EsnError(
+                f"selector {method!r} returned {np.asarray(row).size} indices for {emotion!r}: "
+                f"they must be unique and at most N_sel={n_select}"
+            )
+        out[emotion] = idx
+    return out
