@@ -8,8 +8,10 @@ name        selected neuron ->     alpha
 steer       g * (1 + alpha)        gain; alpha >= -1 (alpha = 0: no change)
 add         g + alpha              shift, any finite value
 clamp       max(g, alpha)          floor, any finite value
-deactivate  0                      ignored (pass None or 0)
+deactivate  0                      none (pass None or 0)
 ==========  =====================  ==========================================
+
+``alpha=None`` means the paper's default ``1.0`` for the methods that take one.
 
 All four are one elementwise form, ``max(g * scale + shift, floor)``, which is how the engine applies
 any mix of them to every row of a batch with a couple of dense kernels. A third-party intervention that
@@ -19,13 +21,17 @@ cannot be written in that form implements ``apply`` only.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from esn.errors import EsnError
 from esn.plugins import hookimpl
+
+if TYPE_CHECKING:
+    from esn.plugins import Registry
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,14 @@ class Intervention:
     def check_alpha(cls, alpha: float | None) -> float:
         """Validate and normalise ``alpha``; raise ``EsnError`` naming the allowed range."""
         if not cls.needs_alpha:
-            if alpha not in (None, 0, 0.0):
-                raise EsnError(f"intervention {cls.name!r} takes no alpha (got {alpha})")
+            if alpha is not None and (isinstance(alpha, bool) or alpha != 0):
+                raise EsnError(f"intervention {cls.name!r} takes no alpha (got {alpha!r}); pass None")
             return 0.0
-        if alpha is None or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise EsnError(f"intervention {cls.name!r} needs a finite alpha, got {alpha!r}")
+        if alpha is None:
+            return 1.0  # the paper's default strength
+        # bool is an int subclass: True would silently mean alpha = 1.
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise EsnError(f"intervention {cls.name!r} needs a finite real alpha, got {alpha!r}")
         return float(alpha)
 
     @classmethod
@@ -126,23 +135,57 @@ def register_interventions(register):
         register(cls)
 
 
-def get_intervention(method: str) -> type[Intervention]:
-    from esn.plugins import registry
-
-    return registry().intervention(method)
+Method = str | type[Intervention]
 
 
-def apply_intervention(gate: torch.Tensor, indices, method: str, alpha: float | None = None) -> torch.Tensor:
+def get_intervention(method: Method, registry: Registry | None = None) -> type[Intervention]:
+    """The intervention class named ``method`` (or ``method`` itself if it is already a class)."""
+    if isinstance(method, type) and issubclass(method, Intervention):
+        return method
+    if not isinstance(method, str):
+        raise EsnError(f"intervention method must be a name such as 'steer', got {method!r}")
+    from esn.plugins import registry as default_registry
+
+    return (registry or default_registry()).intervention(method)
+
+
+def resolve(method: Method, alpha: float | None, registry: Registry | None = None) -> tuple[type[Intervention], float]:
+    """Look up ``method`` and validate ``alpha`` for it (``None`` -> the default 1.0 where one is needed)."""
+    cls = get_intervention(method, registry)
+    return cls, cls.check_alpha(alpha)
+
+
+def check_indices(indices, width: int) -> torch.Tensor:
+    """Neuron ``indices`` (LongTensor or integer sequence) as a flat int64 CPU tensor in ``[0, width)``."""
+    idx = torch.as_tensor(indices)
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise EsnError(f"neuron indices must be integers, got dtype {idx.dtype}")
+    idx = idx.to(device="cpu", dtype=torch.long).reshape(-1)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= width):
+        raise EsnError(
+            f"neuron indices must lie in [0, {width}) for a gate of width {width}; "
+            f"got {int(idx.min())}..{int(idx.max())}"
+        )
+    return idx
+
+
+def apply_intervention(
+    gate: torch.Tensor,
+    indices,
+    method: Method,
+    alpha: float | None = None,
+    *,
+    registry: Registry | None = None,
+) -> torch.Tensor:
     """Apply ``method`` with ``alpha`` to neurons ``indices`` of the last dim of ``gate`` ``[..., D]``.
 
     Pure: returns a new tensor. ``indices`` is a LongTensor (or sequence) of distinct values in ``[0, D)``.
+    ``registry`` looks the method up in another plugin registry (default: the process-wide one).
     """
-    cls = get_intervention(method)
-    alpha = cls.check_alpha(alpha)
-    idx = torch.as_tensor(indices, dtype=torch.long, device=gate.device).reshape(-1)
-    width = gate.shape[-1]
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= width):
-        raise EsnError(f"neuron indices must lie in [0, {width}); got {int(idx.min())}..{int(idx.max())}")
+    if not isinstance(gate, torch.Tensor) or not gate.dtype.is_floating_point or gate.dim() == 0:
+        raise EsnError(f"gate must be a floating-point tensor [..., D], got {type(gate).__name__}")
+    cls, alpha = resolve(method, alpha, registry)
+    idx = check_indices(indices, gate.shape[-1])
     if idx.numel() == 0:
         return gate.clone()
-    return cls.apply(gate, idx, alpha)
+    return cls.apply(gate, idx.to(gate.device), alpha)

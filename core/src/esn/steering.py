@@ -1,0 +1,384 @@
+"""Steering during generation: gate interventions through plain torch hooks, or folded into weights.
+
+Three context managers; ``target`` is an adapter or an ``esn.hooks.ModelTarget`` (anything with
+``model``, ``layout(streams)``, ``module(hp)`` and ``stream_specs()``):
+
+- ``steer(target, mask, method, alpha)``: one mask, every row, every forward of generation.
+- ``steer_rows(target, conditions)``: row ``b`` of the batch gets ``conditions[b]`` (or nothing).
+- ``folded(target, mask, method, alpha)``: ``steer``/``deactivate`` by scaling ``down_proj`` columns.
+
+Why it is fast: every built-in intervention is ``max(g * scale + shift, floor)`` (``Affine``). On entering
+the context, dense tensors are built once, on the device, for the hook points some row touches only:
+``[D]`` for a uniform mask, ``[B, 1, D]`` per row. A hook is then one kernel (``g * scale``, ``g + shift``
+or ``addcmul``) plus ``maximum`` only when a floor is set, and never syncs with the host. The neutral
+values are exact identities (``x * 1``, ``x + (-0.0)``, ``max(x, -inf)``), so untouched neurons and
+rows without a condition stay bit-identical, and ``alpha = 0`` steering equals no intervention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from esn.errors import EsnError, LayoutMismatchError
+from esn.hookpoints import HookPoint, Layout
+from esn.hooks import installed
+from esn.interventions import Affine, Intervention, Method, resolve
+from esn.masks import Mask
+from esn.plugins import Registry
+
+Positions = Literal["all", "generated"]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What one batch row gets: ``method`` with ``alpha`` on the neurons of ``mask``."""
+
+    mask: Mask
+    method: Method = "steer"
+    alpha: float | None = None  # None: 1.0 for methods that take an alpha
+
+
+# -- checks -----------------------------------------------------------------------------------------
+
+
+def check_mask(target: Any, mask: Mask, what: str = "mask") -> Layout:
+    """The target's layout for the mask's streams; ``LayoutMismatchError`` if the mask was made elsewhere."""
+    if not isinstance(mask, Mask):
+        raise EsnError(f"{what} must be an esn.masks.Mask, got {type(mask).__name__}")
+    streams = mask.layout.streams
+    try:
+        mine = target.layout(streams)
+    except EsnError:
+        mine = None
+    if mine is None:
+        have = target.layout().streams
+        raise LayoutMismatchError(f"{what} is for stream(s) {streams}, but this model has only {have}")
+    theirs = mask.layout
+    if mine.describe() != theirs.describe():
+        first = next(
+            (i for i, (a, b) in enumerate(zip(theirs.describe(), mine.describe(), strict=False)) if a != b),
+            min(len(mine), len(theirs)),
+        )
+        detail = "; ".join(
+            f"{who} has {d[first]['name']} (width {d[first]['width']})" if first < len(d) else f"{who} ends there"
+            for who, d in ((what, theirs.describe()), ("model", mine.describe()))
+        )
+        raise LayoutMismatchError(
+            f"{what} was made for another hook-point layout: {len(theirs)} hook points / {theirs.n_neurons} "
+            f"neurons (fingerprint {theirs.fingerprint}) vs this model's {len(mine)} / {mine.n_neurons} "
+            f"({mine.fingerprint}) for stream(s) {streams}. First difference at hook point {first}: {detail}. "
+            "Was it made for another model?"
+        )
+    return mine
+
+
+def _check_positions(positions: str) -> None:
+    if positions not in ("all", "generated"):
+        raise EsnError(f"positions must be 'all' or 'generated', got {positions!r}")
+
+
+# -- the dense edit of one hook point --------------------------------------------------------------
+
+
+@dataclass
+class _Extra:
+    """An intervention with no affine form (third-party ``apply`` only), on some rows (None: all)."""
+
+    cls: type[Intervention]
+    alpha: float
+    indices: torch.Tensor  # [k] local neuron indices, on the device
+    rows: torch.Tensor | None  # [r] batch rows, on the device
+
+
+class _Edit:
+    """``g -> max(g * scale + shift, floor)`` for one hook point; ``None`` tensors are skipped.
+
+    Tensors are ``[D]`` (uniform) or ``[B, 1, D]`` (per row), kept in the gate's dtype and device.
+    float64 CPU masters allow a re-cast if the gate turns out to have another dtype than expected.
+    """
+
+    def __init__(self, name: str, masters: dict[str, torch.Tensor | None], rows: int | None,
+                 extra: list[_Extra], dtype: torch.dtype, device: torch.device):
+        self.name = name
+        self.rows = rows
+        self.extra = extra
+        self._masters = masters
+        self._place(dtype, device)
+
+    def _place(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.scale, self.shift, self.floor = (
+            None if t is None else t.to(device=device, dtype=dtype) for t in
+            (self._masters["scale"], self._masters["shift"], self._masters["floor"])
+        )
+
+    def __call__(self, g: torch.Tensor) -> torch.Tensor:
+        """``g``: the gate ``[batch, pos, d_mlp]``; returns the edited gate (a new tensor)."""
+        if self.rows is not None and g.shape[0] != self.rows:
+            raise EsnError(
+                f"steer_rows got {self.rows} conditions but {self.name} saw a batch of {g.shape[0]} rows; "
+                "give exactly one condition (or None) per row of the generate call "
+                "(beam search and num_return_sequences multiply rows)"
+            )
+        if g.dtype is not self.dtype or g.device != self.device:
+            self._place(g.dtype, g.device)
+        scale, shift = self.scale, self.shift
+        if scale is not None and shift is not None:
+            y = torch.addcmul(shift, g, scale)
+        elif scale is not None:
+            y = g * scale
+        elif shift is not None:
+            y = g + shift
+        else:
+            y = g
+        if self.floor is not None:
+            y = torch.maximum(y, self.floor)
+        for ex in self.extra:
+            if ex.rows is None:
+                y = ex.cls.apply(y, ex.indices, ex.alpha)
+            else:
+                y = y.index_copy(0, ex.rows, ex.cls.apply(y.index_select(0, ex.rows), ex.indices, ex.alpha))
+        return y
+
+
+def _placement(target: Any, hp: HookPoint) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device the gate of ``hp`` will most likely have: those of its MLP's weights."""
+    model = target.model
+    for path in (hp.down_proj, hp.module.rpartition(".")[0]):
+        if not path:
+            continue
+        with contextlib.suppress(AttributeError):
+            p = next(model.get_submodule(path).parameters(), None)
+            if p is not None and p.dtype.is_floating_point:
+                return p.dtype, p.device
+    p = next((p for p in model.parameters() if p.dtype.is_floating_point), None)
+    return (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+
+
+@dataclass
+class _Row:
+    """One resolved condition: which rows, the intervention, and its mask split per hook point."""
+
+    rows: list[int] | None  # None: every row (a uniform mask)
+    cls: type[Intervention]
+    alpha: float
+    form: Affine | None
+    split: dict[str, np.ndarray]
+
+
+def _build(target: Any, layout: Layout, items: list[_Row], n_rows: int | None) -> dict[str, _Edit]:
+    """Dense edits for every hook point some item touches (built once, on entering the context)."""
+    shape = (lambda d: (d,)) if n_rows is None else (lambda d: (n_rows, 1, d))
+    edits: dict[str, _Edit] = {}
+    names = [n for n in layout.names if any(n in it.split for it in items)]
+    for name in names:
+        hp = layout[name]
+        scale = np.ones(shape(hp.width))
+        shift = np.full(shape(hp.width), -0.0)  # -0.0 is the exact additive identity (keeps -0.0)
+        floor = np.full(shape(hp.width), -math.inf)
+        used = {"scale": False, "shift": False, "floor": False}
+        extra: list[_Extra] = []
+        dtype, device = _placement(target, hp)
+        for it in items:
+            local = it.split.get(name)
+            if local is None:
+                continue
+            if it.form is None:
+                rows = None if it.rows is None else torch.tensor(it.rows, device=device)
+                extra.append(_Extra(it.cls, it.alpha, torch.as_tensor(local, device=device), rows))
+                continue
+            where = (..., local) if it.rows is None else (np.asarray(it.rows)[:, None], 0, local[None, :])
+            for key, value, neutral in (("scale", it.form.scale, 1.0), ("shift", it.form.shift, 0.0),
+                                        ("floor", it.form.floor, -math.inf)):
+                if value != neutral:
+                    {"scale": scale, "shift": shift, "floor": floor}[key][where] = value
+                    used[key] = True
+        masters = {k: torch.from_numpy(v) if used[k] else None
+                   for k, v in (("scale", scale), ("shift", shift), ("floor", floor))}
+        edits[name] = _Edit(name, masters, n_rows, extra, dtype, device)
+    return edits
+
+
+# -- installing the hooks --------------------------------------------------------------------------
+
+
+class _Prefill:
+    """Per stream: is the current forward a prefill? Set by a pre-hook on the stream's root module.
+
+    A root call is a prefill if it is the first one in the context or feeds more than one position
+    (a later generate call in the same context). Without a root, a gate call over more than one
+    position counts as prefill (a one-token prompt is then steered: documented fallback).
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.prefill = True
+        self.tracked = False
+
+    def on_root(self, module, args, kwargs) -> None:
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        self.calls += 1
+        longer = isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > 1
+        self.prefill = self.calls == 1 or longer
+
+    def skip(self, g: torch.Tensor) -> bool:
+        return self.prefill if self.tracked else g.shape[1] > 1
+
+
+def _hook(edit: _Edit, prefill: _Prefill | None):
+    if prefill is None:
+        def hook(module, args, out):  # out: [batch, pos, d_mlp]
+            return edit(out)
+    else:
+        def hook(module, args, out):  # out: [batch, pos, d_mlp]
+            return None if prefill.skip(out) else edit(out)
+    return hook
+
+
+@contextlib.contextmanager
+def _install(target: Any, layout: Layout, edits: dict[str, _Edit], positions: str) -> Iterator[tuple[str, ...]]:
+    _check_positions(positions)
+    states: dict[str, _Prefill] = {}
+    roots = []
+    if positions == "generated":
+        specs = target.stream_specs() or {}
+        for stream in sorted({layout[n].stream for n in edits}):
+            state = states[stream] = _Prefill()
+            spec = specs.get(stream)
+            if spec is not None and getattr(spec, "root", None):
+                try:
+                    root = target.model.get_submodule(spec.root)
+                except AttributeError:
+                    raise EsnError(f"stream spec {stream!r}: root module {spec.root!r} not found in the model") from None
+                state.tracked = True
+                roots.append((root, state.on_root))
+    hooks = [(target.module(layout[n]), _hook(e, states.get(layout[n].stream))) for n, e in edits.items()]
+    with installed(roots, kind="pre", with_kwargs=True), installed(hooks):
+        yield tuple(edits)
+
+
+# -- public API ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def steer(
+    target: Any,
+    mask: Mask,
+    method: Method = "steer",
+    alpha: float | None = None,
+    *,
+    positions: Positions = "all",
+    registry: Registry | None = None,
+) -> Iterator[tuple[str, ...]]:
+    """Apply ``method`` with ``alpha`` to the neurons of ``mask`` in every forward inside the block.
+
+    ``positions="all"`` (default) edits every position of every forward: the prompt (prefill) and each
+    generated token. ``"generated"`` skips the prefill forward. Every hook is removed on exit, also when
+    the block raises. Yields the names of the hook points that carry a hook.
+    """
+    _check_positions(positions)
+    cls, alpha = resolve(method, alpha, registry)
+    layout = check_mask(target, mask)
+    item = _Row(None, cls, alpha, cls.affine(alpha), mask.split())
+    with _install(target, layout, _build(target, layout, [item], None), positions) as names:
+        yield names
+
+
+@contextlib.contextmanager
+def steer_rows(
+    target: Any,
+    conditions: Sequence[Condition | None],
+    *,
+    positions: Positions = "all",
+    registry: Registry | None = None,
+) -> Iterator[tuple[str, ...]]:
+    """One batched generate where row ``b`` gets ``conditions[b]`` (``None``: no intervention).
+
+    Every forward inside the block must have exactly ``len(conditions)`` rows, in the same order as the
+    conditions (padding does not matter: padded positions are edited too, and attention ignores them).
+    Masks of different rows may cover different streams and hook points. Yields the hooked hook points.
+    """
+    _check_positions(positions)
+    if isinstance(conditions, Condition) or not isinstance(conditions, Sequence) or not conditions:
+        raise EsnError("steer_rows needs a non-empty list with one Condition (or None) per batch row")
+    groups: dict[tuple, _Row] = {}
+    layouts: list[Layout] = []
+    for row, cond in enumerate(conditions):
+        if cond is None:
+            continue
+        if not isinstance(cond, Condition):
+            raise EsnError(f"conditions[{row}] must be an esn.steering.Condition or None, got {type(cond).__name__}")
+        cls, alpha = resolve(cond.method, cond.alpha, registry)
+        key = (id(cond.mask), cls, alpha)  # rows sharing a condition share one item
+        if key not in groups:
+            layouts.append(check_mask(target, cond.mask, f"conditions[{row}].mask"))
+            groups[key] = _Row([], cls, alpha, cls.affine(alpha), cond.mask.split())
+        groups[key].rows.append(row)
+    if not groups:  # nothing to do: no hooks at all
+        yield ()
+        return
+    layout = target.layout()
+    edits = _build(target, layout, list(groups.values()), len(conditions))
+    with _install(target, layout, edits, positions) as names:
+        yield names
+
+
+@contextlib.contextmanager
+def folded(
+    target: Any,
+    mask: Mask,
+    method: Method = "steer",
+    alpha: float | None = None,
+    *,
+    registry: Registry | None = None,
+) -> Iterator[tuple[str, ...]]:
+    """Apply a gain intervention (``steer``, ``deactivate``) by scaling ``down_proj`` weight columns.
+
+    Column ``n`` of ``down_proj.weight`` ``[hidden, d_mlp]`` multiplies gate neuron ``n``, so scaling it by
+    the gain equals scaling the gate, with no hook at all. Always every position. Exact (bit-identical
+    to hook steering) when the gain is a power of two or zero, in any dtype; otherwise the product is
+    rounded in another place (``(g * s) * w`` vs ``g * (w * s)``), which in bf16 can differ visibly.
+    The original columns are saved and written back bit for bit on exit, also when the block raises.
+    """
+    cls, alpha = resolve(method, alpha, registry)
+    form = cls.affine(alpha)
+    if not cls.foldable or form is None or form.shift != 0.0 or form.floor != -math.inf:
+        raise EsnError(
+            f"intervention {cls.name!r} cannot be folded into weights: only per-neuron gains can "
+            "(steer, deactivate); use esn.steering.steer() for it"
+        )
+    layout = check_mask(target, mask)
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for name, local in mask.split().items():
+                hp = layout[name]
+                if not hp.down_proj:
+                    raise EsnError(f"hook point {name} has no down_proj path, so it cannot be folded; use steer()")
+                try:
+                    weight = target.model.get_submodule(hp.down_proj).weight  # [hidden, d_mlp]
+                except AttributeError:
+                    raise EsnError(f"{name}: down_proj module {hp.down_proj!r} (with a weight) not found") from None
+                if weight.dim() != 2 or weight.shape[1] != hp.width or weight.device.type == "meta":
+                    raise EsnError(f"{name}: {hp.down_proj}.weight has shape {tuple(weight.shape)} on "
+                                   f"{weight.device}; folding needs a materialised [hidden, {hp.width}] weight")
+                idx = torch.as_tensor(local, device=weight.device)
+                cols = weight.index_select(1, idx)  # a copy: the original columns, restored on exit
+                saved.append((weight, idx, cols))
+                weight.index_copy_(1, idx, cols * form.scale)
+        yield tuple(mask.split())
+    finally:
+        with torch.no_grad():
+            for weight, idx, cols in reversed(saved):
+                weight.index_copy_(1, idx, cols)
