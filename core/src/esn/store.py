@@ -1,0 +1,379 @@
+"""Per-attempt activation statistics on disk, so success filters can be re-applied without generating.
+
+A run directory::
+
+    run/
+      layout.json                          hook-point names and widths, fingerprint, architecture
+      shards/<worker>-<seq>.safetensors    counts [B, N] (uint16, or int32 when a count exceeds 65535),
+                                           tokens [B, H] int64 (positions seen per hook point),
+                                           optional sums / sumsq [B, N] float32
+      shards/<worker>-<seq>.json           the B attempt records of that shard, size and sha256 of the
+                                           tensor file
+
+Every file is written to a temporary name and renamed into place, the sidecar last: a shard whose sidecar
+is missing was interrupted, and is ignored with a warning. Many processes may write one directory as
+long as each uses its own ``worker`` name. Aggregates are integer sums, so stores merge exactly. Nothing
+is ever pickled. The format is described in ``docs/artifacts.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from esn.emotions import EMOTIONS, normalize_emotion
+from esn.errors import EsnError
+from esn.hookpoints import HookPoint, Layout
+
+STORE_FORMAT = "esn-attempts/1"
+SHARD_FORMAT = "esn-shard/1"
+_WORKER = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+class StoreWarning(UserWarning):
+    """Part of a store was skipped (an interrupted write); the rest is intact."""
+
+
+@dataclass
+class AttemptRecord:
+    """One conversion attempt: its id, target emotion, reference transcript and the decoded text."""
+
+    id: str
+    emotion: str
+    transcript: str
+    text: str
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "record") -> AttemptRecord:
+        if not isinstance(d, dict):
+            raise EsnError(f"{where}: an attempt record must be an object, got {type(d).__name__}")
+        missing = [k for k in ("id", "emotion", "transcript", "text") if k not in d]
+        if missing:
+            raise EsnError(f"{where}: attempt record lacks {', '.join(missing)}")
+        unknown = set(d) - {"id", "emotion", "transcript", "text", "meta"}
+        if unknown:
+            raise EsnError(f"{where}: unknown attempt record field(s) {sorted(unknown)}")
+        rec = cls(d["id"], d["emotion"], d["transcript"], d["text"], dict(d.get("meta") or {}))
+        if not isinstance(rec.id, str) or not rec.id:
+            raise EsnError(f"{where}: attempt id must be a non-empty string, got {rec.id!r}")
+        if not isinstance(rec.transcript, str) or not isinstance(rec.text, str):
+            raise EsnError(f"{where}: transcript and text of attempt {rec.id!r} must be strings")
+        rec.emotion = normalize_emotion(rec.emotion, EMOTIONS)
+        return rec
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AttemptStats:
+    """Statistics of some attempts, rows in ``ids`` order."""
+
+    ids: list[str]
+    counts: np.ndarray  # [B, N] unsigned/signed integer: positions where the gate was > 0
+    tokens: np.ndarray  # [B, H] int64: positions seen per hook point
+    sums: np.ndarray | None = None  # [B, N] float32: sum of gate values
+    sumsq: np.ndarray | None = None  # [B, N] float32: sum of squared gate values
+
+    def rows(self, which: Sequence[int]) -> AttemptStats:
+        pick = np.asarray(which, dtype=np.int64)
+        opt = (None if a is None else a[pick] for a in (self.sums, self.sumsq))
+        return AttemptStats([self.ids[i] for i in pick], self.counts[pick], self.tokens[pick], *opt)
+
+    def same_row(self, i: int, other: AttemptStats, j: int) -> bool:
+        def eq(a, b):
+            return (a is None) == (b is None) and (a is None or np.array_equal(a[i], b[j]))
+        return all(eq(a, b) for a, b in ((self.counts, other.counts), (self.tokens, other.tokens),
+                                         (self.sums, other.sums), (self.sumsq, other.sumsq)))
+
+
+# --- layout files ------------------------------------------------------------------------------------
+
+def layout_to_dict(layout: Layout) -> dict:
+    return {"fingerprint": layout.fingerprint, "hook_points": layout.describe()}
+
+
+def layout_from_dict(d: dict, where: str) -> Layout:
+    """The layout stored in a file (names and widths; module paths are not stored), checked."""
+    try:
+        hps = []
+        for hp in d["hook_points"]:
+            stream, layer = HookPoint.parse(hp["name"])
+            hps.append(HookPoint(stream, layer, int(hp["width"]), module=""))
+        layout = Layout(hps)
+        fingerprint = d["fingerprint"]
+    except EsnError as exc:
+        raise EsnError(f"{where}: bad hook-point layout: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EsnError(f"{where}: bad hook-point layout ({type(exc).__name__}: {exc})") from None
+    if layout.fingerprint != fingerprint:
+        raise EsnError(f"{where}: layout fingerprint {fingerprint} does not match its hook points "
+                       f"({layout.fingerprint}); the file was edited or damaged")
+    return layout
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers see all or nothing."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EsnError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EsnError(f"{path}: unreadable {what} ({exc}); the file is damaged") from None
+    if not isinstance(data, dict):
+        raise EsnError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def as_numpy(x) -> np.ndarray:
+    """numpy view of an array or a (possibly CUDA) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# --- the store ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Shard:
+    name: str  # file stem, "<worker>-<seq>"
+    records: list[AttemptRecord]
+    size: int
+    sha256: str
+
+
+class AttemptStore:
+    """A run directory of per-attempt statistics. Opens an existing store, or creates one given a layout.
+
+    ``AttemptStore(path)`` opens; ``AttemptStore(path, layout, architecture=...)`` creates, or opens and
+    checks that the stored layout is ``layout`` (``LayoutMismatchError`` otherwise).
+    """
+
+    def __init__(self, root: str | os.PathLike, layout: Layout | None = None, *, architecture: str | None = None):
+        self.root = Path(root)
+        self.shard_dir = self.root / "shards"
+        meta_path = self.root / "layout.json"
+        if meta_path.exists():
+            meta = read_json(meta_path, "attempt store layout")
+            if meta.get("format") != STORE_FORMAT:
+                raise EsnError(f"{meta_path}: not an esn attempt store (format {meta.get('format')!r}, "
+                               f"expected {STORE_FORMAT!r})")
+            self.layout = layout_from_dict(meta, str(meta_path))
+            self.architecture = meta.get("architecture")
+            if layout is not None:
+                layout.check_compatible(self.layout.fingerprint, f"attempt store {self.root}")
+                self.layout = layout  # same names and widths, and the caller's module paths
+            if architecture is not None and self.architecture not in (None, architecture):
+                raise EsnError(f"{self.root} holds attempts of {self.architecture!r}, not {architecture!r}")
+        elif layout is None:
+            raise EsnError(f"{self.root} is not an attempt store (no layout.json); give a layout to create one")
+        else:
+            self.layout, self.architecture = layout, architecture
+            self.shard_dir.mkdir(parents=True, exist_ok=True)
+            from esn import __version__
+
+            meta = {"format": STORE_FORMAT, "architecture": architecture, "esn_version": __version__,
+                    **layout_to_dict(layout)}
+            atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+        self.shard_dir.mkdir(exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"AttemptStore({str(self.root)!r}, {self.layout.n_neurons} neurons)"
+
+    # --- writing ---
+
+    def append(self, records: Iterable[AttemptRecord | dict], counts, tokens, sums=None, sumsq=None,
+               *, worker: str = "0") -> Path:
+        """Write one shard: ``records`` (B of them) with ``counts [B, N]``, ``tokens [B, H]`` and optional
+        ``sums``/``sumsq [B, N]``. Returns the shard's sidecar path. Ids must be new to this store."""
+        records = [AttemptRecord.from_dict(r.to_dict() if isinstance(r, AttemptRecord) else r, "append")
+                   for r in records]
+        stats = self._check_stats(records, counts, tokens, sums, sumsq)
+        seen = self.done_ids()
+        ids = [r.id for r in records]
+        dup = sorted({i for i in ids if ids.count(i) > 1} | (set(ids) & seen))
+        if dup:
+            raise EsnError(f"attempt id(s) already stored or repeated in this batch: {dup[:5]}; "
+                           "skip the ids in done_ids() when resuming")
+        return self._write(records, stats, worker)
+
+    def _check_stats(self, records, counts, tokens, sums, sumsq) -> AttemptStats:
+        b, n, h = len(records), self.layout.n_neurons, len(self.layout)
+        counts, tokens = as_numpy(counts), as_numpy(tokens)
+        if counts.shape != (b, n) or not np.issubdtype(counts.dtype, np.integer):
+            raise EsnError(f"counts must be an integer array [{b} attempts, {n} neurons], got {counts.dtype} {counts.shape}")
+        if tokens.shape != (b, h) or not np.issubdtype(tokens.dtype, np.integer):
+            raise EsnError(f"tokens must be an integer array [{b} attempts, {h} hook points], got {tokens.dtype} {tokens.shape}")
+        if b and (counts.min() < 0 or tokens.min() < 0):
+            raise EsnError("counts and tokens must be non-negative")
+        if b and np.any(np.maximum.reduceat(counts, self.layout.offsets[:-1], axis=1) > tokens):
+            raise EsnError("a neuron's positive count exceeds the positions seen at its hook point")
+        if counts.size and counts.max() > np.iinfo(np.int32).max:
+            raise EsnError("a count exceeds int32")
+        if (sums is None) != (sumsq is None):
+            raise EsnError("give both sums and sumsq, or neither")
+        opt = []
+        for name, a in (("sums", sums), ("sumsq", sumsq)):
+            if a is None:
+                opt.append(None)
+                continue
+            a = as_numpy(a)
+            if a.shape != (b, n) or not np.all(np.isfinite(a)):
+                raise EsnError(f"{name} must be a finite array [{b}, {n}], got shape {a.shape}")
+            opt.append(a.astype(np.float32))
+        compact = np.uint16 if counts.size == 0 or counts.max() <= np.iinfo(np.uint16).max else np.int32
+        return AttemptStats([r.id for r in records], counts.astype(compact), tokens.astype(np.int64), *opt)
+
+    def _write(self, records: list[AttemptRecord], stats: AttemptStats, worker: str) -> Path:
+        if not _WORKER.match(worker):
+            raise EsnError(f"worker name {worker!r} must be letters, digits, '_' or '.'")
+        tensors = {"counts": stats.counts, "tokens": stats.tokens}
+        if stats.sums is not None:
+            tensors |= {"sums": stats.sums, "sumsq": stats.sumsq}
+        header = {"esn": json.dumps({"format": SHARD_FORMAT, "fingerprint": self.layout.fingerprint})}
+        blob = safetensors.numpy.save(tensors, metadata=header)
+        seq = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in self.shard_dir.glob(f"{worker}-*.*")
+                       if p.stem.rsplit("-", 1)[1].isdigit()), default=-1)
+        while (self.shard_dir / f"{worker}-{seq:06d}.safetensors").exists():
+            seq += 1
+        stem = f"{worker}-{seq:06d}"
+        atomic_write(self.shard_dir / f"{stem}.safetensors", blob)
+        sidecar = {"format": SHARD_FORMAT, "tensors": f"{stem}.safetensors", "size": len(blob),
+                   "sha256": hashlib.sha256(blob).hexdigest(), "records": [r.to_dict() for r in records]}
+        path = self.shard_dir / f"{stem}.json"
+        atomic_write(path, json.dumps(sidecar, ensure_ascii=False).encode())
+        return path
+
+    # --- reading ---
+
+    def _shards(self) -> list[_Shard]:
+        shards = []
+        stems = set()
+        for path in sorted(self.shard_dir.glob("*.json")):
+            if path.name.startswith("."):
+                continue
+            side = read_json(path, "shard sidecar")
+            if side.get("format") != SHARD_FORMAT or side.get("tensors") != f"{path.stem}.safetensors":
+                raise EsnError(f"{path}: not an esn shard sidecar (format {side.get('format')!r})")
+            try:
+                recs = [AttemptRecord.from_dict(d, f"{path} record {i}") for i, d in enumerate(side["records"])]
+                shards.append(_Shard(path.stem, recs, int(side["size"]), str(side["sha256"])))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise EsnError(f"{path}: damaged shard sidecar ({type(exc).__name__}: {exc})") from None
+            stems.add(path.stem)
+        orphans = [p.name for p in sorted(self.shard_dir.glob("*.safetensors")) if p.stem not in stems]
+        if orphans:
+            warnings.warn(f"{self.shard_dir}: ignoring {len(orphans)} shard(s) without a sidecar, left by an "
+                          f"interrupted write: {', '.join(orphans[:5])}", StoreWarning, stacklevel=3)
+        return shards
+
+    def _load(self, shard: _Shard) -> AttemptStats:
+        path = self.shard_dir / f"{shard.name}.safetensors"
+        try:
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise EsnError(f"{path}: cannot read shard ({exc})") from None
+        if len(blob) != shard.size or hashlib.sha256(blob).hexdigest() != shard.sha256:
+            raise EsnError(f"{path}: shard is truncated or damaged ({len(blob)} bytes, sidecar says "
+                           f"{shard.size}, checksum {'differs' if len(blob) == shard.size else 'not checked'})")
+        try:
+            t = safetensors.numpy.load(blob)
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise EsnError(f"{path}: not a readable safetensors file ({exc})") from None
+        b, n, h = len(shard.records), self.layout.n_neurons, len(self.layout)
+        ok = (set(t) in ({"counts", "tokens"}, {"counts", "tokens", "sums", "sumsq"})
+              and t["counts"].shape == (b, n) and t["tokens"].shape == (b, h)
+              and all(t[k].shape == (b, n) for k in ("sums", "sumsq") if k in t))
+        if not ok:
+            shapes = {k: v.shape for k, v in t.items()}
+            raise EsnError(f"{path}: shard tensors {shapes} do not fit {b} attempts of {n} neurons / {h} hook points")
+        return AttemptStats([r.id for r in shard.records], t["counts"], t["tokens"], t.get("sums"), t.get("sumsq"))
+
+    def _index(self) -> tuple[list[_Shard], dict[str, tuple[int, int]]]:
+        """Shards, and id -> (shard number, row) with duplicate ids resolved (identical: first kept)."""
+        shards = self._shards()
+        where: dict[str, tuple[int, int]] = {}
+        for s, shard in enumerate(shards):
+            for row, rec in enumerate(shard.records):
+                if rec.id in where:
+                    s0, row0 = where[rec.id]
+                    _check_same(self, shards[s0], row0, self, shard, row)
+                    continue
+                where[rec.id] = (s, row)
+        return shards, where
+
+    def records(self) -> list[AttemptRecord]:
+        """Every stored attempt record once, in shard order."""
+        shards, where = self._index()
+        return [shards[s].records[row] for s, row in where.values()]
+
+    def done_ids(self) -> set[str]:
+        """Ids of the attempts already stored (skip them when resuming a run)."""
+        return {rec.id for shard in self._shards() for rec in shard.records}
+
+    def iter_stats(self, ids: Iterable[str] | None = None) -> Iterator[AttemptStats]:
+        """Statistics of ``ids`` (default: all), one shard at a time; unknown ids are an error."""
+        shards, where = self._index()
+        wanted = list(where) if ids is None else list(dict.fromkeys(ids))
+        unknown = [i for i in wanted if i not in where]
+        if unknown:
+            raise EsnError(f"{len(unknown)} attempt id(s) are not in {self.root}: {unknown[:5]}")
+        by_shard: dict[int, list[int]] = {}
+        for i in wanted:
+            s, row = where[i]
+            by_shard.setdefault(s, []).append(row)
+        for s in sorted(by_shard):
+            yield self._load(shards[s]).rows(sorted(by_shard[s]))
+
+    def merge_from(self, *others: AttemptStore, worker: str = "merged") -> int:
+        """Copy the attempts of ``others`` into this store, exactly. An id stored twice must hold identical
+        content (the copy is skipped); a conflicting id is an error, raised before anything is written.
+        Returns the number of attempts copied."""
+        for other in others:
+            self.layout.check_compatible(other.layout.fingerprint, f"attempt store {other.root}")
+        shards, where = self._index()
+        have = {i: (self, shards[s], row) for i, (s, row) in where.items()}
+        plan: list[tuple[AttemptStore, _Shard, list[int]]] = []
+        for other in others:
+            o_shards, o_where = other._index()
+            rows_by_shard: dict[int, list[int]] = {}
+            for rec_id, (s, row) in o_where.items():
+                if rec_id in have:
+                    store0, shard0, row0 = have[rec_id]
+                    _check_same(store0, shard0, row0, other, o_shards[s], row)
+                    continue
+                have[rec_id] = (other, o_shards[s], row)
+                rows_by_shard.setdefault(s, []).append(row)
+            plan += [(other, o_shards[s], rows) for s, rows in sorted(rows_by_shard.items())]
+        for other, shard, rows in plan:
+            self._write([shard.records[r] for r in rows], other._load(shard).rows(rows), worker)
+        return sum(len(rows) for _, _, rows in plan)
+
+
+def _check_same(store_a: AttemptStore, shard_a: _Shard, row_a: int,
+                store_b: AttemptStore, shard_b: _Shard, row_b: int) -> None:
+    """Two stored copies of one attempt must be identical: record and every statistic."""
+    rec_a, rec_b = shard_a.records[row_a], shard_b.records[row_b]
+    if rec_a.to_dict() != rec_b.to_dict() or not store_a._load(shard_a).same_row(row_a, store_b._load(shard_b), row_b):
+        raise EsnError(f"attempt {rec_a.id!r} is stored twice with different content "
+                       f"({store_a.shard_dir / shard_a.name} and {store_b.shard_dir / shard_b.name}); "
+                       "remove one of the two shards")

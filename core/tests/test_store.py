@@ -1,0 +1,214 @@
+"""AttemptStore: round trips, resume, exact merges, and clear errors for damaged files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from esn.errors import EsnError, LayoutMismatchError
+from esn.hookpoints import HookPoint, Layout
+from esn.store import AttemptRecord, AttemptStore, StoreWarning
+
+LAYOUT = Layout([HookPoint("lm", 0, 4, "m.0"), HookPoint("lm", 1, 4, "m.1"), HookPoint("synth", 0, 3, "t.0")])
+
+
+def batch(ids, seed=0, emotion="happy", big=False):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(70_000, 90_000, size=(len(ids), 3)) if big else rng.integers(1, 50, size=(len(ids), 3))
+    per_neuron = np.repeat(tokens, [4, 4, 3], axis=1)
+    counts = (rng.random(per_neuron.shape) * (per_neuron + 1)).astype(np.int64)
+    if big:
+        counts[:, 0] = tokens[:, 0]
+    recs = [AttemptRecord(i, emotion, f"say {i}", f"said {i}", {"seed": seed}) for i in ids]
+    return recs, counts, tokens
+
+
+def collect(store, ids=None):
+    got = {}
+    for part in store.iter_stats(ids):
+        for k, i in enumerate(part.ids):
+            got[i] = (part.counts[k].astype(np.int64), part.tokens[k])
+    return got
+
+
+def test_round_trip_resume_and_compact_dtypes(tmp_path):
+    store = AttemptStore(tmp_path / "run", LAYOUT, architecture="tiny")
+    r1, c1, t1 = batch(["a", "b", "c"], seed=1)
+    r2, c2, t2 = batch(["d", "e"], seed=2, big=True)
+    store.append(r1, c1, t1)
+    store.append(r2, torch.from_numpy(c2).to(torch.int32), torch.from_numpy(t2))  # tensors are fine
+    again = AttemptStore(tmp_path / "run")  # reopen without a layout
+    assert again.layout == LAYOUT and again.architecture == "tiny"
+    assert again.done_ids() == {"a", "b", "c", "d", "e"}
+    assert [r.id for r in again.records()] == ["a", "b", "c", "d", "e"]
+    assert again.records()[0] == AttemptRecord("a", "happy", "say a", "said a", {"seed": 1})
+    got = collect(again, ["e", "a", "c"])
+    assert sorted(got) == ["a", "c", "e"]
+    np.testing.assert_array_equal(got["a"][0], c1[0])
+    np.testing.assert_array_equal(got["c"][1], t1[2])
+    np.testing.assert_array_equal(got["e"][0], c2[1])
+    parts = list(again.iter_stats())
+    assert parts[0].counts.dtype == np.uint16  # counts under 65536
+    assert parts[1].counts.dtype == np.int32 and parts[1].counts.max() > 65535
+    assert parts[0].tokens.dtype == np.int64 and parts[0].sums is None
+    files = sorted(p.name for p in (tmp_path / "run" / "shards").iterdir())
+    assert files == ["0-000000.json", "0-000000.safetensors", "0-000001.json", "0-000001.safetensors"]
+
+
+def test_sums_are_kept_as_float32(tmp_path):
+    store = AttemptStore(tmp_path, LAYOUT)
+    recs, counts, tokens = batch(["a", "b"])
+    sums = np.random.default_rng(0).normal(size=counts.shape)
+    store.append(recs, counts, tokens, sums, sums**2, worker="gpu3")
+    (part,) = store.iter_stats()
+    assert part.sums.dtype == np.float32
+    np.testing.assert_array_equal(part.sums, sums.astype(np.float32))
+    np.testing.assert_array_equal(part.sumsq, (sums**2).astype(np.float32))
+
+
+def test_layout_is_checked(tmp_path):
+    AttemptStore(tmp_path / "run", LAYOUT)
+    other = Layout([HookPoint("lm", 0, 4, "m.0"), HookPoint("lm", 1, 5, "m.1")])
+    with pytest.raises(LayoutMismatchError, match="different hook-point layout"):
+        AttemptStore(tmp_path / "run", other)
+    with pytest.raises(EsnError, match="is not an attempt store"):
+        AttemptStore(tmp_path / "nothing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "layout.json").write_text("{not json")
+    with pytest.raises(EsnError, match=r"bad/layout.json: unreadable"):
+        AttemptStore(tmp_path / "bad")
+
+
+def test_duplicate_ids_on_append_are_refused(tmp_path):
+    store = AttemptStore(tmp_path, LAYOUT)
+    store.append(*batch(["a", "b"]))
+    with pytest.raises(EsnError, match=r"already stored or repeated.*\['b'\]"):
+        store.append(*batch(["b", "c"]))
+    with pytest.raises(EsnError, match=r"\['x'\]"):
+        store.append(*batch(["x", "x"]))
+    assert store.done_ids() == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda r, c, t: (r, c.astype(float), t), "counts must be an integer array"),
+        (lambda r, c, t: (r, c[:, :5], t), r"counts must be an integer array \[2 attempts, 11 neurons\]"),
+        (lambda r, c, t: (r, c, t[:, :2]), "tokens must be"),
+        (lambda r, c, t: (r, c + 1000, t), "exceeds the positions seen"),
+        (lambda r, c, t: (r, -c - 1, t), "non-negative"),
+        (lambda r, c, t: ([{"id": "z", "emotion": "bored", "transcript": "", "text": ""}] * 2, c, t),
+         "unknown emotion 'bored'"),
+    ],
+)
+def test_bad_appends(tmp_path, mutate, match):
+    store = AttemptStore(tmp_path, LAYOUT)
+    with pytest.raises(EsnError, match=match):
+        store.append(*mutate(*batch(["a", "b"])))
+    assert store.done_ids() == set()
+
+
+def test_bad_worker_name_and_half_sums(tmp_path):
+    store = AttemptStore(tmp_path, LAYOUT)
+    with pytest.raises(EsnError, match="worker name"):
+        store.append(*batch(["a"]), worker="a/b")
+    recs, c, t = batch(["a"])
+    with pytest.raises(EsnError, match="both sums and sumsq"):
+        store.append(recs, c, t, sums=c.astype(float))
+
+
+def test_interrupted_write_is_ignored_and_reported(tmp_path):
+    store = AttemptStore(tmp_path, LAYOUT)
+    store.append(*batch(["a"]))
+    store.append(*batch(["b"]))
+    (tmp_path / "shards" / "0-000001.json").unlink()  # as if the process died before the sidecar
+    with pytest.warns(StoreWarning, match="0-000001.safetensors"):
+        assert store.done_ids() == {"a"}
+    with pytest.warns(StoreWarning):  # the next shard of this worker does not overwrite the orphan
+        path = store.append(*batch(["b"]))
+    assert path.name == "0-000002.json"
+
+
+def test_truncated_or_damaged_files_name_the_file(tmp_path):
+    store = AttemptStore(tmp_path, LAYOUT)
+    store.append(*batch(["a", "b"]))
+    shard = tmp_path / "shards" / "0-000000.safetensors"
+    blob = shard.read_bytes()
+    shard.write_bytes(blob[:-7])
+    with pytest.raises(EsnError, match=r"0-000000.safetensors: shard is truncated or damaged"):
+        list(store.iter_stats())
+    shard.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))  # same size, one bit flipped
+    with pytest.raises(EsnError, match=r"0-000000.safetensors: shard is truncated or damaged.*checksum differs"):
+        list(store.iter_stats())
+    shard.write_bytes(blob)
+    sidecar = tmp_path / "shards" / "0-000000.json"
+    sidecar.write_text(sidecar.read_text()[:40])
+    with pytest.raises(EsnError, match=r"0-000000.json: unreadable shard sidecar"):
+        store.records()
+
+
+def test_merge_is_exact_and_skips_identical_duplicates(tmp_path):
+    a = AttemptStore(tmp_path / "a", LAYOUT)
+    b = AttemptStore(tmp_path / "b", LAYOUT)
+    ra, ca, ta = batch(["x1", "x2", "x3"], seed=1)
+    a.append(ra, ca, ta, worker="w1")
+    b.append(ra[2:], ca[2:], ta[2:], worker="w2")  # x3 done twice, identically
+    b.append(*batch(["y1", "y2"], seed=2, emotion="sad"), worker="w2")
+    merged = AttemptStore(tmp_path / "m", LAYOUT)
+    assert merged.merge_from(a, b) == 5
+    assert merged.merge_from(a, b) == 0  # idempotent
+    want = collect(a) | collect(b)
+    got = collect(merged)
+    assert sorted(got) == sorted(want) == ["x1", "x2", "x3", "y1", "y2"]
+    for i in want:
+        np.testing.assert_array_equal(got[i][0], want[i][0])
+        np.testing.assert_array_equal(got[i][1], want[i][1])
+    assert {r.id: r.emotion for r in merged.records()}["y1"] == "sad"
+
+
+def test_merge_conflict_is_an_error_and_writes_nothing(tmp_path):
+    a = AttemptStore(tmp_path / "a", LAYOUT)
+    b = AttemptStore(tmp_path / "b", LAYOUT)
+    a.append(*batch(["x1", "x2"], seed=1))
+    b.append(*batch(["y1"], seed=3))
+    b.append(*batch(["x2"], seed=2))  # same id, other statistics
+    with pytest.raises(EsnError, match=r"attempt 'x2' is stored twice with different content"):
+        a.merge_from(b)
+    assert a.done_ids() == {"x1", "x2"}
+    with pytest.raises(LayoutMismatchError):
+        a.merge_from(AttemptStore(tmp_path / "c", Layout([HookPoint("lm", 0, 11, "m")])))
+
+
+def test_two_writers_in_one_directory(tmp_path):
+    w1 = AttemptStore(tmp_path, LAYOUT)
+    w2 = AttemptStore(tmp_path, LAYOUT)
+    w1.append(*batch(["a"]), worker="host1.0")
+    w2.append(*batch(["b"]), worker="host1.1")
+    w1.append(*batch(["c"]), worker="host1.0")
+    assert [r.id for r in AttemptStore(tmp_path).records()] == ["a", "c", "b"]
+
+
+def _copy_shard(shards, src, dst, change=None):
+    (shards / f"{dst}.safetensors").write_bytes((shards / f"{src}.safetensors").read_bytes())
+    side = json.loads((shards / f"{src}.json").read_text())
+    side["tensors"] = f"{dst}.safetensors"
+    if change:
+        change(side)
+    (shards / f"{dst}.json").write_text(json.dumps(side))
+
+
+def test_a_redone_attempt_in_one_store(tmp_path):
+    store = AttemptStore(tmp_path, LAYOUT)
+    store.append(*batch(["a"], seed=1), worker="w1")
+    store.append(*batch(["b"], seed=2), worker="w2")
+    shards = tmp_path / "shards"
+    _copy_shard(shards, "w1-000000", "w3-000000")  # another worker redid "a", identically: read once
+    assert [r.id for r in store.records()] == ["a", "b"]
+    assert len(collect(store)) == 2
+
+    def other_text(side):
+        side["records"][0]["text"] = "something else"
+
+    _copy_shard(shards, "w1-000000", "w4-000000", other_text)  # ... and once differently: an error
+    with pytest.raises(EsnError, match=r"'a' is stored twice with different content.*w1-000000.*w4-000000"):
+        store.records()
