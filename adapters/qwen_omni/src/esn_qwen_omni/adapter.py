@@ -1,0 +1,278 @@
+"""``QwenOmniAdapter``: Qwen2.5-Omni's thinker LM and talker MLP gates, and EVC generation.
+
+Hook points (``act_fn`` outputs, ``[batch, pos, d_mlp]``):
+
+- ``lm.layers.{l}.mlp.gate``    -> ``thinker.model.language_model.layers.{l}.mlp.act_fn`` (28 x 18944 in 7B;
+  older transformers: ``thinker.model.layers``). The vision tower's MLPs are not included.
+- ``synth.layers.{l}.mlp.gate`` -> ``talker.model.layers.{l}.mlp.act_fn`` (24 x 18944 in 7B).
+
+Streams for recording: the thinker's forward gets ``input_ids``/``attention_mask`` on every text step;
+the talker's forward gets ``attention_mask`` on every codec step (``input_ids`` is None in its prefill,
+which runs on thinker embeddings; the mask still marks the left padding) and the fed codec id after.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from esn.adapters import EVCRequest, EVCResult, GenerationConfig, ModelAdapter, StreamSpec
+from esn.errors import EsnError
+from esn.hookpoints import HookPoint
+
+THINKER_LAYERS = ("thinker.model.language_model.layers", "thinker.model.layers")
+TALKER_LAYERS = "talker.model.layers"
+DEFAULT_SPEAKER = "Chelsie"
+# Settings a user may pass in GenerationConfig.options, with their types; forwarded to model.generate.
+OPTIONS: dict[str, type] = {
+    "thinker_min_new_tokens": int,  # force text length (benchmarks)
+    "talker_min_new_tokens": int,  # default 1: token2wav needs at least one code
+    "talker_repetition_penalty": float,  # Qwen's default 1.05 (still deterministic with greedy decoding)
+    "token2wav_num_steps": int,  # ODE steps of the DiT (default 10)
+    "token2wav_guidance_scale": float,
+}
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _is_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
+
+
+def _find_file(source: str, name: str) -> Path | None:
+    """``name`` inside a local checkpoint directory or a hub repository (downloaded to the cache)."""
+    local = Path(source)
+    if local.is_dir():
+        path = local / name
+        return path if path.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+    except Exception:  # offline, no such repository, no access
+        return None
+    return Path(found) if found else None
+
+
+def _placement(device: str) -> dict[str, Any]:
+    """Load straight onto an accelerator when accelerate is installed; otherwise load, then move."""
+    import importlib.util
+
+    if str(device) == "cpu" or importlib.util.find_spec("accelerate") is None:
+        return {}
+    return {"device_map": str(device)}
+
+
+class QwenOmniAdapter(ModelAdapter):
+    name = "qwen_omni"
+    # The released checkpoints' config.json says "Qwen2_5OmniModel" (the pre-release class name).
+    architectures = ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel")
+    description = "Qwen2.5-Omni: thinker LM gates (lm) and talker gates (synth); transformers' native class"
+    batched = True
+    sample_rate = 24_000
+
+    def __init__(self, model: Any, source: str | Path, tokenizer: Any, speakers: dict[str, dict] | None = None):
+        super().__init__(model, source)
+        from esn_qwen_omni.prompt import PromptBuilder
+
+        if not getattr(model, "has_talker", False):
+            raise EsnError(f"{source}: the checkpoint has no talker (enable_audio_output is false); EVC needs speech output")
+        self.tokenizer = tokenizer
+        self.prompts = PromptBuilder(tokenizer, model.config.thinker_config)
+        model.speaker_map.update(speakers or {})
+
+    # -- loading -----------------------------------------------------------------------------------
+    @classmethod
+    def read_architectures(cls, source: str | Path) -> list[str]:
+        source = str(source)
+        if not Path(source).exists() and not _is_hub_id(source):
+            raise EsnError(f"model {source!r} not found: give a checkpoint directory or a hub id like Qwen/Qwen2.5-Omni-7B")
+        if Path(source).exists() and not Path(source).is_dir():
+            raise EsnError(f"model {source!r} is a file; give the checkpoint directory")
+        path = _find_file(source, "config.json")
+        if path is None:
+            raise EsnError(f"{source}: no config.json (not a transformers checkpoint, or the hub is unreachable)")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise EsnError(f"{path}: unreadable config.json ({exc})") from None
+        archs = config.get("architectures") or []
+        if not set(archs) & set(cls.architectures):
+            raise EsnError(
+                f"{source}: config.json architectures {archs} are not Qwen2.5-Omni "
+                f"(adapter {cls.name!r} loads {list(cls.architectures)}); pick the adapter for this model "
+                "(`esn adapters list`)"
+            )
+        return archs
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str = "cpu",
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,  # native class: nothing remote to trust
+    ) -> QwenOmniAdapter:
+        import torch
+        from transformers import AutoTokenizer, PreTrainedModel, Qwen2_5OmniForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        from esn_qwen_omni.speakers import SAFETENSORS_NAME, TORCH_NAME, load_speakers
+
+        if dtype not in _DTYPES:
+            raise EsnError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        cls.read_architectures(source)
+        source = str(source)
+        speaker_file = _find_file(source, SAFETENSORS_NAME) or _find_file(source, TORCH_NAME)
+        if speaker_file is None:
+            raise EsnError(f"{source}: no speaker file ({SAFETENSORS_NAME} or {TORCH_NAME}); token2wav needs one")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the talker config warns about thinker-vocabulary ids by design
+        hf_logging.disable_progress_bar()
+        try:
+            # PreTrainedModel.from_pretrained, not the class's override: that one insists on spk_dict.pt.
+            model = super(Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniForConditionalGeneration).from_pretrained(
+                source,
+                dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                attn_implementation=attn_implementation,
+                **_placement(device),
+            )
+            if not _placement(device):
+                model.to(device)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except OSError as exc:
+            raise EsnError(f"cannot load Qwen2.5-Omni from {source}: {exc}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+        assert isinstance(model, PreTrainedModel)
+        model.eval()
+        return cls(model, source, tokenizer, load_speakers(speaker_file))
+
+    @classmethod
+    def write_tiny(cls, directory: str | Path, *, seed: int = 0) -> Path:
+        from esn_qwen_omni.tiny import write_tiny
+
+        return write_tiny(directory, seed=seed)
+
+    # -- hook points -------------------------------------------------------------------------------
+    def _thinker_layers(self) -> str:
+        for path in THINKER_LAYERS:
+            try:
+                self.model.get_submodule(path)
+                return path
+            except AttributeError:
+                continue
+        raise EsnError(f"{self.source}: no thinker decoder layers at {' or '.join(THINKER_LAYERS)}")
+
+    def hook_points(self) -> list[HookPoint]:
+        from esn.hooks import gate_hook_points
+
+        return gate_hook_points(self.model, self._thinker_layers(), "lm") + gate_hook_points(
+            self.model, TALKER_LAYERS, "synth"
+        )
+
+    @property
+    def talker_stop_ids(self) -> tuple[int, ...]:
+        """Codec ids that end speech: ``codec_pad`` (also what finished rows are fed) and ``codec_eos``."""
+        talker = self.model.config.talker_config
+        return (int(talker.tts_codec_pad_token_id), int(talker.tts_codec_end_token_id))
+
+    def stream_specs(self) -> dict[str, StreamSpec]:
+        return {
+            "lm": StreamSpec(root="thinker", stop_token_ids=self.prompts.stop_ids),
+            "synth": StreamSpec(root="talker", stop_token_ids=self.talker_stop_ids),
+        }
+
+    # -- generation --------------------------------------------------------------------------------
+    @property
+    def speakers(self) -> list[str]:
+        return sorted(self.model.speaker_map)
+
+    def _options(self, options: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"talker_min_new_tokens": 1}
+        for key, value in options.items():
+            if key not in OPTIONS:
+                raise EsnError(f"unknown qwen_omni option {key!r}; known: {', '.join(OPTIONS)}")
+            try:
+                out[key] = OPTIONS[key](value)
+            except (TypeError, ValueError):
+                raise EsnError(f"qwen_omni option {key}={value!r} must be {OPTIONS[key].__name__}") from None
+        return out
+
+    def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
+        """All requests as rows of one left-padded batch; each row's audio equals its solo run.
+
+        Text and codec tokens are greedy. token2wav decodes row by row and is reseeded with
+        ``config.seed`` before each row, so a row's audio does not depend on its batch mates. The global
+        RNG state is restored afterwards.
+        """
+        import torch
+        from esn.hooks import installed
+
+        from esn_qwen_omni.prompt import system_prompt
+
+        if not requests:
+            return []
+        speaker = config.speaker or DEFAULT_SPEAKER
+        if speaker not in self.model.speaker_map:
+            raise EsnError(f"unknown speaker {speaker!r} for {self.source}; available: {', '.join(self.speakers)}")
+        options = self._options(config.options)
+        batch = self.prompts.batch(
+            [r.audio for r in requests],
+            system_prompt(config.system_prompt),
+            [self.instruction(r, config) for r in requests],
+            [r.id for r in requests],
+        )
+        device = self.device
+        inputs = {k: v.to(device) for k, v in batch.tensors.items()}
+        inputs["input_features"] = inputs["input_features"].to(self.model.thinker.dtype)
+        codes: list[torch.Tensor] = []
+
+        def reseed(module, args, kwargs):  # token2wav(code [1, n_codes], conditioning, reference_mel)
+            torch.manual_seed(config.seed)
+            codes.append(args[0].detach().reshape(-1).cpu())
+
+        fork = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork), installed([(self.model.token2wav, reseed)], kind="pre", with_kwargs=True):
+            sequences, waves = self.model.generate(
+                **inputs,
+                speaker=speaker,
+                thinker_do_sample=False,
+                thinker_max_new_tokens=config.max_new_tokens,
+                thinker_eos_token_id=list(self.prompts.stop_ids),
+                thinker_pad_token_id=self.prompts.pad,
+                talker_do_sample=False,
+                talker_top_k=None,
+                talker_top_p=None,
+                talker_temperature=None,
+                talker_max_new_tokens=config.max_audio_tokens,
+                talker_eos_token_id=list(self.talker_stop_ids),
+                **options,
+            )
+        if torch.is_tensor(waves):  # batch of one: a bare [samples] tensor
+            waves = [waves]
+        width = inputs["input_ids"].shape[1]
+        results = []
+        for i, request in enumerate(requests):
+            text, n_text = self.prompts.decode(sequences[i, width:].tolist())
+            results.append(
+                EVCResult(
+                    id=request.id,
+                    text=text,
+                    waveform=waves[i].detach().float().cpu().numpy().reshape(-1),
+                    sample_rate=self.sample_rate,
+                    info={
+                        "prompt_tokens": batch.prompt_lengths[i],
+                        "text_tokens": n_text,
+                        "audio_tokens": int(codes[i].numel()),
+                        "audio_codes": codes[i].tolist(),
+                        "speaker": speaker,
+                    },
+                )
+            )
+        return results

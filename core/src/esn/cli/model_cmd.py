@@ -1,0 +1,94 @@
+"""``esn hookpoints`` and ``esn convert``: model-agnostic commands that go through the adapter registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from esn.errors import EsnError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="adapter name (`esn adapters list`)")
+    parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default auto)")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    hp = sub.add_parser("hookpoints", help="list a model's hook points (gate tensors) with their widths")
+    _model_args(hp)
+    hp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    hp.set_defaults(func=cmd_hookpoints)
+
+    cv = sub.add_parser("convert", help="convert the emotion of one speech file (EVC) and print the decoded text")
+    cv.add_argument("input", type=Path, help="source speech: any rate, mono or multi-channel (averaged)")
+    _model_args(cv)
+    cv.add_argument("--emotion", required=True, help="target emotion: happy, angry, sad, surprise or neutral")
+    cv.add_argument("-o", "--output", type=Path, required=True, help="where to write the converted speech (wav)")
+    cv.add_argument("--seed", type=int, default=0, help="seed of the speech decoder's noise (default 0)")
+    cv.add_argument("--speaker", default=None, help="output voice (adapter default if omitted)")
+    cv.add_argument("--system-prompt", default=None, help="a preset name of the adapter or literal text")
+    cv.add_argument("--max-new-tokens", type=int, default=256, help="cap on text tokens")
+    cv.add_argument("--max-audio-tokens", type=int, default=1024, help="cap on speech tokens")
+    cv.set_defaults(func=cmd_convert)
+
+
+def load_adapter(args: argparse.Namespace):
+    """The adapter named on the command line, loaded with a spinner (errors name the model)."""
+    from esn.plugins import registry
+
+    cls = registry().adapter(args.adapter)
+    with err_console.status(f"loading {args.model} with adapter {args.adapter}"):
+        return cls.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def cmd_hookpoints(args: argparse.Namespace) -> int:
+    adapter = load_adapter(args)
+    layout = adapter.layout()
+    rows = [{"name": p.name, "width": p.width, "module": p.module} for p in layout]
+    if args.json:
+        print(json.dumps({"adapter": args.adapter, "model": str(args.model), "fingerprint": layout.fingerprint,
+                          "n_neurons": layout.n_neurons, "hook_points": rows}, indent=2))
+        return 0
+    table = Table(title=f"{args.adapter} hook points ({layout.n_neurons} neurons, layout {layout.fingerprint})")
+    for col, justify in (("name", "left"), ("width", "right"), ("module", "left")):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(r["name"], str(r["width"]), r["module"])
+    console.print(table)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from esn.adapters import EVCRequest, GenerationConfig
+    from esn.audio import prepare_audio, write_audio
+    from esn.emotions import EMOTIONS, normalize_emotion
+
+    # Everything a user can get wrong is checked before the (slow) model load.
+    emotion = normalize_emotion(args.emotion, EMOTIONS)
+    audio = prepare_audio(args.input)
+    if args.output.suffix.lower() != ".wav":
+        raise EsnError(f"output {args.output} must end in .wav")
+    try:
+        config = GenerationConfig(seed=args.seed, speaker=args.speaker, system_prompt=args.system_prompt,
+                                  max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens)
+    except ValueError as exc:
+        raise EsnError(f"bad generation setting: {exc}") from None
+    request = EVCRequest(audio=audio, emotion=emotion, id=args.input.stem)
+    adapter = load_adapter(args)
+    with err_console.status(f"converting {args.input.name} to {emotion}"):
+        (result,) = adapter.generate([request], config)
+    if result.waveform.size == 0:
+        raise EsnError(f"{args.adapter} produced no speech for {args.input} (decoded text: {result.text!r})")
+    write_audio(args.output, result.waveform, result.sample_rate)
+    console.print(result.text, highlight=False, markup=False)
+    err_console.print(f"wrote {args.output} ({result.waveform.size / result.sample_rate:.2f} s at {result.sample_rate} Hz)")
+    return 0
