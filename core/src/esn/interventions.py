@@ -158,7 +158,7 @@ def resolve(method: Method, alpha: float | None, registry: Registry | None = Non
 def check_indices(indices, width: int) -> torch.Tensor:
     """Neuron ``indices`` (LongTensor or integer sequence) as a flat int64 CPU tensor in ``[0, width)``."""
     idx = torch.as_tensor(indices)
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+    if idx.numel() and (idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool):
         raise EsnError(f"neuron indices must be integers, got dtype {idx.dtype}")
     idx = idx.to(device="cpu", dtype=torch.long).reshape(-1)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= width):
