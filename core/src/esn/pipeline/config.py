@@ -1,0 +1,291 @@
+"""The run configuration users write (TOML, JSON, or YAML when PyYAML is installed).
+
+Every section forbids unknown keys, and every out-of-range value is refused with the field's dotted path,
+so a typo never silently runs the paper's defaults. Relative paths are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esn.adapters import GenerationConfig
+from esn.emotions import TARGET_EMOTIONS, normalize_emotion
+from esn.errors import EsnError
+from esn.pipeline.data import SplitRule
+
+SELECTORS = ("random", "lap", "lape", "mad", "cas")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    adapter: str = "qwen_omni"
+    source: str = Field(description="checkpoint directory or hub id")
+    dtype: str = "auto"
+    device: str = "cpu"
+    streams: list[Literal["lm", "synth"]] = Field(default_factory=lambda: ["lm"], min_length=1)
+
+
+class DataSection(_Section):
+    kind: Literal["esd", "csv"] = "esd"
+    root: Path = Field(description="ESD root folder, or the CSV file (or a folder holding metadata.csv)")
+    splits: dict[str, list[SplitRule]] | None = Field(None, description="ESD splits; default: the paper's Table 1")
+    max_sources: int | None = Field(None, ge=1, description="use at most this many sources per split (seeded)")
+
+
+class JudgeSpec(_Section):
+    name: str
+    source: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class JudgesSection(_Section):
+    emotion: list[JudgeSpec] = Field(min_length=1, description="emotion judges; the first decides success")
+    quality: JudgeSpec | None = Field(None, description="naturalness judge (UTMOS)")
+
+
+class RecordSection(_Section):
+    split: str = "identification"
+    targets: list[str] = Field(default_factory=lambda: list(TARGET_EMOTIONS), min_length=2)
+    batch_size: int = Field(8, ge=1)
+    save_audio: bool = Field(False, description="keep every converted wav (needed for the human label kit)")
+
+    @field_validator("targets")
+    @classmethod
+    def _emotions(cls, v: list[str]) -> list[str]:
+        try:
+            out = [normalize_emotion(e, TARGET_EMOTIONS) for e in v]
+        except EsnError as exc:
+            raise ValueError(str(exc)) from None
+        if len(set(out)) != len(out):
+            raise ValueError(f"duplicate target emotions {v}")
+        return out
+
+
+class FilterSection(_Section):
+    tau_wer: float = Field(0.15, ge=0, description="max WER of decoded text vs transcript; inf disables")
+    require_match: bool = Field(True, description="judge label must equal the target emotion")
+    human_labels: Path | None = Field(None, description="CSV of human labels: adds CAS-H (human-filtered) masks")
+
+
+class InterventionSpec(_Section):
+    method: str = "steer"
+    alpha: float | None = None
+
+    @model_validator(mode="after")
+    def _alpha(self) -> InterventionSpec:
+        from esn.plugins import registry
+
+        try:
+            cls = registry().intervention(self.method)
+        except EsnError as exc:
+            raise ValueError(str(exc)) from None
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be finite, got {self.alpha}")
+        try:
+            self.alpha = cls.check_alpha(self.alpha)
+        except EsnError as exc:
+            raise ValueError(str(exc)) from None
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0 (the paper's interventions strengthen), got {self.alpha}")
+        return self
+
+
+class AnchorSection(_Section):
+    """The paper's anchor setting: CAS, r = 0.5 %, c = 50, steering with alpha = 1."""
+
+    selector: str = "cas"
+    rate: float = Field(0.005, gt=0, le=1)
+    c: int = Field(50, ge=1)
+    method: str = "steer"
+    alpha: float | None = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> AnchorSection:
+        spec = InterventionSpec(method=self.method, alpha=self.alpha)
+        self.alpha = spec.alpha
+        return self
+
+
+class SweepSection(_Section):
+    """One factor at a time around the anchor (Table 3 selectors, Figures 4-7, Table 4 alphas)."""
+
+    selectors: list[str] = Field(default_factory=lambda: list(SELECTORS))
+    rates: list[float] = Field(default_factory=list)
+    c: list[int] = Field(default_factory=list)
+    alphas: list[float] = Field(default_factory=list)
+    interventions: list[InterventionSpec] = Field(default_factory=list)
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        for i, r in enumerate(v):
+            if not 0 < r <= 1:
+                raise ValueError(f"rates[{i}] = {r}: a selection rate r must be in (0, 1]")
+        return v
+
+    @field_validator("c")
+    @classmethod
+    def _c(cls, v: list[int]) -> list[int]:
+        for i, c in enumerate(v):
+            if c < 1:
+                raise ValueError(f"c[{i}] = {c}: a success-set cap c must be >= 1")
+        return v
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        for i, a in enumerate(v):
+            if not (math.isfinite(a) and a >= 0):
+                raise ValueError(f"alphas[{i}] = {a}: alpha must be finite and >= 0")
+        return v
+
+
+class EvaluateSection(_Section):
+    splits: list[str] = Field(default_factory=lambda: ["test_seen", "test_unseen"], min_length=1)
+    batch_size: int = Field(8, ge=1)
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% CIs (0: none)")
+    save_audio: bool = Field(True, description="keep converted wavs (needed for the human A/B kit)")
+
+
+class RunConfig(_Section):
+    run_dir: Path | None = Field(None, description="default: runs/<config name> next to the config")
+    seed: int = 0
+    model: ModelSection
+    data: DataSection
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    judges: JudgesSection
+    record: RecordSection = Field(default_factory=RecordSection)
+    filter: FilterSection = Field(default_factory=FilterSection)
+    anchor: AnchorSection = Field(default_factory=AnchorSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    notes: str = Field("", description="free text shown at the top of the report")
+
+    def resolve(self, base: Path, stem: str) -> RunConfig:
+        """Make every relative path absolute against ``base`` (the config's folder)."""
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+
+        out = self.model_copy(deep=True)
+        out.run_dir = fix(self.run_dir) if self.run_dir else (base / "runs" / stem).resolve()
+        out.data.root = fix(self.data.root)
+        out.filter.human_labels = fix(self.filter.human_labels)
+        src = Path(self.model.source)
+        if not src.is_absolute() and (base / src).exists():
+            out.model.source = str((base / src).resolve())
+        for spec in [*out.judges.emotion, out.judges.quality]:
+            if spec is not None and spec.source and not Path(spec.source).is_absolute() and (base / spec.source).exists():
+                spec.source = str((base / spec.source).resolve())
+        return out
+
+
+# -- settings: one (mask recipe, intervention) of the evaluation grid ---------------------------------
+@dataclass(frozen=True, order=True)
+class Setting:
+    selector: str
+    rate: float
+    c: int
+    labels: str  # "ser" (judge-filtered successes) or "human" (CAS-H)
+    method: str
+    alpha: float
+
+    @property
+    def mask_key(self) -> str:
+        return f"{self.selector}{'-h' if self.labels == 'human' else ''}_r{self.rate:g}_c{self.c}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.mask_key}_{self.method}_a{self.alpha:g}"
+
+    @property
+    def label(self) -> str:
+        name = self.selector.upper() + ("-H" if self.labels == "human" else "")
+        return name.replace("RANDOM", "Random")
+
+
+def settings(cfg: RunConfig) -> list[Setting]:
+    """The anchor first, then every one-factor-at-a-time variation, without duplicates."""
+    a, s = cfg.anchor, cfg.sweep
+    base = Setting(a.selector, a.rate, a.c, "ser", a.method, float(a.alpha))
+    out = [base]
+    out += [Setting(sel, a.rate, a.c, "ser", a.method, base.alpha) for sel in s.selectors]
+    out += [Setting(a.selector, r, a.c, "ser", a.method, base.alpha) for r in s.rates]
+    out += [Setting(a.selector, a.rate, c, "ser", a.method, base.alpha) for c in s.c]
+    out += [Setting(a.selector, a.rate, a.c, "ser", a.method, float(al)) for al in s.alphas]
+    out += [Setting(a.selector, a.rate, a.c, "ser", i.method, float(i.alpha)) for i in s.interventions]
+    if cfg.filter.human_labels is not None:
+        out.append(Setting(a.selector, a.rate, a.c, "human", a.method, base.alpha))
+    seen: set[Setting] = set()
+    return [x for x in out if not (x in seen or seen.add(x))]
+
+
+def mask_recipes(cfg: RunConfig) -> list[tuple[str, float, int, str]]:
+    """Distinct (selector, rate, c, labels) needed by the grid, in grid order."""
+    seen: dict[tuple, None] = {}
+    for st in settings(cfg):
+        seen.setdefault((st.selector, st.rate, st.c, st.labels), None)
+    return list(seen)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise EsnError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise EsnError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML") from None
+            return yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise EsnError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("yaml"):
+            raise EsnError(f"{path}: not valid YAML: {exc}") from None
+        raise
+    raise EsnError(f"{path}: unknown config format {path.suffix!r} (use .toml, .json or .yaml)")
+
+
+def format_validation(exc: ValidationError, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (typo? see docs/pipeline.md for the allowed keys)"
+        got = err.get("input")
+        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {field}: {msg}{shown}")
+    return f"{where}: invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict, *, where: str = "config", base: Path | None = None, stem: str = "run") -> RunConfig:
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise EsnError(format_validation(exc, where)) from None
+    return cfg.resolve(base or Path.cwd(), stem)
+
+
+def load_config(path: str | Path, *, run_dir: str | Path | None = None) -> RunConfig:
+    path = Path(path).resolve()
+    cfg = parse_config(_read(path), where=str(path), base=path.parent, stem=path.stem)
+    if run_dir is not None:
+        cfg.run_dir = Path(run_dir).resolve()
+    return cfg
