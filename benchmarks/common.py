@@ -122,7 +122,7 @@ def time_side_by_side(
     for r in range(repeats):
         # Rotate the order each round so no variant always runs right after another.
         names = list(variants)
-        names = names[r % len(names):] + names[: r % len(names)]
+        names = names[r % len(names) :] + names[: r % len(names)]
         for name in names:
             sync(device)
             t0 = time.perf_counter()

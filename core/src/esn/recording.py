@@ -1,0 +1,502 @@
+"""Recording gate statistics during generation: per attempt, how often each neuron's gate is positive.
+
+While a :class:`GateRecorder` is active, a forward hook on every selected hook point's ``act_fn`` sees
+the post-SiLU gate ``g`` ``[batch, pos, d_mlp]`` and accumulates, for each batch row (one conversion
+attempt) separately:
+
+* ``counts[b, n]``: positions where ``g[b, :, n] > 0`` (exact integers),
+* ``tokens[b, h]``: positions counted at hook point ``h``,
+* ``sums``/``sumsq`` ``[b, n]`` (optional): sum of ``g`` and of ``g**2`` over the same positions, in float64.
+
+Padding is never counted. Each stream's :class:`~esn.adapters.StreamSpec` names a root module whose
+forward receives ``input_ids``/``attention_mask``; a pre-hook there decides, per step, which positions
+of which rows are real: in the first call (the prefill) the last ``pos`` columns of ``attention_mask``;
+in every later call (decode) the rows that have not yet *fed* one of ``stop_token_ids``. transformers'
+``generate`` keeps feeding a row that finished (eos, then pad tokens) while others continue; a solo run
+would have stopped, so those positions are padding. A batch of one row is never padded in decode (its
+generation stops when it stops). A stream without a spec counts every position.
+
+Statistics stay on the device; hooks never synchronise. Two strategies, same counts:
+
+* ``"chunk"`` (default): each decode step costs one copy kernel per hook point, into a preallocated
+  ``[chunk_steps, batch, d_mlp]`` buffer in the gate's own dtype; a full chunk is reduced at once.
+* ``"step"``: the straightforward per-step reduction (compare, mask, add; more with moments).
+
+Float accumulation order (sums only; counts and tokens are exact): every gate value is converted to
+float64 first; prefill positions are summed in slices of positions, decode steps one chunk (``"chunk"``)
+or one step (``"step"``) at a time, each partial sum added to the running float64 total.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from esn.errors import EsnError
+from esn.hookpoints import HookPoint, Layout
+from esn.hooks import installed
+
+Positions = Literal["all", "generated"]
+Strategy = Literal["chunk", "step"]
+STRATEGIES: tuple[str, ...] = ("chunk", "step")
+# Decode-chunk buffers of all hook points together stay under this many bytes (chunk_steps=None).
+CHUNK_BUDGET_BYTES = 256 * 2**20
+MAX_CHUNK_STEPS = 64
+# Prefill moments are summed over slices of positions so the float64 copy stays this small.
+_SLICE_BYTES = 64 * 2**20
+
+
+@dataclass
+class BatchStats:
+    """Per-attempt gate statistics of one batch, on CPU. Row ``b`` is batch row ``b`` (one attempt).
+
+    Neurons are flat in ``layout`` order (``layout.slice(name)`` gives a hook point's columns).
+    """
+
+    layout: Layout
+    counts: torch.Tensor  # [B, N] int32: positions with g > 0
+    tokens: torch.Tensor  # [B, H] int64: positions counted per hook point
+    sums: torch.Tensor | None = None  # [B, N] float64: sum of g over counted positions
+    sumsq: torch.Tensor | None = None  # [B, N] float64: sum of g**2
+    positions: str = "all"
+
+    def __post_init__(self) -> None:
+        b, n = self.counts.shape
+        if n != self.layout.n_neurons or tuple(self.tokens.shape) != (b, len(self.layout)):
+            raise EsnError(
+                f"statistics shapes counts {tuple(self.counts.shape)}, tokens {tuple(self.tokens.shape)} "
+                f"do not fit the layout ({len(self.layout)} hook points, {self.layout.n_neurons} neurons)"
+            )
+        if (self.sums is None) != (self.sumsq is None):
+            raise EsnError("sums and sumsq must both be present or both absent")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def has_moments(self) -> bool:
+        return self.sums is not None
+
+    def tokens_per_neuron(self) -> torch.Tensor:
+        """``[B, N]`` int64: each neuron's hook-point token count (the denominator of its probability)."""
+        widths = torch.as_tensor(np.diff(self.layout.offsets))
+        return self.tokens.repeat_interleave(widths, dim=1)
+
+    @classmethod
+    def concat(cls, parts: Sequence[BatchStats]) -> BatchStats:
+        """Stack the rows of several batches (same layout, positions and moments)."""
+        if not parts:
+            raise EsnError("BatchStats.concat needs at least one batch")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.layout != first.layout:
+                raise EsnError("cannot concatenate statistics recorded on different hook-point layouts")
+            if p.positions != first.positions or p.has_moments != first.has_moments:
+                raise EsnError(
+                    f"cannot concatenate statistics with positions={p.positions!r}, moments={p.has_moments} "
+                    f"and positions={first.positions!r}, moments={first.has_moments}"
+                )
+
+        def cat(name: str) -> torch.Tensor | None:
+            return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
+
+        return cls(first.layout, cat("counts"), cat("tokens"), cat("sums"), cat("sumsq"), first.positions)
+
+    def select_rows(self, idx: Sequence[int] | np.ndarray | torch.Tensor) -> BatchStats:
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, idx)
+
+        return BatchStats(
+            self.layout,
+            pick(self.counts),
+            pick(self.tokens),
+            pick(self.sums),
+            pick(self.sumsq),
+            self.positions,
+        )
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        """``{"counts", "tokens"[, "sums", "sumsq"]}`` as numpy arrays (for safetensors files)."""
+        out = {"counts": self.counts.numpy(), "tokens": self.tokens.numpy()}
+        if self.has_moments:
+            out["sums"] = self.sums.numpy()
+            out["sumsq"] = self.sumsq.numpy()
+        return out
+
+
+class _Root:
+    """Per stream root: which positions of the current call are real. One per root module."""
+
+    def __init__(
+        self,
+        path: str,
+        stop_ids: Sequence[int],
+        positions: str,
+        chunk_fn: Callable[[int], int | None],
+        implicit: bool,
+    ):
+        self.path = path
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        self.positions = positions
+        self.chunk_fn = chunk_fn  # batch -> decode steps per chunk (chunk strategy), or None
+        self.chunk: int | None = None
+        self.implicit = implicit  # no spec: driven by the hook point itself, every position real
+        self.calls = 0
+        self.batch: int | None = None
+        self.mode = "skip"  # this call: "skip" | "dense" (reduce now) | "slot" (chunk buffer)
+        self.pos = 0  # positions in this call
+        self.valid: torch.Tensor | None = None  # [B, pos] bool for "dense"; None = all real
+        self.slot = -1  # chunk slot of this decode step
+        self.valid_buf: torch.Tensor | None = None  # [chunk, B] bool, per decode slot
+        self.finished: torch.Tensor | None = None  # [B] bool: row has fed a stop token
+        self.stop: torch.Tensor | None = None
+        self.masked_decode = False  # decode validity tracked on the device (B > 1 and stop ids)
+        self.tokens_dev: torch.Tensor | None = None  # [B] int64, positions counted under a mask
+        self.tokens_all = 0  # positions counted in calls where every row was real
+
+    def tokens(self, batch: int) -> torch.Tensor:
+        out = torch.full((batch,), self.tokens_all, dtype=torch.int64)
+        if self.tokens_dev is not None:
+            out += self.tokens_dev.cpu()
+        return out
+
+    def begin(self, input_ids: torch.Tensor | None, mask: Any, pos: int, batch: int, device) -> None:
+        """Decide this call's real positions. Only shapes are inspected on the host: no sync."""
+        prefill = self.calls == 0
+        self.calls += 1
+        if prefill:
+            self.batch = batch
+            self.chunk = self.chunk_fn(batch)
+            self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            self.masked_decode = batch > 1 and bool(self.stop_ids) and not self.implicit
+            if self.masked_decode:
+                self.stop = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
+        elif batch != self.batch:
+            raise EsnError(
+                f"stream root {self.path!r} was called with batch {batch} after batch {self.batch}: "
+                "use one GateRecorder per generate call"
+            )
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] == pos and pos > 1:
+            raise EsnError(
+                f"stream root {self.path!r} saw a second prefill (or generation without a KV cache): "
+                "use one GateRecorder per generate call, with use_cache=True"
+            )
+        self.pos = pos
+        if prefill:
+            self.mode = "skip" if self.positions == "generated" else "dense"
+            self.valid = None if self.implicit else _prefill_valid(mask, pos, self.path)
+        elif not self.masked_decode:
+            self.valid = None
+            self.mode = "slot" if (self.chunk and pos == 1) else "dense"
+        else:
+            # A row that has fed a stop token (now or earlier) is padding from this position on.
+            if pos == 1:
+                self.finished = self.finished | torch.isin(input_ids[:, -1], self.stop)  # [B]
+                fed = self.finished[:, None]  # [B, 1]
+            else:
+                hit = torch.isin(input_ids[:, -pos:], self.stop).cumsum(1, dtype=torch.int32) > 0
+                fed = hit | self.finished[:, None]  # [B, pos]
+                self.finished = fed[:, -1]
+            if self.chunk and pos == 1:
+                self.mode = "slot"
+                self.slot = self.slot + 1 if self.slot + 1 < self.chunk else 0
+                if self.valid_buf is None:
+                    self.valid_buf = torch.empty((self.chunk, batch), dtype=torch.bool, device=device)
+                valid = torch.logical_not(self.finished, out=self.valid_buf[self.slot])  # [B]
+                self._count(valid)
+                return
+            self.mode = "dense"
+            self.valid = ~fed
+        if self.mode == "slot":
+            self.slot = self.slot + 1 if self.slot + 1 < self.chunk else 0
+        if self.mode != "skip":
+            self._count(self.valid)
+
+    def _count(self, valid: torch.Tensor | None) -> None:
+        if valid is None:
+            self.tokens_all += self.pos
+            return
+        n = valid.sum(-1) if valid.dim() == 2 else valid
+        if self.tokens_dev is None:
+            self.tokens_dev = torch.zeros(self.batch, dtype=torch.int64, device=n.device)
+        self.tokens_dev.add_(n)
+
+
+def _prefill_valid(mask: Any, pos: int, root: str) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise EsnError(
+            f"stream root {root!r} received an attention_mask of shape {shape}; recording needs the 2D "
+            "[batch, positions] mask to tell padding apart (use a dynamic KV cache, not a static one)"
+        )
+    if mask.shape[-1] < pos:
+        raise EsnError(
+            f"stream root {root!r}: attention_mask has {mask.shape[-1]} columns for {pos} positions"
+        )
+    return mask[:, -pos:].bool()
+
+
+class _Point:
+    """Per hook point: running statistics ``[B, d_mlp]`` on the device, and the decode chunk buffer."""
+
+    def __init__(self, hp: HookPoint, root: _Root, moments: bool, strategy: str):
+        self.hp = hp
+        self.root = root
+        self.moments = moments
+        self.strategy = strategy
+        self.calls = 0
+        self.counts: torch.Tensor | None = None  # [B, D] int32
+        self.sums: torch.Tensor | None = None  # [B, D] float64
+        self.sumsq: torch.Tensor | None = None
+        self.buf: torch.Tensor | None = None  # [chunk, B, D], gate dtype
+        self.pending = 0  # filled chunk slots not yet reduced
+
+    def hook(self, module, args, g: torch.Tensor) -> None:
+        # g: [batch, pos, d_mlp], the post-SiLU gate.
+        root = self.root
+        if root.implicit:
+            root.begin(None, None, g.shape[1], g.shape[0], g.device)
+        self.calls += 1
+        if root.mode == "skip":
+            return
+        if g.dim() != 3 or g.shape[1] != root.pos or g.shape[0] != root.batch or g.shape[2] != self.hp.width:
+            raise EsnError(
+                f"hook point {self.hp.name}: gate of shape {tuple(g.shape)} does not match its stream root "
+                f"{root.path!r} (batch {root.batch}, {root.pos} positions, width {self.hp.width})"
+            )
+        if self.counts is None:
+            self._allocate(g)
+        if root.mode == "slot":
+            self.buf[root.slot].copy_(g[:, 0])
+            self.pending = root.slot + 1
+            if self.pending == root.chunk:
+                self.flush()
+        elif self.strategy == "step" and g.shape[1] == 1:
+            self._reduce_step(g[:, 0], root.valid)
+        else:
+            self._reduce_dense(g, root.valid)
+
+    def _allocate(self, g: torch.Tensor) -> None:
+        b, _, d = g.shape
+        self.counts = torch.zeros((b, d), dtype=torch.int32, device=g.device)
+        if self.moments:
+            self.sums = torch.zeros((b, d), dtype=torch.float64, device=g.device)
+            self.sumsq = torch.zeros((b, d), dtype=torch.float64, device=g.device)
+        if self.root.chunk:
+            self.buf = torch.empty((self.root.chunk, b, d), dtype=g.dtype, device=g.device)
+
+    def _reduce_step(self, g: torch.Tensor, valid: torch.Tensor | None) -> None:
+        # g: [B, D] (one decode position); valid: [B, 1] or None
+        pos = g > 0
+        self.counts.add_(pos if valid is None else pos & valid)
+        if self.moments:
+            x = g.double()
+            if valid is not None:
+                x = torch.where(valid, x, 0.0)
+            self.sums.add_(x)
+            self.sumsq.addcmul_(x, x)
+
+    def _reduce_dense(self, g: torch.Tensor, valid: torch.Tensor | None, dim: int = 1) -> None:
+        # g: [B, P, D] with valid [B, P] (dim=1), or a chunk [S, B, D] with valid [S, B] (dim=0)
+        pos = g > 0
+        if valid is not None:
+            pos &= valid.unsqueeze(-1)
+        self.counts.add_(pos.sum(dim, dtype=torch.int32))
+        if not self.moments:
+            return
+        n = g.shape[dim]
+        step = max(1, _SLICE_BYTES // max(1, g.numel() // n * 8))
+        for start in range(0, n, step):
+            x = g.narrow(dim, start, min(step, n - start)).double()
+            if valid is not None:
+                x = torch.where(valid.narrow(dim, start, x.shape[dim]).unsqueeze(-1), x, 0.0)
+            self.sums.add_(x.sum(dim))
+            self.sumsq.add_(x.square_().sum(dim))
+
+    def flush(self) -> None:
+        if self.pending:
+            vb = self.root.valid_buf
+            self._reduce_dense(self.buf[: self.pending], None if vb is None else vb[: self.pending], dim=0)
+            self.pending = 0
+
+
+class GateRecorder:
+    """Context manager that records per-row gate statistics of everything generated inside it.
+
+    ``target`` is an adapter or :class:`esn.hooks.ModelTarget`. ``streams`` selects hook points
+    (default: all). ``positions="generated"`` skips the prefill (prompt) positions. ``moments`` adds
+    float64 sums and sums of squares. ``strategy`` is ``"chunk"`` or ``"step"`` (same counts; see the
+    module docstring); ``chunk_steps`` sets the decode chunk length (default: fit a 256 MiB budget).
+
+    Use one recorder per ``generate`` call::
+
+        with GateRecorder(adapter) as rec:
+            model.generate(**inputs)
+        stats = rec.stats()  # BatchStats, one row per batch row
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        *,
+        streams: Sequence[str] | None = None,
+        positions: Positions = "all",
+        moments: bool = True,
+        strategy: Strategy = "chunk",
+        chunk_steps: int | None = None,
+    ):
+        if positions not in ("all", "generated"):
+            raise EsnError(f"positions must be 'all' or 'generated', got {positions!r}")
+        if strategy not in STRATEGIES:
+            raise EsnError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 1):
+            raise EsnError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
+        self.target = target
+        self.layout: Layout = target.layout(streams)
+        self.positions = positions
+        self.moments = moments
+        self.strategy = strategy
+        self.chunk_steps = chunk_steps
+        self._specs = dict(target.stream_specs() or {})
+        self._stack: contextlib.ExitStack | None = None
+        self._points: list[_Point] = []
+        self._roots: dict[str, _Root] = {}
+        self._done = False
+
+    # -- context -----------------------------------------------------------------------------------
+    def __enter__(self) -> GateRecorder:
+        if self._stack is not None or self._done:
+            raise EsnError("a GateRecorder records one generation: make a new one for the next")
+        self._points, self._roots = [], {}
+        modules, seen = [], set()
+        for hp in self.layout:
+            module = self.target.module(hp)
+            if id(module) in seen:
+                raise EsnError(
+                    f"hook point {hp.name}: module {hp.module!r} is shared with another hook point"
+                )
+            seen.add(id(module))
+            root = self._root_for(hp)
+            self._points.append(_Point(hp, root, self.moments, self.strategy))
+            modules.append(module)
+        stack = contextlib.ExitStack()
+        try:
+            roots = [
+                (self.target.model.get_submodule(path), self._pre_hook(r)) for path, r in self._roots.items()
+            ]
+            stack.enter_context(installed(roots, kind="pre", with_kwargs=True))
+            stack.enter_context(installed(zip(modules, (p.hook for p in self._points), strict=True)))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        stack, self._stack = self._stack, None
+        self._done = True
+        stack.close()  # hooks off first, whatever happens below
+        if exc_type is None:
+            for p in self._points:
+                p.flush()
+
+    def _root_for(self, hp: HookPoint) -> _Root:
+        spec = self._specs.get(hp.stream)
+        if spec is None:  # no spec: this hook point is its own root, every position counts
+            return _Root(
+                hp.name, (), self.positions, lambda b, w=hp.width: self._chunk_len(w, b), implicit=True
+            )
+        if spec.root not in self._roots:
+            try:
+                self.target.model.get_submodule(spec.root)
+            except AttributeError:
+                raise EsnError(
+                    f"stream {hp.stream!r}: root module {spec.root!r} not found in the model"
+                ) from None
+            width = sum(p.width for p in self.layout if self._specs.get(p.stream) == spec)
+            chunk_fn = lambda b, w=width: self._chunk_len(w, b)  # noqa: E731
+            self._roots[spec.root] = _Root(
+                spec.root, spec.stop_token_ids, self.positions, chunk_fn, implicit=False
+            )
+        return self._roots[spec.root]
+
+    def _pre_hook(self, root: _Root) -> Callable:
+        def pre(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            embeds = kwargs.get("inputs_embeds")
+            x = ids if ids is not None else embeds
+            if x is None:
+                raise EsnError(f"stream root {root.path!r} received neither input_ids nor inputs_embeds")
+            if ids is None and root.calls > 0 and x.shape[0] > 1 and root.stop_ids:
+                raise EsnError(
+                    f"stream root {root.path!r} decodes from inputs_embeds: stop tokens cannot be seen; "
+                    "point the stream spec at a module that receives input_ids"
+                )
+            root.begin(ids, mask, x.shape[1], x.shape[0], x.device)
+
+        return pre
+
+    def _chunk_len(self, width: int, batch: int) -> int | None:
+        """Decode steps per chunk for hook points of total ``width`` at this batch size."""
+        if self.strategy != "chunk":
+            return None
+        if self.chunk_steps is not None:
+            return self.chunk_steps
+        itemsize = 2  # bf16/fp16 on accelerators; an fp32 model simply gets a shorter chunk than budgeted
+        return max(1, min(MAX_CHUNK_STEPS, CHUNK_BUDGET_BYTES // max(1, batch * width * itemsize)))
+
+    # -- results -----------------------------------------------------------------------------------
+    def stats(self) -> BatchStats:
+        """Per-row statistics on CPU (call after the ``with`` block)."""
+        if self._stack is not None:
+            raise EsnError("GateRecorder.stats() is available after the with-block has ended")
+        batches = {p.root.batch for p in self._points if p.root.batch is not None}
+        if not batches:
+            raise EsnError(
+                f"nothing was recorded: no selected hook point ran (streams {self.layout.streams})"
+            )
+        if len(batches) > 1:
+            raise EsnError(f"hook points saw different batch sizes {sorted(batches)} in one recording")
+        batch = batches.pop()
+        counts, tokens, sums, sumsq = [], [], [], []
+        for p in self._points:
+            if p.calls != p.root.calls and not p.root.implicit:
+                raise EsnError(
+                    f"hook point {p.hp.name} ran in {p.calls} of the {p.root.calls} calls of its stream root "
+                    f"{p.root.path!r}: the stream spec does not match the model"
+                )
+            d = p.hp.width
+            counts.append(
+                p.counts.cpu() if p.counts is not None else torch.zeros((batch, d), dtype=torch.int32)
+            )
+            tokens.append(p.root.tokens(batch) if p.root.calls else torch.zeros(batch, dtype=torch.int64))
+            if self.moments:
+                zero = torch.zeros((batch, d), dtype=torch.float64)
+                sums.append(p.sums.cpu() if p.sums is not None else zero)
+                sumsq.append(p.sumsq.cpu() if p.sumsq is not None else zero)
+        return BatchStats(
+            self.layout,
+            torch.cat(counts, dim=1),
+            torch.stack(tokens, dim=1),
+            torch.cat(sums, dim=1) if self.moments else None,
+            torch.cat(sumsq, dim=1) if self.moments else None,
+            self.positions,
+        )
+
+
+def record(target: Any, generate_fn: Callable[[], Any], **options: Any) -> tuple[Any, BatchStats]:
+    """Run ``generate_fn()`` under a :class:`GateRecorder`; return its output and the statistics."""
+    with GateRecorder(target, **options) as rec:
+        out = generate_fn()
+    return out, rec.stats()
