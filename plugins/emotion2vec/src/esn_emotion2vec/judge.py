@@ -1,0 +1,210 @@
+"""emotion2vec+ as an esn judge: funasr's real ``AutoModel`` path, offline, without side effects.
+
+emotion2vec+ scores 9 classes (``tokens.txt`` order in the released models: angry, disgusted, fearful,
+happy, neutral, other, sad, surprised, <unk>). ``mapping`` decides the label:
+
+- ``"all9"`` (default, the paper's protocol: "we directly use the predicted label"): argmax over all
+  9 classes. A disgusted/fearful/other/unknown winner is returned under its own name, which is
+  outside the five target emotions and therefore never matches a target: a miss, never a guess.
+- ``"five"``: argmax restricted to neutral/happy/angry/sad/surprise; always one of the five.
+
+funasr side effects are contained: no update check (``disable_update``), no progress bars, the torch
+thread count and the root logger (funasr calls ``logging.basicConfig``) are restored after every call,
+and funasr's prints go to stderr so that ``esn judge --json`` stays clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from esn.audio import MODEL_RATE, prepare_audio
+from esn.emotions import EMOTIONS
+from esn.errors import EsnError
+from esn.judges import Audio, Judge, Judgement
+
+DEFAULT_MODEL = "iic/emotion2vec_plus_large"
+MAPPINGS = ("all9", "five")
+REQUIRED_FILES = ("config.yaml", "model.pt", "tokens.txt")
+_ALIASES = {"surprised": "surprise", "<unk>": "unknown"}
+
+
+def class_name(token: str) -> str:
+    """``"吃惊/surprised"`` -> ``"surprise"``: the English part, lower case, in esn's vocabulary."""
+    english = token.split("/")[-1].strip().lower()
+    return _ALIASES.get(english, english)
+
+
+def pick_label(scores: dict[str, float], mapping: str) -> str:
+    """The winning class under ``mapping`` (see the module docstring)."""
+    pool = scores if mapping == "all9" else {k: v for k, v in scores.items() if k in EMOTIONS}
+    return max(pool, key=pool.__getitem__)
+
+
+@contextlib.contextmanager
+def contained(threads: int) -> Iterator[None]:
+    """Run funasr code with ``threads`` torch threads and give back logging, threads and stdout as found.
+
+    funasr calls ``logging.basicConfig`` (which configures an empty root logger) and
+    ``torch.set_num_threads``; a temporary NullHandler makes basicConfig a no-op.
+    """
+    import torch
+
+    root = logging.getLogger()
+    handlers, level, before = list(root.handlers), root.level, torch.get_num_threads()
+    guard = logging.NullHandler()
+    root.addHandler(guard)
+    torch.set_num_threads(threads)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(before)
+
+
+def check_directory(directory: Path) -> None:
+    """A local emotion2vec directory must hold funasr's three files; say which one is missing."""
+    if not directory.is_dir():
+        raise EsnError(f"emotion2vec model directory not found: {directory}")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
+        raise EsnError(
+            f"{directory} is not an emotion2vec (funasr) directory: missing {', '.join(missing)} "
+            f"(found {found}); download iic/emotion2vec_plus_large or write one with "
+            "Emotion2vecJudge.write_tiny"
+        )
+
+
+def checkpoint_mismatch(model: Any, checkpoint: Path) -> list[str]:
+    """Model keys that ``checkpoint`` lacks or holds with another shape (funasr only warns about them).
+
+    ``model.pt`` is a torch checkpoint; it is read as funasr reads it, with ``torch.load`` in its
+    ``weights_only`` mode (tensors and plain containers only, no code), memory-mapped.
+    """
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    for key in ("state_dict", "model_state_dict", "model"):  # funasr's own unwrapping order
+        if isinstance(state, dict) and key in state:
+            state = state[key]
+    if not isinstance(state, dict):
+        return ["<checkpoint is not a state dict>"]
+    bad = []
+    for name, tensor in model.state_dict().items():
+        src = state.get(name, state.get(f"module.{name}"))
+        if src is None or tuple(src.shape) != tuple(tensor.shape):
+            bad.append(name)
+    return bad
+
+
+class Emotion2vecJudge(Judge):
+    """emotion2vec+ (default ``iic/emotion2vec_plus_large``): a label and 9 class scores per utterance."""
+
+    name: ClassVar[str] = "emotion2vec"
+    kind: ClassVar[str] = "emotion"
+    labels: ClassVar[tuple[str, ...]] = EMOTIONS
+
+    def __init__(self, model: Any, classes: list[str], *, mapping: str = "all9", threads: int = 1):
+        if mapping not in MAPPINGS:
+            raise EsnError(f"emotion2vec mapping {mapping!r} is unknown: use one of {', '.join(MAPPINGS)}")
+        self.model = model  # a funasr AutoModel
+        self.classes = classes
+        self.mapping = mapping
+        self.threads = threads
+
+    @classmethod
+    def load(
+        cls,
+        source: str | None = None,
+        *,
+        device: str = "cpu",
+        mapping: str = "all9",
+        hub: str = "hf",
+        threads: int | None = None,
+        **options: Any,
+    ) -> Emotion2vecJudge:
+        """Load a local funasr directory (config.yaml, model.pt, tokens.txt) or a hub id.
+
+        ``hub`` is funasr's: ``"hf"`` (also used for local directories) or ``"ms"`` (ModelScope,
+        where ``iic/emotion2vec_plus_large`` lives). A hub id downloads unless it is cached.
+        ``threads`` is the torch thread count used while funasr runs (default: the current one).
+        """
+        if options:
+            raise EsnError(f"emotion2vec judge: unknown options {', '.join(sorted(options))}")
+        if mapping not in MAPPINGS:
+            raise EsnError(f"emotion2vec mapping {mapping!r} is unknown: use one of {', '.join(MAPPINGS)}")
+        import torch
+
+        threads = threads or torch.get_num_threads()
+        source = source or DEFAULT_MODEL
+        local = Path(source).expanduser()
+        is_local = local.exists() or source.startswith((".", "/", "~"))
+        if is_local:
+            check_directory(local)
+            source = str(local)
+            hub = "hf"  # funasr reads a local directory on its hf path
+        with contained(threads):
+            from funasr import AutoModel
+
+            try:
+                model = AutoModel(
+                    model=source, hub=hub, device=device, ncpu=threads, disable_update=True,
+                    disable_pbar=True, disable_log=True, log_level="ERROR",
+                )
+            except Exception as exc:  # funasr raises assertions, KeyErrors, RuntimeErrors...
+                raise EsnError(f"funasr could not load emotion2vec from {source}: {type(exc).__name__}: {exc}") from None
+        if type(model.model).__name__ != "Emotion2vec":
+            raise EsnError(f"{source} holds a funasr {type(model.model).__name__} model, not Emotion2vec")
+        init = Path(model.kwargs.get("init_param") or "")
+        if init.is_file():
+            bad = checkpoint_mismatch(model.model, init)
+            if bad:
+                raise EsnError(
+                    f"{init} does not fit the Emotion2vec model of its config.yaml: {len(bad)} weights "
+                    f"missing or of another shape (e.g. {', '.join(bad[:3])}); it is another model's checkpoint"
+                )
+        classes = [class_name(t) for t in (model.kwargs.get("token_list") or [])]
+        absent = [e for e in EMOTIONS if e not in classes]
+        if absent or model.model.proj is None or model.model.proj.out_features != len(classes):
+            raise EsnError(
+                f"{source}: the classifier classes {classes} do not cover {', '.join(absent) or 'the head'}; "
+                "tokens.txt must list emotion2vec+'s 9 classes (e.g. 生气/angry ... 吃惊/surprised, <unk>)"
+            )
+        return cls(model, classes, mapping=mapping, threads=threads)
+
+    def judge(self, audios: Sequence[Audio], *, sources: Sequence[Audio] | None = None) -> list[Judgement]:
+        """Label each audio. ``sources`` are not used: emotion2vec+ judges the converted speech alone."""
+        waves = [
+            prepare_audio(a.samples, a.sample_rate, target_rate=MODEL_RATE, name=a.name or f"audio {i}")
+            for i, a in enumerate(audios)
+        ]
+        if not waves:
+            return []
+        with contained(self.threads):
+            # one call for the whole list; results come back in input order (funasr's keys are not used)
+            results = self.model.generate(waves, fs=MODEL_RATE, granularity="utterance", extract_embedding=False)
+        if len(results) != len(waves):
+            raise EsnError(f"emotion2vec returned {len(results)} results for {len(waves)} inputs")
+        out = []
+        for res in results:
+            scores = {class_name(lab): float(s) for lab, s in zip(res["labels"], res["scores"], strict=True)}
+            if not all(np.isfinite(v) for v in scores.values()):
+                out.append(Judgement(None, scores, raw="non-finite scores"))
+                continue
+            out.append(Judgement(pick_label(scores, self.mapping), scores))
+        return out
+
+    @classmethod
+    def write_tiny(cls, directory: str | Path, seed: int = 0) -> Path:
+        """Write a tiny random emotion2vec directory (config.yaml, model.pt, tokens.txt) that ``load`` reads."""
+        from esn_emotion2vec.tiny import write_tiny
+
+        return write_tiny(Path(directory), seed=seed)
