@@ -206,6 +206,25 @@ def _build(target: Any, layout: Layout, items: list[_Row], n_rows: int | None) -
     return edits
 
 
+def _row_items(target: Any, conditions: Sequence[Condition | None], registry: Registry | None) -> list[_Row]:
+    """Validate per-row conditions; rows that share (mask, method, alpha) share one item."""
+    if isinstance(conditions, Condition) or not isinstance(conditions, Sequence) or not conditions:
+        raise EsnError("steer_rows needs a non-empty list with one Condition (or None) per batch row")
+    groups: dict[tuple, _Row] = {}
+    for row, cond in enumerate(conditions):
+        if cond is None:
+            continue
+        if not isinstance(cond, Condition):
+            raise EsnError(f"conditions[{row}] must be an esn.steering.Condition or None, got {type(cond).__name__}")
+        cls, alpha = resolve(cond.method, cond.alpha, registry)
+        key = (id(cond.mask), cls, alpha)
+        if key not in groups:
+            check_mask(target, cond.mask, f"conditions[{row}].mask")
+            groups[key] = _Row([], cls, alpha, cls.affine(alpha), cond.mask.split())
+        groups[key].rows.append(row)
+    return list(groups.values())
+
+
 # -- installing the hooks --------------------------------------------------------------------------
 
 
@@ -310,26 +329,12 @@ def steer_rows(
     Masks of different rows may cover different streams and hook points. Yields the hooked hook points.
     """
     _check_positions(positions)
-    if isinstance(conditions, Condition) or not isinstance(conditions, Sequence) or not conditions:
-        raise EsnError("steer_rows needs a non-empty list with one Condition (or None) per batch row")
-    groups: dict[tuple, _Row] = {}
-    layouts: list[Layout] = []
-    for row, cond in enumerate(conditions):
-        if cond is None:
-            continue
-        if not isinstance(cond, Condition):
-            raise EsnError(f"conditions[{row}] must be an esn.steering.Condition or None, got {type(cond).__name__}")
-        cls, alpha = resolve(cond.method, cond.alpha, registry)
-        key = (id(cond.mask), cls, alpha)  # rows sharing a condition share one item
-        if key not in groups:
-            layouts.append(check_mask(target, cond.mask, f"conditions[{row}].mask"))
-            groups[key] = _Row([], cls, alpha, cls.affine(alpha), cond.mask.split())
-        groups[key].rows.append(row)
-    if not groups:  # nothing to do: no hooks at all
+    items = _row_items(target, conditions, registry)
+    if not items:  # nothing to do: no hooks at all
         yield ()
         return
     layout = target.layout()
-    edits = _build(target, layout, list(groups.values()), len(conditions))
+    edits = _build(target, layout, items, len(conditions))
     with _install(target, layout, edits, positions) as names:
         yield names
 
