@@ -1,0 +1,117 @@
+"""Activation statistics over success sets (the paper's equations 2-3): K, T and P = K / T.
+
+``K[e, n]`` counts the positions where neuron ``n``'s gate was positive over emotion ``e``'s successful
+attempts; ``T[e, h]`` counts the positions seen at hook point ``h`` (the LM and synthesis streams run over
+different positions, so T is kept per hook point). Both are int64 sums, exact and independent of the
+order in which attempts, shards or stores are added up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from esn.emotions import normalize_emotion
+from esn.errors import EsnError
+from esn.hookpoints import Layout
+from esn.store import AttemptStore
+
+
+@dataclass
+class ActivationStats:
+    """Summed statistics per emotion; rows in ``emotions`` order."""
+
+    emotions: list[str]
+    layout: Layout
+    K: np.ndarray  # [E, N] int64: positive-gate positions
+    T: np.ndarray  # [E, H] int64: positions per hook point
+    n_attempts: np.ndarray  # [E] int64: attempts summed
+    S: np.ndarray | None = None  # [E, N] float64: sum of gate values, when every attempt had sums
+    SS: np.ndarray | None = None  # [E, N] float64: sum of squared gate values
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        e, n, h = len(self.emotions), self.layout.n_neurons, len(self.layout)
+        if self.K.shape != (e, n) or self.T.shape != (e, h) or self.n_attempts.shape != (e,):
+            raise EsnError(f"statistics shapes K {self.K.shape}, T {self.T.shape} do not fit {e} emotions, "
+                           f"{n} neurons, {h} hook points")
+
+    def positions(self) -> np.ndarray:
+        """``T`` broadcast to neurons: ``[E, N]``, each neuron's column holds its hook point's T."""
+        return np.repeat(self.T, np.diff(self.layout.offsets), axis=1)
+
+    def probs(self) -> np.ndarray:
+        """``P[e, n] = K[e, n] / T[e, hook point of n]``, ``[E, N]`` float64."""
+        bad = [
+            f"{e!r} at {self.layout.hook_points[int(np.argmax(self.T[k] == 0))].name} "
+            f"({self.n_attempts[k]} successful attempts)"
+            for k, e in enumerate(self.emotions) if np.any(self.T[k] == 0)
+        ]
+        if bad:
+            raise EsnError(f"no positions for emotion {'; '.join(bad)}: P is undefined; relax the success "
+                           "filter or record more attempts")
+        return self.K / self.positions()
+
+    def mean(self) -> np.ndarray:
+        """Mean gate value per emotion and neuron ``[E, N]`` (needs sums)."""
+        if self.S is None:
+            raise EsnError("these statistics were recorded without sums; record with sums to get means")
+        self.probs()  # the same T == 0 check
+        return self.S / self.positions()
+
+    def __add__(self, other: ActivationStats) -> ActivationStats:
+        """Statistics of two disjoint attempt sets, summed exactly."""
+        if other.emotions != self.emotions or other.layout != self.layout:
+            raise EsnError("only statistics over the same emotions and layout can be added")
+        both = self.S is not None and other.S is not None
+        return ActivationStats(
+            self.emotions, self.layout, self.K + other.K, self.T + other.T, self.n_attempts + other.n_attempts,
+            self.S + other.S if both else None, self.SS + other.SS if both else None, dict(self.meta),
+        )
+
+
+def aggregate(store: AttemptStore, ids_by_emotion: Mapping[str, Sequence[str]], *,
+              progress: bool = False) -> ActivationStats:
+    """Sum the statistics of each emotion's attempts (e.g. ``FilterResult.success``) from ``store``.
+
+    Every id must be in the store, belong to one emotion only, and target that emotion.
+    """
+    emotions = [normalize_emotion(e) for e in ids_by_emotion]
+    if len(set(emotions)) != len(emotions):
+        raise EsnError(f"an emotion is listed twice: {list(ids_by_emotion)}")
+    row_of: dict[str, int] = {}
+    for e, ids in enumerate(ids_by_emotion.values()):
+        for i in ids:
+            if row_of.setdefault(i, e) != e:
+                raise EsnError(f"attempt {i!r} is listed under {emotions[row_of[i]]!r} and {emotions[e]!r}")
+    targets = {r.id: r.emotion for r in store.records()}
+    for i, e in row_of.items():
+        if i in targets and targets[i] != emotions[e]:
+            raise EsnError(f"attempt {i!r} targets {targets[i]!r} but is listed under {emotions[e]!r}")
+    n_e, n, h = len(emotions), store.layout.n_neurons, len(store.layout)
+    K = np.zeros((n_e, n), np.int64)
+    T = np.zeros((n_e, h), np.int64)
+    S = np.zeros((n_e, n), np.float64)
+    SS = np.zeros((n_e, n), np.float64)
+    has_sums = True
+    n_attempts = np.zeros(n_e, np.int64)
+    parts = store.iter_stats(row_of)
+    if progress:
+        from rich.progress import track
+
+        parts = track(parts, description="aggregating shards", transient=True)
+    for part in parts:
+        rows = np.array([row_of[i] for i in part.ids], dtype=np.int64)
+        has_sums = has_sums and part.sums is not None
+        for e in np.unique(rows):
+            pick = rows == e
+            K[e] += part.counts[pick].sum(axis=0, dtype=np.int64)
+            T[e] += part.tokens[pick].sum(axis=0, dtype=np.int64)
+            n_attempts[e] += int(pick.sum())
+            if has_sums:
+                S[e] += part.sums[pick].sum(axis=0, dtype=np.float64)
+                SS[e] += part.sumsq[pick].sum(axis=0, dtype=np.float64)
+    return ActivationStats(emotions, store.layout, K, T, n_attempts, S if has_sums else None,
+                           SS if has_sums else None, {"source_run": str(store.root)})
