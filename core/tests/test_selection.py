@@ -9,11 +9,13 @@ from esn.errors import EsnError
 from esn.plugins import hookimpl, registry_with
 from esn.selection import entropy, n_selected, select_neurons
 
+BUILTINS = registry_with()  # built-ins only: these tests do not import installed plugins
+
 
 def sel(probs, method, rate, emotions=None, **kw):
     probs = np.asarray(probs, dtype=float)
     emotions = emotions or [f"e{i}" for i in range(probs.shape[0])]
-    out = select_neurons(probs, method, rate, emotions=emotions, **kw)
+    out = select_neurons(probs, method, rate, emotions=emotions, registry=BUILTINS, **kw)
     for idx in out.values():
         assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0)
     return [out[e].tolist() for e in emotions]
@@ -63,8 +65,8 @@ def test_cas_ranks_by_margin_and_ignores_ties_and_dead_neurons():
     assert sel(p, "cas", 1 / 6) == [[0], [1], [2]]  # row0 tie of .25 at cols 0 and 5 -> 0
     # The rows' order does not change any emotion's mask (ties belong to no row).
     names = ["a", "b", "c"]
-    fwd = select_neurons(np.array(p), "cas", 0.5, emotions=names)
-    rev = select_neurons(np.array(p)[::-1], "cas", 0.5, emotions=names[::-1])
+    fwd = select_neurons(np.array(p), "cas", 0.5, emotions=names, registry=BUILTINS)
+    rev = select_neurons(np.array(p)[::-1], "cas", 0.5, emotions=names[::-1], registry=BUILTINS)
     assert {k: v.tolist() for k, v in fwd.items()} == {k: v.tolist() for k, v in rev.items()}
 
 
@@ -107,15 +109,15 @@ def test_lape_rejects_a_bad_quantile():
 def test_random_is_seeded_uniform_and_independent_per_emotion():
     p = np.zeros((3, 1000))
     names = ["happy", "sad", "angry"]
-    a = select_neurons(p, "random", 0.05, emotions=names, seed=7)
-    b = select_neurons(p, "random", 0.05, emotions=names, seed=7)
-    c = select_neurons(p, "random", 0.05, emotions=names, seed=8)
+    a = select_neurons(p, "random", 0.05, emotions=names, seed=7, registry=BUILTINS)
+    b = select_neurons(p, "random", 0.05, emotions=names, seed=7, registry=BUILTINS)
+    c = select_neurons(p, "random", 0.05, emotions=names, seed=8, registry=BUILTINS)
     assert all(len(v) == 50 and len(np.unique(v)) == 50 and v.max() < 1000 for v in a.values())
     assert all(np.array_equal(a[e], b[e]) for e in names)
     assert not np.array_equal(a["happy"], c["happy"])
     assert not np.array_equal(a["happy"], a["sad"])
     # Each emotion's draw depends on its name and the seed only, not on the other rows or their order.
-    solo = select_neurons(p[:1], "random", 0.05, emotions=["sad"], seed=7)
+    solo = select_neurons(p[:1], "random", 0.05, emotions=["sad"], seed=7, registry=BUILTINS)
     assert np.array_equal(solo["sad"], a["sad"])
 
 
@@ -132,15 +134,15 @@ def test_bad_rates(rate):
 
 def test_bad_inputs():
     with pytest.raises(EsnError, match="2-D"):
-        select_neurons(np.zeros(5), "lap", 0.5, emotions=["a"])
+        sel(np.zeros(5), "lap", 0.5, emotions=["a"])
     with pytest.raises(EsnError, match="3 emotions given for 2"):
-        select_neurons(np.zeros((2, 5)), "lap", 0.5, emotions=["a", "b", "c"])
+        sel(np.zeros((2, 5)), "lap", 0.5, emotions=["a", "b", "c"])
     with pytest.raises(EsnError, match="duplicate emotions"):
-        select_neurons(np.zeros((2, 5)), "lap", 0.5, emotions=["a", "a"])
+        sel(np.zeros((2, 5)), "lap", 0.5, emotions=["a", "a"])
     with pytest.raises(EsnError, match="in \\[0, 1\\]"):
-        select_neurons(np.array([[0.5, np.nan]]), "lap", 0.5, emotions=["a"])
+        sel(np.array([[0.5, np.nan]]), "lap", 0.5, emotions=["a"])
     with pytest.raises(EsnError, match="unknown selector 'nope'"):
-        select_neurons(np.zeros((2, 5)), "nope", 0.5, emotions=["a", "b"])
+        sel(np.zeros((2, 5)), "nope", 0.5, emotions=["a", "b"])
 
 
 def _plugin(fn, name):
@@ -158,8 +160,8 @@ def test_third_party_selector_through_the_plugin_hook():
     reg = registry_with(_plugin(last, "last"))
     out = select_neurons(np.zeros((2, 10)), "last", 0.2, emotions=["a", "b"], registry=reg, shift=3)
     assert {k: v.tolist() for k, v in out.items()} == {"a": [8, 9], "b": [5, 6]}
-    with pytest.raises(EsnError, match="unknown selector 'last'"):  # the process registry does not know it
-        select_neurons(np.zeros((2, 10)), "last", 0.2, emotions=["a", "b"])
+    with pytest.raises(EsnError, match="unknown selector 'last'"):  # the built-ins alone do not know it
+        select_neurons(np.zeros((2, 10)), "last", 0.2, emotions=["a", "b"], registry=BUILTINS)
 
 
 @pytest.mark.parametrize(
