@@ -424,3 +424,14 @@ def test_fast_path_does_not_import_nnsight():
         "assert 'nnsight' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gate_dtype_other_than_weights_is_handled(model, target, ids):
+    """Under autocast the gate is bf16 while the weights are float32: the edit follows the gate."""
+    sel = [0, 3, 8]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _gates(model, 0, lambda: _logits(model, ids))[0]
+        with steer(target, _mask(target, {0: sel}), "add", 0.3):
+            edited = _gates(model, 0, lambda: _logits(model, ids))[0]
+    assert plain.dtype == edited.dtype == torch.bfloat16
+    assert torch.equal(edited, apply_intervention(plain, sel, "add", 0.3))

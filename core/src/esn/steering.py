@@ -97,27 +97,38 @@ class _Extra:
     rows: torch.Tensor | None  # [r] batch rows, on the device
 
 
-class _Edit:
-    """``g -> max(g * scale + shift, floor)`` for one hook point; ``None`` tensors are skipped.
+_NEUTRAL = {"scale": 1.0, "shift": -0.0, "floor": -math.inf}  # exact identities; -0.0 keeps -0.0
 
-    Tensors are ``[D]`` (uniform) or ``[B, 1, D]`` (per row), kept in the gate's dtype and device.
-    float64 CPU masters allow a re-cast if the gate turns out to have another dtype than expected.
+
+class _Edit:
+    """``g -> max(g * scale + shift, floor)`` for one hook point; absent tensors are skipped.
+
+    Dense tensors are ``[D]`` (uniform) or ``[B, 1, D]`` (per row), in the gate's dtype and device.
+    They are built from a sparse spec ``{kind: (flat indices, float64 values)}`` (CPU): the neutral
+    value everywhere, then one indexed write, so building costs a few kernels per hook point and can
+    be redone if the gate turns out to have another dtype than expected.
     """
 
-    def __init__(self, name: str, masters: dict[str, torch.Tensor | None], rows: int | None,
-                 extra: list[_Extra], dtype: torch.dtype, device: torch.device):
+    def __init__(self, name: str, shape: tuple[int, ...], spec: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 rows: int | None, extra: list[_Extra], dtype: torch.dtype, device: torch.device):
         self.name = name
         self.rows = rows
         self.extra = extra
-        self._masters = masters
+        self._shape = shape
+        self._spec = spec
         self._place(dtype, device)
+
+    def _dense(self, kind: str) -> torch.Tensor | None:
+        if kind not in self._spec:
+            return None
+        flat, values = self._spec[kind]
+        t = torch.full(self._shape, _NEUTRAL[kind], dtype=self.dtype, device=self.device)
+        t.view(-1)[flat.to(self.device)] = values.to(dtype=self.dtype).to(self.device)
+        return t
 
     def _place(self, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype, self.device = dtype, device
-        self.scale, self.shift, self.floor = (
-            None if t is None else t.to(device=device, dtype=dtype) for t in
-            (self._masters["scale"], self._masters["shift"], self._masters["floor"])
-        )
+        self.scale, self.shift, self.floor = (self._dense(k) for k in ("scale", "shift", "floor"))
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
         """``g``: the gate ``[batch, pos, d_mlp]``; returns the edited gate (a new tensor)."""
@@ -175,17 +186,13 @@ class _Row:
 
 def _build(target: Any, layout: Layout, items: list[_Row], n_rows: int | None) -> dict[str, _Edit]:
     """Dense edits for every hook point some item touches (built once, on entering the context)."""
-    shape = (lambda d: (d,)) if n_rows is None else (lambda d: (n_rows, 1, d))
     edits: dict[str, _Edit] = {}
-    names = [n for n in layout.names if any(n in it.split for it in items)]
-    for name in names:
+    for name in (n for n in layout.names if any(n in it.split for it in items)):
         hp = layout[name]
-        scale = np.ones(shape(hp.width))
-        shift = np.full(shape(hp.width), -0.0)  # -0.0 is the exact additive identity (keeps -0.0)
-        floor = np.full(shape(hp.width), -math.inf)
-        used = {"scale": False, "shift": False, "floor": False}
-        extra: list[_Extra] = []
+        width = hp.width
         dtype, device = _placement(target, hp)
+        sparse: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        extra: list[_Extra] = []
         for it in items:
             local = it.split.get(name)
             if local is None:
@@ -194,15 +201,18 @@ def _build(target: Any, layout: Layout, items: list[_Row], n_rows: int | None) -
                 rows = None if it.rows is None else torch.tensor(it.rows, device=device)
                 extra.append(_Extra(it.cls, it.alpha, torch.as_tensor(local, device=device), rows))
                 continue
-            where = (..., local) if it.rows is None else (np.asarray(it.rows)[:, None], 0, local[None, :])
-            for key, value, neutral in (("scale", it.form.scale, 1.0), ("shift", it.form.shift, 0.0),
-                                        ("floor", it.form.floor, -math.inf)):
-                if value != neutral:
-                    {"scale": scale, "shift": shift, "floor": floor}[key][where] = value
-                    used[key] = True
-        masters = {k: torch.from_numpy(v) if used[k] else None
-                   for k, v in (("scale", scale), ("shift", shift), ("floor", floor))}
-        edits[name] = _Edit(name, masters, n_rows, extra, dtype, device)
+            # Flat offsets into [D] or [B, 1, D]: row * D + neuron.
+            flat = local if it.rows is None else (np.asarray(it.rows)[:, None] * width + local[None, :]).ravel()
+            for kind in ("scale", "shift", "floor"):
+                value = getattr(it.form, kind)
+                if value != _NEUTRAL[kind]:
+                    idx, vals = sparse.setdefault(kind, ([], []))
+                    idx.append(flat)
+                    vals.append(np.full(flat.size, value, dtype=np.float64))
+        spec = {k: (torch.from_numpy(np.concatenate(i)), torch.from_numpy(np.concatenate(v)))
+                for k, (i, v) in sparse.items()}
+        shape = (width,) if n_rows is None else (n_rows, 1, width)
+        edits[name] = _Edit(name, shape, spec, n_rows, extra, dtype, device)
     return edits
 
 
