@@ -1,0 +1,176 @@
+"""QwenOmniAdapter on a tiny real Qwen2_5OmniForConditionalGeneration (saved, then loaded back)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from esn.adapters import EVCRequest, GenerationConfig
+from esn.errors import EsnError
+from esn_qwen_omni import QwenOmniAdapter
+from esn_qwen_omni.speakers import load_speakers
+
+
+def test_plugin_import_is_cheap_and_registers():
+    code = "import sys, esn_qwen_omni.plugin; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    from esn.plugins import registry
+
+    assert registry(refresh=True).adapter("qwen_omni") is QwenOmniAdapter
+
+
+def test_tiny_checkpoint_is_small(tiny_dir):
+    names = sorted(p.name for p in tiny_dir.iterdir())
+    assert {"config.json", "model.safetensors", "speakers.safetensors", "tokenizer.json"} <= set(names)
+    assert not any(n.endswith((".pt", ".bin", ".pkl")) for n in names)  # nothing pickled
+    assert sum(p.stat().st_size for p in tiny_dir.iterdir()) < 5 * 2**20
+
+
+def test_hook_points_are_thinker_lm_and_talker_mlps(adapter):
+    acts = [n for n, _ in adapter.model.named_modules() if n.endswith("mlp.act_fn")]
+    lm = [n for n in acts if n.startswith("thinker.model.language_model.layers.")]
+    synth = [n for n in acts if n.startswith("talker.model.layers.")]
+    assert any(n.startswith("thinker.model.visual.") for n in acts)  # exists, must be left out
+    points = adapter.hook_points()
+    assert [p.module for p in points] == lm + synth
+    assert [p.name for p in points] == [f"lm.layers.{i}.mlp.gate" for i in range(len(lm))] + [
+        f"synth.layers.{i}.mlp.gate" for i in range(len(synth))
+    ]
+    for p in points:
+        mlp = adapter.model.get_submodule(p.module.rsplit(".", 1)[0])
+        assert adapter.module(p) is mlp.act_fn
+        assert p.width == mlp.gate_proj.out_features == mlp.down_proj.in_features
+    assert adapter.layout(["lm"]).n_neurons == 2 * 64 and adapter.layout(["synth"]).n_neurons == 2 * 48
+
+
+def test_envoys_point_at_the_act_fn_modules(adapter):
+    nnsight = pytest.importorskip("nnsight")
+    traced = nnsight.NNsight(adapter.model)
+    for p in adapter.hook_points():
+        assert adapter.envoy(traced, p)._module is adapter.module(p)
+
+
+def test_load_refuses_other_architectures_and_missing_files(tiny_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["architectures"] = ["Qwen2ForCausalLM"]
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EsnError, match=r"Qwen2ForCausalLM.*not Qwen2.5-Omni"):
+        QwenOmniAdapter.load(other)
+    with pytest.raises(EsnError, match="not found"):
+        QwenOmniAdapter.load(tmp_path / "missing")
+    with pytest.raises(EsnError, match="is a file"):
+        QwenOmniAdapter.load(other / "config.json")
+    nospk = tmp_path / "nospk"
+    shutil.copytree(tiny_dir, nospk)
+    (nospk / "speakers.safetensors").unlink()
+    with pytest.raises(EsnError, match="speaker file"):
+        QwenOmniAdapter.load(nospk)
+    with pytest.raises(EsnError, match="dtype"):
+        QwenOmniAdapter.load(tiny_dir, dtype="float8")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_spk_dict_pt_is_read_weights_only(tmp_path):
+    good = {"Chelsie": {"bos_token": 7, "cond": torch.ones(1, 4), "ref_mel": torch.zeros(1, 3, 8)}}
+    torch.save(good, tmp_path / "spk_dict.pt")
+    loaded = load_speakers(tmp_path / "spk_dict.pt")
+    assert loaded["Chelsie"]["bos_token"] == 7 and torch.equal(loaded["Chelsie"]["cond"], torch.ones(1, 4))
+    torch.save({"Chelsie": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(EsnError, match="safely"):
+        load_speakers(tmp_path / "evil.pt")
+
+
+def test_generate_returns_text_and_24khz_speech(adapter, requests_, config):
+    (res,) = adapter.generate(requests_[:1], config)
+    assert isinstance(res.text, str) and "<|" not in res.text
+    assert res.sample_rate == 24_000 and res.waveform.dtype == np.float32 and res.waveform.ndim == 1
+    assert res.info["text_tokens"] <= config.max_new_tokens
+    assert 12 <= res.info["audio_tokens"] <= 16 == config.max_audio_tokens
+    # BigVGAN upsamples 240x; the DiT repeats each code twice -> 480 samples per code.
+    assert res.waveform.size == 480 * res.info["audio_tokens"]
+
+
+def test_same_seed_same_audio_other_seed_other_audio(adapter, requests_, config):
+    a = adapter.generate(requests_[:1], config)[0]
+    b = adapter.generate(requests_[:1], config)[0]
+    c = adapter.generate(requests_[:1], config.model_copy(update={"seed": 1}))[0]
+    assert torch.equal(torch.from_numpy(a.waveform), torch.from_numpy(b.waveform))
+    assert not torch.equal(torch.from_numpy(a.waveform), torch.from_numpy(c.waveform))
+    assert a.info["audio_codes"] == c.info["audio_codes"]  # the seed only drives token2wav's noise
+
+
+def test_batch_rows_equal_solo_runs(adapter, requests_, config):
+    batch = adapter.generate(requests_, config)
+    for req, row in zip(requests_, batch, strict=True):
+        (solo,) = adapter.generate([req], config)
+        assert row.id == req.id and row.text == solo.text
+        assert row.info["audio_codes"] == solo.info["audio_codes"]
+        assert torch.equal(torch.from_numpy(row.waveform), torch.from_numpy(solo.waveform))
+
+
+def test_stream_roots_see_ids_and_mask_every_step(adapter, requests_, config):
+    specs = adapter.stream_specs()
+    assert specs["lm"].stop_token_ids == (adapter.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                          adapter.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    talker = adapter.model.config.talker_config
+    assert specs["synth"].stop_token_ids == (talker.tts_codec_pad_token_id, talker.tts_codec_end_token_id)
+    calls = {"lm": [], "synth": []}
+
+    def spy(stream):
+        def pre(module, args, kwargs):
+            ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+            calls[stream].append((None if ids is None else ids.shape, mask.shape, kwargs.get("inputs_embeds") is not None))
+        return pre
+
+    hooks = [adapter.model.get_submodule(specs[s].root).register_forward_pre_hook(spy(s), with_kwargs=True) for s in calls]
+    try:
+        res = adapter.generate(requests_, config)
+    finally:
+        for h in hooks:
+            h.remove()
+    lm, synth = calls["lm"], calls["synth"]
+    assert lm[0][0] == lm[0][1] and lm[0][0][1] > 1  # prefill: ids and mask [B, prompt]
+    assert all(ids == (2, 1) and mask[0] == 2 for ids, mask, _ in lm[1:])  # decode: one id per row
+    assert len(lm) == max(r.info["text_tokens"] for r in res) + (0 if max(r.info["text_tokens"] for r in res) == 10 else 1)
+    assert synth[0][0] is None and synth[0][2] and synth[0][1][1] == lm[0][1][1] + 2  # prefill on embeddings
+    assert all(ids == (2, 1) for ids, _, _ in synth[1:])
+    # generate stopped on the spec's stop ids: at most one call past the longest codec sequence
+    assert len(synth) <= max(r.info["audio_tokens"] for r in res) + 1
+
+
+def test_unknown_speaker_and_option(adapter, requests_, config):
+    with pytest.raises(EsnError, match=r"unknown speaker 'Nobody'.*Chelsie, Ethan"):
+        adapter.generate(requests_[:1], GenerationConfig(speaker="Nobody"))
+    with pytest.raises(EsnError, match="unknown qwen_omni option"):
+        adapter.generate(requests_[:1], GenerationConfig(options={"beams": 3}))
+    assert adapter.generate([], config) == []
+
+
+def test_system_prompt_presets_change_the_prompt(adapter, speech_fn):
+    from esn_qwen_omni.prompt import CONVERSION_PROMPT, SPEECH_PROMPT, system_prompt
+
+    assert system_prompt(None) == SPEECH_PROMPT and system_prompt("conversion") == CONVERSION_PROMPT
+    assert system_prompt("Be brief.") == "Be brief."
+    req = EVCRequest(speech_fn(0.5, 2), "angry")
+    a = adapter.prompts.batch([req.audio], SPEECH_PROMPT, ["x"], ["r"]).tensors["input_ids"]
+    b = adapter.prompts.batch([req.audio], CONVERSION_PROMPT, ["x"], ["r"]).tensors["input_ids"]
+    assert a.shape != b.shape
+    n_audio = int((a == adapter.model.config.thinker_config.audio_token_index).sum())
+    assert n_audio == 12  # 0.5 s: 50 log-mel frames -> (50 - 1) // 2 + 1 = 25 -> (25 - 2) // 2 + 1 = 12
+
+
+def test_too_long_and_too_short_audio(adapter, speech_fn, config):
+    with pytest.raises(EsnError, match="at most 30 s"):
+        adapter.generate([EVCRequest(speech_fn(31, 0), "happy")], config)
+    with pytest.raises(EsnError, match="too short"):
+        adapter.generate([EVCRequest(speech_fn(0.01, 0), "happy")], config)
