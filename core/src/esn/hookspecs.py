@@ -22,7 +22,7 @@ def register_judges(register):
 
 @hookspec
 def register_selectors(register):
-    """Register neuron selectors: ``register(name, fn)``, ``fn(probs [E, N], n_select, *, rate, seed, **options)``
+    """Register neuron selectors: ``register(name, fn)``, ``fn(probs [E, N], n_select, *, rate, seed, emotions, **options)``
     returning one array of flat neuron indices per emotion row."""
 
 
