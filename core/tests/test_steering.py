@@ -244,6 +244,8 @@ def test_generated_positions_skip_the_prefill(model, target):
         assert not torch.allclose(runs[name][1], plain[1]), "decode steps must be edited"
         assert torch.equal(again, _gen_in(tgt, mask, inputs))
     assert all(torch.equal(x, y) for x, y in zip(runs["root"], runs["fallback"], strict=True))
+    with steer_rows(target, [Condition(mask, "steer", 2.0)], positions="generated"):
+        assert torch.equal(_gen(model, inputs), again)
     with pytest.raises(EsnError, match="positions"), steer(target, mask, positions="prompt"):
         pass
 
