@@ -14,7 +14,7 @@ PAD = 0
 NEW = 10
 PROMPTS = [[5, 17, 99, 3], [44, 8, 120, 7, 61, 2, 90, 33, 14], [200, 6], [71, 19, 150, 12, 88, 41, 9]]
 # (strategy, chunk_steps): default chunk, a chunk that wraps around and ends part-filled, per-step
-STRATEGIES = [("chunk", None), ("chunk", 3), ("step", None)]
+STRATEGIES = [("chunk", None), ("chunk", 3), ("ref", None), ("ref", 3), ("step", None)]
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,12 @@ def model(tmp_path_factory):
     return model
 
 
-def _generate(model, prompts, eos="config", **kw):
+def _generate(model, prompts, eos="config", grad_mode=torch.no_grad, **kw):
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     extra = {} if eos == "config" else {"eos_token_id": eos}
-    with torch.no_grad():
+    with grad_mode():
         return model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -240,4 +240,28 @@ def test_user_mistakes_give_clear_errors(model):
         with GateRecorder(target):
             _generate(model, PROMPTS[:2])
             _generate(model, PROMPTS[:2])
+    assert not has_hooks(model)
+
+
+def test_generate_under_inference_mode(model):
+    """Buffers born in inference mode are reduced at exit (a part-filled chunk) without error."""
+    ref = _reference(model, PROMPTS[1])
+    with GateRecorder(_target(model), chunk_steps=4) as rec:
+        _generate(model, [PROMPTS[1]], grad_mode=torch.inference_mode)
+    stats = rec.stats()
+    assert torch.equal(stats.counts[0], ref["counts"]) and torch.equal(stats.tokens[0], ref["tokens"])
+
+
+def test_ref_strategy_detects_a_gate_modified_in_place_after_the_hook(model):
+    def edit(module, args, g):  # a later hook that edits the gate in place
+        g.mul_(1.0)
+
+    with pytest.raises(EsnError, match="modified in place"):
+        with GateRecorder(_target(model), strategy="ref", chunk_steps=2):
+            handles = [layer.mlp.act_fn.register_forward_hook(edit) for layer in model.model.layers]
+            try:
+                _generate(model, PROMPTS[:2])
+            finally:
+                for h in handles:
+                    h.remove()
     assert not has_hooks(model)

@@ -20,6 +20,9 @@ Statistics stay on the device; hooks never synchronise. Two strategies, same cou
 
 * ``"chunk"`` (default): each decode step costs one copy kernel per hook point, into a preallocated
   ``[chunk_steps, batch, d_mlp]`` buffer in the gate's own dtype; a full chunk is reduced at once.
+* ``"ref"``: no kernel at all per decode step: the hook keeps a reference to the gate tensor and the
+  chunk is concatenated and reduced when full. Same memory as ``"chunk"``. The gate must not be modified
+  in place after the hook (checked through the tensor's version counter, except under inference_mode).
 * ``"step"``: the straightforward per-step reduction (compare, mask, add; more with moments).
 
 Float accumulation order (sums only; counts and tokens are exact): every gate value is converted to
@@ -42,8 +45,8 @@ from esn.hookpoints import HookPoint, Layout
 from esn.hooks import installed
 
 Positions = Literal["all", "generated"]
-Strategy = Literal["chunk", "step"]
-STRATEGIES: tuple[str, ...] = ("chunk", "step")
+Strategy = Literal["chunk", "ref", "step"]
+STRATEGIES: tuple[str, ...] = ("chunk", "ref", "step")
 # Decode-chunk buffers of all hook points together stay under this many bytes (chunk_steps=None).
 CHUNK_BUDGET_BYTES = 256 * 2**20
 MAX_CHUNK_STEPS = 64
@@ -258,7 +261,9 @@ class _Point:
         self.counts: torch.Tensor | None = None  # [B, D] int32
         self.sums: torch.Tensor | None = None  # [B, D] float64
         self.sumsq: torch.Tensor | None = None
-        self.buf: torch.Tensor | None = None  # [chunk, B, D], gate dtype
+        self.buf: torch.Tensor | None = None  # [chunk, B, D], gate dtype ("chunk")
+        self.refs: list[torch.Tensor] = []  # the gates themselves, [B, 1, D] each ("ref")
+        self.versions: list[int] | None = None  # their version counters, to detect in-place edits
         self.pending = 0  # filled chunk slots not yet reduced
 
     def hook(self, module, args, g: torch.Tensor) -> None:
@@ -269,15 +274,16 @@ class _Point:
         self.calls += 1
         if root.mode == "skip":
             return
-        if g.dim() != 3 or g.shape[1] != root.pos or g.shape[0] != root.batch or g.shape[2] != self.hp.width:
-            raise EsnError(
-                f"hook point {self.hp.name}: gate of shape {tuple(g.shape)} does not match its stream root "
-                f"{root.path!r} (batch {root.batch}, {root.pos} positions, width {self.hp.width})"
-            )
-        if self.counts is None:
+        if g.shape[1] != root.pos or self.counts is None:
+            self._check(g)
             self._allocate(g)
         if root.mode == "slot":
-            self.buf[root.slot].copy_(g[:, 0])
+            if self.buf is not None:
+                self.buf[root.slot].copy_(g[:, 0])  # the one kernel of a decode step
+            else:
+                self.refs.append(g)  # no kernel: keep the tensor until the chunk is reduced
+                if self.versions is not None:
+                    self.versions.append(g._version)
             self.pending = root.slot + 1
             if self.pending == root.chunk:
                 self.flush()
@@ -286,14 +292,26 @@ class _Point:
         else:
             self._reduce_dense(g, root.valid)
 
+    def _check(self, g: torch.Tensor) -> None:
+        root = self.root
+        if g.dim() != 3 or g.shape[1] != root.pos or g.shape[0] != root.batch or g.shape[2] != self.hp.width:
+            raise EsnError(
+                f"hook point {self.hp.name}: gate of shape {tuple(g.shape)} does not match its stream root "
+                f"{root.path!r} (batch {root.batch}, {root.pos} positions, width {self.hp.width})"
+            )
+
     def _allocate(self, g: torch.Tensor) -> None:
+        if self.counts is not None:
+            return
         b, _, d = g.shape
         self.counts = torch.zeros((b, d), dtype=torch.int32, device=g.device)
         if self.moments:
             self.sums = torch.zeros((b, d), dtype=torch.float64, device=g.device)
             self.sumsq = torch.zeros((b, d), dtype=torch.float64, device=g.device)
-        if self.root.chunk:
+        if self.root.chunk and self.strategy == "chunk":
             self.buf = torch.empty((self.root.chunk, b, d), dtype=g.dtype, device=g.device)
+        if self.strategy == "ref" and not g.is_inference():  # inference tensors have no version counter
+            self.versions = []
 
     def _reduce_step(self, g: torch.Tensor, valid: torch.Tensor | None) -> None:
         # g: [B, D] (one decode position); valid: [B, 1] or None
@@ -324,10 +342,23 @@ class _Point:
             self.sumsq.add_(x.square_().sum(dim))
 
     def flush(self) -> None:
-        if self.pending:
-            vb = self.root.valid_buf
-            self._reduce_dense(self.buf[: self.pending], None if vb is None else vb[: self.pending], dim=0)
-            self.pending = 0
+        if not self.pending:
+            return
+        vb = self.root.valid_buf
+        valid = None if vb is None else vb[: self.pending]  # [S, B]
+        if self.buf is not None:
+            self._reduce_dense(self.buf[: self.pending], valid, dim=0)
+        else:
+            if self.versions is not None:
+                if any(g._version != v for g, v in zip(self.refs, self.versions, strict=True)):
+                    raise EsnError(
+                        f"hook point {self.hp.name}: the gate was modified in place after it was recorded "
+                        "(by the model or a later hook); use strategy='chunk'"
+                    )
+                self.versions.clear()
+            self._reduce_dense(torch.cat(self.refs, dim=1), None if valid is None else valid.T, dim=1)
+            self.refs.clear()
+        self.pending = 0
 
 
 class GateRecorder:
@@ -335,7 +366,7 @@ class GateRecorder:
 
     ``target`` is an adapter or :class:`esn.hooks.ModelTarget`. ``streams`` selects hook points
     (default: all). ``positions="generated"`` skips the prefill (prompt) positions. ``moments`` adds
-    float64 sums and sums of squares. ``strategy`` is ``"chunk"`` or ``"step"`` (same counts; see the
+    float64 sums and sums of squares. ``strategy`` is ``"chunk"``, ``"ref"`` or ``"step"`` (same counts; see the
     module docstring); ``chunk_steps`` sets the decode chunk length (default: fit a 256 MiB budget).
 
     Use one recorder per ``generate`` call::
@@ -407,8 +438,10 @@ class GateRecorder:
         self._done = True
         stack.close()  # hooks off first, whatever happens below
         if exc_type is None:
-            for p in self._points:
-                p.flush()
+            # Buffers made under generate's inference_mode can only be updated in inference mode.
+            with torch.inference_mode():
+                for p in self._points:
+                    p.flush()
 
     def _root_for(self, hp: HookPoint) -> _Root:
         spec = self._specs.get(hp.stream)
@@ -449,7 +482,7 @@ class GateRecorder:
 
     def _chunk_len(self, width: int, batch: int) -> int | None:
         """Decode steps per chunk for hook points of total ``width`` at this batch size."""
-        if self.strategy != "chunk":
+        if self.strategy == "step":
             return None
         if self.chunk_steps is not None:
             return self.chunk_steps
