@@ -27,11 +27,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from esn.adapters import EVCRequest, EVCResult, GenerationConfig, ModelAdapter
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
+from torch import nn
 
 LM_LAYERS = "alm.model.layers"
 SYNTH_LAYERS = "alm.model.mimo_layers"
@@ -280,7 +279,6 @@ class KimiAudioAdapter(ModelAdapter):
     def _convert(self, request: EVCRequest, config: GenerationConfig, options: dict) -> EVCResult:
         import numpy as np
         import soundfile as sf
-
         from esn.hooks import installed
 
         info: dict[str, Any] = {"seed": config.seed}

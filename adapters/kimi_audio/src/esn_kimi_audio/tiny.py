@@ -16,7 +16,7 @@ ALM = dict(vocab_size=TEXT_VOCAB + AUDIO_VOCAB, hidden_size=32, intermediate_siz
            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
            kimia_mimo_layers=2, kimia_mimo_transformer_from_layer_index=2, kimia_token_offset=TEXT_VOCAB,
            kimia_text_output_vocab=TEXT_VOCAB, kimia_audio_output_vocab=AUDIO_VOCAB, kimia_adaptor_input_dim=20,
-           use_whisper_feature=True)
+           use_whisper_feature=True, initializer_range=0.2)
 
 
 def write_tiny(directory: str | Path, *, seed: int = 0) -> Path:
@@ -37,7 +37,10 @@ def write_tiny(directory: str | Path, *, seed: int = 0) -> Path:
     config = KimiAudioConfig(kimia_media_begin=ids["<|im_media_begin|>"], kimia_media_end=ids["<|im_media_end|>"],
                              pad_token_id=ids["<pad>"], **ALM)
     config.architectures = ["MoonshotKimiaForCausalLM"]
-    MoonshotKimiaForCausalLM(config).eval().save_pretrained(directory)
+    model = MoonshotKimiaForCausalLM(config).eval()
+    with torch.no_grad():  # a trained audio head emits speech ids; make the random one do so too
+        model.mimo_output.weight[:TEXT_VOCAB] = 0.0
+    model.save_pretrained(directory)
     for name in FILES:
         shutil.copy(DIRECTORY / name, directory / name)
     path = directory / "config.json"

@@ -226,7 +226,6 @@ class MiniCPMOAdapter(ModelAdapter):
 
     def _convert(self, request: EVCRequest, config: GenerationConfig, options: dict, params: Any) -> EVCResult:
         import soundfile as sf
-
         from esn.audio import resample
 
         extra = {"tts_sampling_params": params} if params is not None else {}

@@ -1,6 +1,7 @@
 """Entry point ``esn: minicpm_o``: registers the adapter class (no heavy import happens here)."""
 
 from esn.plugins import hookimpl
+
 from esn_minicpm_o.adapter import MiniCPMOAdapter
 
 

@@ -75,7 +75,6 @@ def _frames(wav: np.ndarray, bins: int) -> torch.Tensor:
 
 def _load_wav(path: str) -> np.ndarray:
     import soundfile as sf
-
     from esn.audio import resample
 
     data, rate = sf.read(path, dtype="float32", always_2d=True)

@@ -36,7 +36,7 @@ class VQAdaptor(nn.Module):
 class MoonshotKimiaPreTrainedModel(PreTrainedModel):
     config_class = KimiAudioConfig
     base_model_prefix = "model"
-    _no_split_modules = ["Qwen2DecoderLayer"]
+    _no_split_modules = ["Qwen2DecoderLayer"]  # noqa: RUF012 (transformers reads a list)
 
 
 def _run(layer, hidden, mask, position_ids, cache, position_embeddings):
@@ -69,7 +69,7 @@ class MoonshotKimiaModel(MoonshotKimiaPreTrainedModel):
             ends = (input_ids[0] == self.config.kimia_media_end).nonzero()[:, 0]
             dim = whisper_input_feature[0].shape[-1]
             expanded = audio_emb.new_zeros(audio_emb.shape[1], dim)
-            for feature, start, end in zip(whisper_input_feature, starts.tolist(), ends.tolist()):
+            for feature, start, end in zip(whisper_input_feature, starts.tolist(), ends.tolist(), strict=False):
                 feature = feature.reshape(-1, dim)
                 expanded[start + 1 : end] = feature[: end - start - 1].to(expanded.dtype)
             mask = is_continuous_mask.to(audio_emb.device)[:, :, None]

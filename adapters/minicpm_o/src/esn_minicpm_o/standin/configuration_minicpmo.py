@@ -53,7 +53,7 @@ class MiniCPMTTSConfig(PretrainedConfig):
 
 class MiniCPMOConfig(Qwen3Config):
     model_type = "minicpmo"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values"]  # noqa: RUF012 (transformers reads a list)
 
     def __init__(
         self,

@@ -151,7 +151,7 @@ class MiniCPMTTS(PreTrainedModel):
     @torch.inference_mode()
     def generate(self, inputs_embeds, eos_token, force_no_stop=False, min_new_token=50, max_new_token=2048,
                  show_tqdm=False, streaming=False, text_lengths=None,
-                 sampling_params: TTSSamplingParams = TTSSamplingParams()):
+                 sampling_params: TTSSamplingParams = TTSSamplingParams()):  # noqa: B008 (the real signature)
         """Sample audio tokens ``[1, T, num_vq]`` one step at a time (batch size 1 only)."""
         assert inputs_embeds.shape[0] == 1
         device = inputs_embeds.device
@@ -258,7 +258,7 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
              do_sample=True, max_inp_length=8192, stream=False, stream_input=False, max_slice_nums=None,
              use_image_id=None, enable_thinking=False, use_tts_template=False, generate_audio=False,
              output_audio_path=None, output_tts_inputs_embeds_path=None, omni_mode=False, teacher_forcing=False,
-             return_prompt=False, tts_proj_layer=-1, tts_sampling_params: TTSSamplingParams = TTSSamplingParams(),
+             return_prompt=False, tts_proj_layer=-1, tts_sampling_params: TTSSamplingParams = TTSSamplingParams(),  # noqa: B008 (the real signature)
              merge_audio_from_same_content=True, **kwargs):
         if isinstance(msgs, str):
             msgs = json.loads(msgs)
@@ -292,7 +292,7 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         pieces = prompt.split("<audio>./</audio>")
         ids = tok.encode(pieces[0])
         audio_slots = []
-        for feat, piece in zip(features, pieces[1:]):
+        for feat, piece in zip(features, pieces[1:], strict=True):
             ids.append(tok.stoi["<|audio_start|>"])
             audio_slots.append((len(ids), feat))
             ids.extend([tok.stoi["<unk>"]] * feat.shape[0])

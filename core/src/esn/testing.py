@@ -1,0 +1,278 @@
+"""The adapter conformance suite: checks every adapter (ours or a third party's) runs on its tiny checkpoint.
+
+Each check takes a loaded adapter, runs the real generate path on synthetic speech, and raises
+:class:`ConformanceError` (an ``AssertionError``) naming what is wrong. From an adapter's tests::
+
+    import pytest
+    from esn.testing import CHECKS, load_tiny
+
+    @pytest.fixture(scope="module")
+    def adapter(tmp_path_factory):
+        return load_tiny(MyAdapter, tmp_path_factory.mktemp("tiny"))
+
+    @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+    def test_conformance(adapter, check):
+        check(adapter)
+
+or all at once: ``esn.testing.run_conformance(MyAdapter, tmp_path)``.
+
+The checks:
+
+- ``check_class``: the class attributes ``esn adapters list`` reads are set and sane.
+- ``check_hook_points``: names ``{stream}.layers.{l}.mlp.gate`` with layers 0..L-1 per stream, ``lm``
+  before ``synth``; each module resolves, runs during generation and outputs ``[batch, pos, width]``.
+- ``check_generation``: one result per request, in order, with text and non-empty finite float32
+  mono audio at the declared rate; the same seed gives the same result.
+- ``check_recording``: ``GateRecorder`` counts equal a plain-hook reference (``g > 0`` summed over every
+  position of a one-request generate) and its token counts equal the positions seen.
+- ``check_interventions``: per stream, ``deactivate`` on every gate makes the gates a later hook sees
+  exactly 0; ``steer`` by 101x on every gate changes the text or audio; ``steer`` with ``alpha=0`` changes
+  nothing; afterwards no hook is left and
+  generation is bit-identical to before.
+
+Left-over hooks are looked for on the gate modules and stream roots (``esn.hooks.has_hooks`` on the
+whole model would also flag the lasting hooks transformers 5 installs to capture hidden states).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from esn.adapters import EVCRequest, EVCResult, GenerationConfig, ModelAdapter
+from esn.hookpoints import STREAMS, HookPoint
+from esn.hooks import installed
+
+LARGE_GAIN = 100.0  # steer alpha of the "interventions take effect" check: every gate times 101
+
+
+class ConformanceError(AssertionError):
+    """An adapter does not meet the adapter contract."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConformanceError(message)
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+
+def load_tiny(adapter_cls: type[ModelAdapter], directory: str | Path, *, seed: int = 0) -> ModelAdapter:
+    """Write the adapter's tiny checkpoint into ``directory`` and load it back through ``load`` (float32, CPU).
+
+    ``trust_remote_code=True``: the tiny checkpoint was just written by the adapter's own package.
+    """
+    path = adapter_cls.write_tiny(Path(directory), seed=seed)
+    return adapter_cls.load(path, dtype="float32", device="cpu", trust_remote_code=True)
+
+
+def speech_like(seconds: float = 1.0, *, seed: int = 0, rate: int = 16_000) -> np.ndarray:
+    """A deterministic voiced-speech-like waveform: harmonics of a gliding pitch under a syllable envelope."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 110 + 40 * rng.random() + 20 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    wave = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = 0.5 * (1 - np.cos(2 * np.pi * 3 * t)) + 0.05
+    noise = 0.01 * rng.standard_normal(t.size)
+    return (0.2 * wave * envelope + noise).astype(np.float32)
+
+
+def tiny_requests(n: int = 1, *, seconds: float = 1.0) -> list[EVCRequest]:
+    emotions = ("happy", "angry", "sad", "surprise")
+    return [EVCRequest(speech_like(seconds, seed=i), emotions[i % 4], id=f"c{i}") for i in range(n)]
+
+
+def tiny_config(**overrides: Any) -> GenerationConfig:
+    """Short generations: a tiny random model would otherwise talk until its limits."""
+    return GenerationConfig(**{"max_new_tokens": 8, "max_audio_tokens": 24, "seed": 0, **overrides})
+
+
+def _same(a: EVCResult, b: EVCResult) -> bool:
+    return a.text == b.text and a.waveform.shape == b.waveform.shape and np.array_equal(a.waveform, b.waveform)
+
+
+def _generate_one(adapter: ModelAdapter, config: GenerationConfig | None) -> EVCResult:
+    return adapter.generate(tiny_requests(1), config or tiny_config())[0]
+
+
+def _esn_sites(adapter: ModelAdapter) -> list[torch.nn.Module]:
+    """Modules esn hooks: every hook point's module and every stream root."""
+    roots = [spec.root for spec in (adapter.stream_specs() or {}).values() if getattr(spec, "root", None)]
+    return [adapter.module(hp) for hp in adapter.layout()] + [adapter.model.get_submodule(r) for r in roots]
+
+
+def _hooks(adapter: ModelAdapter) -> set[tuple[int, str, int]]:
+    """The hooks on esn's sites. (transformers installs its own lasting hooks elsewhere, e.g. to capture
+    hidden states, so ``esn.hooks.has_hooks`` on the whole model is too strict for some real models.)"""
+    return {(id(m), kind, key) for m in _esn_sites(adapter)
+            for kind, table in (("fwd", m._forward_hooks), ("pre", m._forward_pre_hooks)) for key in table}
+
+
+def _observe(adapter: ModelAdapter, hook_points: Sequence[HookPoint], fn: Callable) -> list:
+    """Plain observer hooks ``fn(hp, g)`` on the given hook points (added after any others)."""
+    return [(adapter.module(hp), lambda m, a, g, hp=hp: fn(hp, g)) for hp in hook_points]
+
+
+# -- checks -----------------------------------------------------------------------------------------
+
+
+def check_class(adapter: ModelAdapter | type[ModelAdapter], config: GenerationConfig | None = None) -> None:
+    cls = adapter if isinstance(adapter, type) else type(adapter)
+    _require(isinstance(getattr(cls, "name", None), str) and cls.name.isidentifier(),
+             f"{cls.__name__}.name must be a short identifier, got {getattr(cls, 'name', None)!r}")
+    _require(bool(cls.architectures) and all(isinstance(a, str) for a in cls.architectures),
+             f"{cls.__name__}.architectures must list config.json architecture strings")
+    _require(bool(cls.streams) and set(cls.streams) <= set(STREAMS),
+             f"{cls.__name__}.streams {cls.streams} must be a non-empty subset of {STREAMS}")
+    _require(isinstance(cls.batched, bool), f"{cls.__name__}.batched must be a bool")
+    _require(isinstance(cls.sample_rate, int) and cls.sample_rate > 0, f"{cls.__name__}.sample_rate must be > 0")
+
+
+def check_hook_points(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
+    layout = adapter.layout()
+    points = list(layout)
+    order = [STREAMS.index(hp.stream) for hp in points]
+    _require(order == sorted(order), f"hook points must list lm before synth, got {layout.names}")
+    _require({hp.stream for hp in points} == set(adapter.streams),
+             f"hook point streams {layout.streams} differ from the declared streams {adapter.streams}")
+    for stream in layout.streams:
+        layers = [hp.layer for hp in points if hp.stream == stream]
+        _require(layers == list(range(len(layers))), f"{stream} layers must be 0..{len(layers) - 1}, got {layers}")
+    for hp in points:
+        HookPoint.parse(hp.name)
+        module = adapter.module(hp)
+        _require(isinstance(module, torch.nn.Module), f"{hp.name}: {hp.module!r} is not an nn.Module")
+        if hp.down_proj:
+            down = adapter.model.get_submodule(hp.down_proj)
+            _require(down.weight.shape[1] == hp.width,
+                     f"{hp.name}: {hp.down_proj}.weight has {down.weight.shape[1]} input columns, width is {hp.width}")
+    shapes: dict[str, list[tuple[int, ...]]] = {hp.name: [] for hp in points}
+    before = _hooks(adapter)
+    with installed(_observe(adapter, points, lambda hp, g: shapes[hp.name].append(tuple(g.shape)))):
+        _generate_one(adapter, config)
+    for hp in points:
+        seen = shapes[hp.name]
+        _require(bool(seen), f"{hp.name} ({hp.module}) never ran during generation")
+        bad = [s for s in seen if len(s) != 3 or s[-1] != hp.width]
+        _require(not bad, f"{hp.name}: output shapes {bad[:3]} are not [batch, pos, {hp.width}]")
+    _require(_hooks(adapter) == before, "hooks were left on the gate modules after generation")
+
+
+def check_generation(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
+    config = config or tiny_config()
+    requests = tiny_requests(2)
+    results = adapter.generate(requests, config)
+    _require(len(results) == len(requests), f"{len(requests)} requests gave {len(results)} results")
+    for request, result in zip(requests, results, strict=True):
+        _require(isinstance(result, EVCResult), f"generate must return EVCResult, got {type(result).__name__}")
+        _require(result.id == request.id, f"results out of order: {result.id!r} for request {request.id!r}")
+        _require(isinstance(result.text, str), f"{result.id}: text must be str")
+        _require(result.sample_rate == adapter.sample_rate,
+                 f"{result.id}: sample rate {result.sample_rate} differs from declared {adapter.sample_rate}")
+        wave = result.waveform
+        _require(isinstance(wave, np.ndarray) and wave.dtype == np.float32 and wave.ndim == 1,
+                 f"{result.id}: waveform must be float32 [samples], got {getattr(wave, 'dtype', type(wave))} "
+                 f"{getattr(wave, 'shape', '')}")
+        _require(wave.size > 0, f"{result.id}: no audio ({result.info.get('error', 'no error given')})")
+        _require(bool(np.all(np.isfinite(wave))), f"{result.id}: waveform has NaN or inf")
+    again = adapter.generate(requests[:1], config)[0]
+    _require(_same(results[0], again), "the same request and seed gave a different result on a second run")
+
+
+def check_recording(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
+    from esn.recording import GateRecorder
+
+    layout = adapter.layout()
+    counts = {hp.name: torch.zeros(hp.width, dtype=torch.int64) for hp in layout}
+    sums = {hp.name: torch.zeros(hp.width, dtype=torch.float64) for hp in layout}
+    tokens = dict.fromkeys(layout.names, 0)
+    before = _hooks(adapter)
+
+    def reference(hp: HookPoint, g: torch.Tensor) -> None:  # g [batch=1, pos, width]
+        flat = g.detach().reshape(-1, g.shape[-1])
+        counts[hp.name] += (flat > 0).sum(0).cpu()
+        sums[hp.name] += flat.double().sum(0).cpu()
+        tokens[hp.name] += flat.shape[0]
+
+    with GateRecorder(adapter) as recorder, installed(_observe(adapter, list(layout), reference)):
+        _generate_one(adapter, config)
+    stats = recorder.stats()
+    _require(stats.batch_size == 1, f"one request recorded as {stats.batch_size} rows")
+    for i, hp in enumerate(layout):
+        got = stats.counts[0, layout.slice(hp.name)].to(torch.int64)
+        _require(torch.equal(got, counts[hp.name]),
+                 f"{hp.name}: recorded counts differ from the plain-hook reference in "
+                 f"{int((got != counts[hp.name]).sum())} of {hp.width} neurons")
+        _require(int(stats.tokens[0, i]) == tokens[hp.name],
+                 f"{hp.name}: recorded {int(stats.tokens[0, i])} positions, the reference saw {tokens[hp.name]}")
+        if stats.sums is not None:
+            _require(torch.allclose(stats.sums[0, layout.slice(hp.name)], sums[hp.name], rtol=1e-6, atol=1e-6),
+                     f"{hp.name}: recorded gate sums differ from the reference")
+    _require(_hooks(adapter) == before, "the recorder left hooks on the model")
+
+
+def check_interventions(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
+    from esn.masks import Mask
+    from esn.steering import steer
+
+    before = _hooks(adapter)
+    base = _generate_one(adapter, config)
+    for stream in adapter.layout().streams:
+        layout = adapter.layout([stream])
+        everything = Mask(np.arange(layout.n_neurons), layout)
+        largest = {"value": 0.0}
+
+        def seen(hp: HookPoint, g: torch.Tensor, largest: dict = largest) -> None:
+            largest["value"] = max(largest["value"], float(g.detach().abs().max()))
+
+        with steer(adapter, everything, "deactivate"), installed(_observe(adapter, list(layout), seen)):
+            _generate_one(adapter, config)
+        _require(largest["value"] == 0.0, f"deactivate on {stream}: a later hook still saw gate values "
+                                          f"up to {largest['value']}")
+        # a tiny random model's argmax can survive zeroed gates; a 101x gain on every gate it cannot
+        with steer(adapter, everything, "steer", LARGE_GAIN):
+            changed = _generate_one(adapter, config)
+        _require(not _same(base, changed), f"steer x{1 + LARGE_GAIN:g} on every {stream} gate left text and audio unchanged")
+        _require(_hooks(adapter) == before, f"steering {stream} left hooks on the model")
+        with steer(adapter, everything, "steer", 0.0):
+            neutral = _generate_one(adapter, config)
+        _require(_same(base, neutral), f"steer with alpha=0 on {stream} changed the output")
+    _require(_hooks(adapter) == before, "interventions left hooks on the model")
+    _require(_same(base, _generate_one(adapter, config)), "generation differs after the interventions were removed")
+
+
+CHECKS: tuple[Callable[..., None], ...] = (
+    check_class,
+    check_hook_points,
+    check_generation,
+    check_recording,
+    check_interventions,
+)
+
+
+def run_conformance(
+    adapter_cls: type[ModelAdapter],
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    config: GenerationConfig | None = None,
+) -> ModelAdapter:
+    """Write and load the adapter's tiny checkpoint, then run every check; raise one
+    :class:`ConformanceError` listing all failures. Returns the loaded adapter."""
+    check_class(adapter_cls)
+    adapter = load_tiny(adapter_cls, directory, seed=seed)
+    failures = []
+    for check in CHECKS:
+        try:
+            check(adapter, config)
+        except ConformanceError as exc:
+            failures.append(f"{check.__name__}: {exc}")
+    if failures:
+        raise ConformanceError(f"{adapter_cls.__name__} fails {len(failures)} check(s):\n  " + "\n  ".join(failures))
+    return adapter
