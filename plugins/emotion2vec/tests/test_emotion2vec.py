@@ -1,6 +1,7 @@
 """emotion2vec+ judge on a tiny random model loaded through funasr's real AutoModel, offline."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -172,3 +173,20 @@ def test_registered_as_a_judge_plugin_and_cheap_to_import():
     probe = "import sys, esn_emotion2vec.plugin; print('funasr' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.stdout.split()[0] == "False", out.stderr  # funasr (~6 s) is imported by load only
+
+
+def test_cli_judge_prints_clean_json_and_one_line_errors(tiny_dir, files, tmp_path):
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "esn", "judge", "--judge", "emotion2vec", "--model", str(tiny_dir)]
+    out = subprocess.run([*cmd, str(files[0]), str(files[3]), "--json", "--option", "mapping=five"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)  # nothing but JSON on stdout, whatever funasr prints
+    assert [r["file"] for r in rows] == [str(files[0]), str(files[3])]
+    assert all(r["label"] in EMOTIONS and list(r["scores"]) == CLASSES for r in rows)
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF....WAVEnope")
+    bad = subprocess.run([*cmd, str(corrupt)], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "cannot read audio file" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = subprocess.run([*cmd[:-1], str(tmp_path), str(files[0])], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "not an emotion2vec" in wrong.stderr

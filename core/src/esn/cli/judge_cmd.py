@@ -1,0 +1,86 @@
+"""``esn judge``: run one installed judge on audio files and print a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from esn.audio import read_audio
+from esn.errors import EsnError
+from esn.judges import Audio, Judgement
+from esn.plugins import registry
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("judge", help="judge audio files with an installed judge (emotion or quality)")
+    p.add_argument("files", nargs="+", type=Path, help="audio files (any rate, mono or stereo)")
+    p.add_argument("--judge", required=True, help="judge name, see `esn plugins list`")
+    p.add_argument("--model", default=None, help="checkpoint directory/file or hub id (default: the judge's)")
+    p.add_argument("--source", nargs="+", type=Path, default=None,
+                   help="unconverted source audio, one per file (judges that compare, e.g. lalm_judge)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="judge load option, e.g. mapping=five (values parsed as JSON when they can be)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_judge)
+
+
+def parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EsnError(f"--option {pair!r}: expected KEY=VALUE, e.g. mapping=five")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def read_files(paths: list[Path]) -> list[Audio]:
+    audios = []
+    for path in paths:
+        data, rate = read_audio(path)  # clear EsnError for missing or unreadable files
+        audios.append(Audio(data, rate, name=str(path)))
+    return audios
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    cls = registry().judge(args.judge)
+    if args.source is not None and len(args.source) != len(args.files):
+        raise EsnError(f"--source takes one file per audio file: {len(args.files)} files, {len(args.source)} sources")
+    audios = read_files(args.files)
+    sources = read_files(args.source) if args.source else None
+    with err_console.status(f"loading judge {args.judge}..."):
+        judge = cls.load(args.model, device=args.device, **parse_options(args.option))
+    with err_console.status(f"judging {len(audios)} file(s)..."):
+        results = judge.judge(audios, sources=sources)
+    rows = [row(a.name, r) for a, r in zip(audios, results, strict=True)]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    quality = cls.kind == "quality"
+    table = Table(title=f"esn judge {args.judge}")
+    for col in (("file", "MOS") if quality else ("file", "label", "top scores", "raw answer")):
+        table.add_column(col)
+    for r in rows:
+        if quality:
+            table.add_row(r["file"], f"{r['scores'].get('mos', float('nan')):.3f}")
+        else:
+            top = sorted(r["scores"].items(), key=lambda kv: -kv[1])[:3]
+            table.add_row(r["file"], r["label"] or "[yellow]unparseable[/]",
+                          ", ".join(f"{k} {v:.2f}" for k, v in top), r["raw"][:40])
+    console.print(table)
+    return 0
+
+
+def row(name: str, judgement: Judgement) -> dict:
+    return {"file": name, "label": judgement.label, "scores": judgement.scores, "raw": judgement.raw}
