@@ -133,8 +133,8 @@ class Emotion2vecJudge(Judge):
     ) -> Emotion2vecJudge:
         """Load a local funasr directory (config.yaml, model.pt, tokens.txt) or a hub id.
 
-        ``hub`` is funasr's: ``"hf"`` (also used for local directories) or ``"ms"`` (ModelScope,
-        where ``iic/emotion2vec_plus_large`` lives). A hub id downloads unless it is cached.
+        ``hub`` is funasr's: ``"hf"`` (also used for local directories; funasr maps the default id to
+        ``emotion2vec/emotion2vec_plus_large``) or ``"ms"`` (ModelScope). A hub id downloads unless cached.
         ``threads`` is the torch thread count used while funasr runs (default: the current one).
         """
         if options:
