@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from esn.adapters import GenerationConfig
 from esn.errors import EsnError
 from esn.hooks import has_hooks
@@ -77,6 +76,8 @@ def test_greedy_and_length_caps(adapter):
 def test_sampling_options(adapter):
     hot = adapter.generate(tiny_requests(1), tiny_config(options={"audio_temperature": 0.8, "audio_top_k": 10}))[0]
     assert hot.waveform.size > 0
+    with pytest.raises(EsnError, match="no speaker choice"):
+        adapter.generate(tiny_requests(1), tiny_config(speaker="Chelsie"))
     with pytest.raises(EsnError, match="unknown kimi_audio option 'temperature'"):
         adapter.generate(tiny_requests(1), tiny_config(options={"temperature": 0.0}))
     with pytest.raises(EsnError, match="must be >= 0"):
@@ -116,7 +117,7 @@ def test_loading_errors(tiny_dir, tmp_path):
     real = tmp_path / "real"
     real.mkdir()
     (real / "config.json").write_text((tiny_dir / "config.json").read_text())
-    with pytest.raises(EsnError, match="not on PyPI.*github.com/MoonshotAI/Kimi-Audio"):
+    with pytest.raises(EsnError, match=r"not on PyPI.*github\.com/MoonshotAI/Kimi-Audio"):
         KimiAudioAdapter.load(real, trust_remote_code=True)
     (real / "esn_standin.json").write_text(json.dumps({"kimia_module": "os"}))
     with pytest.raises(EsnError, match="not a stand-in of this package"):

@@ -9,10 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from esn.adapters import GenerationConfig
 from esn.errors import EsnError
-from esn.testing import CHECKS, load_tiny, tiny_config, tiny_requests
+from esn.testing import CHECKS, tiny_config, tiny_requests
 from esn_minicpm_o import MiniCPMOAdapter
 from esn_minicpm_o.adapter import NoAudioWarning
 
@@ -76,6 +75,8 @@ def test_tts_temperature_option(adapter):
     assert cold.waveform.size > 0
     with pytest.raises(EsnError, match="tts_temperature must be > 0"):
         adapter.generate(request, tiny_config(options={"tts_temperature": 0}))
+    with pytest.raises(EsnError, match="no speaker choice"):
+        adapter.generate(request, tiny_config(speaker="Chelsie"))
     with pytest.raises(EsnError, match="unknown minicpm_o option 'beams'"):
         adapter.generate(request, tiny_config(options={"beams": 2}))
 
@@ -103,7 +104,7 @@ def test_loading_errors(tiny_dir, tmp_path, monkeypatch):
     (other / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(EsnError, match="not MiniCPM-o"):
         MiniCPMOAdapter.load(other, trust_remote_code=True)
-    with pytest.raises(EsnError, match="no config.json"):
+    with pytest.raises(EsnError, match=r"no config\.json"):
         MiniCPMOAdapter.load(tmp_path, trust_remote_code=True)
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(EsnError, match=r"transformers==4\.51\.0"):

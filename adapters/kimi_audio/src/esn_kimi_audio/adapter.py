@@ -273,6 +273,8 @@ class KimiAudioAdapter(ModelAdapter):
         """Each request through ``KimiAudio.generate(output_type="both")`` in turn, greedy by default
         (temperature 0 for text and audio, repetition penalty 1.0), seeded with ``config.seed`` (the
         detokenizer starts from noise)."""
+        if config.speaker is not None:
+            raise EsnError(f"{self.name} has no speaker choice: Kimi-Audio speaks in its one voice (got speaker={config.speaker!r})")
         options = self._options(config.options)
         return [self._convert(request, config, options) for request in requests]
 

@@ -220,6 +220,8 @@ class MiniCPMOAdapter(ModelAdapter):
         ``config.max_audio_tokens`` is not used: MiniCPM-o's ``chat`` does not expose its TTS length (the
         TTS stops at its end token or after 2048 tokens).
         """
+        if config.speaker is not None:
+            raise EsnError(f"{self.name} has no speaker choice: its voice follows the input speech (got speaker={config.speaker!r})")
         options = self._options(config.options)
         params = self._sampling_params(options.get("tts_temperature"))
         return [self._convert(request, config, options, params) for request in requests]
