@@ -268,6 +268,8 @@ def test_masks_from_another_layout_are_refused(target):
     with pytest.raises(LayoutMismatchError, match=r"stream\(s\) \['synth'\], but this model has only \['lm'\]"):
         with steer_rows(target, [Condition(Mask(np.array([1]), synth))]):
             pass
+    with pytest.raises(EsnError, match="selects no neurons"), folded(target, Mask(np.zeros(0), target.layout())):
+        pass
     with pytest.raises(EsnError, match="unknown intervention 'boost'"):
         with steer(target, _mask(target, {0: [1]}), "boost"):
             pass

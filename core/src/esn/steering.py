@@ -52,6 +52,8 @@ def check_mask(target: Any, mask: Mask, what: str = "mask") -> Layout:
     """The target's layout for the mask's streams; ``LayoutMismatchError`` if the mask was made elsewhere."""
     if not isinstance(mask, Mask):
         raise EsnError(f"{what} must be an esn.masks.Mask, got {type(mask).__name__}")
+    if len(mask) == 0:  # would silently turn the intervention into a no-op
+        raise EsnError(f"{what} selects no neurons; use no condition (None) for an unsteered run")
     streams = mask.layout.streams
     try:
         mine = target.layout(streams)
