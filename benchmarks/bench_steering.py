@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
                 return greedy(model, inputs, new_tokens)
 
         variants = {"plain": run} | {name: (lambda make=make: run(make)) for name, make in contexts.items()}
-        timings = time_side_by_side(variants, baseline="plain", repeats=args.repeats, warmup=args.warmup,
-                                    device=args.device)
+        timings = time_side_by_side(
+            variants, baseline="plain", repeats=args.repeats, warmup=args.warmup, device=args.device
+        )
         enter_ms = {}
         for name, make in contexts.items():
             sync(args.device)
@@ -144,11 +145,15 @@ def main(argv: list[str] | None = None) -> dict:
                 sync(args.device)
                 enter_ms[name] = round(1000 * (time.perf_counter() - t0), 3)
         dtype = next(model.parameters()).dtype
-        ops = {name: _ops_per_hook(target, contexts[name], batch, args.device, dtype)
-               for name in ("steer", "rows", "rows_mixed")}
+        ops = {
+            name: _ops_per_hook(target, contexts[name], batch, args.device, dtype)
+            for name in ("steer", "rows", "rows_mixed")
+        }
         summary["batches"][str(batch)] = {
             "ratios": {name: t["ratio"] for name, t in timings.items()},
-            "ratios_of_min": {name: round(t["min_s"] / timings["plain"]["min_s"], 4) for name, t in timings.items()},
+            "ratios_of_min": {
+                name: round(t["min_s"] / timings["plain"]["min_s"], 4) for name, t in timings.items()
+            },
             "timings": timings,
             "tokens_per_s_plain": round(batch * new_tokens / timings["plain"]["median_s"], 1),
             "enter_ms": enter_ms,
