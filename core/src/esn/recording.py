@@ -261,7 +261,10 @@ class _Point:
         self.counts: torch.Tensor | None = None  # [B, D] int32
         self.sums: torch.Tensor | None = None  # [B, D] float64
         self.sumsq: torch.Tensor | None = None
-        self.buf: torch.Tensor | None = None  # [chunk, B, D], gate dtype ("chunk")
+        self.buf: torch.Tensor | None = None  # [chunk, B, 1, D], gate dtype ("chunk")
+        self.slots: list[
+            torch.Tensor
+        ] = []  # buf's [B, 1, D] views, made once: indexing costs more than copying
         self.refs: list[torch.Tensor] = []  # the gates themselves, [B, 1, D] each ("ref")
         self.versions: list[int] | None = None  # their version counters, to detect in-place edits
         self.pending = 0  # filled chunk slots not yet reduced
@@ -279,7 +282,7 @@ class _Point:
             self._allocate(g)
         if root.mode == "slot":
             if self.buf is not None:
-                self.buf[root.slot].copy_(g[:, 0])  # the one kernel of a decode step
+                self.slots[root.slot].copy_(g)  # the one kernel of a decode step
             else:
                 self.refs.append(g)  # no kernel: keep the tensor until the chunk is reduced
                 if self.versions is not None:
@@ -309,7 +312,8 @@ class _Point:
             self.sums = torch.zeros((b, d), dtype=torch.float64, device=g.device)
             self.sumsq = torch.zeros((b, d), dtype=torch.float64, device=g.device)
         if self.root.chunk and self.strategy == "chunk":
-            self.buf = torch.empty((self.root.chunk, b, d), dtype=g.dtype, device=g.device)
+            self.buf = torch.empty((self.root.chunk, b, 1, d), dtype=g.dtype, device=g.device)
+            self.slots = list(self.buf.unbind(0))
         if self.strategy == "ref" and not g.is_inference():  # inference tensors have no version counter
             self.versions = []
 
@@ -347,7 +351,7 @@ class _Point:
         vb = self.root.valid_buf
         valid = None if vb is None else vb[: self.pending]  # [S, B]
         if self.buf is not None:
-            self._reduce_dense(self.buf[: self.pending], valid, dim=0)
+            self._reduce_dense(self.buf[: self.pending, :, 0], valid, dim=0)
         else:
             if self.versions is not None:
                 if any(g._version != v for g, v in zip(self.refs, self.versions, strict=True)):
@@ -486,7 +490,10 @@ class GateRecorder:
             return None
         if self.chunk_steps is not None:
             return self.chunk_steps
-        itemsize = 2  # bf16/fp16 on accelerators; an fp32 model simply gets a shorter chunk than budgeted
+        try:  # the gates' dtype is the model's (bf16 on accelerators)
+            itemsize = next(self.target.model.parameters()).element_size()
+        except (StopIteration, AttributeError):
+            itemsize = 4
         return max(1, min(MAX_CHUNK_STEPS, CHUNK_BUDGET_BYTES // max(1, batch * width * itemsize)))
 
     # -- results -----------------------------------------------------------------------------------
