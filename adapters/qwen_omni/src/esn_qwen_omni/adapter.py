@@ -65,6 +65,27 @@ def _placement(device: str) -> dict[str, Any]:
     return {"device_map": str(device)}
 
 
+def _restore_talker_mask(module, args, kwargs):
+    """Give the talker the all-ones attention mask that ``generate`` dropped.
+
+    transformers 5.x ``generate`` drops an attention mask that is all ones (no row padded: always at
+    batch 1). Qwen2.5-Omni's talker then skips two things it only does with a mask: adding the codec
+    pad/bos embeddings to its last two prompt positions, and TMRoPE positions. A padded batch keeps its
+    mask, so without this hook a request converts differently alone than in a batch, and batch-1 speech
+    lacks the conditioning the model was trained with.
+    """
+    import torch
+
+    if kwargs.get("attention_mask") is not None:
+        return None
+    x = kwargs.get("inputs_embeds")
+    x = x if x is not None else kwargs.get("input_ids")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = cache.get_seq_length() if cache is not None else 0
+    kwargs["attention_mask"] = torch.ones((x.shape[0], past + x.shape[1]), dtype=torch.long, device=x.device)
+    return args, kwargs
+
+
 class QwenOmniAdapter(ModelAdapter):
     name = "qwen_omni"
     # The released checkpoints' config.json says "Qwen2_5OmniModel" (the pre-release class name).
@@ -238,7 +259,8 @@ class QwenOmniAdapter(ModelAdapter):
             codes.append(args[0].detach().reshape(-1).cpu())
 
         fork = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork), installed([(self.model.token2wav, reseed)], kind="pre", with_kwargs=True):
+        hooks = [(self.model.token2wav, reseed), (self.model.talker, _restore_talker_mask)]
+        with torch.random.fork_rng(devices=fork), installed(hooks, kind="pre", with_kwargs=True):
             sequences, waves = self.model.generate(
                 **inputs,
                 speaker=speaker,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cv.add_argument("--system-prompt", default=None, help="a preset name of the adapter or literal text")
     cv.add_argument("--max-new-tokens", type=int, default=256, help="cap on text tokens")
     cv.add_argument("--max-audio-tokens", type=int, default=1024, help="cap on speech tokens")
+    cv.add_argument("--mask", type=Path, default=None, help="ESN mask file (safetensors, from `esn select`)")
+    cv.add_argument("--mask-emotion", default=None, help="which emotion's mask to apply (default: --emotion)")
+    cv.add_argument("--method", default="steer", help="intervention: steer, add, clamp, deactivate (default steer)")
+    cv.add_argument("--alpha", type=float, default=None, help="intervention strength (default 1.0)")
     cv.set_defaults(func=cmd_convert)
 
 
@@ -82,10 +87,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                   max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens)
     except ValueError as exc:
         raise EsnError(f"bad generation setting: {exc}") from None
+    mask = None
+    if args.mask is not None:
+        from esn.artifacts import load_masks
+
+        mask = load_masks(args.mask)[normalize_emotion(args.mask_emotion or emotion, EMOTIONS)]
+    elif args.mask_emotion is not None or args.alpha is not None:
+        raise EsnError("--mask-emotion and --alpha need --mask")
     request = EVCRequest(audio=audio, emotion=emotion, id=args.input.stem)
     adapter = load_adapter(args)
-    with err_console.status(f"converting {args.input.name} to {emotion}"):
-        (result,) = adapter.generate([request], config)
+    with contextlib.ExitStack() as stack:
+        if mask is not None:
+            from esn.steering import steer
+
+            # Checks the mask's layout against this model's before anything is generated.
+            stack.enter_context(steer(adapter, mask, args.method, args.alpha))
+        with err_console.status(f"converting {args.input.name} to {emotion}"):
+            (result,) = adapter.generate([request], config)
     if result.waveform.size == 0:
         raise EsnError(f"{args.adapter} produced no speech for {args.input} (decoded text: {result.text!r})")
     write_audio(args.output, result.waveform, result.sample_rate)
