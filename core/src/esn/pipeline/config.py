@@ -51,6 +51,10 @@ class JudgeSpec(_Section):
 class JudgesSection(_Section):
     emotion: list[JudgeSpec] = Field(min_length=1, description="emotion judges; the first decides success")
     quality: JudgeSpec | None = Field(None, description="naturalness judge (UTMOS)")
+    # Input handling before judging. The paper only resamples to 16 kHz (the defaults). Near-silent or very
+    # short clips are not judged (label None: a miss) unless these ask for normalisation / padding.
+    loudness_dbfs: float | None = Field(None, le=0, description="RMS-normalise each clip to this level first")
+    min_seconds: float = Field(0.0, ge=0, le=10, description="zero-pad shorter clips to this length")
 
 
 class RecordSection(_Section):
@@ -72,7 +76,7 @@ class RecordSection(_Section):
 
 
 class FilterSection(_Section):
-    tau_wer: float = Field(0.15, ge=0, description="max WER of decoded text vs transcript; inf disables")
+    tau_wer: float = Field(0.15, ge=0, allow_inf_nan=False, description="max WER of decoded text vs transcript")
     require_match: bool = Field(True, description="judge label must equal the target emotion")
     human_labels: Path | None = Field(None, description="CSV of human labels: adds CAS-H (human-filtered) masks")
 

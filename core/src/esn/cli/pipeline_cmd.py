@@ -1,0 +1,144 @@
+"""``esn run | record | select | evaluate | report | demo | human``: the study end to end."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="run configuration (.toml, .json, or .yaml with PyYAML)")
+    p.add_argument("--run-dir", type=Path, help="override the config's run_dir")
+    p.add_argument("--threads", type=int, help="torch CPU threads for this process (default: torch's choice)")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="record, select, evaluate and report, resumable, into one run directory")
+    _common(run)
+    run.add_argument("--stages", default="record,select,evaluate,report",
+                     help="comma-separated subset of record,select,evaluate,report (in that order)")
+    run.set_defaults(func=cmd_run)
+    for stage, text in (("record", "stage 1: convert identification speech and record gate statistics"),
+                        ("select", "stage 2: filter successes, aggregate statistics, select neuron masks"),
+                        ("evaluate", "stage 3: the evaluation grid (baseline and every mask x target cell)"),
+                        ("report", "stage 4: report.md, report.html and figures")):
+        p = sub.add_parser(stage, help=text)
+        _common(p)
+        p.set_defaults(func=cmd_run, stages=stage)
+
+    demo = sub.add_parser("demo", help="tiny random model + synthetic ESD + tiny judges: the whole pipeline on CPU")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (report.md lands here)")
+    demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    demo.set_defaults(func=cmd_demo)
+
+    human = sub.add_parser("human", help="human listening study: export a blind kit, import responses")
+    hsub = human.add_subparsers(dest="human_command", metavar="ACTION", required=True)
+    exp = hsub.add_parser("export", help="write randomised, loudness-normalised clips and a blind key")
+    _common(exp)
+    exp.add_argument("--kind", choices=("ab", "labels"), default="ab",
+                     help="ab: intervened vs baseline pairs (Figure 8); labels: recorded attempts to label (CAS-H)")
+    exp.add_argument("--per-emotion", type=int, default=25, help="trials per target emotion")
+    exp.add_argument("--out", type=Path, help="kit folder (default: <run_dir>/human/<kind>-kit)")
+    exp.set_defaults(func=cmd_human_export)
+    imp = hsub.add_parser("import", help="read raters' responses: win/tie/loss (ab) or human labels (labels)")
+    _common(imp)
+    imp.add_argument("responses", type=Path, nargs="+", help="response CSV file(s)")
+    imp.add_argument("--kind", choices=("ab", "labels"), default="ab")
+    imp.add_argument("--kit", type=Path, help="kit folder (default: <run_dir>/human/<kind>-kit)")
+    imp.set_defaults(func=cmd_human_import)
+
+
+def _threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from esn.errors import EsnError
+    from esn.pipeline.run import STAGES, load_run
+
+    _threads(args)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise EsnError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
+    run = load_run(args.config, run_dir=args.run_dir, console=console)
+    with run:
+        for stage in sorted(stages, key=STAGES.index):
+            console.rule(f"[bold]{stage}")
+            run.run([stage])
+    if "evaluate" in stages or "report" in stages:
+        print_summary(run)
+    if "report" in stages:
+        console.print(f"report: [bold]{run.dir / 'report.md'}[/]")
+    return 0
+
+
+def print_summary(run) -> None:
+    """The anchor's selector comparison (Table 3 shape) in the terminal."""
+    from esn.pipeline.config import settings
+    from esn.pipeline.files import read_json
+    from esn.pipeline.report import _sweeps, effect_table
+
+    path = run.eval_dir / "results.json"
+    if not path.exists():
+        return
+    res = read_json(path)
+    judges = res["meta"]["judges"]
+    group = "all" if "all" in res["groups"] else res["meta"]["splits"][0]
+    sw = _sweeps(run.cfg, settings(run.cfg))
+    data = effect_table([(st.label, res["groups"][group][st.key]) for st in sw["selectors"]], judges, judges[0])
+    table = Table(title=f"Δ emotion match vs baseline, pp ({' / '.join(judges)}) — {group}")
+    for h in data["head"]:
+        table.add_column(h, justify="right")
+    for row in data["rows"]:
+        table.add_row(*row)
+    console.print(table)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from esn.pipeline.demo import run_demo
+
+    _threads(args)
+    report = run_demo(args.out, console=console)
+    console.print(f"demo report: [bold]{report}[/]")
+    return 0
+
+
+def cmd_human_export(args: argparse.Namespace) -> int:
+    from esn.pipeline import human
+    from esn.pipeline.run import load_run
+
+    run = load_run(args.config, run_dir=args.run_dir, console=console)
+    out = args.out or run.dir / "human" / f"{args.kind}-kit"
+    fn = human.export_ab if args.kind == "ab" else human.export_labels
+    n = fn(run, out, per_emotion=args.per_emotion)
+    console.print(f"wrote {n} trials to [bold]{out}[/] (give raters {out / 'trials.csv'} and the clips; keep key.csv)")
+    return 0
+
+
+def cmd_human_import(args: argparse.Namespace) -> int:
+    from esn.pipeline import human
+    from esn.pipeline.run import load_run
+
+    run = load_run(args.config, run_dir=args.run_dir, console=console)
+    kit = args.kit or run.dir / "human" / f"{args.kind}-kit"
+    if args.kind == "ab":
+        result = human.import_ab(run, kit, args.responses)
+        table = Table(title="intervened vs baseline (listeners)")
+        for col in ("emotion", "win", "tie", "loss", "n"):
+            table.add_column(col, justify="right")
+        for e, r in result["rates"].items():
+            table.add_row(e, *[f"{100 * r[k]:.0f}%" for k in ("win", "tie", "loss")], str(result["counts"][e]["n"]))
+        console.print(table)
+    else:
+        path = human.import_labels(run, kit, args.responses)
+        console.print(f"human labels written to [bold]{path}[/]; set filter.human_labels to it for CAS-H")
+    return 0

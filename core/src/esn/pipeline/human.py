@@ -1,0 +1,197 @@
+"""The human listening kit (the paper's section 5.4): blind A/B pairs and blind emotion labelling.
+
+Loudness: every clip is RMS-normalised to -23 dBFS (the level EBU R128 programmes target, applied here as
+plain RMS over the whole clip, no K-weighting or gating) and then scaled down if needed so that its peak
+stays at or below -1 dBFS. Clips are resampled to 16 kHz, as the judges hear them.
+
+* ``ab`` kit: for the anchor setting, pairs of (baseline, intervened) conversions of the same source and
+  target emotion (self-effect cells), ``per_emotion`` per target, order of trials and of A/B shuffled with
+  the run seed. Raters answer which clip better matches the target emotion (A, B, or tie). Imported
+  answers become win / tie / loss rates of the intervened system per emotion (Figure 8).
+* ``labels`` kit: recorded identification attempts, shuffled, named only by number. Raters write the
+  emotion they hear. Imported answers (majority vote per clip; ties dropped) become the ``id,label`` CSV
+  that ``filter.human_labels`` reads, which adds the human-filtered CAS-H masks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from esn.emotions import EMOTIONS, normalize_emotion
+from esn.errors import EsnError
+from esn.pipeline.files import atomic_write_json, atomic_write_text, atomic_write_wav, read_json
+
+if TYPE_CHECKING:
+    from esn.pipeline.run import Run
+
+TARGET_DBFS = -23.0
+PEAK_DBFS = -1.0
+KIT_RATE = 16_000
+CHOICES = {"a": "A", "b": "B", "tie": "tie", "indecisive": "tie", "=": "tie", "same": "tie"}
+
+
+def rms_normalize(wave: np.ndarray, dbfs: float = TARGET_DBFS, peak_dbfs: float = PEAK_DBFS) -> np.ndarray:
+    """Scale to an RMS of ``dbfs`` (re full scale 1.0), then down if the peak would pass ``peak_dbfs``."""
+    wave = np.asarray(wave, dtype=np.float64)
+    rms = float(np.sqrt(np.mean(wave**2))) if wave.size else 0.0
+    if rms == 0.0:
+        return wave.astype(np.float32)
+    out = wave * (10 ** (dbfs / 20) / rms)
+    peak = float(np.max(np.abs(out)))
+    limit = 10 ** (peak_dbfs / 20)
+    if peak > limit:
+        out *= limit / peak
+    return out.astype(np.float32)
+
+
+def _csv(rows: list[dict], fields: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _read_csv(path: Path, need: Sequence[str]) -> list[dict]:
+    if not path.is_file():
+        raise EsnError(f"file not found: {path}")
+    rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
+    cols = set(rows[0]) if rows else set()
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise EsnError(f"{path}: missing column(s) {', '.join(missing)} (need {', '.join(need)})")
+    return rows
+
+
+def _clip(src: Path, dst: Path) -> None:
+    from esn.audio import read_audio, resample, to_mono
+
+    data, rate = read_audio(src)
+    atomic_write_wav(dst, rms_normalize(resample(to_mono(data), rate, KIT_RATE)), KIT_RATE)
+
+
+def export_ab(run: Run, out: Path, *, per_emotion: int = 25) -> int:
+    """Write ``clips/``, ``trials.csv`` (for raters), ``key.csv`` (blind key) and a response template."""
+    from esn.pipeline.config import settings
+    from esn.pipeline.evaluate import BASELINE, derive_seed
+
+    anchor = settings(run.cfg)[0].key
+    records = run.eval_records()
+    base = {(r["split"], r["source"], r["target"]): r for r in records if r["setting"] == BASELINE}
+    rng = np.random.default_rng(derive_seed(run.cfg.seed, "human-ab"))
+    pairs = []
+    for target in run.cfg.record.targets:
+        cands = [(base[(r["split"], r["source"], r["target"])], r) for r in records
+                 if r["setting"] == anchor and r["mask"] == r["target"] == target
+                 and (r["split"], r["source"], r["target"]) in base]
+        cands = [(b, i) for b, i in cands if b.get("audio") and i.get("audio")]
+        if not cands:
+            raise EsnError(f"no evaluated {target} pairs with audio in {run.eval_dir}: set evaluate.save_audio = true "
+                           "and run `esn evaluate`")
+        pick = rng.choice(len(cands), size=min(per_emotion, len(cands)), replace=False)
+        pairs += [(target, *cands[k]) for k in sorted(pick)]
+    order = rng.permutation(len(pairs))
+    trials, key = [], []
+    for n, k in enumerate(order, start=1):
+        target, b, i = pairs[k]
+        flip = bool(rng.integers(2))
+        a_rec, b_rec = (i, b) if flip else (b, i)
+        names = (f"clips/t{n:03d}_A.wav", f"clips/t{n:03d}_B.wav")
+        _clip(run.eval_dir / a_rec["audio"], out / names[0])
+        _clip(run.eval_dir / b_rec["audio"], out / names[1])
+        trials.append({"trial": n, "emotion": target, "clip_a": names[0], "clip_b": names[1],
+                       "question": f"Which clip sounds more {target}? Answer A, B or tie."})
+        key.append({"trial": n, "emotion": target, "a": "intervened" if flip else "baseline",
+                    "b": "baseline" if flip else "intervened", "a_id": a_rec["id"], "b_id": b_rec["id"]})
+    atomic_write_text(out / "trials.csv", _csv(trials, ["trial", "emotion", "clip_a", "clip_b", "question"]))
+    atomic_write_text(out / "key.csv", _csv(key, ["trial", "emotion", "a", "b", "a_id", "b_id"]))
+    atomic_write_text(out / "responses_template.csv", "rater,trial,choice\n")
+    return len(trials)
+
+
+def import_ab(run: Run, kit: Path, responses: Sequence[Path]) -> dict:
+    """Win / tie / loss of the intervened system per emotion (and pooled), written to human/results.json."""
+    key = {row["trial"]: row for row in _read_csv(kit / "key.csv", ["trial", "emotion", "a", "b"])}
+    counts: dict[str, Counter] = {}
+    for path in responses:
+        for n, row in enumerate(_read_csv(Path(path), ["rater", "trial", "choice"]), start=2):
+            trial = (row["trial"] or "").strip()
+            if trial not in key:
+                raise EsnError(f"{path} line {n}: unknown trial {trial!r} (not in {kit / 'key.csv'})")
+            choice = CHOICES.get((row["choice"] or "").strip().lower())
+            if choice is None:
+                raise EsnError(f"{path} line {n}: choice {row['choice']!r} must be A, B or tie")
+            k = key[trial]
+            outcome = "tie" if choice == "tie" else ("win" if k[choice.lower()] == "intervened" else "loss")
+            counts.setdefault(k["emotion"], Counter())[outcome] += 1
+    if not counts:
+        raise EsnError(f"no responses in {', '.join(map(str, responses))}")
+    pooled = sum(counts.values(), Counter())
+    table = {**{e: counts[e] for e in run.cfg.record.targets if e in counts}, "average": pooled}
+    result = {
+        "rates": {e: {k: round(c[k] / sum(c.values()), 6) for k in ("win", "tie", "loss")} for e, c in table.items()},
+        "counts": {e: {**{k: c[k] for k in ("win", "tie", "loss")}, "n": sum(c.values())} for e, c in table.items()},
+    }
+    atomic_write_json(run.dir / "human" / "results.json", result)
+    return result
+
+
+def export_labels(run: Run, out: Path, *, per_emotion: int = 25) -> int:
+    """Blind clips of recorded attempts for raters to label with the emotion they hear."""
+    from esn.pipeline.evaluate import derive_seed
+
+    records = [r for r in run.store().records() if r.meta.get("audio")]
+    if not records:
+        raise EsnError(f"no recorded audio in {run.store_dir}: set record.save_audio = true and record again")
+    rng = np.random.default_rng(derive_seed(run.cfg.seed, "human-labels"))
+    chosen = []
+    for target in run.cfg.record.targets:
+        cands = sorted((r for r in records if r.emotion == target), key=lambda r: r.id)
+        pick = rng.choice(len(cands), size=min(per_emotion, len(cands)), replace=False) if cands else []
+        chosen += [cands[k] for k in sorted(pick)]
+    clips, key = [], []
+    for n, k in enumerate(rng.permutation(len(chosen)), start=1):
+        rec = chosen[k]
+        name = f"clips/c{n:04d}.wav"
+        _clip(run.store_dir / rec.meta["audio"], out / name)
+        clips.append({"clip": n, "file": name, "question": f"Which emotion do you hear? One of: {', '.join(EMOTIONS)}"})
+        key.append({"clip": n, "id": rec.id, "target": rec.emotion})
+    atomic_write_text(out / "clips.csv", _csv(clips, ["clip", "file", "question"]))
+    atomic_write_text(out / "key.csv", _csv(key, ["clip", "id", "target"]))
+    atomic_write_text(out / "responses_template.csv", "rater,clip,label\n")
+    return len(clips)
+
+
+def import_labels(run: Run, kit: Path, responses: Sequence[Path]) -> Path:
+    """Majority label per clip -> ``human/labels.csv`` (``id,label``) for ``filter.human_labels``."""
+    key = {row["clip"]: row["id"] for row in _read_csv(kit / "key.csv", ["clip", "id"])}
+    votes: dict[str, Counter] = {}
+    for path in responses:
+        for n, row in enumerate(_read_csv(Path(path), ["rater", "clip", "label"]), start=2):
+            clip = (row["clip"] or "").strip()
+            if clip not in key:
+                raise EsnError(f"{path} line {n}: unknown clip {clip!r}")
+            try:
+                label = normalize_emotion(row["label"] or "", EMOTIONS)
+            except EsnError as exc:
+                raise EsnError(f"{path} line {n}: {exc}") from None
+            votes.setdefault(key[clip], Counter())[label] += 1
+    rows = []
+    for rid in sorted(votes):
+        (top, n1), *rest = votes[rid].most_common()
+        if rest and rest[0][1] == n1:
+            continue  # a tie between raters: no human label
+        rows.append({"id": rid, "label": top})
+    return atomic_write_text(run.dir / "human" / "labels.csv", _csv(rows, ["id", "label"]))
+
+
+def responses_summary(run: Run) -> dict | None:
+    path = run.dir / "human" / "results.json"
+    return read_json(path) if path.exists() else None

@@ -1,0 +1,143 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display needed).
+
+PNG bytes depend only on the data (no timestamps in the metadata), so reruns give identical files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+_METADATA = {"Software": None}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "svg.hashsalt": "esn"})
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata=_METADATA, format="png")
+    tmp.replace(path)
+    return path
+
+
+def _annotate(ax, values: np.ndarray, fmt: str, scale: float, *, dark_low: bool = False) -> None:
+    """Write each value in its cell, white on dark cells (far from 0 on RdBu; low on viridis)."""
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            v = values[i, j]
+            if np.isfinite(v):
+                dark = v < 0.5 * scale if dark_low else abs(v) > 0.6 * scale
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+
+
+def delta_heatmaps(
+    panels: Sequence[tuple[str, list[list[float | None]]]], emotions: Sequence[str], path: Path, *, title: str
+) -> Path:
+    """Figure 3 style: one mask-emotion x target-emotion panel of Delta match (pp) per selector/setting.
+
+    Rows are mask emotions, columns target emotions; a shared diverging colour scale centred on 0.
+    """
+    plt = _plt()
+    mats = [np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float) for _, m in panels]
+    scale = max([np.nanmax(np.abs(m)) for m in mats if np.isfinite(m).any()] + [1.0])  # at least +-1 pp
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.8, 2.9), squeeze=False)
+    im = None
+    labels = [e.capitalize() for e in emotions]
+    for ax, (name, _), m in zip(axes[0], panels, mats, strict=True):
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-scale, vmax=scale)
+        ax.set_title(name)
+        ax.set_xticks(range(len(emotions)), labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(emotions)), labels if ax is axes[0][0] else [""] * len(emotions))
+        ax.set_xlabel("target emotion")
+        _annotate(ax, m, "+.1f", scale)
+    axes[0][0].set_ylabel("mask emotion")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="Δ match (pp)")
+    fig.suptitle(title, y=1.02)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def layer_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Sequence[str], path: Path, *, title: str) -> Path:
+    """Figure 9 style: selected neurons per decoder layer (rows) and emotion (columns)."""
+    plt = _plt()
+    counts = np.asarray(counts, dtype=float)  # [layers, emotions]
+    fig, ax = plt.subplots(figsize=(1.1 * len(emotions) + 2.2, 0.28 * len(layer_names) + 1.4))
+    im = ax.imshow(counts, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(emotions)), [e.capitalize() for e in emotions], rotation=45, ha="right")
+    ax.set_yticks(range(len(layer_names)), layer_names)
+    ax.set_xlabel("mask emotion")
+    ax.set_ylabel("layer")
+    if counts.size <= 400:
+        _annotate(ax, counts, ".0f", max(float(counts.max(initial=0)), 1.0), dark_low=True)
+    fig.colorbar(im, ax=ax, label="selected neurons")
+    ax.set_title(title)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def seen_unseen_bars(
+    groups: dict[str, dict[str, float | None]],
+    cis: dict[str, dict[str, list[float] | None]],
+    emotions: Sequence[str],
+    path: Path,
+    *,
+    title: str,
+) -> Path:
+    """Figure 10 style: Delta self-effect per target emotion, one bar per split, 95% CI whiskers."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.3 * len(emotions) + 2, 3.0))
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(emotions))
+    for k, (split, values) in enumerate(groups.items()):
+        v = np.array([np.nan if values.get(e) is None else values[e] for e in emotions], dtype=float)
+        lo, hi = [], []
+        for e, val in zip(emotions, v, strict=True):
+            ci = (cis.get(split) or {}).get(e)
+            lo.append(0 if ci is None or not np.isfinite(val) else val - ci[0])
+            hi.append(0 if ci is None or not np.isfinite(val) else ci[1] - val)
+        ax.bar(x + (k - (len(groups) - 1) / 2) * width, np.nan_to_num(v), width, yerr=[lo, hi], capsize=3,
+               label=split.replace("_", "-"))
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, [e.capitalize() for e in emotions])
+    ax.set_ylabel("Δ emotion match (pp)")
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def win_tie_loss(rates: dict[str, dict[str, float]], path: Path, *, title: str) -> Path:
+    """Figure 8 style: stacked horizontal win / tie / loss shares per emotion (intervened vs baseline)."""
+    plt = _plt()
+    names = list(rates)
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.2))
+    left = np.zeros(len(names))
+    for part, colour in (("win", "#2b8cbe"), ("tie", "#bdbdbd"), ("loss", "#e34a33")):
+        vals = np.array([100 * rates[n].get(part, 0.0) for n in names])
+        ax.barh(names, vals, left=left, color=colour, label=part)
+        for i, (l0, v) in enumerate(zip(left, vals, strict=True)):
+            if v >= 6:
+                ax.text(l0 + v / 2, i, f"{v:.0f}%", ha="center", va="center", fontsize=8)
+        left += vals
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of judgements (%)")
+    ax.legend(ncol=3, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    ax.set_title(title)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

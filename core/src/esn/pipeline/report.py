@@ -1,0 +1,258 @@
+"""report.md and report.html: the paper's Tables 2-5 and Figures 3, 8, 9, 10 for one run directory.
+
+The report is built as a list of blocks (heading, text, table, image) and rendered twice, as Markdown
+and as a self-contained HTML page that links the same PNGs.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from esn.pipeline.config import Setting, settings
+from esn.pipeline.evaluate import BASELINE
+from esn.pipeline.files import atomic_write_text, read_json
+from esn.pipeline import plots
+
+if TYPE_CHECKING:
+    from esn.pipeline.run import Run
+
+
+@dataclass
+class Block:
+    kind: str  # "h1" | "h2" | "h3" | "p" | "table" | "img" | "code"
+    body: Any
+
+
+def _f(v: float | None, fmt: str = "+.2f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def _pair(entries: list[dict], key: str) -> str:
+    return " / ".join(_f(e.get(key)) for e in entries)
+
+
+def _wer_q(m: dict) -> tuple[str, str]:
+    def cell(v, base, fmt):
+        if v is None:
+            return "–"
+        return f"{v:{fmt}} ({_f(None if base is None else v - base, '+' + fmt)})"
+
+    return cell(m["wer"], m["wer_baseline"], ".2f"), cell(m["quality"], m["quality_baseline"], ".2f")
+
+
+def effect_table(rows: list[tuple[str, dict]], judges: list[str], primary: str) -> dict:
+    """Tables 3/4/6 shape: self, cross, gap per judge ("a / b"), WER (Delta), UTMOS (Delta), self CI."""
+    head = ["", "Self-Effect ↑", "Cross-Effect Avg. ↓", "Self–Cross Gap ↑", "WER % ↓ (Δ)", "UTMOS ↑ (Δ)",
+            f"Self 95% CI ({primary})"]
+    body = []
+    for name, m in rows:
+        entries = [m["judges"][j] for j in judges]
+        wer, q = _wer_q(m)
+        ci = m["judges"][primary].get("ci", {}).get("self")
+        body.append([name, _pair(entries, "self"), _pair(entries, "cross"), _pair(entries, "gap"), wer, q,
+                     "–" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"])
+    return {"head": head, "rows": body}
+
+
+def baseline_table(m: dict, targets: list[str], judges: list[str]) -> dict:
+    """Table 2 shape: baseline match % per target emotion and judge, average, WER, UTMOS."""
+    rows = [[t.capitalize(), " / ".join(_f(m["judges"][j]["baseline"][t], ".2f") for j in judges)] for t in targets]
+    rows.append(["Avg.", " / ".join(_f(m["judges"][j]["baseline"]["avg"], ".2f") for j in judges)])
+    rows.append(["WER %", _f(m["wer_baseline"], ".2f")])
+    rows.append(["UTMOS", _f(m["quality_baseline"], ".2f")])
+    return {"head": ["", f"match % ({' / '.join(judges)})"], "rows": rows}
+
+
+def _sweeps(cfg, sts: list[Setting]) -> dict[str, list[Setting]]:
+    a = sts[0]
+    same = lambda st, *skip: all(getattr(st, f) == getattr(a, f)  # noqa: E731
+                                 for f in ("selector", "rate", "c", "labels", "method", "alpha") if f not in skip)
+    out = {
+        "selectors": [st for st in sts if same(st, "selector", "labels")],
+        "alpha": sorted([st for st in sts if same(st, "alpha")], key=lambda s: s.alpha),
+        "rate": sorted([st for st in sts if same(st, "rate")], key=lambda s: s.rate),
+        "c": sorted([st for st in sts if same(st, "c")], key=lambda s: s.c),
+        "method": [a] + [st for st in sts if same(st, "method", "alpha") and st.method != a.method],
+    }
+    return out
+
+
+def _layer_counts(masks, layout) -> tuple[np.ndarray, list[str]]:
+    """ESNs per layer (rows, stream by stream) and emotion (columns), from ``esn.analysis``."""
+    from esn.analysis import layer_counts
+
+    tables = layer_counts(masks, layout)  # {stream: [E, L]}
+    names = [f"{stream} {layer}" for stream, t in tables.items() for layer in range(t.shape[1])]
+    return np.concatenate([t.T for t in tables.values()], axis=0), names
+
+
+def build(run: Run) -> list[Block]:
+    cfg = run.cfg
+    res = read_json(run.eval_dir / "results.json")
+    meta, groups = res["meta"], res["groups"]
+    targets, judges, splits = meta["targets"], meta["judges"], meta["splits"]
+    primary = judges[0]
+    main = "all" if "all" in groups else splits[0]
+    sts = settings(cfg)
+    anchor = sts[0]
+    fig_dir = run.dir / "figures"
+    blocks: list[Block] = [Block("h1", "esn run report")]
+    if cfg.notes:
+        blocks.append(Block("p", cfg.notes))
+    n_rec = len(run.store().records()) if (run.store_dir / "layout.json").exists() else 0
+    sizes = ", ".join(f"{s}: {groups[s][BASELINE]['n_sources']} sources" for s in splits)
+    blocks.append(Block("p", (
+        f"Model `{cfg.model.adapter}` from `{cfg.model.source}`, streams {', '.join(cfg.model.streams)}; "
+        f"{n_rec} recorded identification attempts; evaluation on {', '.join(splits)} "
+        f"({sizes}); judges {', '.join(judges)}"
+        f"{'' if cfg.judges.quality is None else f', naturalness {cfg.judges.quality.name}'}. "
+        f"Anchor: {anchor.label}, r = {anchor.rate:g}, c = {anchor.c}, {anchor.method} α = {anchor.alpha:g}. "
+        f"Match values are % of converted utterances whose judged emotion is the target; Δ are percentage points "
+        f"against the unintervened baseline; tables pool {main.replace('_', '-')} "
+        f"({cfg.evaluate.bootstrap} bootstrap resamples of source utterances for CIs).")))
+
+    summary_path = run.select_dir / "summary.json"
+    if summary_path.exists():
+        sets = read_json(summary_path)["success_sets"]
+        rows = [[key, *[str(len(v.get(t, []))) for t in targets]] for key, v in sets.items()]
+        blocks += [Block("h2", "Success sets"),
+                   Block("p", f"Successful identification attempts kept per target emotion (judge `{judges[0]}` "
+                              f"{'says the target and ' if cfg.filter.require_match else '(emotion not required) and '}"
+                              f"WER ≤ τ = {cfg.filter.tau_wer:g}, capped at c, seeded)."),
+                   Block("table", {"head": ["set", *[t.capitalize() for t in targets]], "rows": rows})]
+
+    blocks += [Block("h2", "Table 2 — baseline (no intervention)"), Block("table", baseline_table(groups[main][BASELINE], targets, judges))]
+
+    sw = _sweeps(cfg, sts)
+    g = groups[main]
+    blocks += [Block("h2", "Table 3 — selectors"),
+               Block("p", f"Δ emotion match vs baseline ({' / '.join(judges)}), at r = {anchor.rate:g}, c = {anchor.c}, "
+                          f"{anchor.method} α = {anchor.alpha:g}."),
+               Block("table", effect_table([(st.label, g[st.key]) for st in sw["selectors"]], judges, primary))]
+    if len(sw["alpha"]) > 1:
+        blocks += [Block("h2", f"Table 4 — intervention strength ({anchor.label}, {anchor.method})"),
+                   Block("table", effect_table([(f"α = {st.alpha:g}", g[st.key]) for st in sw["alpha"]], judges, primary))]
+    for key, title, fmt in (("rate", "selection rate r", lambda s: f"r = {s.rate:g}"),
+                            ("c", "success-set cap c", lambda s: f"c = {s.c}"),
+                            ("method", "intervention method", lambda s: f"{s.method} α = {s.alpha:g}")):
+        if len(sw[key]) > 1:
+            blocks += [Block("h3", f"Sweep: {title} ({anchor.label})"),
+                       Block("table", effect_table([(fmt(st), g[st.key]) for st in sw[key]], judges, primary))]
+
+    # Figure 3 (and the sweeps as heatmap rows, like Figures 4-7)
+    blocks.append(Block("h2", "Figure 3 — Δ match per mask emotion × target emotion"))
+    for key, title, name in (("selectors", "selectors", lambda s: s.label), ("rate", "selection rate", lambda s: f"r={s.rate:g}"),
+                             ("c", "success-set cap", lambda s: f"c={s.c}"), ("alpha", "strength", lambda s: f"α={s.alpha:g}"),
+                             ("method", "method", lambda s: f"{s.method} {s.alpha:g}")):
+        if key != "selectors" and len(sw[key]) < 2:
+            continue
+        panels = [(name(st), g[st.key]["judges"][primary]["matrix"]) for st in sw[key]]
+        png = plots.delta_heatmaps(panels, targets, fig_dir / f"heatmap_{key}.png",
+                                   title=f"Δ match (pp), judge {primary}, {main.replace('_', '-')}: {title}")
+        blocks.append(Block("img", (f"Δ match heatmaps: {title}", png.relative_to(run.dir))))
+
+    # Figure 9: where the anchor mask's neurons are
+    from esn import artifacts
+
+    mask_path = run.select_dir / f"masks_{anchor.mask_key}.safetensors"
+    if mask_path.exists():
+        loaded = artifacts.load_masks(mask_path)
+        counts, names = _layer_counts(loaded.masks, loaded.layout)
+        png = plots.layer_heatmap(counts, names, list(loaded.masks), fig_dir / "layers.png",
+                                  title=f"{anchor.label} ESNs per layer (r = {anchor.rate:g})")
+        blocks += [Block("h2", "Figure 9 — layer distribution of the anchor mask"),
+                   Block("img", ("ESNs per layer and emotion", png.relative_to(run.dir)))]
+
+    # Figure 10: seen vs unseen
+    if len(splits) > 1:
+        vals = {s: groups[s][anchor.key]["judges"][primary]["self_per_target"] for s in splits}
+        cis = {s: groups[s][anchor.key]["judges"][primary].get("ci", {}).get("self_per_target", {}) for s in splits}
+        png = plots.seen_unseen_bars(vals, cis, targets, fig_dir / "seen_unseen.png",
+                                     title=f"Self-effect per emotion, {anchor.label} (judge {primary}, 95% CI)")
+        rows = [[s.replace("_", "-"), *[_f(vals[s].get(t)) for t in targets]] for s in splits]
+        blocks += [Block("h2", "Figure 10 — seen vs unseen speakers"),
+                   Block("img", ("seen vs unseen", png.relative_to(run.dir))),
+                   Block("table", {"head": ["split", *[t.capitalize() for t in targets]], "rows": rows})]
+
+    blocks += _human_blocks(run, targets)
+    return blocks
+
+
+def _human_blocks(run: Run, targets: list[str]) -> list[Block]:
+    out: list[Block] = []
+    sim = run.select_dir / "human_similarity.json"
+    if sim.exists():
+        data = read_json(sim)
+        rows = [[e.capitalize(), _f(v["jaccard"], ".3f"), _f(100 * v["direct_match"], ".2f") + "%", _f(v["jsd"], ".3f")]
+                for e, v in data.items()]
+        out += [Block("h2", "Table 5 — ESNs from human- vs judge-filtered successes"),
+                Block("table", {"head": ["Emotion", "Jaccard", "Direct match", "JSD"], "rows": rows})]
+    wtl = run.dir / "human" / "results.json"
+    if wtl.exists():
+        rates = read_json(wtl)["rates"]
+        png = plots.win_tie_loss(rates, run.dir / "figures" / "human_wtl.png", title="Listeners: intervened vs baseline")
+        rows = [[e.capitalize() if e != "average" else "Average", *[f"{100 * rates[e][k]:.0f}%" for k in ("win", "tie", "loss")]]
+                for e in rates]
+        out += [Block("h2", "Figure 8 — human A/B listening (win / tie / loss)"),
+                Block("img", ("win tie loss", png.relative_to(run.dir))),
+                Block("table", {"head": ["Emotion", "Win", "Tie", "Loss"], "rows": rows})]
+    return out
+
+
+# -- rendering ----------------------------------------------------------------------------------------
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append("#" * int(b.kind[1]) + " " + b.body)
+        elif b.kind == "p":
+            out.append(b.body)
+        elif b.kind == "code":
+            out.append(f"```bash\n{b.body}\n```")
+        elif b.kind == "img":
+            alt, rel = b.body
+            out.append(f"![{alt}]({rel})")
+        elif b.kind == "table":
+            head, rows = b.body["head"], b.body["rows"]
+            esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+            lines = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def to_html(blocks: list[Block]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>esn report</title><style>"
+             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}pre{background:#f4f4f4;padding:1em}"
+             "</style></head><body>"]
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            parts.append(f"<{b.kind}>{html.escape(b.body)}</{b.kind}>")
+        elif b.kind == "p":
+            parts.append(f"<p>{html.escape(b.body)}</p>")
+        elif b.kind == "code":
+            parts.append(f"<pre>{html.escape(b.body)}</pre>")
+        elif b.kind == "img":
+            alt, rel = b.body
+            parts.append(f"<p><img src='{html.escape(str(rel))}' alt='{html.escape(alt)}'></p>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b.body["head"])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in b.body["rows"])
+            parts.append(f"<table><tr>{head}</tr>{rows}</table>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(run: Run, extra: list[Block] | None = None) -> Path:
+    blocks = build(run)
+    if extra:
+        blocks[1:1] = extra
+    atomic_write_text(run.dir / "report.html", to_html(blocks))
+    return atomic_write_text(run.dir / "report.md", to_markdown(blocks))
