@@ -16,7 +16,7 @@ from esn import __version__
 from esn.errors import EsnError
 
 # Modules under esn.cli that contribute commands, in help order.
-COMMAND_MODULES = ("plugins_cmd", "model_cmd", "judge_cmd")
+COMMAND_MODULES = ("plugins_cmd", "model_cmd", "judge_cmd", "pipeline_cmd")
 
 err_console = Console(stderr=True, soft_wrap=True)
 
