@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from esn.errors import EsnError
 from esn.pipeline.config import load_config, mask_recipes, settings
 
@@ -65,6 +64,7 @@ human_labels = "labels.csv"
     ("[anchor]\nalpha = -2.0\n", "anchor", "alpha"),
     ("[anchor]\nalpha = nan\n", "anchor", "finite"),
     ("[filter]\ntau_wer = -0.1\n", "filter.tau_wer", "greater than or equal to 0"),
+    ("[filter]\ntau_wer = inf\n", "filter.tau_wer", "finite number"),
     ("[sweep]\nrates = [0.01, 2.0]\n", "sweep.rates", "rates[1] = 2.0"),
     ("[sweep]\nc = [0]\n", "sweep.c", "c[0] = 0"),
     ("[sweep]\nalphas = [-1.0]\n", "sweep.alphas", "alphas[0] = -1.0"),
@@ -93,9 +93,9 @@ def test_unknown_top_level_key_and_missing_sections(tmp_path):
 
 def test_json_and_yaml(tmp_path):
     data = {"model": {"source": "ckpt"}, "data": {"root": "esd"}, "judges": {"emotion": [{"name": "e2v"}]},
-            "filter": {"tau_wer": float("inf"), "require_match": False}}
-    cfg = load_config(write(tmp_path, json.dumps(data).replace("Infinity", "Infinity"), "r.json"))
-    assert cfg.filter.tau_wer == float("inf") and cfg.filter.require_match is False
+            "filter": {"tau_wer": 1000.0, "require_match": False}}
+    cfg = load_config(write(tmp_path, json.dumps(data), "r.json"))
+    assert cfg.filter.tau_wer == 1000.0 and cfg.filter.require_match is False
     yaml = pytest.importorskip("yaml")
     cfg = load_config(write(tmp_path, yaml.safe_dump({**data, "filter": {"tau_wer": 0.3}}), "r.yaml"))
     assert cfg.filter.tau_wer == 0.3

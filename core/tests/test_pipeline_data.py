@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from esn.errors import EsnError
 from esn.pipeline.data import PAPER_SPLITS, CSVDataset, ESDDataset, SplitRule, parse_esd_transcript
 from esn.pipeline.synthetic import write_esd

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from esn.pipeline.config import Setting
 from esn.pipeline.evaluate import BASELINE, grid, summarize
 from esn.wer import corpus_wer

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
 from esn.adapters import GenerationConfig
 from esn.emotions import TARGET_EMOTIONS, normalize_emotion
 from esn.errors import EsnError
 from esn.pipeline.data import SplitRule
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SELECTORS = ("random", "lap", "lape", "mad", "cas")
 

@@ -21,9 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from esn.errors import EsnError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ESD_EMOTIONS: tuple[str, ...] = ("neutral", "angry", "happy", "sad", "surprise")  # id-block order
 PER_EMOTION = 350

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-
 from esn.errors import EsnError
 from esn.pipeline.files import atomic_write_text
+from rich.console import Console
 
 SPEAKERS = range(11, 21)
 INDICES = range(1, 4)

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from esn.pipeline.config import Setting
 
 BASELINE = "baseline"

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-
 from esn.errors import EsnError
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from esn.emotions import EMOTIONS, normalize_emotion
 from esn.errors import EsnError
 from esn.pipeline.files import atomic_write_json, atomic_write_text, atomic_write_wav, read_json

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
+from esn.pipeline import plots
 from esn.pipeline.config import Setting, settings
 from esn.pipeline.evaluate import BASELINE
 from esn.pipeline.files import atomic_write_text, read_json
-from esn.pipeline import plots
 
 if TYPE_CHECKING:
     from esn.pipeline.run import Run
@@ -251,6 +250,15 @@ def to_html(blocks: list[Block]) -> str:
 
 
 def write_report(run: Run, extra: list[Block] | None = None) -> Path:
+    """Write report.md and report.html. ``extra`` blocks go after the title and are kept in
+    ``report_preface.json``, so that later ``esn report`` calls keep them (the demo's disclaimer)."""
+    from esn.pipeline.files import atomic_write_json
+
+    preface = run.dir / "report_preface.json"
+    if extra:
+        atomic_write_json(preface, [[b.kind, b.body] for b in extra])
+    elif preface.exists():
+        extra = [Block(kind, body) for kind, body in read_json(preface)]
     blocks = build(run)
     if extra:
         blocks[1:1] = extra

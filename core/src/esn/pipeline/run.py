@@ -30,14 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from esn.errors import EsnError
 from esn.pipeline.config import RunConfig, Setting, mask_recipes, settings
 from esn.pipeline.data import CSVDataset, ESDDataset, Source
 from esn.pipeline.evaluate import BASELINE, EvalAttempt, derive_seed, grid, summarize
 from esn.pipeline.files import atomic_write_json, atomic_write_wav, clean_temp, dumps, read_json
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 STAGES = ("record", "select", "evaluate", "report")
 JUDGE_RATE = 16_000  # the paper resamples every generation to 16 kHz before judging
@@ -90,7 +96,7 @@ class Run:
     def open(self) -> Run:
         """Create or reopen the run directory; refuse one made by a different config."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / ".lock", "w")  # noqa: SIM115 - held for the life of the run
+        self._lock = open(self.dir / ".lock", "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -457,7 +463,10 @@ class Run:
             path = self.eval_dir / "batches" / f"{k:06d}.json"
             if not path.exists():
                 raise EsnError(f"evaluation batch {path} is missing: run `esn evaluate` to finish the grid")
-            out += read_json(path)
+            rows = read_json(path)
+            if [r["id"] for r in rows] != [a.id for a in batch]:
+                raise EsnError(f"evaluation batch {path} belongs to another grid: run `esn evaluate` to redo it")
+            out += rows
         return out
 
     def _steered_generate(self, requests, conds, gen):
@@ -509,7 +518,7 @@ def judge_input(wave: np.ndarray, rate: int, *, loudness_dbfs: float | None = No
         wave = rms_normalize(wave, loudness_dbfs)
     if float(np.max(np.abs(wave), initial=0.0)) < 1e-6:
         return None
-    short = int(round(min_seconds * JUDGE_RATE)) - wave.size
+    short = round(min_seconds * JUDGE_RATE) - wave.size
     return np.pad(wave, (0, short)) if short > 0 else wave
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-
 from esn.pipeline.data import ESD_EMOTIONS, PER_EMOTION
 
 FOLDER = {"neutral": "Neutral", "angry": "Angry", "happy": "Happy", "sad": "Sad", "surprise": "Surprise"}
