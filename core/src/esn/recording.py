@@ -159,6 +159,7 @@ class _Root:
         self.valid: torch.Tensor | None = None  # [B, pos] bool for "dense"; None = all real
         self.slot = -1  # chunk slot of this decode step
         self.valid_buf: torch.Tensor | None = None  # [chunk, B] bool, per decode slot
+        self.valid_slots: list[torch.Tensor] = []  # its [B] rows, made once
         self.finished: torch.Tensor | None = None  # [B] bool: row has fed a stop token
         self.stop: torch.Tensor | None = None
         self.masked_decode = False  # decode validity tracked on the device (B > 1 and stop ids)
@@ -201,21 +202,18 @@ class _Root:
             self.mode = "slot" if (self.chunk and pos == 1) else "dense"
         else:
             # A row that has fed a stop token (now or earlier) is padding from this position on.
-            if pos == 1:
-                self.finished = self.finished | torch.isin(input_ids[:, -1], self.stop)  # [B]
-                fed = self.finished[:, None]  # [B, 1]
-            else:
-                hit = torch.isin(input_ids[:, -pos:], self.stop).cumsum(1, dtype=torch.int32) > 0
-                fed = hit | self.finished[:, None]  # [B, pos]
-                self.finished = fed[:, -1]
-            if self.chunk and pos == 1:
+            if pos == 1 and self.chunk:  # the hot path: a few kernels per step, no indexing but one
                 self.mode = "slot"
                 self.slot = self.slot + 1 if self.slot + 1 < self.chunk else 0
                 if self.valid_buf is None:
                     self.valid_buf = torch.empty((self.chunk, batch), dtype=torch.bool, device=device)
-                valid = torch.logical_not(self.finished, out=self.valid_buf[self.slot])  # [B]
-                self._count(valid)
+                    self.valid_slots = list(self.valid_buf.unbind(0))
+                torch.logical_or(self.finished, torch.isin(input_ids[:, -1], self.stop), out=self.finished)
+                self._count(torch.logical_not(self.finished, out=self.valid_slots[self.slot]))  # [B]
                 return
+            hit = torch.isin(input_ids[:, -pos:], self.stop).cumsum(1, dtype=torch.int32) > 0
+            fed = hit | self.finished[:, None]  # [B, pos]
+            self.finished = fed[:, -1].clone()
             self.mode = "dense"
             self.valid = ~fed
         if self.mode == "slot":
