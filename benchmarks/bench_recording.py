@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -56,10 +57,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-moments", action="store_true", help="record counts and tokens only")
     ap.add_argument("--no-baselines", action="store_true", help="skip the noop and naive hook variants")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default=None,
+        help="process = this process's CPU time with one torch thread (default on cpu: shared machines)",
+    )
     args = ap.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     new_tokens = args.new_tokens or (128 if cuda else 32)
     strategies = [s for s in args.strategies.split(",") if s]
+    clock_name = args.clock or ("wall" if cuda else "process")
+    if clock_name == "process":
+        torch.set_num_threads(1)  # CPU time then measures this run's work, not other processes' load
+    clock = time.process_time if clock_name == "process" else time.perf_counter
 
     model = build_qwen2(args.size, device=args.device)
     points = gate_hook_points(model, "model.layers", "lm")
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
             repeats=args.repeats,
             warmup=args.warmup,
             device=args.device,
+            clock=clock,
         )
         # decode steps = new_tokens - 1 (the prefill produces the first token)
         per = max(1, (new_tokens - 1) * len(acts))
@@ -143,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         "new_tokens": new_tokens,
         "prompt_len": args.prompt_len,
         "repeats": args.repeats,
+        "clock": clock_name,
         "moments": not args.no_moments,
         "results": results,
     }

@@ -106,12 +106,14 @@ def time_side_by_side(
     repeats: int = 5,
     warmup: int = 1,
     device: str = "cpu",
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, dict[str, float]]:
     """Run each variant ``warmup`` times, then ``repeats`` rounds interleaved; report medians.
 
     Returns ``{name: {"median_s", "min_s", "ratio", "ratio_min"}}`` where ``ratio`` is the median time
     over the baseline's median time (1.00 = no overhead) and ``ratio_min`` the same for the fastest
-    run. Each call is bracketed by a device synchronize.
+    run. Each call is bracketed by a device synchronize. ``clock`` may be ``time.process_time`` on a
+    shared CPU (single-threaded torch), where other processes' load would swamp wall-clock ratios.
     """
     if baseline not in variants:
         raise ValueError(f"baseline {baseline!r} is not one of {sorted(variants)}")
@@ -126,10 +128,10 @@ def time_side_by_side(
         names = names[r % len(names) :] + names[: r % len(names)]
         for name in names:
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             variants[name]()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     base = statistics.median(times[baseline])
     base_min = min(times[baseline])
     return {
