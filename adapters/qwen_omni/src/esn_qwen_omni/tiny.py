@@ -41,11 +41,9 @@ def tiny_tokenizer():
     )
 
 
-def tiny_config():
-    from transformers import Qwen2_5OmniConfig
-
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # head_dim 16
-    ids = {
+def token_ids() -> tuple[dict, dict]:
+    """Special ids of the tiny tokenizer: (ids shared by thinker and talker configs, talker-only ids)."""
+    shared = {
         "audio_token_index": _special("<|AUDIO|>"),
         "image_token_index": _special("<|IMAGE|>"),
         "video_token_index": _special("<|VIDEO|>"),
@@ -55,6 +53,25 @@ def tiny_config():
         "vision_end_token_id": _special("<|vision_eos|>"),
         "user_token_id": 0,
     }
+    talker = {
+        "tts_codec_pad_token_id": 60, "tts_codec_start_token_id": 61, "tts_codec_end_token_id": 62,
+        "tts_codec_mask_token_id": 63,
+        "tts_text_start_token_id": _special("<|tts_text_bos|>"),
+        "tts_text_end_token_id": _special("<|tts_text_eod|>"),
+        "tts_text_pad_token_id": _special("<|tts_text_pad|>"),
+    }
+    return shared, talker
+
+
+def speaker_bos(name: str) -> int:
+    return _special(f"<|spk_{name.lower()}|>")
+
+
+def tiny_config():
+    from transformers import Qwen2_5OmniConfig
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # head_dim 16
+    ids, talker_ids = token_ids()
     thinker = {
         "audio_config": {
             "num_mel_bins": 128, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 32,
@@ -74,11 +91,7 @@ def tiny_config():
     }
     talker = {
         "vocab_size": CODEC_VOCAB,
-        "tts_codec_pad_token_id": 60, "tts_codec_start_token_id": 61, "tts_codec_end_token_id": 62,
-        "tts_codec_mask_token_id": 63,
-        "tts_text_start_token_id": _special("<|tts_text_bos|>"),
-        "tts_text_end_token_id": _special("<|tts_text_eod|>"),
-        "tts_text_pad_token_id": _special("<|tts_text_pad|>"),
+        **talker_ids,
         "embedding_size": 32, "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "rope_parameters": rope,
         "max_position_embeddings": 4096,
@@ -124,7 +137,7 @@ def write_tiny(directory: str | Path, *, seed: int = 0) -> Path:
     dit = config.token2wav_config.dit_config
     speakers = {
         name: {
-            "bos_token": _special(f"<|spk_{name.lower()}|>"),
+            "bos_token": speaker_bos(name),
             "cond": torch.randn(1, dit.enc_emb_dim, generator=gen),
             "ref_mel": torch.randn(1, 30, dit.mel_dim, generator=gen),
         }
