@@ -33,7 +33,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     demo = sub.add_parser("demo", help="tiny random model + synthetic ESD + tiny judges: the whole pipeline on CPU")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (report.md lands here)")
-    demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    # Tiny models are launch-bound: one thread is fastest, and immune to oversubscription on busy machines.
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     demo.set_defaults(func=cmd_demo)
 
     human = sub.add_parser("human", help="human listening study: export a blind kit, import responses")
