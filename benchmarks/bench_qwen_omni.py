@@ -93,7 +93,10 @@ def config_7b():
         **ids,
         **talker_ids,
     }
-    return Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, token2wav_config={})
+    # Random talker weights emit any of the 8448 codec ids; the released DiT embeds 8193 (the trained
+    # talker never emits the others before eos). Widen the table so every random code is embeddable.
+    token2wav = {"dit_config": {"num_embeds": talker["vocab_size"]}}
+    return Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, token2wav_config=token2wav)
 
 
 def build(size: str, device: str, seed: int = 0):

@@ -117,9 +117,16 @@ def main(argv: list[str] | None = None) -> dict:
         inputs = random_prompts(model, batch, args.prompt_len)
         ref = plain(inputs)
         ops = {}
+        tokens_equal = {}
         for name, fn in variants.items():
-            if name != "plain" and not torch.equal(fn(inputs), ref):
-                raise SystemExit(f"{name} changed the generated tokens at batch {batch}")
+            tokens_equal[name] = name == "plain" or torch.equal(fn(inputs), ref)
+            if not tokens_equal[name]:
+                # On CPU this is a bug. On CUDA, two plain bf16 runs of a random model can already
+                # differ (near-tied logits, kernel choice), so it is reported, not fatal.
+                message = f"{name} changed the generated tokens at batch {batch}"
+                if not cuda:
+                    raise SystemExit(message)
+                print(f"warning: {message} (CUDA runs are not bit-reproducible)", file=sys.stderr)
             counter = _OpCounter()
             with counter:
                 fn(inputs)
@@ -142,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                     **t,
                     "tok_per_s": round(batch * new_tokens / t["median_s"], 1),
                     "extra_ops_per_hook_step": round((ops[name] - ops["plain"]) / per, 2),
+                    "tokens_equal": tokens_equal[name],
                 }
             )
 

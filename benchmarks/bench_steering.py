@@ -8,7 +8,7 @@ layer. Variants per batch size, interleaved, each entering its context inside th
 context per generate, as in an evaluation grid, so building the edit tensors is included):
 
 - ``plain``: greedy generate (baseline); ``noop``: a do-nothing hook per act_fn (the floor of any hook);
-- ``steer``: one mask for every row (``steer``, alpha 1);
+- ``steer``: one mask for every row (``steer``, alpha 1); ``steer_a0``: the same with alpha 0;
 - ``rows``: a different mask and alpha for every row (``steer_rows``, method steer);
 - ``rows_mixed``: a different mask per row, methods cycling steer/add/clamp/deactivate;
 - ``folded``: ``steer`` alpha 1 folded into down_proj columns (no hook).
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
         contexts = {
             "noop": lambda: installed((m, lambda mod, a, g: None) for m in acts),
             "steer": lambda: steer(target, mask, "steer", 1.0),
+            # alpha 0: the same hook work with bit-identical tokens, to tell hook cost from token effects
+            "steer_a0": lambda: steer(target, mask, "steer", 0.0),
             "rows": lambda rows=rows: steer_rows(target, rows),
             "rows_mixed": lambda mixed=mixed: steer_rows(target, mixed),
             "folded": lambda: folded(target, mask, "steer", 1.0),
