@@ -127,6 +127,44 @@ def build(size: str, device: str, seed: int = 0):
     return QwenOmniAdapter(model, f"random-{size}", tiny_tokenizer(), speakers)
 
 
+def stage_times(adapter, run, cuda: bool) -> dict[str, float]:
+    """Seconds spent in thinker.generate, talker.generate and token2wav during one plain ``run()``.
+
+    Profiling only: the sub-models' generate methods are wrapped on the instance for this one call.
+    """
+    model = adapter.model
+    spent = {"thinker": 0.0, "talker": 0.0, "token2wav": 0.0}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            spent[name] += time.perf_counter() - t0
+            return out
+
+        return wrapper
+
+    originals = {"thinker": model.thinker.generate, "talker": model.talker.generate, "token2wav": model.token2wav.forward}
+    model.thinker.generate = timed("thinker", originals["thinker"])
+    model.talker.generate = timed("talker", originals["talker"])
+    model.token2wav.forward = timed("token2wav", originals["token2wav"])
+    try:
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        total = time.perf_counter() - t0
+    finally:
+        del model.thinker.generate, model.talker.generate, model.token2wav.forward
+    return {**{k: round(v, 3) for k, v in spent.items()}, "total": round(total, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -134,6 +172,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate", type=float, default=0.005, help="mask size as a fraction of all gate neurons")
+    ap.add_argument("--breakdown", action="store_true", help="also time thinker, talker and token2wav of plain")
+    ap.add_argument("--variants", nargs="+", default=["record", "steer", "rows", "rows+record"],
+                    help="variants besides plain")
     args = ap.parse_args()
 
     from esn.adapters import EVCRequest, GenerationConfig
@@ -172,6 +213,7 @@ def main() -> None:
         ]
 
     results = {}
+    breakdown = {}
     for batch in args.batch:
         reqs = requests(batch)
         conds = [Condition(masks[i], "steer", 1.0) for i in range(batch)]
@@ -202,6 +244,7 @@ def main() -> None:
         variants = {"plain": plain, "record": record, "steer": steered}
         if batch > 1:
             variants |= {"rows": rows, "rows+record": rows_record}
+        variants = {k: v for k, v in variants.items() if k == "plain" or k in args.variants}
         out = plain()  # warm-up, and a check that the fixed work is what was asked for
         assert all(
             r.info["text_tokens"] == TEXT_TOKENS and r.info["audio_tokens"] == CODEC_TOKENS for r in out
@@ -234,6 +277,8 @@ def main() -> None:
                 rows_out[name]["peak_gib"] = round(peaks[name] / 2**30, 3)
                 rows_out[name]["peak_ratio"] = round(peaks[name] / peaks["plain"], 4)
         results[f"batch{batch}"] = rows_out
+        if args.breakdown:
+            breakdown[f"batch{batch}"] = stage_times(adapter, lambda reqs=reqs: adapter.generate(reqs, config), cuda)
 
     summary = {
         "benchmark": "bench_qwen_omni",
@@ -254,6 +299,8 @@ def main() -> None:
         "build_s": round(build_s, 2),
         "results": results,
     }
+    if breakdown:
+        summary["stage_seconds"] = breakdown
     print(json.dumps(summary, indent=2))
 
 
