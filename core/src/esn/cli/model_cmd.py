@@ -21,6 +21,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default auto)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow checkpoints that run their own Python (MiniCPM-o, Kimi-Audio)")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +54,7 @@ def load_adapter(args: argparse.Namespace):
 
     cls = registry().adapter(args.adapter)
     with err_console.status(f"loading {args.model} with adapter {args.adapter}"):
-        return cls.load(args.model, dtype=args.dtype, device=args.device)
+        return cls.load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
 def cmd_hookpoints(args: argparse.Namespace) -> int:

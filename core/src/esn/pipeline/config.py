@@ -32,6 +32,8 @@ class ModelSection(_Section):
     dtype: str = "auto"
     device: str = "cpu"
     streams: list[Literal["lm", "synth"]] = Field(default_factory=lambda: ["lm"], min_length=1)
+    # Remote-code checkpoints (MiniCPM-o, Kimi-Audio) run their own Python: an explicit opt-in.
+    trust_remote_code: bool = False
 
 
 class DataSection(_Section):

@@ -177,7 +177,7 @@ class Run:
         m = self.cfg.model
         cls = registry().adapter(m.adapter)
         self.console.print(f"loading [bold]{m.adapter}[/] from {m.source}")
-        return cls.load(m.source, dtype=m.dtype, device=m.device)
+        return cls.load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
 
     @cached_property
     def emotion_judges(self) -> dict[str, Any]:
