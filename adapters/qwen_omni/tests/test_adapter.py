@@ -157,7 +157,8 @@ def test_unknown_speaker_and_option(adapter, requests_, config):
 
 
 def test_system_prompt_presets_change_the_prompt(adapter, speech_fn):
-    from esn_qwen_omni.prompt import CONVERSION_PROMPT, SPEECH_PROMPT, system_prompt
+    from esn.adapters import CONVERSION_SYSTEM_PROMPT as CONVERSION_PROMPT
+    from esn_qwen_omni.prompt import SPEECH_PROMPT, system_prompt
 
     assert system_prompt(None) == SPEECH_PROMPT and system_prompt("conversion") == CONVERSION_PROMPT
     assert system_prompt("Be brief.") == "Be brief."

@@ -26,6 +26,16 @@ DEFAULT_INSTRUCTION = (
 )
 
 
+# The paper's setting: a fixed, emotion-agnostic system prompt asking for conversion with the words kept
+# (the paper gives no verbatim text; this is our wording of its description). Adapters offer it as the
+# "conversion" preset of ``GenerationConfig.system_prompt``.
+CONVERSION_SYSTEM_PROMPT = (
+    "You are an emotional voice conversion system. You receive a speech recording and an instruction "
+    "naming a target emotion. Say exactly the same words as the recording, in the same language, and "
+    "express the requested emotion through your voice."
+)
+
+
 class GenerationConfig(BaseModel):
     """How an EVC conversion is generated. Adapter defaults apply where a field is None."""
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from esn.adapters import EVCRequest, EVCResult, GenerationConfig, ModelAdapter
+from esn.adapters import CONVERSION_SYSTEM_PROMPT, EVCRequest, EVCResult, GenerationConfig, ModelAdapter
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
 from torch import nn
@@ -42,12 +42,7 @@ INSTALL = (
     "pip install torch==2.4.1 torchaudio==2.4.1 && pip install flash-attn --no-build-isolation && "
     "pip install git+https://github.com/MoonshotAI/Kimi-Audio.git"
 )
-CONVERSION_PROMPT = (
-    "You are an emotional voice conversion system. You receive a speech recording and an instruction "
-    "naming a target emotion. Say exactly the same words as the recording, in the same language, and "
-    "express the requested emotion through your voice."
-)
-SYSTEM_PROMPTS = {"conversion": CONVERSION_PROMPT}
+SYSTEM_PROMPTS = {"conversion": CONVERSION_SYSTEM_PROMPT}
 # GenerationConfig.options and their deterministic defaults (temperature <= 1e-6 is argmax in kimia_infer).
 OPTIONS: dict[str, tuple[type, Any]] = {
     "audio_temperature": (float, 0.0),

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from esn.adapters import EVCRequest, EVCResult, GenerationConfig, ModelAdapter
+from esn.adapters import CONVERSION_SYSTEM_PROMPT, EVCRequest, EVCResult, GenerationConfig, ModelAdapter
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
 
@@ -34,13 +34,7 @@ WRITTEN_FOR = "transformers 4.51.0, torch <= 2.8"
 INSTALL = 'pip install "transformers==4.51.0" "torch<=2.8" "minicpmo-utils[all]"'
 # MiniCPM-o's own default system prompt (``get_sys_prompt(mode="default")`` in its remote code).
 MODEL_SYSTEM_PROMPT = "You are a helpful assistant. You can accept audio and text input and output voice and text."
-# The paper's setting: a fixed, emotion-agnostic prompt asking for conversion with the words kept.
-CONVERSION_PROMPT = (
-    "You are an emotional voice conversion system. You receive a speech recording and an instruction "
-    "naming a target emotion. Say exactly the same words as the recording, in the same language, and "
-    "express the requested emotion through your voice."
-)
-SYSTEM_PROMPTS = {"model": MODEL_SYSTEM_PROMPT, "conversion": CONVERSION_PROMPT}
+SYSTEM_PROMPTS = {"model": MODEL_SYSTEM_PROMPT, "conversion": CONVERSION_SYSTEM_PROMPT}
 # GenerationConfig.options this adapter understands.
 OPTIONS: dict[str, type] = {
     "tts_temperature": float,  # TTS sampling temperature (model default 0.8); smaller is closer to greedy

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from esn.adapters import CONVERSION_SYSTEM_PROMPT
 from esn.errors import EsnError
 
 # Qwen's own speech-output prompt: the model card says speech output needs exactly this system prompt.
@@ -24,14 +25,7 @@ SPEECH_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
     "auditory and visual inputs, as well as generating text and speech."
 )
-# The paper's setting: a fixed, emotion-agnostic system prompt asking for conversion with content kept
-# (the paper gives no verbatim text; this is our wording of its description).
-CONVERSION_PROMPT = (
-    "You are an emotional voice conversion system. You receive a speech recording and an instruction "
-    "naming a target emotion. Say exactly the same words as the recording, in the same language, and "
-    "express the requested emotion through your voice."
-)
-SYSTEM_PROMPTS = {"speech": SPEECH_PROMPT, "conversion": CONVERSION_PROMPT}
+SYSTEM_PROMPTS = {"speech": SPEECH_PROMPT, "conversion": CONVERSION_SYSTEM_PROMPT}
 
 SAMPLE_RATE = 16_000
 MAX_SECONDS = 30.0  # the Whisper-style feature extractor holds 30 s; longer input would be cut silently
