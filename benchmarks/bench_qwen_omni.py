@@ -173,6 +173,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate", type=float, default=0.005, help="mask size as a fraction of all gate neurons")
     ap.add_argument("--breakdown", action="store_true", help="also time thinker, talker and token2wav of plain")
+    ap.add_argument("--token2wav-batch", type=int, default=1,
+                    help="rows per token2wav batch (adapter option token2wav_batch; 1 = row by row); when > 1 the "
+                         "row-by-row plain run is timed beside it as plain_t2w_rowwise")
     ap.add_argument("--variants", nargs="+", default=["record", "steer", "rows", "rows+record"],
                     help="variants besides plain")
     args = ap.parse_args()
@@ -199,6 +202,7 @@ def main() -> None:
             "thinker_min_new_tokens": TEXT_TOKENS,
             "talker_min_new_tokens": CODEC_TOKENS,
             "token2wav_num_steps": T2W_STEPS,
+            "token2wav_batch": args.token2wav_batch,
         },
     )
     emotions = ("happy", "angry", "sad", "surprise")
@@ -245,6 +249,9 @@ def main() -> None:
         if batch > 1:
             variants |= {"rows": rows, "rows+record": rows_record}
         variants = {k: v for k, v in variants.items() if k == "plain" or k in args.variants}
+        if args.token2wav_batch > 1 and batch > 1:
+            rowwise = config.model_copy(update={"options": {**config.options, "token2wav_batch": 1}})
+            variants["plain_t2w_rowwise"] = lambda reqs=reqs: adapter.generate(reqs, rowwise)
         out = plain()  # warm-up, and a check that the fixed work is what was asked for
         assert all(
             r.info["text_tokens"] == TEXT_TOKENS and r.info["audio_tokens"] == CODEC_TOKENS for r in out
@@ -294,6 +301,7 @@ def main() -> None:
             "codec_tokens": CODEC_TOKENS,
             "token2wav_steps": T2W_STEPS,
         },
+        "token2wav_batch": args.token2wav_batch,
         "mask_neurons": k,
         "n_neurons": layout.n_neurons,
         "build_s": round(build_s, 2),

@@ -175,3 +175,38 @@ def test_too_long_and_too_short_audio(adapter, speech_fn, config):
         adapter.generate([EVCRequest(speech_fn(31, 0), "happy")], config)
     with pytest.raises(EsnError, match="too short"):
         adapter.generate([EVCRequest(speech_fn(0.01, 0), "happy")], config)
+
+
+def test_token2wav_batch_keeps_text_and_codes_and_a_group_of_one_equals_row_by_row(adapter, speech_fn):
+    import torch
+    from esn.adapters import EVCRequest, GenerationConfig
+
+    fixed = {"talker_min_new_tokens": 12, "token2wav_num_steps": 2}
+    config = GenerationConfig(max_new_tokens=6, max_audio_tokens=12, options=fixed)
+    batched = config.model_copy(update={"options": {**fixed, "token2wav_batch": 4}})
+    reqs = [EVCRequest(speech_fn(1.0, i), "angry", id=str(i)) for i in range(3)]
+    rowwise = adapter.generate(reqs, config)
+    grouped = adapter.generate(reqs, batched)
+    assert [r.text for r in grouped] == [r.text for r in rowwise]
+    assert [r.info["audio_codes"] for r in grouped] == [r.info["audio_codes"] for r in rowwise]
+    assert len({len(r.info["audio_codes"]) for r in grouped}) == 1  # one group of three
+    for g, r in zip(grouped, rowwise, strict=True):
+        assert g.waveform.dtype == r.waveform.dtype and g.waveform.shape == r.waveform.shape
+    # decoding after generate() must not build an autograd graph (40 DiT passes would keep every activation)
+    probe = []
+    handle = adapter.model.token2wav.code2wav_dit_model.register_forward_hook(
+        lambda m, a, out: probe.append(torch.is_grad_enabled() or out.requires_grad)
+    )
+    try:
+        again = adapter.generate(reqs, batched)
+    finally:
+        handle.remove()
+    assert probe and not any(probe)
+    assert all(torch.equal(torch.from_numpy(a.waveform), torch.from_numpy(b.waveform)) for a, b in zip(again, grouped))
+    pairs = adapter.generate(reqs, config.model_copy(update={"options": {**fixed, "token2wav_batch": 2}}))
+    assert [r.info["audio_codes"] for r in pairs] == [r.info["audio_codes"] for r in rowwise]
+    with pytest.raises(EsnError, match="token2wav_batch must be >= 1"):
+        adapter.generate(reqs[:1], config.model_copy(update={"options": {**fixed, "token2wav_batch": 0}}))
+    solo_rowwise = adapter.generate(reqs[:1], config)[0]
+    solo_grouped = adapter.generate(reqs[:1], batched)[0]
+    assert torch.equal(torch.from_numpy(solo_grouped.waveform), torch.from_numpy(solo_rowwise.waveform))

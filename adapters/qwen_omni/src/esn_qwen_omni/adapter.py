@@ -13,6 +13,7 @@ which runs on thinker embeddings; the mask still marks the left padding) and the
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,10 @@ OPTIONS: dict[str, type] = {
     "talker_repetition_penalty": float,  # Qwen's default 1.05 (still deterministic with greedy decoding)
     "token2wav_num_steps": int,  # ODE steps of the DiT (default 10)
     "token2wav_guidance_scale": float,
+    # Decode up to this many rows whose codes have the same length as one token2wav batch (throughput;
+    # 1 = row by row, the default). Text and codes are unchanged; a row's audio then depends on its
+    # group (the diffusion noise is drawn per group). Only the DiT is batched; the vocoder runs per row.
+    "token2wav_batch": int,
 }
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -63,6 +68,60 @@ def _placement(device: str) -> dict[str, Any]:
     if str(device) == "cpu" or importlib.util.find_spec("accelerate") is None:
         return {}
     return {"device_map": str(device)}
+
+
+class _CodeCatcher:
+    """Stands in for ``model.token2wav`` during ``generate``: keeps each row's codes, decodes nothing.
+
+    ``generate`` calls ``token2wav(code [1, n], conditioning [1, C], reference_mel [1, T, M], **kw)`` once
+    per row and reads ``.dtype``; the adapter decodes the caught codes afterwards in length groups.
+    """
+
+    def __init__(self, real):
+        self.real = real
+        self.calls: list[tuple] = []
+
+    @property
+    def dtype(self):
+        return self.real.dtype
+
+    def float(self):
+        self.real.float()
+        return self
+
+    def __call__(self, code, conditioning, reference_mel, **kwargs):
+        import torch
+
+        self.calls.append((code, conditioning, reference_mel, kwargs))
+        return torch.zeros(0)
+
+
+def _inference_mode(fn):
+    """Run ``fn`` under ``torch.inference_mode`` (generate has its own no_grad; code after it does not)."""
+
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _swapped(owner, name: str, replacement):
+    """Temporarily replace ``owner.<name>`` (a submodule) with ``replacement``; None: leave it alone."""
+    if replacement is None:
+        yield
+        return
+    original = owner._modules[name]
+    del owner._modules[name]
+    object.__setattr__(owner, name, replacement)
+    try:
+        yield
+    finally:
+        object.__delattr__(owner, name)
+        owner._modules[name] = original
 
 
 def _restore_talker_mask(module, args, kwargs):
@@ -225,12 +284,46 @@ class QwenOmniAdapter(ModelAdapter):
                 raise EsnError(f"qwen_omni option {key}={value!r} must be {OPTIONS[key].__name__}") from None
         return out
 
+    @staticmethod
+    @_inference_mode
+    def _decode_in_groups(token2wav: Any, calls: list[tuple], seed: int, max_rows: int) -> list[Any]:
+        """token2wav over rows grouped by code length: one DiT batch per group of <= max_rows.
+
+        ``calls`` are ``(code [1, n], conditioning [1, C], reference_mel [1, T, M], kwargs)`` per row.
+        The noise is seeded once per group, so the result is reproducible for a fixed batch.
+        """
+        import torch
+
+        groups: dict[int, list[int]] = {}
+        for row, (code, *_rest) in enumerate(calls):
+            groups.setdefault(int(code.shape[-1]), []).append(row)
+        chunks = [rows[i : i + max_rows] for rows in groups.values() for i in range(0, len(rows), max_rows)]
+        waves: list[Any] = [None] * len(calls)
+        for rows in chunks:
+            code = torch.cat([calls[r][0] for r in rows])  # [G, n]
+            cond = torch.cat([calls[r][1] for r in rows])  # [G, C]
+            mel = torch.cat([calls[r][2] for r in rows])  # [G, T, M]
+            kwargs = calls[rows[0]][3]
+            torch.manual_seed(seed)
+            if len(rows) == 1:  # exactly the row-by-row call
+                waves[rows[0]] = token2wav(code, conditioning=cond, reference_mel=mel, **kwargs).reshape(-1).float()
+                continue
+            # The DiT's 10-step ODE (launch-bound) runs batched; the vocoder, one pass but ~GiBs of
+            # activations per row, runs row by row.
+            ode = {k: v for k, v in kwargs.items() if k in ("num_steps", "guidance_scale", "sway_coefficient")}
+            spectrograms = token2wav.code2wav_dit_model.sample(cond, mel, code, **ode)  # [G, M, T]
+            for i, r in enumerate(rows):
+                waves[r] = token2wav.code2wav_bigvgan_model(spectrograms[i : i + 1]).reshape(-1).float()
+        return waves
+
     def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
         """All requests as rows of one left-padded batch; each row's audio equals its solo run.
 
         Text and codec tokens are greedy. token2wav decodes row by row and is reseeded with
         ``config.seed`` before each row, so a row's audio does not depend on its batch mates. The global
-        RNG state is restored afterwards.
+        RNG state is restored afterwards. With the option ``token2wav_batch=N`` (N > 1) up to N rows whose
+        codes have the same length are decoded as one batch instead (faster; text and codes unchanged,
+        audio seeded per group, and a group of one equals the row-by-row result).
         """
         import torch
         from esn.hooks import installed
@@ -259,8 +352,16 @@ class QwenOmniAdapter(ModelAdapter):
             codes.append(args[0].detach().reshape(-1).cpu())
 
         fork = [device] if device.type == "cuda" else []
-        hooks = [(self.model.token2wav, reseed), (self.model.talker, _restore_talker_mask)]
-        with torch.random.fork_rng(devices=fork), installed(hooks, kind="pre", with_kwargs=True):
+        batch_t2w = options.pop("token2wav_batch", 1)
+        if batch_t2w < 1:
+            raise EsnError(f"qwen_omni option token2wav_batch must be >= 1, got {batch_t2w}")
+        batch_t2w = batch_t2w if batch_t2w > 1 else None
+        hooks = [(self.model.talker, _restore_talker_mask)]
+        if not batch_t2w:
+            hooks.append((self.model.token2wav, reseed))
+        catcher = _CodeCatcher(self.model.token2wav) if batch_t2w else None
+        with torch.random.fork_rng(devices=fork), installed(hooks, kind="pre", with_kwargs=True), \
+                _swapped(self.model, "token2wav", catcher):
             sequences, waves = self.model.generate(
                 **inputs,
                 speaker=speaker,
@@ -276,6 +377,9 @@ class QwenOmniAdapter(ModelAdapter):
                 talker_eos_token_id=list(self.talker_stop_ids),
                 **options,
             )
+            if catcher is not None:
+                codes = [call[0].reshape(-1).cpu() for call in catcher.calls]
+                waves = self._decode_in_groups(catcher.real, catcher.calls, config.seed, batch_t2w)
         if torch.is_tensor(waves):  # batch of one: a bare [samples] tensor
             waves = [waves]
         width = inputs["input_ids"].shape[1]
