@@ -251,7 +251,7 @@ def main() -> None:
         variants = {k: v for k, v in variants.items() if k == "plain" or k in args.variants}
         if args.token2wav_batch > 1 and batch > 1:
             rowwise = config.model_copy(update={"options": {**config.options, "token2wav_batch": 1}})
-            variants["plain_t2w_rowwise"] = lambda reqs=reqs: adapter.generate(reqs, rowwise)
+            variants["plain_t2w_rowwise"] = lambda reqs=reqs, rowwise=rowwise: adapter.generate(reqs, rowwise)
         out = plain()  # warm-up, and a check that the fixed work is what was asked for
         assert all(
             r.info["text_tokens"] == TEXT_TOKENS and r.info["audio_tokens"] == CODEC_TOKENS for r in out

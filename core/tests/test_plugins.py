@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from esn import hookspecs
 from esn.plugins import PluginWarning, hookimpl, make_plugin_manager, registry_with
 

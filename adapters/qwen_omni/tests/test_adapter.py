@@ -202,7 +202,7 @@ def test_token2wav_batch_keeps_text_and_codes_and_a_group_of_one_equals_row_by_r
     finally:
         handle.remove()
     assert probe and not any(probe)
-    assert all(torch.equal(torch.from_numpy(a.waveform), torch.from_numpy(b.waveform)) for a, b in zip(again, grouped))
+    assert all(torch.equal(torch.from_numpy(a.waveform), torch.from_numpy(b.waveform)) for a, b in zip(again, grouped, strict=True))
     pairs = adapter.generate(reqs, config.model_copy(update={"options": {**fixed, "token2wav_batch": 2}}))
     assert [r.info["audio_codes"] for r in pairs] == [r.info["audio_codes"] for r in rowwise]
     with pytest.raises(EsnError, match="token2wav_batch must be >= 1"):
