@@ -19,6 +19,7 @@ $(VENV)/.installed: $(PYPROJECTS) requirements-dev.txt Makefile
 	touch $@
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
 demo: setup
@@ -27,8 +28,11 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# CPU, tiny models: a smoke run of every benchmark. GPU numbers: see docs/performance.md.
 bench: setup
-	$(VENV)/bin/python benchmarks/run_all.py
+	$(VENV)/bin/python benchmarks/bench_recording.py --size tiny
+	$(VENV)/bin/python benchmarks/bench_steering.py --size tiny
+	$(VENV)/bin/python benchmarks/bench_qwen_omni.py --size tiny --device cpu
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)
