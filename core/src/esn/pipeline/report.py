@@ -212,7 +212,7 @@ def to_markdown(blocks: list[Block]) -> str:
         elif b.kind == "p":
             out.append(b.body)
         elif b.kind == "code":
-            out.append(f"```bash\n{b.body}\n```")
+            out.append(f"```\n{b.body}\n```")
         elif b.kind == "img":
             alt, rel = b.body
             out.append(f"![{alt}]({rel})")
