@@ -18,30 +18,15 @@ import json
 import platform
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SIZES, build_qwen2, greedy, random_prompts, time_side_by_side
+from common import SIZES, OpCounter, build_qwen2, greedy, random_prompts, time_side_by_side
 from esn.adapters import StreamSpec
 from esn.hooks import ModelTarget, gate_hook_points, installed
 from esn.recording import STRATEGIES, GateRecorder
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts non-view aten ops (about one kernel launch each on CUDA)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if not cuda:
                     raise SystemExit(message)
                 print(f"warning: {message} (CUDA runs are not bit-reproducible)", file=sys.stderr)
-            counter = _OpCounter()
+            counter = OpCounter()
             with counter:
                 fn(inputs)
             ops[name] = sum(counter.ops.values())

@@ -25,34 +25,19 @@ import json
 import platform
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SIZES, build_qwen2, greedy, random_prompts, sync, time_side_by_side
+from common import SIZES, OpCounter, build_qwen2, greedy, random_prompts, sync, time_side_by_side
 from esn.adapters import StreamSpec
 from esn.hooks import ModelTarget, gate_hook_points, installed
 from esn.masks import Mask
 from esn.steering import Condition, folded, steer, steer_rows
 
 METHODS = (("steer", 1.0), ("add", 0.5), ("clamp", 0.5), ("deactivate", None))
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts non-view aten ops (about one kernel launch each on CUDA)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _random_mask(layout, rate: float, seed: int) -> Mask:
@@ -69,9 +54,9 @@ def _ops_per_hook(target, context, batch: int, device: str, dtype) -> dict[str, 
             return {}
         act = target.module(names[0])
         x = torch.randn(batch, 1, target.layout()[names[0]].width, device=device, dtype=dtype)
-        with torch.inference_mode(), _OpCounter() as steered:
+        with torch.inference_mode(), OpCounter() as steered:
             act(x)  # module __call__ runs the forward hooks
-    with torch.inference_mode(), _OpCounter() as plain:
+    with torch.inference_mode(), OpCounter() as plain:
         act(x)
     return dict(steered.ops - plain.ops)
 

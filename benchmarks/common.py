@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Qwen2.5-Omni-7B thinker text decoder sizes (Qwen2 architecture).
 SIZES: dict[str, dict] = {
@@ -143,3 +145,16 @@ def time_side_by_side(
         }
         for name, ts in times.items()
     }
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts non-view aten ops (about one kernel launch each on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
