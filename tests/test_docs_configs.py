@@ -20,5 +20,22 @@ def test_the_docs_show_run_configs():
 def test_doc_config_parses(page, block, tmp_path):
     import tomllib
 
+    from esn.plugins import registry
+
     cfg = parse_config(tomllib.loads(block), where=str(page), base=tmp_path, stem="doc")
-    assert cfg.model.adapter in {"qwen_omni", "minicpm_o", "kimi_audio"}
+    reg = registry()
+    reg.adapter(cfg.model.adapter)  # raises for a name no installed adapter registers
+    for spec in [*cfg.judges.emotion, *([cfg.judges.quality] if cfg.judges.quality else [])]:
+        reg.judge(spec.name)
+
+
+def test_the_demo_reports_real_config_parses(tmp_path):
+    import tomllib
+
+    from esn.pipeline.demo import REAL_TOML
+    from esn.plugins import registry
+
+    cfg = parse_config(tomllib.loads(REAL_TOML), where="esn.pipeline.demo.REAL_TOML", base=tmp_path, stem="study")
+    assert [j.name for j in cfg.judges.emotion] == ["emotion2vec", "lalm_judge"]
+    for spec in cfg.judges.emotion:
+        registry().judge(spec.name)

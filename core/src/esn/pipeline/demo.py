@@ -86,7 +86,7 @@ device = "cuda"
 root = "/data/ESD"                    # the folder with 0011/ ... 0020/ (or 'Emotion Speech Dataset/')
 
 [judges]
-emotion = [{name = "emotion2vec"}, {name = "lalm"}]   # emotion2vec+ large, Qwen3-Omni judge
+emotion = [{name = "emotion2vec"}, {name = "lalm_judge"}]   # emotion2vec+ large, Qwen3-Omni judge
 quality = {name = "utmos"}
 
 [record]
