@@ -20,10 +20,11 @@ import numpy as np
 import safetensors.numpy
 
 from esn.errors import EsnError
+from esn.files import atomic_write_bytes
 from esn.hookpoints import Layout
 from esn.masks import Mask
 from esn.statistics import ActivationStats
-from esn.store import atomic_write, layout_from_dict, layout_to_dict
+from esn.store import layout_from_dict, layout_to_dict
 
 STATS_FORMAT = "esn-stats/1"
 MASKS_FORMAT = "esn-masks/1"
@@ -134,7 +135,7 @@ def save_masks(path: str | os.PathLike, masks: MaskSet | Mapping[str, np.ndarray
             raise EsnError(f"the mask for {emotion!r} is over another layout than the mask set")
         tensors[f"mask.{emotion}"] = np.ascontiguousarray(mask.indices, dtype=np.int64)
     header = _header(MASKS_FORMAT, masks.layout, masks.meta, {"emotions": list(masks.masks)})
-    atomic_write(Path(path), safetensors.numpy.save(tensors, metadata=header))
+    atomic_write_bytes(Path(path), safetensors.numpy.save(tensors, metadata=header))
 
 
 def load_masks(path: str | os.PathLike, layout: Layout | None = None) -> MaskSet:
@@ -167,7 +168,7 @@ def save_stats(path: str | os.PathLike, stats: ActivationStats, *, meta: Mapping
     if stats.S is not None:
         tensors |= {"S": stats.S.astype(np.float64), "SS": stats.SS.astype(np.float64)}
     header = _header(STATS_FORMAT, stats.layout, {**stats.meta, **(meta or {})}, {"emotions": list(stats.emotions)})
-    atomic_write(Path(path), safetensors.numpy.save(tensors, metadata=header))
+    atomic_write_bytes(Path(path), safetensors.numpy.save(tensors, metadata=header))
 
 
 def load_stats(path: str | os.PathLike, layout: Layout | None = None) -> ActivationStats:

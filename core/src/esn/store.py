@@ -32,6 +32,7 @@ import safetensors.numpy
 
 from esn.emotions import EMOTIONS, normalize_emotion
 from esn.errors import EsnError
+from esn.files import atomic_write_bytes
 from esn.hookpoints import HookPoint, Layout
 
 STORE_FORMAT = "esn-attempts/1"
@@ -122,16 +123,6 @@ def layout_from_dict(d: dict, where: str) -> Layout:
     return layout
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -193,7 +184,7 @@ class AttemptStore:
 
             meta = {"format": STORE_FORMAT, "architecture": architecture, "esn_version": __version__,
                     **layout_to_dict(layout)}
-            atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+            atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
         self.shard_dir.mkdir(exist_ok=True)
 
     def __repr__(self) -> str:
@@ -256,11 +247,11 @@ class AttemptStore:
         while (self.shard_dir / f"{worker}-{seq:06d}.safetensors").exists():
             seq += 1
         stem = f"{worker}-{seq:06d}"
-        atomic_write(self.shard_dir / f"{stem}.safetensors", blob)
+        atomic_write_bytes(self.shard_dir / f"{stem}.safetensors", blob)
         sidecar = {"format": SHARD_FORMAT, "tensors": f"{stem}.safetensors", "size": len(blob),
                    "sha256": hashlib.sha256(blob).hexdigest(), "records": [r.to_dict() for r in records]}
         path = self.shard_dir / f"{stem}.json"
-        atomic_write(path, json.dumps(sidecar, ensure_ascii=False).encode())
+        atomic_write_bytes(path, json.dumps(sidecar, ensure_ascii=False).encode())
         return path
 
     # --- reading ---

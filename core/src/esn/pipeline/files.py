@@ -11,22 +11,9 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 from esn.errors import EsnError
+from esn.files import atomic_write_bytes
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_write_wav", "read_json"]
 
 
 def dumps(obj: Any) -> str:
