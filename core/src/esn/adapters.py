@@ -98,6 +98,7 @@ class ModelAdapter(abc.ABC):
     architectures: ClassVar[tuple[str, ...]]  # config ``architectures`` strings this adapter loads
     streams: ClassVar[tuple[str, ...]] = STREAMS
     description: ClassVar[str] = ""
+    model_name: ClassVar[str] = ""  # the model family as people write it, for messages ("Qwen2.5-Omni")
     # True if generate() runs all its requests as rows of one batch (per-row conditions need this).
     batched: ClassVar[bool] = True
     sample_rate: ClassVar[int] = 24_000
@@ -120,6 +121,18 @@ class ModelAdapter(abc.ABC):
         trust_remote_code: bool = False,
     ) -> ModelAdapter:
         """Load a checkpoint from a local directory or hub id."""
+
+    @classmethod
+    def check_architectures(cls, config: dict, source: str | Path) -> list[str]:
+        """The checkpoint config's ``architectures``; EsnError unless one is what this adapter loads."""
+        archs = list(config.get("architectures") or [])
+        if not set(archs) & set(cls.architectures):
+            raise EsnError(
+                f"{source}: config.json architectures {archs} are not {cls.model_name or cls.name} "
+                f"(adapter {cls.name!r} loads {list(cls.architectures)}); pick the adapter for this model "
+                "(`esn adapters list`)"
+            )
+        return archs
 
     @classmethod
     @abc.abstractmethod

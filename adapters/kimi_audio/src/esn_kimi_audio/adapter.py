@@ -97,6 +97,7 @@ def _read_json(path: Path) -> dict:
 class KimiAudioAdapter(ModelAdapter):
     name = "kimi_audio"
     architectures = ("MoonshotKimiaForCausalLM",)
+    model_name = "Kimi-Audio"
     description = "Kimi-Audio (kimia_infer): shared/text decoder gates (lm) and MIMO audio-decoder gates (synth)"
     batched = False
     sample_rate = 24_000
@@ -116,12 +117,7 @@ class KimiAudioAdapter(ModelAdapter):
             return KIMIA_MODULE  # a hub id: kimia_infer downloads it
         if not (path / "config.json").is_file():
             raise EsnError(f"{source}: no config.json; not a Kimi-Audio checkpoint directory")
-        archs = _read_json(path / "config.json").get("architectures") or []
-        if not set(archs) & set(cls.architectures):
-            raise EsnError(
-                f"{source}: config.json architectures {archs} are not Kimi-Audio ({list(cls.architectures)}); "
-                "pick the adapter for this model (`esn adapters list`)"
-            )
+        cls.check_architectures(_read_json(path / "config.json"), source)
         marker = path / STANDIN_MARKER
         if not marker.is_file():
             return KIMIA_MODULE

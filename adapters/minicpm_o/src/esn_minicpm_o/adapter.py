@@ -82,6 +82,7 @@ def _major(version: str) -> int:
 class MiniCPMOAdapter(ModelAdapter):
     name = "minicpm_o"
     architectures = ("MiniCPMO",)
+    model_name = "MiniCPM-o"
     description = "MiniCPM-o 4.5 (remote code): llm gates (lm) and TTS LlamaModel gates (synth)"
     batched = False
     sample_rate = 24_000
@@ -101,12 +102,7 @@ class MiniCPMOAdapter(ModelAdapter):
             raise EsnError(f"{source}: no config.json; not a MiniCPM-o checkpoint directory") from None
         except (OSError, ValueError) as exc:
             raise EsnError(f"{path / 'config.json'}: unreadable ({exc})") from None
-        archs = config.get("architectures") or []
-        if not set(archs) & set(cls.architectures):
-            raise EsnError(
-                f"{source}: config.json architectures {archs} are not MiniCPM-o ({list(cls.architectures)}); "
-                "pick the adapter for this model (`esn adapters list`)"
-            )
+        cls.check_architectures(config, source)
         return config
 
     @classmethod

@@ -149,6 +149,7 @@ class QwenOmniAdapter(ModelAdapter):
     name = "qwen_omni"
     # The released checkpoints' config.json says "Qwen2_5OmniModel" (the pre-release class name).
     architectures = ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel")
+    model_name = "Qwen2.5-Omni"
     description = "Qwen2.5-Omni: thinker LM gates (lm) and talker gates (synth); transformers' native class"
     batched = True
     sample_rate = 24_000
@@ -178,14 +179,7 @@ class QwenOmniAdapter(ModelAdapter):
             config = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise EsnError(f"{path}: unreadable config.json ({exc})") from None
-        archs = config.get("architectures") or []
-        if not set(archs) & set(cls.architectures):
-            raise EsnError(
-                f"{source}: config.json architectures {archs} are not Qwen2.5-Omni "
-                f"(adapter {cls.name!r} loads {list(cls.architectures)}); pick the adapter for this model "
-                "(`esn adapters list`)"
-            )
-        return archs
+        return cls.check_architectures(config, source)
 
     @classmethod
     def load(
