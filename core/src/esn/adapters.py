@@ -26,6 +26,16 @@ DEFAULT_INSTRUCTION = (
 )
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # what every adapter's load(dtype=...) accepts
+
+
+def check_dtype(dtype: str) -> str:
+    """``dtype`` if it is one of ``DTYPES`` (the torch dtype is ``getattr(torch, dtype)``), else EsnError."""
+    if dtype not in DTYPES:
+        raise EsnError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return dtype
+
+
 # The paper's setting: a fixed, emotion-agnostic system prompt asking for conversion with the words kept
 # (the paper gives no verbatim text; this is our wording of its description). Adapters offer it as the
 # "conversion" preset of ``GenerationConfig.system_prompt``.

@@ -27,7 +27,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from esn.adapters import CONVERSION_SYSTEM_PROMPT, EVCRequest, EVCResult, GenerationConfig, ModelAdapter
+from esn.adapters import (
+    CONVERSION_SYSTEM_PROMPT,
+    EVCRequest,
+    EVCResult,
+    GenerationConfig,
+    ModelAdapter,
+    check_dtype,
+)
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
 from torch import nn
@@ -52,7 +59,6 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "audio_repetition_penalty": (float, 1.0),
     "text_repetition_penalty": (float, 1.0),
 }
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class NoAudioWarning(UserWarning):
@@ -142,8 +148,7 @@ class KimiAudioAdapter(ModelAdapter):
                 "modeling_moonshot_kimia.py), which kimia_infer loads with trust_remote_code; esn runs such code "
                 "only when you opt in: pass trust_remote_code=True (command line: --trust-remote-code)"
             )
-        if dtype not in _DTYPES:
-            raise EsnError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        check_dtype(dtype)
         if attn_implementation:
             raise EsnError("kimia_infer chooses its own attention (flash-attn); leave attn_implementation unset")
         module_name = cls.kimia_module(source)

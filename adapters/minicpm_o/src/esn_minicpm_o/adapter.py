@@ -23,7 +23,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from esn.adapters import CONVERSION_SYSTEM_PROMPT, EVCRequest, EVCResult, GenerationConfig, ModelAdapter
+from esn.adapters import (
+    CONVERSION_SYSTEM_PROMPT,
+    EVCRequest,
+    EVCResult,
+    GenerationConfig,
+    ModelAdapter,
+    check_dtype,
+)
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
 
@@ -40,7 +47,6 @@ OPTIONS: dict[str, type] = {
     "tts_temperature": float,  # TTS sampling temperature (model default 0.8); smaller is closer to greedy
     "enable_thinking": bool,  # Qwen3 thinking; off for EVC
 }
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SPECIAL = re.compile(r"<\|[^|>]*\|>|<think>.*?</think>|</?think>", re.S)
 
 
@@ -121,8 +127,7 @@ class MiniCPMOAdapter(ModelAdapter):
                 "and esn runs such code only when you opt in: pass trust_remote_code=True "
                 "(command line: --trust-remote-code) if you trust that checkpoint"
             )
-        if dtype not in _DTYPES:
-            raise EsnError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        check_dtype(dtype)
         config = cls.read_config(source)
         transformers = _import_transformers()
         import torch

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from esn.adapters import EVCRequest, EVCResult, GenerationConfig, ModelAdapter, StreamSpec
+from esn.adapters import EVCRequest, EVCResult, GenerationConfig, ModelAdapter, StreamSpec, check_dtype
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
 
@@ -38,7 +38,6 @@ OPTIONS: dict[str, type] = {
     # group (the diffusion noise is drawn per group). Only the DiT is batched; the vocoder runs per row.
     "token2wav_batch": int,
 }
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _is_hub_id(source: str) -> bool:
@@ -197,8 +196,7 @@ class QwenOmniAdapter(ModelAdapter):
 
         from esn_qwen_omni.speakers import SAFETENSORS_NAME, TORCH_NAME, load_speakers
 
-        if dtype not in _DTYPES:
-            raise EsnError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        check_dtype(dtype)
         cls.read_architectures(source)
         source = str(source)
         speaker_file = _find_file(source, SAFETENSORS_NAME) or _find_file(source, TORCH_NAME)
