@@ -33,9 +33,9 @@ OPTIONS: dict[str, type] = {
     "talker_repetition_penalty": float,  # Qwen's default 1.05 (still deterministic with greedy decoding)
     "token2wav_num_steps": int,  # ODE steps of the DiT (default 10)
     "token2wav_guidance_scale": float,
-    # Decode up to this many rows whose codes have the same length as one token2wav batch (throughput;
-    # 1 = row by row, the default). Text and codes are unchanged; a row's audio then depends on its
-    # group (the diffusion noise is drawn per group). Only the DiT is batched; the vocoder runs per row.
+    # Decode up to this many rows whose codes have the same length as one token2wav batch (DiT and
+    # vocoder; throughput; 1 = row by row through transformers, the default). Text, codes and each row's
+    # noise are unchanged; audio differs from row by row only by the rounding of batched kernels.
     "token2wav_batch": int,
 }
 
@@ -142,6 +142,68 @@ def _restore_talker_mask(module, args, kwargs):
     past = cache.get_seq_length() if cache is not None else 0
     kwargs["attention_mask"] = torch.ones((x.shape[0], past + x.shape[1]), dtype=torch.long, device=x.device)
     return args, kwargs
+
+
+def _dit_sample(
+    dit: Any,
+    cond: Any,
+    ref_mel: Any,
+    code: Any,
+    seed: int,
+    *,
+    num_steps: int = 10,
+    guidance_scale: float = 0.5,
+    sway_coefficient: float | None = -1.0,
+) -> Any:
+    """``dit.sample`` for a batch whose every row starts from the noise of its solo run.
+
+    transformers' ``sample`` draws one ``[G, frames, M]`` noise tensor, so a row's noise (and audio)
+    would depend on its position in the batch. Here the noise is ``[1, frames, M]`` drawn right after
+    ``torch.manual_seed(seed)``, exactly what a row-by-row call draws, shared by the rows. The rest is
+    ``sample``'s ODE: RK4 over ``num_steps`` sway-shifted time points with classifier-free guidance.
+    Shapes: ``cond`` ``[G, C]``, ``ref_mel`` ``[G, T, M]``, ``code`` ``[G, n]``; returns ``[G, M, frames]``.
+    """
+    import torch
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
+
+    frames = code.shape[1] * dit.repeats
+    if frames > dit.config.max_position_embeddings:
+        raise EsnError(
+            f"{code.shape[1]} codec tokens need {frames} mel frames; the DiT takes at most "
+            f"{dit.config.max_position_embeddings} (lower max_audio_tokens)"
+        )
+    torch.manual_seed(seed)
+    noise = torch.randn([1, frames, dit.mel_dim], dtype=ref_mel.dtype, device=code.device)
+    noise = noise.expand(code.shape[0], -1, -1).contiguous()
+    speaker = cond.unsqueeze(1).repeat(1, frames, 1)
+
+    def velocity(t, x):  # [G, frames, M]
+        if guidance_scale < 1e-5:
+            return dit(
+                hidden_states=x,
+                speaker_embedding=speaker,
+                condition_vector=ref_mel,
+                quantized_code=code,
+                time_step=t,
+                drop_audio_conditioning=False,
+                drop_code=False,
+                apply_cfg=False,
+            )
+        out = dit(
+            hidden_states=x,
+            quantized_code=code,
+            speaker_embedding=speaker,
+            condition_vector=ref_mel,
+            time_step=t,
+            apply_cfg=True,
+        )
+        guided, null = torch.chunk(out, 2, dim=0)
+        return guided + (guided - null) * guidance_scale
+
+    t = torch.linspace(0, 1, num_steps, device=code.device, dtype=speaker.dtype)
+    if sway_coefficient is not None:
+        t += sway_coefficient * (torch.cos(torch.pi / 2 * t) - 1 + t)
+    return RungeKutta4ODESolver(function=velocity, initial_value=noise).integrate(t)[-1].permute(0, 2, 1)
 
 
 class QwenOmniAdapter(ModelAdapter):
@@ -279,10 +341,11 @@ class QwenOmniAdapter(ModelAdapter):
     @staticmethod
     @_inference_mode
     def _decode_in_groups(token2wav: Any, calls: list[tuple], seed: int, max_rows: int) -> list[Any]:
-        """token2wav over rows grouped by code length: one DiT batch per group of <= max_rows.
+        """token2wav over rows grouped by code length: DiT and vocoder batched, <= max_rows a batch.
 
         ``calls`` are ``(code [1, n], conditioning [1, C], reference_mel [1, T, M], kwargs)`` per row.
-        The noise is seeded once per group, so the result is reproducible for a fixed batch.
+        Every row starts its ODE from the noise its solo run draws (seeded with ``seed``), so a row's
+        audio does not depend on its batch mates beyond the rounding of batched kernels.
         """
         import torch
 
@@ -295,17 +358,19 @@ class QwenOmniAdapter(ModelAdapter):
             code = torch.cat([calls[r][0] for r in rows])  # [G, n]
             cond = torch.cat([calls[r][1] for r in rows])  # [G, C]
             mel = torch.cat([calls[r][2] for r in rows])  # [G, T, M]
-            kwargs = calls[rows[0]][3]
-            torch.manual_seed(seed)
-            if len(rows) == 1:  # exactly the row-by-row call
-                waves[rows[0]] = token2wav(code, conditioning=cond, reference_mel=mel, **kwargs).reshape(-1).float()
-                continue
-            # The DiT's 10-step ODE (launch-bound) runs batched; the vocoder, one pass but ~GiBs of
-            # activations per row, runs row by row.
-            ode = {k: v for k, v in kwargs.items() if k in ("num_steps", "guidance_scale", "sway_coefficient")}
-            spectrograms = token2wav.code2wav_dit_model.sample(cond, mel, code, **ode)  # [G, M, T]
-            for i, r in enumerate(rows):
-                waves[r] = token2wav.code2wav_bigvgan_model(spectrograms[i : i + 1]).reshape(-1).float()
+            ode = {
+                k: v
+                for k, v in calls[rows[0]][3].items()
+                if k in ("num_steps", "guidance_scale", "sway_coefficient")
+            }
+            spectrograms = _dit_sample(
+                token2wav.code2wav_dit_model, cond, mel, code, seed, **ode
+            )  # [G, M, frames]
+            audio = token2wav.code2wav_bigvgan_model(
+                spectrograms
+            )  # [G, samples] ([samples] if G = 1), on CPU
+            for i, r in enumerate(audio.reshape(len(rows), -1)):
+                waves[rows[i]] = r.float()
         return waves
 
     def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
@@ -314,8 +379,8 @@ class QwenOmniAdapter(ModelAdapter):
         Text and codec tokens are greedy. token2wav decodes row by row and is reseeded with
         ``config.seed`` before each row, so a row's audio does not depend on its batch mates. The global
         RNG state is restored afterwards. With the option ``token2wav_batch=N`` (N > 1) up to N rows whose
-        codes have the same length are decoded as one batch instead (faster; text and codes unchanged,
-        audio seeded per group, and a group of one equals the row-by-row result).
+        codes have the same length are decoded as one batch instead (DiT and vocoder; faster; text, codes
+        and each row's noise unchanged, audio equal to row by row up to the rounding of batched kernels).
         """
         import torch
         from esn.hooks import installed
