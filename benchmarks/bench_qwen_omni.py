@@ -28,10 +28,15 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import paired_ratio
 
 TEXT_TOKENS, CODEC_TOKENS, T2W_STEPS, SECONDS = 48, 256, 10, 3.0
 
@@ -128,12 +133,20 @@ def build(size: str, device: str, seed: int = 0):
 
 
 def stage_times(adapter, run, cuda: bool) -> dict[str, float]:
-    """Seconds spent in thinker.generate, talker.generate and token2wav during one plain ``run()``.
+    """Seconds spent in thinker.generate, talker.generate, the DiT and the vocoder during one ``run()``.
 
-    Profiling only: the sub-models' generate methods are wrapped on the instance for this one call.
+    Profiling only: the methods are wrapped on the instances for this one call, each call bracketed by
+    a device synchronize (the DiT's 40 forwards of a 10-step ODE are summed).
     """
     model = adapter.model
-    spent = {"thinker": 0.0, "talker": 0.0, "token2wav": 0.0}
+    t2w = model.token2wav
+    owners = {
+        "thinker": (model.thinker, "generate"),
+        "talker": (model.talker, "generate"),
+        "dit": (t2w.code2wav_dit_model, "forward"),
+        "vocoder": (t2w.code2wav_bigvgan_model, "forward"),
+    }
+    spent = dict.fromkeys(owners, 0.0)
 
     def sync():
         if cuda:
@@ -150,10 +163,8 @@ def stage_times(adapter, run, cuda: bool) -> dict[str, float]:
 
         return wrapper
 
-    originals = {"thinker": model.thinker.generate, "talker": model.talker.generate, "token2wav": model.token2wav.forward}
-    model.thinker.generate = timed("thinker", originals["thinker"])
-    model.talker.generate = timed("talker", originals["talker"])
-    model.token2wav.forward = timed("token2wav", originals["token2wav"])
+    for name, (owner, attr) in owners.items():
+        setattr(owner, attr, timed(name, getattr(owner, attr)))
     try:
         sync()
         t0 = time.perf_counter()
@@ -161,7 +172,8 @@ def stage_times(adapter, run, cuda: bool) -> dict[str, float]:
         sync()
         total = time.perf_counter() - t0
     finally:
-        del model.thinker.generate, model.talker.generate, model.token2wav.forward
+        for owner, attr in owners.values():
+            delattr(owner, attr)
     return {**{k: round(v, 3) for k, v in spent.items()}, "total": round(total, 3)}
 
 
@@ -172,12 +184,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate", type=float, default=0.005, help="mask size as a fraction of all gate neurons")
-    ap.add_argument("--breakdown", action="store_true", help="also time thinker, talker and token2wav of plain")
-    ap.add_argument("--token2wav-batch", type=int, default=1,
-                    help="rows per token2wav batch (adapter option token2wav_batch; 1 = row by row); when > 1 the "
-                         "row-by-row plain run is timed beside it as plain_t2w_rowwise")
-    ap.add_argument("--variants", nargs="+", default=["record", "steer", "rows", "rows+record"],
-                    help="variants besides plain")
+    ap.add_argument(
+        "--breakdown", action="store_true", help="also time the thinker, talker, DiT and vocoder of plain"
+    )
+    ap.add_argument(
+        "--token2wav-batch",
+        type=int,
+        default=1,
+        help="rows per token2wav batch (adapter option token2wav_batch; 1 = row by row); when > 1 the "
+        "row-by-row plain run is timed beside it as plain_t2w_rowwise",
+    )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=["record", "steer", "rows", "rows+record"],
+        help="variants besides plain",
+    )
     args = ap.parse_args()
 
     from esn.adapters import EVCRequest, GenerationConfig
@@ -274,9 +296,12 @@ def main() -> None:
         rows_out = {}
         for name, ts in times.items():
             med = statistics.median(ts)
+            paired = paired_ratio(ts, times["plain"])
             rows_out[name] = {
                 "median_s": round(med, 4),
                 "ratio": round(med / base, 4),
+                "ratio_paired": paired["median"],
+                "ratio_paired_ci90": paired["ci90"],
                 "conversions_per_s": round(batch / med, 4),
                 "tokens_per_s": round(batch * (TEXT_TOKENS + CODEC_TOKENS) / med, 2),
             }
@@ -285,7 +310,9 @@ def main() -> None:
                 rows_out[name]["peak_ratio"] = round(peaks[name] / peaks["plain"], 4)
         results[f"batch{batch}"] = rows_out
         if args.breakdown:
-            breakdown[f"batch{batch}"] = stage_times(adapter, lambda reqs=reqs: adapter.generate(reqs, config), cuda)
+            breakdown[f"batch{batch}"] = stage_times(
+                adapter, lambda reqs=reqs: adapter.generate(reqs, config), cuda
+            )
 
     summary = {
         "benchmark": "bench_qwen_omni",

@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
         summary["batches"][str(batch)] = {
             "ratios": {name: t["ratio"] for name, t in timings.items()},
+            "ratios_paired": {name: t["ratio_paired"] for name, t in timings.items()},
+            "ratios_paired_ci90": {name: t["ratio_paired_ci90"] for name, t in timings.items()},
             "ratios_of_min": {
                 name: round(t["min_s"] / timings["plain"]["min_s"], 4) for name, t in timings.items()
             },

@@ -136,14 +136,33 @@ def time_side_by_side(
             times[name].append(clock() - t0)
     base = statistics.median(times[baseline])
     base_min = min(times[baseline])
-    return {
-        name: {
+    out = {}
+    for name, ts in times.items():
+        paired = paired_ratio(ts, times[baseline])
+        out[name] = {
             "median_s": round(statistics.median(ts), 5),
             "min_s": round(min(ts), 5),
             "ratio": round(statistics.median(ts) / base, 4),
             "ratio_min": round(min(ts) / base_min, 4),  # less sensitive to load from other processes
+            "ratio_paired": paired["median"],
+            "ratio_paired_ci90": paired["ci90"],
         }
-        for name, ts in times.items()
+    return out
+
+
+def paired_ratio(times: list[float], base: list[float], *, seed: int = 0, resamples: int = 2000) -> dict:
+    """Median over rounds of ``times[r] / base[r]`` and a seeded bootstrap 90% interval of that median.
+
+    Each round runs every variant once, close together, so a round's ratio cancels drift that is slow
+    compared with a round (clock boost, other tenants); the interval says how far the noise left reaches.
+    """
+    import numpy as np
+
+    r = np.asarray(times, dtype=float) / np.asarray(base, dtype=float)
+    boot = np.median(np.random.default_rng(seed).choice(r, size=(resamples, r.size)), axis=1)
+    return {
+        "median": round(float(np.median(r)), 4),
+        "ci90": [round(float(q), 4) for q in np.quantile(boot, [0.05, 0.95])],
     }
 
 
