@@ -46,6 +46,19 @@ SIZES: dict[str, dict] = {
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
     ),
+    # Qwen2.5-Omni-7B talker decoder (codec tokens): narrow, with a wide MLP and head_dim 128 != 896 / 12.
+    "talker7b": dict(
+        num_hidden_layers=24,
+        hidden_size=896,
+        intermediate_size=18944,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=8448,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+    ),
 }
 
 
