@@ -33,6 +33,7 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_recording.py --size tiny
 	$(VENV)/bin/python benchmarks/bench_steering.py --size tiny
 	$(VENV)/bin/python benchmarks/bench_qwen_omni.py --size tiny --device cpu
+	$(VENV)/bin/python benchmarks/bench_graph_decode.py --device cpu --size tiny --repeats 2 --steps 8
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)
