@@ -8,6 +8,13 @@ hook's cost drowns in host noise. Here one greedy decode step over a transformer
 only static device buffers, is captured as one ``torch.cuda.CUDAGraph`` per variant (with the esn
 context open during warm-up and capture), and runs of ``--steps`` replays are timed with CUDA events.
 
+Context lifetime: a replay needs no hook installed (the graph holds the hook's kernels), only the
+tensors those kernels read. So each context is exited right after its capture (the next variant's
+capture must see only its own hooks, and rounds interleave all graphs), and the hook functions are
+kept referenced so their edit/count tensors stay allocated. ``folded`` restores the weights on exit:
+its graph then replays the same kernels on the original weights (same cost; its tokens were checked
+while folded). Eager runs enter their context around each run, outside the timed span.
+
 Variants (``--rate`` of all gate neurons per mask, as in bench_steering):
 
 - ``plain``: no hook (baseline); ``noop``: a do-nothing forward hook on every act_fn;
@@ -99,13 +106,15 @@ class Decoder:
     transformers 5.24 internals relied on (paths under transformers/):
     - masking_utils.py:818 (``_preprocess_mask_arguments``): a 4D mask is returned as given, so no
       host-side mask logic runs inside the step;
-    - cache_utils.py:476-481 (``StaticLayer.update``): there is no ``cache_position`` argument any more;
-      each layer writes at its own device counter ``cumulative_length`` (a 0-d tensor, static address) and
-      advances it with ``add_`` - inside the graph, so replays advance it on their own. ``reset`` puts
-      every counter back to ``prompt_len`` before each run; the schedule above keeps ``cache_position``
-      equal to it (checked after every token check run);
-    - integrations/sdpa_attention.py (``pack_gqa``): with one query token and a ``[B, 1, 1, L]`` mask,
-      GQA runs without ``repeat_kv`` and the mask broadcasts over heads.
+    - cache_utils.py:481-487 (``StaticLayer.update``): there is no ``cache_position`` argument any more;
+      each layer writes at its own device counter ``cumulative_length`` (a 0-d tensor, static address since
+      ``lazy_initialization`` at the first prefill) and advances it with ``add_`` - inside the graph, so
+      replays advance it on their own. ``reset`` puts every counter back to ``prompt_len`` before each run;
+      the schedule keeps ``cache_position`` (used for the mask only) equal to it, checked after each check
+      run (``cache_counters_ok``);
+    - integrations/sdpa_attention.py:121 (``pack_gqa``): with one query token and a ``[B, 1, 1, L]`` mask,
+      GQA runs without ``repeat_kv`` and the mask broadcasts over heads;
+    - modeling_rope_utils.py:122 (``dynamic_rope_update``): no host logic for the default rope type.
     """
 
     def __init__(self, model, batch: int, prompt_len: int, steps: int):
