@@ -210,6 +210,7 @@ def main() -> None:
     t0 = time.perf_counter()
     adapter = build(args.size, args.device)
     build_s = time.perf_counter() - t0
+    print(f"built the {args.size} model in {build_s:.1f} s", file=sys.stderr, flush=True)
     cuda = torch.device(args.device).type == "cuda"
     layout = adapter.layout()
     k = max(1, int(args.rate * layout.n_neurons))
@@ -292,6 +293,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                     peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
                 times[name].append(time.perf_counter() - t1)
+                print(f"batch {batch} round {rep} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
         base = statistics.median(times["plain"])
         rows_out = {}
         for name, ts in times.items():
