@@ -192,7 +192,10 @@ def main() -> None:
         type=int,
         default=1,
         help="rows per token2wav batch (adapter option token2wav_batch; 1 = row by row); when > 1 the "
-        "row-by-row plain run is timed beside it as plain_t2w_rowwise",
+        "row-by-row float32 plain run (the default settings) is timed beside it as plain_t2w_rowwise",
+    )
+    ap.add_argument(
+        "--token2wav-tf32", action="store_true", help="adapter option token2wav_tf32 (TF32 matmuls in token2wav)"
     )
     ap.add_argument(
         "--variants",
@@ -226,6 +229,7 @@ def main() -> None:
             "talker_min_new_tokens": CODEC_TOKENS,
             "token2wav_num_steps": T2W_STEPS,
             "token2wav_batch": args.token2wav_batch,
+            "token2wav_tf32": args.token2wav_tf32,
         },
     )
     emotions = ("happy", "angry", "sad", "surprise")
@@ -273,7 +277,9 @@ def main() -> None:
             variants |= {"rows": rows, "rows+record": rows_record}
         variants = {k: v for k, v in variants.items() if k == "plain" or k in args.variants}
         if args.token2wav_batch > 1 and batch > 1:
-            rowwise = config.model_copy(update={"options": {**config.options, "token2wav_batch": 1}})
+            rowwise = config.model_copy(
+                update={"options": {**config.options, "token2wav_batch": 1, "token2wav_tf32": False}}
+            )
             variants["plain_t2w_rowwise"] = lambda reqs=reqs, rowwise=rowwise: adapter.generate(reqs, rowwise)
         out = plain()  # warm-up, and a check that the fixed work is what was asked for
         assert all(
@@ -331,6 +337,7 @@ def main() -> None:
             "token2wav_steps": T2W_STEPS,
         },
         "token2wav_batch": args.token2wav_batch,
+        "token2wav_tf32": args.token2wav_tf32,
         "mask_neurons": k,
         "n_neurons": layout.n_neurons,
         "build_s": round(build_s, 2),

@@ -233,3 +233,20 @@ def test_batched_dit_sample_equals_transformers_sample_for_one_row(adapter):
             )
         two = _dit_sample(dit, cond.repeat(2, 1), mel.repeat(2, 1, 1), code.repeat(2, 1), 7, num_steps=3)
     torch.testing.assert_close(two[0], two[1], rtol=0, atol=0)  # same inputs, same noise: same rows
+
+
+def test_token2wav_tf32_option_is_scoped_and_checked(adapter, speech_fn):
+    import torch
+
+    fixed = {"talker_min_new_tokens": 4, "token2wav_num_steps": 2}
+    config = GenerationConfig(max_new_tokens=4, max_audio_tokens=4, options=fixed)
+    reqs = [EVCRequest(speech_fn(0.5, 0), "sad")]
+    plain = adapter.generate(reqs, config)[0]
+    before = torch.backends.cuda.matmul.allow_tf32
+    for on in (True, "on", "TRUE", 1):
+        out = adapter.generate(reqs, config.model_copy(update={"options": {**fixed, "token2wav_tf32": on}}))[0]
+        assert np.array_equal(out.waveform, plain.waveform)  # TF32 is a CUDA mode: nothing changes on CPU
+        assert torch.backends.cuda.matmul.allow_tf32 == before
+    for bad in ("maybe", 2, None):
+        with pytest.raises(EsnError, match="token2wav_tf32=.* must be true or false"):
+            adapter.generate(reqs, config.model_copy(update={"options": {**fixed, "token2wav_tf32": bad}}))

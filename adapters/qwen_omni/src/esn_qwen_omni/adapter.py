@@ -26,8 +26,37 @@ from esn.hookpoints import HookPoint
 THINKER_LAYERS = ("thinker.model.language_model.layers", "thinker.model.layers")
 TALKER_LAYERS = "talker.model.layers"
 DEFAULT_SPEAKER = "Chelsie"
+def _flag(value: Any) -> bool:
+    """A boolean option: a bool, 0/1, or true/false/yes/no/on/off in any case (TOML, JSON, CLI)."""
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise ValueError(value)
+
+
+_flag.__name__ = "true or false"
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """Let float32 matmuls use TF32 inside the block (CUDA only), restoring the caller's setting."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 # Settings a user may pass in GenerationConfig.options, with their types; forwarded to model.generate.
-OPTIONS: dict[str, type] = {
+OPTIONS: dict[str, Any] = {
     "thinker_min_new_tokens": int,  # force text length (benchmarks)
     "talker_min_new_tokens": int,  # default 1: token2wav needs at least one code
     "talker_repetition_penalty": float,  # Qwen's default 1.05 (still deterministic with greedy decoding)
@@ -37,6 +66,9 @@ OPTIONS: dict[str, type] = {
     # vocoder; throughput; 1 = row by row through transformers, the default). Text, codes and each row's
     # noise are unchanged; audio differs from row by row only by the rounding of batched kernels.
     "token2wav_batch": int,
+    # Let token2wav's float32 matmuls use TF32 tensor cores (CUDA; convolutions already do by default
+    # in PyTorch). The DiT is compute-bound in float32: much faster, audio differs by ~1e-3 relative.
+    "token2wav_tf32": _flag,
 }
 
 
@@ -402,43 +434,36 @@ class QwenOmniAdapter(ModelAdapter):
         device = self.device
         inputs = {k: v.to(device) for k, v in batch.tensors.items()}
         inputs["input_features"] = inputs["input_features"].to(self.model.thinker.dtype)
-        codes: list[torch.Tensor] = []
-
-        def reseed(module, args, kwargs):  # token2wav(code [1, n_codes], conditioning, reference_mel)
-            torch.manual_seed(config.seed)
-            codes.append(args[0].detach().reshape(-1).cpu())
-
         fork = [device] if device.type == "cuda" else []
-        batch_t2w = options.pop("token2wav_batch", 1)
-        if batch_t2w < 1:
-            raise EsnError(f"qwen_omni option token2wav_batch must be >= 1, got {batch_t2w}")
-        batch_t2w = batch_t2w if batch_t2w > 1 else None
-        hooks = [(self.model.talker, _restore_talker_mask)]
-        if not batch_t2w:
-            hooks.append((self.model.token2wav, reseed))
-        catcher = _CodeCatcher(self.model.token2wav) if batch_t2w else None
-        with torch.random.fork_rng(devices=fork), installed(hooks, kind="pre", with_kwargs=True), \
-                _swapped(self.model, "token2wav", catcher):
-            sequences, waves = self.model.generate(
-                **inputs,
-                speaker=speaker,
-                thinker_do_sample=False,
-                thinker_max_new_tokens=config.max_new_tokens,
-                thinker_eos_token_id=list(self.prompts.stop_ids),
-                thinker_pad_token_id=self.prompts.pad,
-                talker_do_sample=False,
-                talker_top_k=None,
-                talker_top_p=None,
-                talker_temperature=None,
-                talker_max_new_tokens=config.max_audio_tokens,
-                talker_eos_token_id=list(self.talker_stop_ids),
-                **options,
-            )
-            if catcher is not None:
-                codes = [call[0].reshape(-1).cpu() for call in catcher.calls]
-                waves = self._decode_in_groups(catcher.real, catcher.calls, config.seed, batch_t2w)
-        if torch.is_tensor(waves):  # batch of one: a bare [samples] tensor
-            waves = [waves]
+        rows_per_batch = options.pop("token2wav_batch", 1)
+        if rows_per_batch < 1:
+            raise EsnError(f"qwen_omni option token2wav_batch must be >= 1, got {rows_per_batch}")
+        tf32 = options.pop("token2wav_tf32", False)
+        # generate hands each row's codes to the catcher; token2wav runs afterwards, in length groups.
+        catcher = _CodeCatcher(self.model.token2wav)
+        with torch.random.fork_rng(devices=fork):
+            with installed([(self.model.talker, _restore_talker_mask)], kind="pre", with_kwargs=True), \
+                    _swapped(self.model, "token2wav", catcher):
+                sequences, _ = self.model.generate(
+                    **inputs,
+                    speaker=speaker,
+                    thinker_do_sample=False,
+                    thinker_max_new_tokens=config.max_new_tokens,
+                    thinker_eos_token_id=list(self.prompts.stop_ids),
+                    thinker_pad_token_id=self.prompts.pad,
+                    talker_do_sample=False,
+                    talker_top_k=None,
+                    talker_top_p=None,
+                    talker_temperature=None,
+                    talker_max_new_tokens=config.max_audio_tokens,
+                    talker_eos_token_id=list(self.talker_stop_ids),
+                    **options,
+                )
+            if len(catcher.calls) != len(requests):
+                raise EsnError(f"{self.source}: token2wav got {len(catcher.calls)} rows for {len(requests)} requests")
+            codes = [call[0].reshape(-1).cpu() for call in catcher.calls]
+            with _tf32(tf32):
+                waves = self._decode_in_groups(self.model.token2wav, catcher.calls, config.seed, rows_per_batch)
         width = inputs["input_ids"].shape[1]
         results = []
         for i, request in enumerate(requests):
