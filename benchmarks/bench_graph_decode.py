@@ -482,6 +482,10 @@ def main(argv: list[str] | None = None) -> dict:
             summary["batches"][str(batch)] = bench_batch(args, model, target, layout, mask, batch, cuda)
             if cuda:
                 torch.cuda.empty_cache()
+            # each batch's results leave the process at once: a run cut off later keeps them
+            _log(_table({**summary, "batches": {str(batch): summary["batches"][str(batch)]}}))
+            if args.out:
+                args.out.write_text(json.dumps(summary, indent=2) + "\n")
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(summary, indent=2)
     print(text)
