@@ -192,7 +192,8 @@ def main() -> None:
         type=int,
         default=1,
         help="rows per token2wav batch (adapter option token2wav_batch; 1 = row by row); when > 1 the "
-        "row-by-row float32 plain run (the default settings) is timed beside it as plain_t2w_rowwise",
+        "row-by-row float32 plain run (the default settings) is timed beside it as plain_t2w_rowwise "
+        "unless --variants leaves it out",
     )
     ap.add_argument(
         "--token2wav-tf32", action="store_true", help="adapter option token2wav_tf32 (TF32 matmuls in token2wav)"
@@ -200,7 +201,7 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         nargs="+",
-        default=["record", "steer", "rows", "rows+record"],
+        default=["record", "steer", "rows", "rows+record", "plain_t2w_rowwise"],
         help="variants besides plain",
     )
     args = ap.parse_args()
@@ -276,7 +277,7 @@ def main() -> None:
         if batch > 1:
             variants |= {"rows": rows, "rows+record": rows_record}
         variants = {k: v for k, v in variants.items() if k == "plain" or k in args.variants}
-        if args.token2wav_batch > 1 and batch > 1:
+        if args.token2wav_batch > 1 and batch > 1 and "plain_t2w_rowwise" in args.variants:
             rowwise = config.model_copy(
                 update={"options": {**config.options, "token2wav_batch": 1, "token2wav_tf32": False}}
             )
