@@ -21,7 +21,9 @@ Variants (``--rate`` of all gate neurons per mask, as in bench_steering):
 - ``steer``: ``esn.steering.steer`` alpha 1; ``folded``: the same folded into ``down_proj`` columns;
 - ``rows``: ``steer_rows``, a different mask and alpha per row; ``rows_mixed``: methods cycling
   steer/add/clamp/deactivate (both only for batch > 1);
-- ``count``: a graph-safe recorder, ``counts[h] += (g > 0).sum(pos)`` into a preallocated ``[B, D]`` int32.
+- ``count``: a graph-safe recorder, ``counts[h] += (g > 0).sum(pos)`` into a preallocated ``[B, D]`` int32;
+- ``chunk_copy``: the per-step work of ``GateRecorder``'s default strategy (one copy per hook point into
+  its chunk buffer); the full-chunk flush is timed on its own and added per step (``recorder_chunk``).
 
 Rounds interleave the variants in a rotating order; each variant's runs are compared with ``plain``'s of
 the same round (paired ratio, bootstrap 90% interval). The first ``--eager-repeats`` rounds also time the
@@ -54,6 +56,7 @@ from common import SIZES, OpCounter, build_qwen2, greedy, paired_ratio, random_p
 from esn.adapters import StreamSpec
 from esn.hooks import ModelTarget, gate_hook_points, installed
 from esn.masks import Mask
+from esn.recording import GateRecorder, _Point
 from esn.steering import Condition, folded, steer, steer_rows
 
 METHODS = (("steer", 1.0), ("add", 0.5), ("clamp", 0.5), ("deactivate", None))  # as bench_steering
@@ -296,6 +299,22 @@ def bench_batch(args, model, target, layout, mask, batch: int, cuda: bool) -> di
         skipped = {"rows": "batch 1", "rows_mixed": "batch 1"}
     contexts["folded"] = lambda: folded(target, mask, "steer", 1.0)
     contexts["count"] = lambda: installed((m, count_hook(h)) for h, m in enumerate(acts))
+    # GateRecorder's default ("chunk") costs one copy per hook point and decode step into a chunk buffer,
+    # plus one reduction per full chunk (timed separately below: a flush runs outside any step).
+    chunk = GateRecorder(target)._chunk_len(layout.n_neurons, batch)
+    dtype = next(model.parameters()).dtype
+    bufs = [torch.randn(chunk, batch, 1, a.width, dtype=dtype, device=dec.ids.device) for a in layout.hook_points]
+
+    def chunk_hook(h: int):
+        slot = bufs[h][0]
+
+        def hook(module, inp, g):  # g: [batch, pos, d_mlp]; decode steps only (the prefill is reduced at once)
+            if g.shape[1] == 1:
+                slot.copy_(g)
+
+        return hook
+
+    contexts["chunk_copy"] = lambda: installed((m, chunk_hook(h)) for h, m in enumerate(acts))
 
     n_check = min(args.check_steps, args.steps)
     firsts: dict[str, torch.Tensor] = {}
@@ -410,7 +429,44 @@ def bench_batch(args, model, target, layout, mask, batch: int, cuda: bool) -> di
             if f"{n}@eager" in result["eager"] and n in result["steps"]
         }
     result["tokens_per_s_plain"] = round(1000 * batch / result["steps"]["plain"]["ms_per_step"], 1)
+    if "chunk_copy" in result["steps"]:
+        result["recorder_chunk"] = _chunk_model(bufs, chunk, batch, timed, result["steps"])
     return result
+
+
+def _chunk_model(bufs: list[torch.Tensor], chunk: int, batch: int, timed, steps: dict) -> dict:
+    """GateRecorder ``chunk`` per decode step: the replayed copy plus 1/chunk of a full-chunk flush.
+
+    The flush is the recorder's own reduction (``_Point._reduce_dense``: counts, float64 sums and sums of
+    squares, validity mask) over every hook point's ``[chunk, B, D]`` buffer, timed with CUDA events.
+    """
+    from types import SimpleNamespace
+
+    device = bufs[0].device
+    valid = torch.ones(chunk, batch, dtype=torch.bool, device=device)
+    points = [
+        SimpleNamespace(
+            moments=True,
+            counts=torch.zeros(batch, b.shape[-1], dtype=torch.int32, device=device),
+            sums=torch.zeros(batch, b.shape[-1], dtype=torch.float64, device=device),
+            sumsq=torch.zeros(batch, b.shape[-1], dtype=torch.float64, device=device),
+        )
+        for b in bufs
+    ]
+
+    def flush_all():
+        for p, b in zip(points, bufs, strict=True):
+            _Point._reduce_dense(p, b[:, :, 0], valid, dim=0)
+
+    flush_all()  # warm-up
+    flush_ms = 1000 * statistics.median(timed(flush_all) for _ in range(5))
+    plain, copy = steps["plain"]["ms_per_step"], steps["chunk_copy"]["ms_per_step"]
+    return {
+        "chunk_steps": chunk,
+        "flush_ms_per_chunk": round(flush_ms, 3),
+        "flush_ms_per_step": round(flush_ms / chunk, 4),
+        "modeled_ratio": round((copy + flush_ms / chunk) / plain, 4),
+    }
 
 
 def _table(summary: dict) -> str:
@@ -428,6 +484,12 @@ def _table(summary: dict) -> str:
                 )
         if "generate_ms_per_token" in res:
             lines.append(f"  {'generate':<12} {res['generate_ms_per_token']:>9.3f}  (HF generate, ms/token)")
+        if res.get("recorder_chunk"):
+            rc = res["recorder_chunk"]
+            lines.append(
+                f"  GateRecorder chunk: copy/step + flush/{rc['chunk_steps']} steps ({rc['flush_ms_per_chunk']:.3f} ms)"
+                f" -> ratio {rc['modeled_ratio']:.4f}"
+            )
         if res.get("graph_speedup"):
             lines.append(f"  graph speed-up per step (eager ms / graph ms): {res['graph_speedup']}")
         agree = {n: c["graph_vs_eager"]["agree"] for n, c in res["tokens"].items() if "graph_vs_eager" in c}
