@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -17,9 +20,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads for this process (default: torch's choice)")
 
 
+def _parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", metavar="K/N",
+                   help="record/evaluate only the batches k with k %% N == K; run K = 0..N-1 at once, on one GPU "
+                        "or several (CUDA_VISIBLE_DEVICES), to share the work; they write what one process would")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run the record and evaluate stages as N processes (--shard 0/N .. N-1/N) and wait for them")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="record, select, evaluate and report, resumable, into one run directory")
     _common(run)
+    _parallel(run)
     run.add_argument("--stages", default="record,select,evaluate,report",
                      help="comma-separated subset of record,select,evaluate,report (in that order)")
     run.set_defaults(func=cmd_run)
@@ -29,6 +41,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         ("report", "stage 4: report.md, report.html and figures")):
         p = sub.add_parser(stage, help=text)
         _common(p)
+        _parallel(p)  # select and report refuse them with a clear message
         p.set_defaults(func=cmd_run, stages=stage)
 
     demo = sub.add_parser("demo", help="tiny random model + synthetic ESD + tiny judges: the whole pipeline on CPU")
@@ -63,23 +76,74 @@ def _threads(args) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from esn.errors import EsnError
-    from esn.pipeline.run import STAGES, load_run
+    from esn.pipeline.run import SHARDED_STAGES, STAGES, load_run, parse_shard
 
     _threads(args)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise EsnError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
-    run = load_run(args.config, run_dir=args.run_dir, console=console)
-    with run:
-        for stage in sorted(stages, key=STAGES.index):
-            console.rule(f"[bold]{stage}")
-            run.run([stage])
-    if "evaluate" in stages or "report" in stages:
+    stages = sorted(stages, key=STAGES.index)
+    shard = None if args.shard is None else parse_shard(args.shard)
+    workers = args.workers
+    if workers is not None and workers < 1:
+        raise EsnError(f"--workers {workers}: need at least 1 process")
+    once = [s for s in stages if s not in SHARDED_STAGES]
+    if shard is not None and workers is not None:
+        raise EsnError("--shard and --workers exclude each other: --workers N starts the N shards itself")
+    if shard is not None and once:
+        raise EsnError(f"--shard {args.shard}: {', '.join(once)} cannot run as a shard (only record and evaluate "
+                       "split their batches); run it once without --shard, or give --stages record or evaluate")
+    if workers is not None and len(once) == len(stages):
+        raise EsnError(f"--workers {workers}: {', '.join(once)} runs as one process; only record and evaluate "
+                       "take --workers")
+    run = load_run(args.config, run_dir=args.run_dir, console=console, shard=shard)
+    for stage in stages:
+        console.rule(f"[bold]{stage}" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
+        if workers is not None and workers > 1 and stage in SHARDED_STAGES:
+            with run:  # check the config against the run directory once, not N times
+                pass
+            run_shards(stage, args, run.dir, workers)
+        else:
+            with run:
+                run.run([stage])
+    if shard is None and ("evaluate" in stages or "report" in stages):
         print_summary(run)
     if "report" in stages:
         console.print(f"report: [bold]{run.dir / 'report.md'}[/]")
     return 0
+
+
+def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int) -> None:
+    """Run ``esn <stage> --shard k/n`` for k < n as child processes and wait for all of them.
+
+    Children get ``ESN_SHARD=k/n`` in their environment (to map workers to devices in a wrapper, say);
+    devices are left as they are. A failed shard fails the stage; what the others wrote stays (resume).
+    """
+    from esn.errors import EsnError
+
+    procs: list[subprocess.Popen] = []
+    try:
+        for k in range(n):
+            cmd = [sys.executable, "-m", "esn", stage, str(args.config), "--run-dir", str(run_dir),
+                   "--shard", f"{k}/{n}"]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            # One progress bar on the terminal: shard 0 draws it; the others show only their errors.
+            procs.append(subprocess.Popen(cmd, env={**os.environ, "ESN_SHARD": f"{k}/{n}"},
+                                          stdout=None if k == 0 else subprocess.DEVNULL))
+        codes = [p.wait() for p in procs]
+    finally:  # interrupted: stop the children too (they resume like any killed run)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    failed = [f"shard {k}/{n} " + (f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}")
+              for k, rc in enumerate(codes) if rc != 0]
+    if failed:
+        raise EsnError(f"{stage}: {'; '.join(failed)}; the batches every shard finished are kept: run the same "
+                       "command again to resume")
+    console.print(f"{stage}: {n} workers done")
 
 
 def print_summary(run) -> None:

@@ -13,6 +13,13 @@ the rows that share a batch — and the per-batch seed derived from (run seed, f
 same whether or not the run was interrupted. A batch's results are written atomically as one unit, so
 a killed run leaves whole batches or nothing; rerunning skips finished batches and recomputes the rest,
 and the final artifacts are byte-identical to an uninterrupted run. A lock file keeps two processes out.
+
+Several processes: record and evaluate take a shard ``(K, N)`` and then do only the batches ``k`` with
+``k % N == K``. A batch's files are named after ``k`` alone, so N shards together write exactly the files
+one process writes. Locks: an unsharded process holds ``.lock`` exclusively; a shard holds it shared, plus
+``.lock-shard-K-of-N`` exclusively (the same shard twice is refused), and shards of different N or config
+never mix. Opening takes turns through ``.lock-open``; only a process alone in the directory removes
+temporary files and rewrites the manifest, so a live shard's half-written files are never touched.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import fcntl
 import hashlib
 import json
 import platform
+import re
 import subprocess
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -46,6 +55,7 @@ from rich.progress import (
 )
 
 STAGES = ("record", "select", "evaluate", "report")
+SHARDED_STAGES = ("record", "evaluate")  # lists of independent batches; select and report run once
 JUDGE_RATE = 16_000  # the paper resamples every generation to 16 kHz before judging
 
 
@@ -64,6 +74,37 @@ def chunks(items: Sequence, size: int) -> Iterator[tuple[int, Sequence]]:
         yield k, items[start : start + size]
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)``: the process takes the batches ``k`` with ``k % N == K``."""
+    k, sep, n = str(text).partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        kk, nn = int(k), int(n)
+    except ValueError:
+        raise EsnError(f"--shard {text!r}: expected K/N with integers K and N, e.g. 0/2 and 1/2 for two "
+                       "processes") from None
+    if nn < 1 or not 0 <= kk < nn:
+        raise EsnError(f"--shard {text!r}: need N >= 1 and 0 <= K < N (the shards of N=2 are 0/2 and 1/2)")
+    return kk, nn
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    """Hold a blocking flock on ``path`` for the block."""
+    with open(path, "w") as fh:
+        fcntl.flock(fh, mode)
+        yield
+
+
+def _try_lock(fh, mode: int) -> bool:
+    try:
+        fcntl.flock(fh, mode | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(dumps(obj).encode()).hexdigest()[:16]
 
@@ -78,11 +119,22 @@ def _progress(console: Console) -> Progress:
 class Run:
     """One run directory and the config that made it. Stages are methods; each one is resumable."""
 
-    def __init__(self, cfg: RunConfig, *, console: Console | None = None):
+    def __init__(self, cfg: RunConfig, *, console: Console | None = None, shard: tuple[int, int] | None = None):
         self.cfg = cfg
         self.dir: Path = Path(cfg.run_dir)
         self.console = console or Console(quiet=True)
+        if shard is not None:
+            parse_shard(f"{shard[0]}/{shard[1]}")
+        self.shard = shard  # (K, N): record and evaluate do the batches k with k % N == K; None: all
         self._lock = None
+        self._shard_lock = None
+
+    def _mine(self, k: int) -> bool:
+        return self.shard is None or k % self.shard[1] == self.shard[0]
+
+    @property
+    def _tag(self) -> str:
+        return "" if self.shard is None else f" {self.shard[0]}/{self.shard[1]}"
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def stage_config(self) -> dict[str, Any]:
@@ -94,15 +146,64 @@ class Run:
         return {"record": record, "select": select, "evaluate": evaluate}
 
     def open(self) -> Run:
-        """Create or reopen the run directory; refuse one made by a different config."""
+        """Create or reopen the run directory; refuse one made by a different config.
+
+        Unsharded: the directory to itself. A shard: beside other shards of the same N and config only.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / ".lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise EsnError(f"another esn process is using run directory {self.dir}") from None
-        clean_temp(self.dir)
         fingerprints = {k: _fingerprint(v) for k, v in self.stage_config().items()}
+        # Opens take turns (a few milliseconds each), so lock checks, clean-up and manifest are one step.
+        with _flock(self.dir / ".lock-open", fcntl.LOCK_EX):
+            try:
+                if self._take_locks():
+                    self._prepare(fingerprints)
+                    if self.shard is not None:  # let further shards in
+                        fcntl.flock(self._lock, fcntl.LOCK_SH)
+                else:
+                    self._join(fingerprints)
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    def _take_locks(self) -> bool:
+        """Take this process's locks; True when no other process is in the run directory."""
+        self._lock = open(self.dir / ".lock", "w")
+        if self.shard is None:
+            if not _try_lock(self._lock, fcntl.LOCK_EX):
+                raise EsnError(f"another esn process is using run directory {self.dir}")
+            return True
+        alone = _try_lock(self._lock, fcntl.LOCK_EX)
+        if not alone and not _try_lock(self._lock, fcntl.LOCK_SH):
+            raise EsnError(f"an esn process without --shard is using run directory {self.dir}; shards run only "
+                           "beside other shards")
+        k, n = self.shard
+        self._shard_lock = open(self.dir / f".lock-shard-{k}-of-{n}", "w")
+        if not _try_lock(self._shard_lock, fcntl.LOCK_EX):
+            raise EsnError(f"shard {k}/{n} is already running on run directory {self.dir}")
+        return alone
+
+    def _join(self, fingerprints: dict[str, str]) -> None:
+        """Shards already run here: this one must split the same batches (same N) of the same config."""
+        k, n = self.shard
+        for path in self.dir.glob(".lock-shard-*-of-*"):
+            other = re.fullmatch(r"\.lock-shard-(\d+)-of-(\d+)", path.name)
+            if other is None or int(other[2]) == n:
+                continue
+            with open(path, "w") as fh:
+                if not _try_lock(fh, fcntl.LOCK_EX):
+                    raise EsnError(f"shard {other[1]}/{other[2]} is running on run directory {self.dir}: every "
+                                   f"shard running at once must use the same N (got --shard {k}/{n})")
+        path = self.dir / "manifest.json"
+        old = read_json(path).get("fingerprints") if path.exists() else None
+        if old != fingerprints:
+            changed = ", ".join(self._changed("", path)) if path.exists() else "?"
+            raise EsnError(f"shards with another configuration are running on run directory {self.dir} (the parts "
+                           f"that differ: {changed}); every shard of a run takes the same config")
+
+    def _prepare(self, fingerprints: dict[str, str]) -> None:
+        """Alone in the directory: remove a killed run's temp files, check and write the manifest."""
+        clean_temp(self.dir)
         path = self.dir / "manifest.json"
         if path.exists():
             old = read_json(path).get("fingerprints", {})
@@ -143,9 +244,10 @@ class Run:
         }
 
     def close(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        for name in ("_shard_lock", "_lock"):
+            if getattr(self, name) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
 
     def __enter__(self) -> Run:
         return self.open()
@@ -245,28 +347,46 @@ class Run:
             raise EsnError(f"no recorded attempts in {self.store_dir}: run `esn record` first")
         return AttemptStore(self.store_dir, layout, architecture=None if layout is None else self.adapter.architecture)
 
+    def _owns(self, stem: str) -> bool:
+        """Whether this process writes the store shard ``stem`` ("b<batch>-<seq>")."""
+        if self.shard is None:
+            return True
+        m = re.fullmatch(r"b(\d+)-\d+", stem)
+        return m is not None and self._mine(int(m[1]))
+
     def record(self) -> None:
+        from esn.store import StoreWarning
+
+        with warnings.catch_warnings():
+            if self.shard is not None:  # another shard's write in flight looks like an interrupted one
+                warnings.simplefilter("ignore", StoreWarning)
+            self._record()
+
+    def _record(self) -> None:
         from esn.recording import GateRecorder
         from esn.wer import wer
 
         attempts = self.record_attempts()
-        batches = list(chunks(attempts, self.cfg.record.batch_size))
+        batches = [(k, b) for k, b in chunks(attempts, self.cfg.record.batch_size) if self._mine(k)]
         opened = (self.store_dir / "layout.json").exists()
         done = self.store().done_ids() if opened else set()
         todo = [(k, b) for k, b in batches if not all(a.id in done for a in b)]
         if not todo:
-            self.console.print(f"record: all {len(attempts)} attempts already recorded")
+            n = sum(len(b) for _, b in batches)
+            self.console.print(f"record{self._tag}: all {n} attempts{' of this shard' if self.shard else ''} "
+                               "already recorded")
             return
         adapter = self.adapter
         streams = self.cfg.model.streams
         store = self.store(adapter.layout(streams))
         # A killed write can leave a tensor file without its sidecar: drop it so shard names stay
-        # "b<batch>-000000" and a resumed run writes exactly the files of an uninterrupted one.
+        # "b<batch>-000000" and a resumed run writes exactly the files of an uninterrupted one. A shard
+        # drops only its own batches' (another shard may be between its two renames).
         for orphan in store.shard_dir.glob("*.safetensors"):
-            if not orphan.with_suffix(".json").exists():
+            if not orphan.with_suffix(".json").exists() and self._owns(orphan.stem):
                 orphan.unlink()
         with _progress(self.console) as bar:
-            task = bar.add_task("record", total=len(batches), completed=len(batches) - len(todo))
+            task = bar.add_task(f"record{self._tag}", total=len(batches), completed=len(batches) - len(todo))
             for k, batch in todo:
                 requests = self._requests([(a.id, a.source, a.target) for a in batch])
                 gen = self._generation("record", batch[0].id)
@@ -404,7 +524,10 @@ class Run:
             out += grid(split, [s.id for s in self.sources(split)], self.cfg.record.targets, sts)
         return out
 
-    def evaluate(self) -> None:
+    def evaluate(self) -> bool:
+        """Run this process's batches of the grid; summarise into results.json once the whole grid is done.
+
+        Returns whether results.json was written (a shard that finishes before the others does not)."""
         from esn import artifacts
         from esn.wer import corpus_wer, wer
 
@@ -418,13 +541,14 @@ class Run:
             path = bdir / f"{k:06d}.json"
             return path.exists() and [r["id"] for r in read_json(path)] == [a.id for a in batch]
 
-        todo = [(k, b) for k, b in batches if not done(k, b)]
+        mine = [(k, b) for k, b in batches if self._mine(k)]
+        todo = [(k, b) for k, b in mine if not done(k, b)]
         if todo:
             layout = self.adapter.layout(self.cfg.model.streams)
             mask_cache = {key: artifacts.load_masks(self.select_dir / f"masks_{st.mask_key}.safetensors", layout).masks
                           for key, st in sts.items()}
             with _progress(self.console) as bar:
-                task = bar.add_task("evaluate", total=len(batches), completed=len(batches) - len(todo))
+                task = bar.add_task(f"evaluate{self._tag}", total=len(mine), completed=len(mine) - len(todo))
                 for k, batch in todo:
                     rows = [(a.id, by_id[a.source], a.target) for a in batch]
                     requests = self._requests(rows)
@@ -445,6 +569,16 @@ class Run:
                                         "audio": audio})
                     atomic_write_json(bdir / f"{k:06d}.json", records)
                     bar.advance(task)
+        if self.shard is not None:
+            # Checked after this shard's last write: of shards finishing together, the last sees every batch.
+            # Two that both see it write the same bytes (a seeded summary), each atomically.
+            missing = sum(not done(k, b) for k, b in batches)
+            if missing:
+                self.console.print(
+                    f"evaluate{self._tag}: this shard's {len(mine)} batches are done; {missing} of {len(batches)} "
+                    "batches of the grid are still missing. results.json will be written by the last shard to "
+                    "finish, or by `esn evaluate` without --shard.")
+                return False
         records = self.eval_records(attempts)
         results = summarize(
             records, list(sts), self.cfg.record.targets, [j.name for j in self.cfg.judges.emotion],
@@ -455,6 +589,9 @@ class Run:
                 "judges": [j.name for j in self.cfg.judges.emotion], "splits": self.cfg.evaluate.splits,
                 "bootstrap": self.cfg.evaluate.bootstrap}
         atomic_write_json(self.eval_dir / "results.json", {"meta": meta, "groups": results})
+        if self.shard is not None:
+            self.console.print(f"evaluate{self._tag}: the grid is complete; wrote {self.eval_dir / 'results.json'}")
+        return True
 
     def eval_records(self, attempts: list[EvalAttempt] | None = None) -> list[dict]:
         attempts = attempts if attempts is not None else self.eval_attempts()
@@ -495,6 +632,10 @@ class Run:
 
     # -- everything -----------------------------------------------------------------------------------
     def run(self, stages: Sequence[str] = STAGES) -> None:
+        once = [s for s in stages if s not in SHARDED_STAGES]
+        if self.shard is not None and once:
+            raise EsnError(f"{', '.join(once)} cannot run as a shard: only {' and '.join(SHARDED_STAGES)} split "
+                           "their batches across processes; run the others once, without --shard")
         for stage in stages:
             getattr(self, stage)()
 
@@ -541,10 +682,11 @@ def _git_hash(where: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def load_run(config: str | Path, *, run_dir: str | Path | None = None, console: Console | None = None) -> Run:
+def load_run(config: str | Path, *, run_dir: str | Path | None = None, console: Console | None = None,
+             shard: tuple[int, int] | None = None) -> Run:
     from esn.pipeline.config import load_config
 
-    return Run(load_config(config, run_dir=run_dir), console=console)
+    return Run(load_config(config, run_dir=run_dir), console=console, shard=shard)
 
 
 def summary_json(run: Run) -> str:

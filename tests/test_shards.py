@@ -1,0 +1,231 @@
+"""Record and evaluate as several processes over one run directory (`--shard K/N`, `--workers N`) end with
+exactly the files of one process (tiny random Qwen2.5-Omni, tiny random emotion2vec, synthetic ESD); the
+locks keep the same shard, an unsharded process, another N and another config out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("esn_qwen_omni")
+pytest.importorskip("esn_emotion2vec")
+
+# The study of tests/test_resume.py: 4 recording batches, 9 evaluation batches.
+CONFIG = """
+seed = 7
+[model]
+adapter = "qwen_omni"
+source = "checkpoint"
+[generation]
+max_new_tokens = 6
+max_audio_tokens = 12
+[data]
+root = "esd"
+splits.identification = [{speakers = ["0011", "0012"], first = 1, last = 2}]
+splits.test_seen = [{speakers = ["0011"], first = 3, last = 3}]
+splits.test_unseen = [{speakers = ["0019"], first = 1, last = 1}]
+[judges]
+emotion = [{name = "emotion2vec", source = "e2v", options = {mapping = "five"}}]
+loudness_dbfs = -23.0
+min_seconds = 0.3
+[record]
+batch_size = 4
+[filter]
+require_match = false
+tau_wer = 1000.0
+[anchor]
+rate = 0.05
+c = 3
+[sweep]
+selectors = ["cas", "random"]
+[evaluate]
+batch_size = 8
+bootstrap = 50
+save_audio = true
+"""
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    from esn.pipeline.synthetic import write_esd
+    from esn.plugins import registry
+
+    root = tmp_path_factory.mktemp("study")
+    registry().adapter("qwen_omni").write_tiny(root / "checkpoint", seed=0)
+    registry().judge("emotion2vec").write_tiny(root / "e2v", seed=0)
+    write_esd(root / "esd", speakers=[11, 12, 19], indices=[1, 2, 3], emotions=["neutral"], seconds=0.4)
+    (root / "study.toml").write_text(CONFIG)
+    return root
+
+
+def esn(command: str, study: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "esn", command, str(study / "study.toml"), "--run-dir", str(run_dir),
+            "--threads", "1", *extra]
+
+
+def check(cmd: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` is true; fail if it ends first."""
+    t0 = time.time()
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"shard ended (rc {proc.returncode}) before it could be killed: {proc.stderr.read()[-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail("timed out waiting for the kill point")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run directory but its lock files, the manifest without run_dir and git hash."""
+    out = {}
+    for p in sorted(run_dir.rglob("*")):
+        rel = p.relative_to(run_dir).as_posix()
+        if p.is_file() and not rel.startswith(".lock"):
+            out[rel] = p.read_bytes()
+    manifest = json.loads(out.pop("manifest.json"))
+    manifest["config"].pop("run_dir")
+    manifest.pop("git")
+    out["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
+    return out
+
+
+def assert_same(a: dict[str, bytes], b: dict[str, bytes]) -> None:
+    assert sorted(a) == sorted(b)
+    assert [name for name in a if a[name] != b[name]] == []
+
+
+@pytest.fixture(scope="module")
+def whole(study, tmp_path_factory) -> dict[str, bytes]:
+    """One process, no interruption: the reference."""
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    check(esn("run", study, run_dir))
+    out = files(run_dir)
+    assert len([n for n in out if n.startswith("record/shards/b") and n.endswith(".json")]) == 4
+    assert len([n for n in out if n.startswith("evaluate/batches/")]) == 9
+    assert "report.md" in out and "evaluate/results.json" in out
+    return out
+
+
+@pytest.mark.slow
+def test_shards_by_hand_with_kills_equal_one_process(study, whole, tmp_path):
+    run_dir = tmp_path / "run"
+    shards = run_dir / "record" / "shards"
+    # record: two shards at once; shard 0 (batches 0 and 2) is killed after its first batch and rerun
+    s0, s1 = start(esn("record", study, run_dir, "--shard", "0/2")), start(esn("record", study, run_dir, "--shard", "1/2"))
+    kill_when(s0, lambda: (shards / "b000000-000000.json").exists())
+    finish(s1)
+    assert not (shards / "b000002-000000.json").exists()
+    assert (shards / "b000001-000000.json").exists() and (shards / "b000003-000000.json").exists()
+    finish(start(esn("record", study, run_dir, "--shard", "0/2")))
+    check(esn("select", study, run_dir))
+    # evaluate: shard 1 (batches 1, 3, 5, 7) is killed after its first batch; shard 0 then finishes first
+    batches = run_dir / "evaluate" / "batches"
+    e0, e1 = start(esn("evaluate", study, run_dir, "--shard", "0/2")), start(esn("evaluate", study, run_dir, "--shard", "1/2"))
+    kill_when(e1, lambda: (batches / "000001.json").exists())
+    out = finish(e0)
+    assert "results.json will be written by the last shard" in " ".join(out.split())
+    assert not (run_dir / "evaluate" / "results.json").exists()
+    out = finish(start(esn("evaluate", study, run_dir, "--shard", "1/2")))
+    assert "the grid is complete" in out
+    check(esn("report", study, run_dir))
+    assert_same(whole, files(run_dir))
+
+
+@pytest.mark.slow
+def test_workers_equal_one_process(study, whole, tmp_path):
+    run_dir = tmp_path / "run"
+    done = check(esn("run", study, run_dir, "--workers", "2"))
+    assert "record: 2 workers done" in done.stdout and "evaluate: 2 workers done" in done.stdout
+    assert_same(whole, files(run_dir))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["record", "--shard", "2/2"], "--shard '2/2': need N >= 1 and 0 <= K < N"),
+    (["record", "--shard=-1/2"], "--shard '-1/2': need N >= 1 and 0 <= K < N"),
+    (["evaluate", "--shard", "0/0"], "--shard '0/0': need N >= 1"),
+    (["evaluate", "--shard", "one/2"], "--shard 'one/2': expected K/N with integers"),
+    (["record", "--shard", "1"], "--shard '1': expected K/N with integers"),
+    (["select", "--shard", "0/2"], "--shard 0/2: select cannot run as a shard"),
+    (["report", "--shard", "1/2"], "--shard 1/2: report cannot run as a shard"),
+    (["run", "--shard", "0/2"], "--shard 0/2: select, report cannot run as a shard"),
+    (["record", "--shard", "0/2", "--workers", "2"], "--shard and --workers exclude each other"),
+    (["record", "--workers", "0"], "--workers 0: need at least 1 process"),
+    (["report", "--workers", "2"], "--workers 2: report runs as one process"),
+])
+def test_bad_shard_and_workers_arguments(study, tmp_path, capsys, argv, message):
+    from esn.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main([argv[0], str(study / "study.toml"), "--run-dir", str(run_dir), *argv[1:]]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not run_dir.exists()  # refused before touching anything
+
+
+def test_a_bad_shard_exits_2_from_the_command_line(study, tmp_path):
+    cmd = [sys.executable, "-m", "esn", "record", str(study / "study.toml"), "--run-dir", str(tmp_path), "--shard", "3/2"]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == "error: --shard '3/2': need N >= 1 and 0 <= K < N (the " \
+        "shards of N=2 are 0/2 and 1/2)", done.stderr
+
+
+def test_locks_admit_shards_of_one_n_and_config_only(study, tmp_path):
+    from esn.errors import EsnError
+    from esn.pipeline.run import load_run
+
+    cfg, run_dir = study / "study.toml", tmp_path / "run"
+    changed = study / "changed.toml"
+    changed.write_text(CONFIG.replace("max_new_tokens = 6", "max_new_tokens = 7"))
+
+    def shard(k: int | None, n: int = 2, config: Path = cfg):
+        return load_run(config, run_dir=run_dir, shard=None if k is None else (k, n))
+
+    first = shard(0).open()
+    leftover = run_dir / "evaluate" / "batches" / ".000001.json.x1.tmp"  # as if another shard were writing it
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("half")
+    with pytest.raises(EsnError, match="shard 0/2 is already running"):
+        shard(0).open()
+    with pytest.raises(EsnError, match="another esn process is using run directory"):
+        shard(None).open()
+    with pytest.raises(EsnError, match="must use the same N"):
+        shard(0, 3).open()
+    with pytest.raises(EsnError, match=r"shards with another configuration .* generation"):
+        shard(1, config=changed).open()
+    second = shard(1).open()  # a shard that joins running ones leaves their temp files alone
+    assert leftover.exists()
+    second.close()
+    first.close()
+    with shard(1):  # alone again: the temp files of killed processes go
+        assert not leftover.exists()
+        with pytest.raises(EsnError, match="another esn process is using run directory"):
+            shard(None).open()
+    with shard(None), pytest.raises(EsnError, match="an esn process without --shard is using"):
+        shard(0).open()
