@@ -4,11 +4,8 @@ an uninterrupted run (tiny random Qwen2.5-Omni, tiny random emotion2vec through 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,87 +13,20 @@ import pytest
 pytest.importorskip("esn_qwen_omni")
 pytest.importorskip("esn_emotion2vec")
 
-CONFIG = """
-seed = 7
-[model]
-adapter = "qwen_omni"
-source = "checkpoint"
-[generation]
-max_new_tokens = 6
-max_audio_tokens = 12
-[data]
-root = "esd"
-splits.identification = [{speakers = ["0011", "0012"], first = 1, last = 2}]
-splits.test_seen = [{speakers = ["0011"], first = 3, last = 3}]
-splits.test_unseen = [{speakers = ["0019"], first = 1, last = 1}]
-[judges]
-emotion = [{name = "emotion2vec", source = "e2v", options = {mapping = "five"}}]
-loudness_dbfs = -23.0
-min_seconds = 0.3
-[record]
-batch_size = 4
-[filter]
-require_match = false
-tau_wer = 1000.0
-[anchor]
-rate = 0.05
-c = 3
-[sweep]
-selectors = ["cas", "random"]
-[evaluate]
-batch_size = 8
-bootstrap = 50
-save_audio = true
-"""
+from pipeline_study import CONFIG, ENV, files, kill_when, make_study
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
-    from esn.pipeline.synthetic import write_esd
-    from esn.plugins import registry
-
-    root = tmp_path_factory.mktemp("study")
-    registry().adapter("qwen_omni").write_tiny(root / "checkpoint", seed=0)
-    registry().judge("emotion2vec").write_tiny(root / "e2v", seed=0)
-    write_esd(root / "esd", speakers=[11, 12, 19], indices=[1, 2, 3], emotions=["neutral"], seconds=0.4)
-    (root / "study.toml").write_text(CONFIG)
-    return root
+    return make_study(tmp_path_factory.mktemp("study"))
 
 
 def esn(study: Path, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "esn", "run", str(study / "study.toml"), "--run-dir", str(run_dir), "--threads", "1"]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-
-
-def kill_when(cmd: list[str], ready, timeout: float = 240) -> None:
-    """Start ``cmd``, SIGKILL it as soon as ``ready()`` is true; fail if it ends first."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    start = time.time()
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (rc {proc.returncode}) before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-        if time.time() - start > timeout:
-            proc.kill()
-            pytest.fail("timed out waiting for the kill point")
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-
-
-def files(run_dir: Path) -> dict[str, bytes]:
-    out = {}
-    for p in sorted(run_dir.rglob("*")):
-        rel = p.relative_to(run_dir).as_posix()
-        if p.is_file() and rel != ".lock":
-            out[rel] = p.read_bytes()
-    manifest = json.loads(out.pop("manifest.json"))
-    manifest["config"].pop("run_dir")  # where each run lives
-    manifest.pop("git")  # the checkout's HEAD: other commits may land between the two runs
-    out["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
-    return out
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
@@ -106,11 +36,11 @@ def test_killed_runs_resume_to_identical_artifacts(study, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     # 1. killed after the first recording batch landed (of 4)
-    kill_when(esn(study, killed), lambda: len(list((killed / "record" / "shards").glob("b*.json"))) >= 1)
+    kill_when(start(esn(study, killed)), lambda: len(list((killed / "record" / "shards").glob("b*.json"))) >= 1)
     recorded = len(list((killed / "record" / "shards").glob("b*.json")))
     assert 1 <= recorded < 4
     # 2. killed again mid-evaluation (of 9 batches)
-    kill_when(esn(study, killed), lambda: len(list((killed / "evaluate" / "batches").glob("*.json"))) >= 2)
+    kill_when(start(esn(study, killed)), lambda: len(list((killed / "evaluate" / "batches").glob("*.json"))) >= 2)
     evaluated = len(list((killed / "evaluate" / "batches").glob("0*.json")))
     assert 2 <= evaluated < 9
     assert not (killed / "evaluate" / "results.json").exists()

@@ -4,12 +4,8 @@ locks keep the same shard, an unsharded process, another N and another config ou
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,54 +13,12 @@ import pytest
 pytest.importorskip("esn_qwen_omni")
 pytest.importorskip("esn_emotion2vec")
 
-# The study of tests/test_resume.py: 4 recording batches, 9 evaluation batches.
-CONFIG = """
-seed = 7
-[model]
-adapter = "qwen_omni"
-source = "checkpoint"
-[generation]
-max_new_tokens = 6
-max_audio_tokens = 12
-[data]
-root = "esd"
-splits.identification = [{speakers = ["0011", "0012"], first = 1, last = 2}]
-splits.test_seen = [{speakers = ["0011"], first = 3, last = 3}]
-splits.test_unseen = [{speakers = ["0019"], first = 1, last = 1}]
-[judges]
-emotion = [{name = "emotion2vec", source = "e2v", options = {mapping = "five"}}]
-loudness_dbfs = -23.0
-min_seconds = 0.3
-[record]
-batch_size = 4
-[filter]
-require_match = false
-tau_wer = 1000.0
-[anchor]
-rate = 0.05
-c = 3
-[sweep]
-selectors = ["cas", "random"]
-[evaluate]
-batch_size = 8
-bootstrap = 50
-save_audio = true
-"""
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+from pipeline_study import CONFIG, ENV, files, kill_when, make_study
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
-    from esn.pipeline.synthetic import write_esd
-    from esn.plugins import registry
-
-    root = tmp_path_factory.mktemp("study")
-    registry().adapter("qwen_omni").write_tiny(root / "checkpoint", seed=0)
-    registry().judge("emotion2vec").write_tiny(root / "e2v", seed=0)
-    write_esd(root / "esd", speakers=[11, 12, 19], indices=[1, 2, 3], emotions=["neutral"], seconds=0.4)
-    (root / "study.toml").write_text(CONFIG)
-    return root
+    return make_study(tmp_path_factory.mktemp("study"))
 
 
 def esn(command: str, study: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -85,34 +39,6 @@ def start(cmd: list[str]) -> subprocess.Popen:
 def finish(proc: subprocess.Popen) -> str:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    return out
-
-
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
-    """SIGKILL ``proc`` as soon as ``ready()`` is true; fail if it ends first."""
-    t0 = time.time()
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"shard ended (rc {proc.returncode}) before it could be killed: {proc.stderr.read()[-2000:]}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            pytest.fail("timed out waiting for the kill point")
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-
-
-def files(run_dir: Path) -> dict[str, bytes]:
-    """Every file of a run directory but its lock files, the manifest without run_dir and git hash."""
-    out = {}
-    for p in sorted(run_dir.rglob("*")):
-        rel = p.relative_to(run_dir).as_posix()
-        if p.is_file() and not rel.startswith(".lock"):
-            out[rel] = p.read_bytes()
-    manifest = json.loads(out.pop("manifest.json"))
-    manifest["config"].pop("run_dir")
-    manifest.pop("git")
-    out["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
     return out
 
 
