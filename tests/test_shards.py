@@ -104,6 +104,8 @@ def test_workers_equal_one_process(study, whole, tmp_path):
     (["record", "--shard", "0/2", "--workers", "2"], "--shard and --workers exclude each other"),
     (["record", "--workers", "0"], "--workers 0: need at least 1 process"),
     (["report", "--workers", "2"], "--workers 2: report runs as one process"),
+    (["record", "--devices", "0,1"], "--devices needs --workers"),
+    (["record", "--workers", "2", "--devices", "0,,1"], "--devices '0,,1': expected a comma-separated list"),
 ])
 def test_bad_shard_and_workers_arguments(study, tmp_path, capsys, argv, message):
     from esn.cli import main
@@ -155,3 +157,13 @@ def test_locks_admit_shards_of_one_n_and_config_only(study, tmp_path):
             shard(None).open()
     with shard(None), pytest.raises(EsnError, match="an esn process without --shard is using"):
         shard(0).open()
+
+
+def test_workers_take_the_devices_in_turn():
+    from esn.cli.pipeline_cmd import worker_devices, worker_env
+
+    devices = worker_devices("0, 1")
+    envs = [worker_env(k, 4, devices, {"PATH": "/bin"}) for k in range(4)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0", "1"]  # two workers per GPU
+    assert [e["ESN_SHARD"] for e in envs] == ["0/4", "1/4", "2/4", "3/4"] and all(e["PATH"] == "/bin" for e in envs)
+    assert "CUDA_VISIBLE_DEVICES" not in worker_env(0, 2, None, {})  # no --devices: devices left as they are

@@ -26,6 +26,9 @@ def _parallel(p: argparse.ArgumentParser) -> None:
                         "or several (CUDA_VISIBLE_DEVICES), to share the work; they write what one process would")
     p.add_argument("--workers", type=int, metavar="N",
                    help="run the record and evaluate stages as N processes (--shard 0/N .. N-1/N) and wait for them")
+    p.add_argument("--devices", metavar="LIST",
+                   help="with --workers: comma-separated CUDA devices the workers take in turn, e.g. 0,1 "
+                        "(worker k sees only device k mod len(LIST) through CUDA_VISIBLE_DEVICES)")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +97,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if shard is not None and once:
         raise EsnError(f"--shard {args.shard}: {', '.join(once)} cannot run as a shard (only record and evaluate "
                        "split their batches); run it once without --shard, or give --stages record or evaluate")
+    devices = worker_devices(args.devices) if getattr(args, "devices", None) is not None else None
+    if devices is not None and workers is None:
+        raise EsnError("--devices needs --workers: it maps the workers to devices (with --shard, set "
+                       "CUDA_VISIBLE_DEVICES yourself)")
     if workers is not None and len(once) == len(stages):
         raise EsnError(f"--workers {workers}: {', '.join(once)} runs as one process; only record and evaluate "
                        "take --workers")
@@ -114,14 +121,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_devices(text: str) -> list[str]:
+    """``--devices 0,1`` -> ``["0", "1"]``: device ids or UUIDs as CUDA_VISIBLE_DEVICES takes them."""
+    from esn.errors import EsnError
+
+    devices = [d.strip() for d in text.split(",")]
+    if not devices or any(not d or any(c.isspace() for c in d) for d in devices):
+        raise EsnError(f"--devices {text!r}: expected a comma-separated list of CUDA devices, e.g. 0,1")
+    return devices
+
+
+def worker_env(k: int, n: int, devices: list[str] | None, base: dict[str, str]) -> dict[str, str]:
+    """The environment of worker ``k`` of ``n``: ``ESN_SHARD=k/n``, and with ``devices`` its one device."""
+    env = {**base, "ESN_SHARD": f"{k}/{n}"}
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = devices[k % len(devices)]
+    return env
+
+
 def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int) -> None:
     """Run ``esn <stage> --shard k/n`` for k < n as child processes and wait for all of them.
 
-    Children get ``ESN_SHARD=k/n`` in their environment (to map workers to devices in a wrapper, say);
-    devices are left as they are. A failed shard fails the stage; what the others wrote stays (resume).
+    Children get ``ESN_SHARD=k/n`` in their environment and, with ``--devices``, one device each
+    (``CUDA_VISIBLE_DEVICES``; several workers may share one). A failed shard fails the stage; what the
+    others wrote stays (resume).
     """
     from esn.errors import EsnError
 
+    devices = worker_devices(args.devices) if getattr(args, "devices", None) is not None else None
     procs: list[subprocess.Popen] = []
     try:
         for k in range(n):
@@ -130,7 +157,7 @@ def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int) -> N
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             # One progress bar on the terminal: shard 0 draws it; the others show only their errors.
-            procs.append(subprocess.Popen(cmd, env={**os.environ, "ESN_SHARD": f"{k}/{n}"},
+            procs.append(subprocess.Popen(cmd, env=worker_env(k, n, devices, os.environ),
                                           stdout=None if k == 0 else subprocess.DEVNULL))
         codes = [p.wait() for p in procs]
     finally:  # interrupted: stop the children too (they resume like any killed run)
