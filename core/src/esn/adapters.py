@@ -8,7 +8,7 @@ attributes, so listing never imports the model's heavy packages.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +34,40 @@ def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise EsnError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return dtype
+
+
+_FLAG_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def flag(value: Any) -> bool:
+    """A boolean option: a bool, 0/1, or true/false/yes/no/on/off in any case (TOML, JSON, CLI).
+
+    ``bool`` itself would read the string ``"false"`` as True.
+    """
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _FLAG_WORDS:
+        return _FLAG_WORDS[value.strip().lower()]
+    raise ValueError(value)
+
+
+def parse_options(adapter: str, options: Mapping[str, Any], kinds: Mapping[str, Callable[[Any], Any]]) -> dict[str, Any]:
+    """``GenerationConfig.options`` checked against an adapter's ``kinds`` ``{key: converter}``, converted.
+
+    An unknown key or a value its converter (``int``, ``float``, ``flag``, ...) rejects is an EsnError
+    naming the adapter, the key and the expected kind. Defaults and range checks stay with the adapter.
+    """
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in kinds:
+            raise EsnError(f"unknown {adapter} option {key!r}; known: {', '.join(kinds)}")
+        kind = kinds[key]
+        try:
+            out[key] = kind(value)
+        except (TypeError, ValueError):
+            expected = "true or false" if kind is flag else getattr(kind, "__name__", repr(kind))
+            raise EsnError(f"{adapter} option {key}={value!r} must be {expected}") from None
+    return out
 
 
 # The paper's setting: a fixed, emotion-agnostic system prompt asking for conversion with the words kept

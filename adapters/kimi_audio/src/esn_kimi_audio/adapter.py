@@ -34,6 +34,7 @@ from esn.adapters import (
     GenerationConfig,
     ModelAdapter,
     check_dtype,
+    parse_options,
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
@@ -209,18 +210,11 @@ class KimiAudioAdapter(ModelAdapter):
 
     # -- generation --------------------------------------------------------------------------------
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:
-        out = {key: default for key, (_, default) in OPTIONS.items()}
-        for key, value in options.items():
-            if key not in OPTIONS:
-                raise EsnError(f"unknown {self.name} option {key!r}; known: {', '.join(OPTIONS)}")
-            kind = OPTIONS[key][0]
-            try:
-                out[key] = kind(value)
-            except (TypeError, ValueError):
-                raise EsnError(f"{self.name} option {key}={value!r} must be {kind.__name__}") from None
-            if out[key] < 0:
-                raise EsnError(f"{self.name} option {key} must be >= 0, got {value!r}")
-        return out
+        given = parse_options(self.name, options, {key: kind for key, (kind, _) in OPTIONS.items()})
+        for key, value in given.items():
+            if value < 0:
+                raise EsnError(f"{self.name} option {key} must be >= 0, got {options[key]!r}")
+        return {key: default for key, (_, default) in OPTIONS.items()} | given
 
     def chats(self, request: EVCRequest, config: GenerationConfig, audio_path: str) -> list[dict]:
         """User turn: [system text], the audio (a file path), the instruction. Kimi has no system role."""

@@ -30,6 +30,7 @@ from esn.adapters import (
     GenerationConfig,
     ModelAdapter,
     check_dtype,
+    parse_options,
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
@@ -177,14 +178,7 @@ class MiniCPMOAdapter(ModelAdapter):
 
     # -- generation --------------------------------------------------------------------------------
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in options.items():
-            if key not in OPTIONS:
-                raise EsnError(f"unknown {self.name} option {key!r}; known: {', '.join(OPTIONS)}")
-            try:
-                out[key] = OPTIONS[key](value)
-            except (TypeError, ValueError):
-                raise EsnError(f"{self.name} option {key}={value!r} must be {OPTIONS[key].__name__}") from None
+        out = parse_options(self.name, options, OPTIONS)
         if out.get("tts_temperature", 1.0) <= 0:
             raise EsnError(f"{self.name} option tts_temperature must be > 0 (the TTS always samples)")
         return out

@@ -19,26 +19,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from esn.adapters import EVCRequest, EVCResult, GenerationConfig, ModelAdapter, StreamSpec, check_dtype
+from esn.adapters import (
+    EVCRequest,
+    EVCResult,
+    GenerationConfig,
+    ModelAdapter,
+    StreamSpec,
+    check_dtype,
+    flag,
+    parse_options,
+)
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
 
 THINKER_LAYERS = ("thinker.model.language_model.layers", "thinker.model.layers")
 TALKER_LAYERS = "talker.model.layers"
 DEFAULT_SPEAKER = "Chelsie"
-def _flag(value: Any) -> bool:
-    """A boolean option: a bool, 0/1, or true/false/yes/no/on/off in any case (TOML, JSON, CLI)."""
-    if isinstance(value, bool) or value in (0, 1):
-        return bool(value)
-    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-    if isinstance(value, str) and value.strip().lower() in words:
-        return words[value.strip().lower()]
-    raise ValueError(value)
-
-
-_flag.__name__ = "true or false"
-
-
 @contextlib.contextmanager
 def _tf32(enabled: bool):
     """Let float32 matmuls use TF32 inside the block (CUDA only), restoring the caller's setting."""
@@ -69,7 +65,7 @@ OPTIONS: dict[str, Any] = {
     "token2wav_batch": int,
     # Let token2wav's float32 matmuls use TF32 tensor cores (CUDA; convolutions already do by default
     # in PyTorch). The DiT is compute-bound in float32: much faster, audio differs by ~1e-3 relative.
-    "token2wav_tf32": _flag,
+    "token2wav_tf32": flag,
 }
 
 
@@ -361,15 +357,7 @@ class QwenOmniAdapter(ModelAdapter):
         return sorted(self.model.speaker_map)
 
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"talker_min_new_tokens": 1}
-        for key, value in options.items():
-            if key not in OPTIONS:
-                raise EsnError(f"unknown qwen_omni option {key!r}; known: {', '.join(OPTIONS)}")
-            try:
-                out[key] = OPTIONS[key](value)
-            except (TypeError, ValueError):
-                raise EsnError(f"qwen_omni option {key}={value!r} must be {OPTIONS[key].__name__}") from None
-        return out
+        return {"talker_min_new_tokens": 1, **parse_options(self.name, options, OPTIONS)}
 
     @staticmethod
     @_inference_mode
