@@ -81,6 +81,13 @@ def test_tts_temperature_option(adapter):
         adapter.generate(request, tiny_config(options={"beams": 2}))
 
 
+def test_enable_thinking_reads_false_as_false(adapter):
+    assert adapter._options({"enable_thinking": "false"}) == {"enable_thinking": False}  # bool("false") is True
+    assert adapter._options({"enable_thinking": True}) == {"enable_thinking": True}
+    with pytest.raises(EsnError, match="enable_thinking='maybe' must be true or false"):
+        adapter._options({"enable_thinking": "maybe"})
+
+
 def test_swallowed_tts_error_is_reported(adapter, capfd):
     tokenizer = adapter.model.tts.audio_tokenizer
     adapter.model.tts.audio_tokenizer = None  # like a missing CosyVoice2: chat() prints and carries on

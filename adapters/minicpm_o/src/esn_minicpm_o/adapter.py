@@ -30,6 +30,7 @@ from esn.adapters import (
     GenerationConfig,
     ModelAdapter,
     check_dtype,
+    flag,
     parse_options,
 )
 from esn.errors import EsnError
@@ -46,7 +47,7 @@ SYSTEM_PROMPTS = {"model": MODEL_SYSTEM_PROMPT, "conversion": CONVERSION_SYSTEM_
 # GenerationConfig.options this adapter understands.
 OPTIONS: dict[str, type] = {
     "tts_temperature": float,  # TTS sampling temperature (model default 0.8); smaller is closer to greedy
-    "enable_thinking": bool,  # Qwen3 thinking; off for EVC
+    "enable_thinking": flag,  # Qwen3 thinking; off for EVC ("false" must read as False: not bool)
 }
 _SPECIAL = re.compile(r"<\|[^|>]*\|>|<think>.*?</think>|</?think>", re.S)
 
