@@ -138,10 +138,7 @@ def _inference_mode(fn):
 
 @contextlib.contextmanager
 def _swapped(owner, name: str, replacement):
-    """Temporarily replace ``owner.<name>`` (a submodule) with ``replacement``; None: leave it alone."""
-    if replacement is None:
-        yield
-        return
+    """Temporarily replace ``owner.<name>`` (a submodule) with ``replacement`` (not a module)."""
     original = owner._modules[name]
     del owner._modules[name]
     object.__setattr__(owner, name, replacement)
