@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if workers is not None and workers > 1 and stage in SHARDED_STAGES:
             with run:  # check the config against the run directory once, not N times
                 pass
-            run_shards(stage, args, run.dir, workers)
+            run_shards(stage, args, run.dir, workers, devices)
         else:
             with run:
                 run.run([stage])
@@ -139,7 +139,8 @@ def worker_env(k: int, n: int, devices: list[str] | None, base: dict[str, str]) 
     return env
 
 
-def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int) -> None:
+def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int,
+               devices: list[str] | None = None) -> None:
     """Run ``esn <stage> --shard k/n`` for k < n as child processes and wait for all of them.
 
     Children get ``ESN_SHARD=k/n`` in their environment and, with ``--devices``, one device each
@@ -148,7 +149,6 @@ def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int) -> N
     """
     from esn.errors import EsnError
 
-    devices = worker_devices(args.devices) if getattr(args, "devices", None) is not None else None
     procs: list[subprocess.Popen] = []
     try:
         for k in range(n):
