@@ -47,19 +47,25 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SIZES, OpCounter, build_qwen2, greedy, paired_ratio, random_prompts
+from common import (
+    SIZES,
+    STEER_METHODS,
+    OpCounter,
+    build_qwen2,
+    greedy,
+    paired_ratio,
+    random_mask,
+    random_prompts,
+)
 from esn.adapters import StreamSpec
 from esn.hooks import ModelTarget, gate_hook_points, installed
-from esn.masks import Mask
 from esn.recording import GateRecorder, _Point
 from esn.steering import Condition, folded, steer, steer_rows
 
-METHODS = (("steer", 1.0), ("add", 0.5), ("clamp", 0.5), ("deactivate", None))  # as bench_steering
 NO_GRAPH = "CUDA graphs need --device cuda"
 # aten ops that read a device value on the host (.item(), bool(t), data-dependent shapes): each one is a
 # sync in eager mode and makes stream capture fail.
@@ -86,12 +92,6 @@ class StepSpy(OpCounter):
             self.suspects[f"{name} (host tensor)"] += 1
         return super().__torch_dispatch__(func, types, args, kwargs)
 
-
-def _random_mask(layout, rate: float, seed: int) -> Mask:
-    """``rate`` of all neurons, uniformly at random (a local copy of bench_steering's helper)."""
-    rng = np.random.default_rng(seed)
-    k = max(1, int(rate * layout.n_neurons))
-    return Mask(rng.choice(layout.n_neurons, size=k, replace=False), layout, {"seed": seed})
 
 
 def _log(msg: str) -> None:
@@ -290,9 +290,9 @@ def bench_batch(args, model, target, layout, mask, batch: int, cuda: bool) -> di
     }
     skipped = {}
     if batch > 1:
-        row_masks = [_random_mask(layout, args.rate, seed=1 + b) for b in range(batch)]
+        row_masks = [random_mask(layout, args.rate, seed=1 + b) for b in range(batch)]
         rows = [Condition(m, "steer", 0.5 + 0.1 * b) for b, m in enumerate(row_masks)]
-        mixed = [Condition(m, *METHODS[b % len(METHODS)]) for b, m in enumerate(row_masks)]
+        mixed = [Condition(m, *STEER_METHODS[b % len(STEER_METHODS)]) for b, m in enumerate(row_masks)]
         contexts["rows"] = lambda: steer_rows(target, rows)
         contexts["rows_mixed"] = lambda: steer_rows(target, mixed)
     else:
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
     points = gate_hook_points(model, "model.layers", "lm")
     target = ModelTarget(model, points, {"lm": StreamSpec("model")})
     layout = target.layout()
-    mask = _random_mask(layout, args.rate, seed=0)
+    mask = random_mask(layout, args.rate, seed=0)
     summary: dict = {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__,

@@ -27,23 +27,23 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SIZES, OpCounter, build_qwen2, greedy, random_prompts, sync, time_side_by_side
+from common import (
+    SIZES,
+    STEER_METHODS,
+    OpCounter,
+    build_qwen2,
+    greedy,
+    random_mask,
+    random_prompts,
+    sync,
+    time_side_by_side,
+)
 from esn.adapters import StreamSpec
 from esn.hooks import ModelTarget, gate_hook_points, installed
-from esn.masks import Mask
 from esn.steering import Condition, folded, steer, steer_rows
-
-METHODS = (("steer", 1.0), ("add", 0.5), ("clamp", 0.5), ("deactivate", None))
-
-
-def _random_mask(layout, rate: float, seed: int) -> Mask:
-    rng = np.random.default_rng(seed)
-    k = max(1, int(rate * layout.n_neurons))
-    return Mask(rng.choice(layout.n_neurons, size=k, replace=False), layout, {"seed": seed})
 
 
 def _ops_per_hook(target, context, batch: int, device: str, dtype) -> dict[str, int]:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     target = ModelTarget(model, points, {"lm": StreamSpec("model")})
     layout = target.layout()
     acts = [target.module(hp) for hp in points]
-    mask = _random_mask(layout, args.rate, seed=0)
+    mask = random_mask(layout, args.rate, seed=0)
 
     summary: dict = {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for batch in [int(b) for b in args.batches.split(",") if b]:
         inputs = random_prompts(model, batch, args.prompt_len, seed=batch)
-        row_masks = [_random_mask(layout, args.rate, seed=1 + b) for b in range(batch)]
+        row_masks = [random_mask(layout, args.rate, seed=1 + b) for b in range(batch)]
         rows = [Condition(m, "steer", 0.5 + 0.1 * b) for b, m in enumerate(row_masks)]
-        mixed = [Condition(m, *METHODS[b % len(METHODS)]) for b, m in enumerate(row_masks)]
+        mixed = [Condition(m, *STEER_METHODS[b % len(STEER_METHODS)]) for b, m in enumerate(row_masks)]
         contexts = {
             "noop": lambda: installed((m, lambda mod, a, g: None) for m in acts),
             "steer": lambda: steer(target, mask, "steer", 1.0),

@@ -62,6 +62,20 @@ SIZES: dict[str, dict] = {
 }
 
 
+# The per-row variants' methods, cycled over the rows: (method, alpha).
+STEER_METHODS = (("steer", 1.0), ("add", 0.5), ("clamp", 0.5), ("deactivate", None))
+
+
+def random_mask(layout, rate: float, seed: int):
+    """An ``esn.masks.Mask`` of ``rate`` of all the layout's neurons (at least one), uniformly at random."""
+    import numpy as np
+    from esn.masks import Mask
+
+    rng = np.random.default_rng(seed)
+    k = max(1, int(rate * layout.n_neurons))
+    return Mask(rng.choice(layout.n_neurons, size=k, replace=False), layout, {"seed": seed})
+
+
 def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
