@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from esn.pipeline.config import Setting
-from esn.pipeline.evaluate import BASELINE, grid, summarize
+from esn.pipeline.grid import BASELINE, grid, summarize
 from esn.wer import corpus_wer
 
 TARGETS = ["happy", "sad"]

@@ -14,6 +14,8 @@ from esn.errors import EsnError
 
 MODEL_RATE = 16_000  # what the LALMs' audio encoders take
 MAX_SECONDS = 60.0  # longer input is refused: EVC prompts are single utterances
+TARGET_DBFS = -23.0  # RMS level (re full scale) of listening-kit clips
+PEAK_DBFS = -1.0  # the peak a normalised clip may reach
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
@@ -68,6 +70,20 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     y = y.transpose(1, 2).reshape(-1)
     n_out = math.ceil(new * wave.shape[0] / orig)
     return y[:n_out].numpy().astype(np.float32)
+
+
+def rms_normalize(wave: np.ndarray, dbfs: float = TARGET_DBFS, peak_dbfs: float = PEAK_DBFS) -> np.ndarray:
+    """Scale to an RMS of ``dbfs`` (re full scale 1.0), then down if the peak would pass ``peak_dbfs``."""
+    wave = np.asarray(wave, dtype=np.float64)
+    rms = float(np.sqrt(np.mean(wave**2))) if wave.size else 0.0
+    if rms == 0.0:
+        return wave.astype(np.float32)
+    out = wave * (10 ** (dbfs / 20) / rms)
+    peak = float(np.max(np.abs(out)))
+    limit = 10 ** (peak_dbfs / 20)
+    if peak > limit:
+        out *= limit / peak
+    return out.astype(np.float32)
 
 
 def prepare_audio(

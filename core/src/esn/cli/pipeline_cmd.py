@@ -79,7 +79,9 @@ def _threads(args) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from esn.errors import EsnError
-    from esn.pipeline.run import SHARDED_STAGES, STAGES, load_run, parse_shard
+    from esn.pipeline.parallel import SHARDED_STAGES, parse_shard
+    from esn.pipeline.run import load_run
+    from esn.pipeline.stages import STAGES, run_stages
 
     _threads(args)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -113,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             run_shards(stage, args, run.dir, workers, devices)
         else:
             with run:
-                run.run([stage])
+                run_stages(run, [stage])
     if shard is None and ("evaluate" in stages or "report" in stages):
         print_summary(run)
     if "report" in stages:
@@ -179,7 +181,7 @@ def print_summary(run) -> None:
     from esn.pipeline.files import read_json
     from esn.pipeline.report import _sweeps, effect_table
 
-    path = run.eval_dir / "results.json"
+    path = run.rundir.evaluate / "results.json"
     if not path.exists():
         return
     res = read_json(path)

@@ -160,6 +160,7 @@ def run_demo(out: str | Path, *, console: Console | None = None) -> Path:
     from esn.pipeline.config import load_config
     from esn.pipeline.report import write_report
     from esn.pipeline.run import Run
+    from esn.pipeline.stages import run_stages
 
     console = console or Console(quiet=True)
     out = Path(out).resolve()
@@ -170,6 +171,6 @@ def run_demo(out: str | Path, *, console: Console | None = None) -> Path:
     with Run(cfg, console=console) as run:
         for stage in ("record", "select", "evaluate"):
             console.rule(f"[bold]{stage}")
-            run.run([stage])
+            run_stages(run, [stage])
         console.rule("[bold]report")
         return write_report(run, extra=disclaimer(cfg))

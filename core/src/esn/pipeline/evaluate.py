@@ -1,169 +1,133 @@
-"""The evaluation grid of the paper (section 3.5) and its metrics.
-
-For each split, every source is converted to every target emotion once without intervention (the
-baseline) and once per (setting, mask emotion): the 4 x 4 (mask emotion x target emotion) cells of
-Figure 3. From the judged results:
-
-* match rate per judge and cell; Delta = cell - baseline of the same target (percentage points);
-* self-effect = mean of the diagonal Deltas, cross-effect = mean of the off-diagonal Deltas, gap = self - cross;
-* WER (corpus WER of decoded text vs transcript, %) and naturalness (mean judge MOS), and their Deltas;
-* 95 % bootstrap CIs, resampling source utterances (paired: the same resample for baseline and
-  intervention), seeded.
-"""
+"""Stage 3, evaluate: the grid (``esn.pipeline.grid``) of baseline and steered conversions on the test
+splits, judged and scored; one file per batch in ``evaluate/batches/`` and, once the whole grid is there,
+the metrics in ``evaluate/results.json``."""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass
-
-import numpy as np
-from esn.pipeline.config import Setting
-
-BASELINE = "baseline"
-
-
-@dataclass(frozen=True)
-class EvalAttempt:
-    """One conversion of the grid. ``setting`` is a Setting key or ``"baseline"``; ``mask`` its emotion."""
-
-    split: str
-    setting: str
-    mask: str | None
-    source: str
-    target: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.split}|{self.setting}|{self.mask or '-'}|{self.source}|{self.target}"
+from esn.errors import EsnError
+from esn.pipeline import convert, select
+from esn.pipeline.batches import chunks
+from esn.pipeline.config import settings
+from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_json
+from esn.pipeline.grid import BASELINE, EvalAttempt, grid, summarize
+from esn.pipeline.parallel import progress_bar
+from esn.pipeline.run import Run
 
 
-def grid(split: str, sources: Sequence[str], targets: Sequence[str], settings: Sequence[Setting]) -> list[EvalAttempt]:
-    """Every attempt of one split, baseline first, in a fixed order (batches are cut from this order)."""
-    out = [EvalAttempt(split, BASELINE, None, s, t) for s in sources for t in targets]
-    for st in settings:
-        out += [EvalAttempt(split, st.key, m, s, t) for m in targets for s in sources for t in targets]
+def attempts(run: Run) -> list[EvalAttempt]:
+    """Every attempt of the grid, split by split, in a fixed order (batches are cut from it)."""
+    sts = settings(run.cfg)
+    out: list[EvalAttempt] = []
+    for split in run.cfg.evaluate.splits:
+        out += grid(split, [s.id for s in run.sources(split)], run.cfg.record.targets, sts)
     return out
 
 
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (the same on every machine and Python run)."""
-    blob = "\x1f".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
+def evaluate(run: Run) -> bool:
+    """Run this process's batches of the grid; summarise into results.json once the whole grid is done.
+
+    Returns whether results.json was written (a shard that finishes before the others does not)."""
+    from esn.wer import wer
+
+    cfg = run.cfg
+    out_dir = run.rundir.evaluate
+    grid_attempts = attempts(run)
+    by_id = {s.id: s for split in cfg.evaluate.splits for s in run.sources(split)}
+    sts = {st.key: st for st in settings(cfg)}
+    batches = list(chunks(grid_attempts, cfg.evaluate.batch_size))
+    bdir = out_dir / "batches"
+
+    def done(k: int, batch) -> bool:
+        path = bdir / f"{k:06d}.json"
+        return path.exists() and [r["id"] for r in read_json(path)] == [a.id for a in batch]
+
+    mine = [(k, b) for k, b in batches if run.mine(k)]
+    todo = [(k, b) for k, b in mine if not done(k, b)]
+    if todo:
+        layout = run.adapter.layout(cfg.model.streams)
+        mask_cache = {key: select.masks(run, st.mask_key, layout).masks for key, st in sts.items()}
+        with progress_bar(run.console) as bar:
+            task = bar.add_task(f"evaluate{run.tag}", total=len(mine), completed=len(mine) - len(todo))
+            for k, batch in todo:
+                rows = [(a.id, by_id[a.source], a.target) for a in batch]
+                reqs = convert.requests(rows)
+                conds = [None if a.setting == BASELINE else (mask_cache[a.setting][a.mask], sts[a.setting])
+                         for a in batch]
+                results = steered_generate(run.adapter, reqs, conds, convert.generation(run, "evaluate", batch[0].id))
+                labels, quality = convert.judge(run, results, reqs)
+                records = []
+                for a, res, lab, q in zip(batch, results, labels, quality, strict=True):
+                    audio = None
+                    if cfg.evaluate.save_audio and res.waveform.size:
+                        audio = convert.audio_name(a.id)
+                        atomic_write_wav(out_dir / audio, res.waveform, res.sample_rate)
+                    ref = by_id[a.source].transcript
+                    records.append({"id": a.id, "split": a.split, "setting": a.setting, "mask": a.mask,
+                                    "source": a.source, "target": a.target, "reference": ref, "text": res.text,
+                                    "wer": round(wer(ref, res.text), 6), "labels": lab, "quality": q,
+                                    "audio": audio})
+                atomic_write_json(bdir / f"{k:06d}.json", records)
+                bar.advance(task)
+    if run.shard is not None:
+        # Checked after this shard's last write: of shards finishing together, the last sees every batch.
+        # Two that both see it write the same bytes (a seeded summary), each atomically.
+        missing = sum(not done(k, b) for k, b in batches)
+        if missing:
+            run.console.print(
+                f"evaluate{run.tag}: this shard's {len(mine)} batches are done; {missing} of {len(batches)} "
+                "batches of the grid are still missing. results.json will be written by the last shard to "
+                "finish, or by `esn evaluate` without --shard.")
+            return False
+    write_results(run, grid_attempts)
+    if run.shard is not None:
+        run.console.print(f"evaluate{run.tag}: the grid is complete; wrote {out_dir / 'results.json'}")
+    return True
 
 
-def _ci(samples: np.ndarray) -> list[float] | None:
-    if samples.size == 0:
-        return None
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return [round(float(lo), 6), round(float(hi), 6)]
+def write_results(run: Run, grid_attempts: list[EvalAttempt] | None = None) -> None:
+    """The metrics of the complete grid (``esn.pipeline.grid.summarize``) -> ``evaluate/results.json``."""
+    from esn.wer import corpus_wer
+
+    cfg = run.cfg
+    sts = {st.key: st for st in settings(cfg)}
+    judges = [j.name for j in cfg.judges.emotion]
+    results = summarize(
+        records(run, grid_attempts), list(sts), cfg.record.targets, judges, cfg.evaluate.splits,
+        n_boot=cfg.evaluate.bootstrap, seed=cfg.seed, wer_fn=lambda refs, hyps: corpus_wer(refs, hyps).wer,
+    )
+    meta = {"settings": {k: vars(st) for k, st in sts.items()}, "targets": cfg.record.targets, "judges": judges,
+            "splits": cfg.evaluate.splits, "bootstrap": cfg.evaluate.bootstrap}
+    atomic_write_json(run.rundir.evaluate / "results.json", {"meta": meta, "groups": results})
 
 
-def _r(x: float | None) -> float | None:
-    return None if x is None or not np.isfinite(x) else round(float(x), 6)
-
-
-def summarize_setting(
-    records: list[dict],
-    setting: str,
-    targets: Sequence[str],
-    judges: Sequence[str],
-    *,
-    n_boot: int,
-    seed: int,
-    wer_fn,
-) -> dict:
-    """Metrics of one setting on one group of records (which must contain the baseline attempts).
-
-    Match values are percentages; Deltas percentage points. ``wer_fn(refs, hyps)`` is corpus WER.
-    """
-    sources = sorted({r["source"] for r in records})
-    s_idx = {s: i for i, s in enumerate(sources)}
-    t_idx = {t: i for i, t in enumerate(targets)}
-    T, S = len(targets), len(sources)
-    rng = np.random.default_rng(seed)
-    # Resample weights [B, S]: how often each source appears in each bootstrap draw.
-    weights = rng.multinomial(S, np.full(S, 1.0 / S), size=n_boot).astype(np.float64) if n_boot and S else None
-
-    base = [r for r in records if r["setting"] == BASELINE]
-    cells = [r for r in records if r["setting"] == setting]
-    out: dict = {"n_sources": S, "judges": {}}
-    for judge in judges:
-        b = np.full((T, S), np.nan)
-        for r in base:
-            b[t_idx[r["target"]], s_idx[r["source"]]] = float(r["labels"].get(judge) == r["target"])
-        entry: dict = {"baseline": {t: _r(100 * np.nanmean(b[i])) for i, t in enumerate(targets)}}
-        entry["baseline"]["avg"] = _r(100 * np.nanmean(b))
-        if setting != BASELINE:
-            m = np.full((T, T, S), np.nan)  # [mask, target, source]
-            for r in cells:
-                m[t_idx[r["mask"]], t_idx[r["target"]], s_idx[r["source"]]] = float(r["labels"].get(judge) == r["target"])
-            entry.update(_effects(m, b, targets, weights))
-        out["judges"][judge] = entry
-    out["wer"] = _r(100 * wer_fn([r["reference"] for r in cells or base], [r["text"] for r in cells or base]))
-    out["wer_baseline"] = _r(100 * wer_fn([r["reference"] for r in base], [r["text"] for r in base]))
-    q = [r["quality"] for r in (cells or base) if r.get("quality") is not None]
-    qb = [r["quality"] for r in base if r.get("quality") is not None]
-    out["quality"] = _r(float(np.mean(q))) if q else None
-    out["quality_baseline"] = _r(float(np.mean(qb))) if qb else None
+def records(run: Run, grid_attempts: list[EvalAttempt] | None = None) -> list[dict]:
+    """Every evaluated conversion, in grid order; a missing or foreign batch file is a clear error."""
+    grid_attempts = grid_attempts if grid_attempts is not None else attempts(run)
+    out: list[dict] = []
+    for k, batch in chunks(grid_attempts, run.cfg.evaluate.batch_size):
+        path = run.rundir.evaluate / "batches" / f"{k:06d}.json"
+        if not path.exists():
+            raise EsnError(f"evaluation batch {path} is missing: run `esn evaluate` to finish the grid")
+        rows = read_json(path)
+        if [r["id"] for r in rows] != [a.id for a in batch]:
+            raise EsnError(f"evaluation batch {path} belongs to another grid: run `esn evaluate` to redo it")
+        out += rows
     return out
 
 
-def _effects(m: np.ndarray, b: np.ndarray, targets: Sequence[str], weights: np.ndarray | None) -> dict:
-    """Delta matrix, self/cross/gap and per-target self Deltas, with bootstrap CIs (pp)."""
-    T = len(targets)
-    diag = np.eye(T, dtype=bool)
+def steered_generate(adapter, reqs, conds, gen):
+    """Generate with a per-row condition (None = no intervention): one batch if the adapter is batched."""
+    from esn.steering import Condition, steer, steer_rows
 
-    def stats(m_mean: np.ndarray, b_mean: np.ndarray) -> dict[str, np.ndarray]:
-        # m_mean [T, T, ...], b_mean [T, ...] -> Deltas in pp
-        delta = 100 * (m_mean - b_mean[None])
-        self_ = delta[diag].mean(axis=0)
-        cross = delta[~diag].mean(axis=0)
-        return {"delta": delta, "self": self_, "cross": cross, "gap": self_ - cross, "self_per_target": delta[diag]}
-
-    point = stats(np.nanmean(m, axis=-1), np.nanmean(b, axis=-1))
-    out = {
-        "matrix": [[_r(point["delta"][i, j]) for j in range(T)] for i in range(T)],
-        "match": [[_r(100 * v) for v in row] for row in np.nanmean(m, axis=-1)],
-        "self": _r(point["self"]),
-        "cross": _r(point["cross"]),
-        "gap": _r(point["gap"]),
-        "self_per_target": {t: _r(point["self_per_target"][i]) for i, t in enumerate(targets)},
-    }
-    if weights is not None:
-        n = weights.sum(axis=1)  # [B]
-        mw = np.nan_to_num(m) @ weights.T / n  # [T, T, B]
-        bw = np.nan_to_num(b) @ weights.T / n  # [T, B]
-        boot = stats(mw, bw)
-        out["ci"] = {
-            "self": _ci(boot["self"]),
-            "cross": _ci(boot["cross"]),
-            "gap": _ci(boot["gap"]),
-            "self_per_target": {t: _ci(boot["self_per_target"][i]) for i, t in enumerate(targets)},
-        }
-    return out
-
-
-def summarize(
-    records: list[dict],
-    setting_keys: Sequence[str],
-    targets: Sequence[str],
-    judges: Sequence[str],
-    splits: Sequence[str],
-    *,
-    n_boot: int,
-    seed: int,
-    wer_fn,
-) -> dict:
-    """``{group: {setting: metrics}}`` for each split and for all splits pooled (``"all"``)."""
-    groups = {s: [r for r in records if r["split"] == s] for s in splits}
-    if len(splits) > 1:
-        groups["all"] = [r for r in records if r["split"] in splits]
-    out: dict = {}
-    for group, recs in groups.items():
-        out[group] = {}
-        for key in [BASELINE, *setting_keys]:
-            out[group][key] = summarize_setting(
-                recs, key, targets, judges, n_boot=n_boot, seed=derive_seed(seed, group, key), wer_fn=wer_fn
-            )
+    if adapter.batched:
+        rows = [None if c is None else Condition(c[0], c[1].method, c[1].alpha) for c in conds]
+        with steer_rows(adapter, rows):
+            return adapter.generate(reqs, gen)
+    out = []
+    for req, c in zip(reqs, conds, strict=True):
+        if c is None:
+            out += adapter.generate([req], gen)
+        else:
+            with steer(adapter, c[0], c[1].method, c[1].alpha):
+                out += adapter.generate([req], gen)
     return out

@@ -20,34 +20,19 @@ import io
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from esn.emotions import EMOTIONS, normalize_emotion
 from esn.errors import EsnError
+from esn.pipeline import evaluate, record
+from esn.pipeline.batches import derive_seed
+from esn.pipeline.config import settings
 from esn.pipeline.files import atomic_write_json, atomic_write_text, atomic_write_wav, read_json
+from esn.pipeline.grid import BASELINE
+from esn.pipeline.run import Run
 
-if TYPE_CHECKING:
-    from esn.pipeline.run import Run
-
-TARGET_DBFS = -23.0
-PEAK_DBFS = -1.0
 KIT_RATE = 16_000
 CHOICES = {"a": "A", "b": "B", "tie": "tie", "indecisive": "tie", "=": "tie", "same": "tie"}
-
-
-def rms_normalize(wave: np.ndarray, dbfs: float = TARGET_DBFS, peak_dbfs: float = PEAK_DBFS) -> np.ndarray:
-    """Scale to an RMS of ``dbfs`` (re full scale 1.0), then down if the peak would pass ``peak_dbfs``."""
-    wave = np.asarray(wave, dtype=np.float64)
-    rms = float(np.sqrt(np.mean(wave**2))) if wave.size else 0.0
-    if rms == 0.0:
-        return wave.astype(np.float32)
-    out = wave * (10 ** (dbfs / 20) / rms)
-    peak = float(np.max(np.abs(out)))
-    limit = 10 ** (peak_dbfs / 20)
-    if peak > limit:
-        out *= limit / peak
-    return out.astype(np.float32)
 
 
 def _csv(rows: list[dict], fields: Sequence[str]) -> str:
@@ -70,7 +55,7 @@ def _read_csv(path: Path, need: Sequence[str]) -> list[dict]:
 
 
 def _clip(src: Path, dst: Path) -> None:
-    from esn.audio import read_audio, resample, to_mono
+    from esn.audio import read_audio, resample, rms_normalize, to_mono
 
     data, rate = read_audio(src)
     atomic_write_wav(dst, rms_normalize(resample(to_mono(data), rate, KIT_RATE)), KIT_RATE)
@@ -78,11 +63,8 @@ def _clip(src: Path, dst: Path) -> None:
 
 def export_ab(run: Run, out: Path, *, per_emotion: int = 25) -> int:
     """Write ``clips/``, ``trials.csv`` (for raters), ``key.csv`` (blind key) and a response template."""
-    from esn.pipeline.config import settings
-    from esn.pipeline.evaluate import BASELINE, derive_seed
-
     anchor = settings(run.cfg)[0].key
-    records = run.eval_records()
+    records = evaluate.records(run)
     base = {(r["split"], r["source"], r["target"]): r for r in records if r["setting"] == BASELINE}
     rng = np.random.default_rng(derive_seed(run.cfg.seed, "human-ab"))
     pairs = []
@@ -92,7 +74,7 @@ def export_ab(run: Run, out: Path, *, per_emotion: int = 25) -> int:
                  and (r["split"], r["source"], r["target"]) in base]
         cands = [(b, i) for b, i in cands if b.get("audio") and i.get("audio")]
         if not cands:
-            raise EsnError(f"no evaluated {target} pairs with audio in {run.eval_dir}: set evaluate.save_audio = true "
+            raise EsnError(f"no evaluated {target} pairs with audio in {run.rundir.evaluate}: set evaluate.save_audio = true "
                            "and run `esn evaluate`")
         pick = rng.choice(len(cands), size=min(per_emotion, len(cands)), replace=False)
         pairs += [(target, *cands[k]) for k in sorted(pick)]
@@ -103,8 +85,8 @@ def export_ab(run: Run, out: Path, *, per_emotion: int = 25) -> int:
         flip = bool(rng.integers(2))
         a_rec, b_rec = (i, b) if flip else (b, i)
         names = (f"clips/t{n:03d}_A.wav", f"clips/t{n:03d}_B.wav")
-        _clip(run.eval_dir / a_rec["audio"], out / names[0])
-        _clip(run.eval_dir / b_rec["audio"], out / names[1])
+        _clip(run.rundir.evaluate / a_rec["audio"], out / names[0])
+        _clip(run.rundir.evaluate / b_rec["audio"], out / names[1])
         trials.append({"trial": n, "emotion": target, "clip_a": names[0], "clip_b": names[1],
                        "question": f"Which clip sounds more {target}? Answer A, B or tie."})
         key.append({"trial": n, "emotion": target, "a": "intervened" if flip else "baseline",
@@ -144,11 +126,9 @@ def import_ab(run: Run, kit: Path, responses: Sequence[Path]) -> dict:
 
 def export_labels(run: Run, out: Path, *, per_emotion: int = 25) -> int:
     """Blind clips of recorded attempts for raters to label with the emotion they hear."""
-    from esn.pipeline.evaluate import derive_seed
-
-    records = [r for r in run.store().records() if r.meta.get("audio")]
+    records = [r for r in record.store(run).records() if r.meta.get("audio")]
     if not records:
-        raise EsnError(f"no recorded audio in {run.store_dir}: set record.save_audio = true and record again")
+        raise EsnError(f"no recorded audio in {run.rundir.record}: set record.save_audio = true and record again")
     rng = np.random.default_rng(derive_seed(run.cfg.seed, "human-labels"))
     chosen = []
     for target in run.cfg.record.targets:
@@ -159,7 +139,7 @@ def export_labels(run: Run, out: Path, *, per_emotion: int = 25) -> int:
     for n, k in enumerate(rng.permutation(len(chosen)), start=1):
         rec = chosen[k]
         name = f"clips/c{n:04d}.wav"
-        _clip(run.store_dir / rec.meta["audio"], out / name)
+        _clip(run.rundir.record / rec.meta["audio"], out / name)
         clips.append({"clip": n, "file": name, "question": f"Which emotion do you hear? One of: {', '.join(EMOTIONS)}"})
         key.append({"clip": n, "id": rec.id, "target": rec.emotion})
     atomic_write_text(out / "clips.csv", _csv(clips, ["clip", "file", "question"]))

@@ -9,16 +9,14 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from esn.pipeline import plots
+from esn.pipeline import plots, record
 from esn.pipeline.config import Setting, settings
-from esn.pipeline.evaluate import BASELINE
-from esn.pipeline.files import atomic_write_text, read_json
-
-if TYPE_CHECKING:
-    from esn.pipeline.run import Run
+from esn.pipeline.files import atomic_write_json, atomic_write_text, read_json
+from esn.pipeline.grid import BASELINE
+from esn.pipeline.run import Run
 
 
 @dataclass
@@ -92,18 +90,18 @@ def _layer_counts(masks, layout) -> tuple[np.ndarray, list[str]]:
 
 def build(run: Run) -> list[Block]:
     cfg = run.cfg
-    res = read_json(run.eval_dir / "results.json")
+    res = read_json(run.rundir.evaluate / "results.json")
     meta, groups = res["meta"], res["groups"]
     targets, judges, splits = meta["targets"], meta["judges"], meta["splits"]
     primary = judges[0]
     main = "all" if "all" in groups else splits[0]
     sts = settings(cfg)
     anchor = sts[0]
-    fig_dir = run.dir / "figures"
+    fig_dir = run.rundir.figures
     blocks: list[Block] = [Block("h1", "esn run report")]
     if cfg.notes:
         blocks.append(Block("p", cfg.notes))
-    n_rec = len(run.store().records()) if (run.store_dir / "layout.json").exists() else 0
+    n_rec = len(record.store(run).records()) if (run.rundir.record / "layout.json").exists() else 0
     sizes = ", ".join(f"{s}: {groups[s][BASELINE]['n_sources']} sources" for s in splits)
     blocks.append(Block("p", (
         f"Model `{cfg.model.adapter}` from `{cfg.model.source}`, streams {', '.join(cfg.model.streams)}; "
@@ -115,7 +113,7 @@ def build(run: Run) -> list[Block]:
         f"against the unintervened baseline; tables pool {main.replace('_', '-')} "
         f"({cfg.evaluate.bootstrap} bootstrap resamples of source utterances for CIs).")))
 
-    summary_path = run.select_dir / "summary.json"
+    summary_path = run.rundir.select / "summary.json"
     if summary_path.exists():
         sets = read_json(summary_path)["success_sets"]
         rows = [[key, *[str(len(v.get(t, []))) for t in targets]] for key, v in sets.items()]
@@ -158,7 +156,7 @@ def build(run: Run) -> list[Block]:
     # Figure 9: where the anchor mask's neurons are
     from esn import artifacts
 
-    mask_path = run.select_dir / f"masks_{anchor.mask_key}.safetensors"
+    mask_path = run.rundir.select / f"masks_{anchor.mask_key}.safetensors"
     if mask_path.exists():
         loaded = artifacts.load_masks(mask_path)
         counts, names = _layer_counts(loaded.masks, loaded.layout)
@@ -184,7 +182,7 @@ def build(run: Run) -> list[Block]:
 
 def _human_blocks(run: Run, targets: list[str]) -> list[Block]:
     out: list[Block] = []
-    sim = run.select_dir / "human_similarity.json"
+    sim = run.rundir.select / "human_similarity.json"
     if sim.exists():
         data = read_json(sim)
         rows = [[e.capitalize(), _f(v["jaccard"], ".3f"), _f(100 * v["direct_match"], ".2f") + "%", _f(v["jsd"], ".3f")]
@@ -194,7 +192,7 @@ def _human_blocks(run: Run, targets: list[str]) -> list[Block]:
     wtl = run.dir / "human" / "results.json"
     if wtl.exists():
         rates = read_json(wtl)["rates"]
-        png = plots.win_tie_loss(rates, run.dir / "figures" / "human_wtl.png", title="Listeners: intervened vs baseline")
+        png = plots.win_tie_loss(rates, run.rundir.figures / "human_wtl.png", title="Listeners: intervened vs baseline")
         rows = [[e.capitalize() if e != "average" else "Average", *[f"{100 * rates[e][k]:.0f}%" for k in ("win", "tie", "loss")]]
                 for e in rates]
         out += [Block("h2", "Figure 8 — human A/B listening (win / tie / loss)"),
@@ -252,8 +250,6 @@ def to_html(blocks: list[Block]) -> str:
 def write_report(run: Run, extra: list[Block] | None = None) -> Path:
     """Write report.md and report.html. ``extra`` blocks go after the title and are kept in
     ``report_preface.json``, so that later ``esn report`` calls keep them (the demo's disclaimer)."""
-    from esn.pipeline.files import atomic_write_json
-
     preface = run.dir / "report_preface.json"
     if extra:
         atomic_write_json(preface, [[b.kind, b.body] for b in extra])

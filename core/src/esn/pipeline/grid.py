@@ -1,0 +1,163 @@
+"""The evaluation grid of the paper (section 3.5) and its metrics.
+
+For each split, every source is converted to every target emotion once without intervention (the
+baseline) and once per (setting, mask emotion): the 4 x 4 (mask emotion x target emotion) cells of
+Figure 3. From the judged results:
+
+* match rate per judge and cell; Delta = cell - baseline of the same target (percentage points);
+* self-effect = mean of the diagonal Deltas, cross-effect = mean of the off-diagonal Deltas, gap = self - cross;
+* WER (corpus WER of decoded text vs transcript, %) and naturalness (mean judge MOS), and their Deltas;
+* 95 % bootstrap CIs, resampling source utterances (paired: the same resample for baseline and
+  intervention), seeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from esn.pipeline.batches import derive_seed
+from esn.pipeline.config import Setting
+
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class EvalAttempt:
+    """One conversion of the grid. ``setting`` is a Setting key or ``"baseline"``; ``mask`` its emotion."""
+
+    split: str
+    setting: str
+    mask: str | None
+    source: str
+    target: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.split}|{self.setting}|{self.mask or '-'}|{self.source}|{self.target}"
+
+
+def grid(split: str, sources: Sequence[str], targets: Sequence[str], settings: Sequence[Setting]) -> list[EvalAttempt]:
+    """Every attempt of one split, baseline first, in a fixed order (batches are cut from this order)."""
+    out = [EvalAttempt(split, BASELINE, None, s, t) for s in sources for t in targets]
+    for st in settings:
+        out += [EvalAttempt(split, st.key, m, s, t) for m in targets for s in sources for t in targets]
+    return out
+
+
+def _ci(samples: np.ndarray) -> list[float] | None:
+    if samples.size == 0:
+        return None
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return [round(float(lo), 6), round(float(hi), 6)]
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), 6)
+
+
+def summarize_setting(
+    records: list[dict],
+    setting: str,
+    targets: Sequence[str],
+    judges: Sequence[str],
+    *,
+    n_boot: int,
+    seed: int,
+    wer_fn,
+) -> dict:
+    """Metrics of one setting on one group of records (which must contain the baseline attempts).
+
+    Match values are percentages; Deltas percentage points. ``wer_fn(refs, hyps)`` is corpus WER.
+    """
+    sources = sorted({r["source"] for r in records})
+    s_idx = {s: i for i, s in enumerate(sources)}
+    t_idx = {t: i for i, t in enumerate(targets)}
+    T, S = len(targets), len(sources)
+    rng = np.random.default_rng(seed)
+    # Resample weights [B, S]: how often each source appears in each bootstrap draw.
+    weights = rng.multinomial(S, np.full(S, 1.0 / S), size=n_boot).astype(np.float64) if n_boot and S else None
+
+    base = [r for r in records if r["setting"] == BASELINE]
+    cells = [r for r in records if r["setting"] == setting]
+    out: dict = {"n_sources": S, "judges": {}}
+    for judge in judges:
+        b = np.full((T, S), np.nan)
+        for r in base:
+            b[t_idx[r["target"]], s_idx[r["source"]]] = float(r["labels"].get(judge) == r["target"])
+        entry: dict = {"baseline": {t: _r(100 * np.nanmean(b[i])) for i, t in enumerate(targets)}}
+        entry["baseline"]["avg"] = _r(100 * np.nanmean(b))
+        if setting != BASELINE:
+            m = np.full((T, T, S), np.nan)  # [mask, target, source]
+            for r in cells:
+                m[t_idx[r["mask"]], t_idx[r["target"]], s_idx[r["source"]]] = float(r["labels"].get(judge) == r["target"])
+            entry.update(_effects(m, b, targets, weights))
+        out["judges"][judge] = entry
+    out["wer"] = _r(100 * wer_fn([r["reference"] for r in cells or base], [r["text"] for r in cells or base]))
+    out["wer_baseline"] = _r(100 * wer_fn([r["reference"] for r in base], [r["text"] for r in base]))
+    q = [r["quality"] for r in (cells or base) if r.get("quality") is not None]
+    qb = [r["quality"] for r in base if r.get("quality") is not None]
+    out["quality"] = _r(float(np.mean(q))) if q else None
+    out["quality_baseline"] = _r(float(np.mean(qb))) if qb else None
+    return out
+
+
+def _effects(m: np.ndarray, b: np.ndarray, targets: Sequence[str], weights: np.ndarray | None) -> dict:
+    """Delta matrix, self/cross/gap and per-target self Deltas, with bootstrap CIs (pp)."""
+    T = len(targets)
+    diag = np.eye(T, dtype=bool)
+
+    def stats(m_mean: np.ndarray, b_mean: np.ndarray) -> dict[str, np.ndarray]:
+        # m_mean [T, T, ...], b_mean [T, ...] -> Deltas in pp
+        delta = 100 * (m_mean - b_mean[None])
+        self_ = delta[diag].mean(axis=0)
+        cross = delta[~diag].mean(axis=0)
+        return {"delta": delta, "self": self_, "cross": cross, "gap": self_ - cross, "self_per_target": delta[diag]}
+
+    point = stats(np.nanmean(m, axis=-1), np.nanmean(b, axis=-1))
+    out = {
+        "matrix": [[_r(point["delta"][i, j]) for j in range(T)] for i in range(T)],
+        "match": [[_r(100 * v) for v in row] for row in np.nanmean(m, axis=-1)],
+        "self": _r(point["self"]),
+        "cross": _r(point["cross"]),
+        "gap": _r(point["gap"]),
+        "self_per_target": {t: _r(point["self_per_target"][i]) for i, t in enumerate(targets)},
+    }
+    if weights is not None:
+        n = weights.sum(axis=1)  # [B]
+        mw = np.nan_to_num(m) @ weights.T / n  # [T, T, B]
+        bw = np.nan_to_num(b) @ weights.T / n  # [T, B]
+        boot = stats(mw, bw)
+        out["ci"] = {
+            "self": _ci(boot["self"]),
+            "cross": _ci(boot["cross"]),
+            "gap": _ci(boot["gap"]),
+            "self_per_target": {t: _ci(boot["self_per_target"][i]) for i, t in enumerate(targets)},
+        }
+    return out
+
+
+def summarize(
+    records: list[dict],
+    setting_keys: Sequence[str],
+    targets: Sequence[str],
+    judges: Sequence[str],
+    splits: Sequence[str],
+    *,
+    n_boot: int,
+    seed: int,
+    wer_fn,
+) -> dict:
+    """``{group: {setting: metrics}}`` for each split and for all splits pooled (``"all"``)."""
+    groups = {s: [r for r in records if r["split"] == s] for s in splits}
+    if len(splits) > 1:
+        groups["all"] = [r for r in records if r["split"] in splits]
+    out: dict = {}
+    for group, recs in groups.items():
+        out[group] = {}
+        for key in [BASELINE, *setting_keys]:
+            out[group][key] = summarize_setting(
+                recs, key, targets, judges, n_boot=n_boot, seed=derive_seed(seed, group, key), wer_fn=wer_fn
+            )
+    return out
