@@ -96,7 +96,15 @@ class GenerationConfig(BaseModel):
 
 @dataclass
 class EVCRequest:
-    """One conversion attempt: neutral source speech and the emotion to convert it to."""
+    """One conversion attempt: neutral source speech and the emotion to convert it to.
+
+    - ``audio``: the source speech, float32 mono ``[samples]`` at **16 kHz** (``esn.audio.MODEL_RATE``,
+      what the models' audio encoders take). ``esn.audio.prepare_audio`` turns any file or array, any
+      rate and channel count, into that; a request does not resample.
+    - ``emotion``: the target, one of ``esn.emotions.EMOTIONS`` (normalised: ``"Happy"`` -> ``"happy"``).
+    - ``id``: the attempt's name, returned in ``EVCResult.id``.
+    - ``transcript``: the reference words, for WER; never shown to the model.
+    """
 
     audio: np.ndarray  # float32 mono waveform at 16 kHz, [samples]
     emotion: str
@@ -113,7 +121,15 @@ class EVCRequest:
 
 @dataclass
 class EVCResult:
-    """What a conversion produced: the model's decoded text and its speech."""
+    """What a conversion produced: the model's decoded text and its speech.
+
+    - ``id``: the request's ``id``.
+    - ``text``: the decoded text, special tokens stripped (compared with the transcript for WER).
+    - ``waveform``: float32 mono ``[samples]`` at ``sample_rate``; empty (size 0) when the model produced
+      no speech, with the reason in ``info["error"]``.
+    - ``sample_rate``: the adapter's ``sample_rate`` (24 kHz for the shipped adapters).
+    - ``info``: adapter extras: token counts, timings, warnings.
+    """
 
     id: str
     text: str  # decoded text, special tokens stripped
@@ -136,7 +152,22 @@ class StreamSpec:
 
 
 class ModelAdapter(abc.ABC):
-    """Base class of every adapter. Subclasses set the class attributes and implement the methods."""
+    """Base class of every adapter. Subclasses set the class attributes and implement the methods.
+
+    Class attributes (read without loading a model: ``esn adapters list``, ``esn.testing.check_class``):
+
+    - ``name``: the short id used on the command line and in configs, a Python identifier (``qwen_omni``).
+    - ``architectures``: the config.json ``architectures`` strings this adapter loads.
+    - ``streams``: the streams it exposes hook points for, a non-empty subset of ``("lm", "synth")``
+      (default both); ``hook_points()`` must return exactly these streams.
+    - ``description``, ``model_name``: one line for listings; the family as people write it, for errors.
+    - ``batched``: True if ``generate`` runs all its requests as rows of one padded batch (per-row
+      steering needs it); False if it runs them one after another.
+    - ``sample_rate``: the rate of the returned waveforms.
+
+    Instances come from ``load`` (the constructor is for ``load`` to call); methods to implement:
+    ``load``, ``write_tiny``, ``hook_points``, ``generate`` and, for padded batches, ``stream_specs``.
+    """
 
     name: ClassVar[str]  # short id used on the command line, e.g. "qwen_omni"
     architectures: ClassVar[tuple[str, ...]]  # config ``architectures`` strings this adapter loads
@@ -148,6 +179,10 @@ class ModelAdapter(abc.ABC):
     sample_rate: ClassVar[int] = 24_000
 
     def __init__(self, model: Any, source: str | Path):
+        """Wrap a loaded model. ``model`` is an ``nn.Module`` whose submodules the hook points' dotted
+        paths name (wrap a non-module model in one that holds it as a child); ``source`` is where it was
+        loaded from (folder or hub id), kept for messages. Subclasses that need more (a tokenizer,
+        speakers) take it as further arguments and call ``super().__init__(model, source)``."""
         self.model = model
         self.source = str(source)
         self._layout: Layout | None = None
@@ -189,6 +224,7 @@ class ModelAdapter(abc.ABC):
         """Every instrumented gate, ``lm`` first then ``synth``, in layer order."""
 
     def layout(self, streams: Sequence[str] | None = None) -> Layout:
+        """The hook points as a ``Layout`` (built once from ``hook_points()``), or the sub-layout of ``streams``."""
         if self._layout is None:
             self._layout = Layout(self.hook_points())
         return self._layout.select(streams)
@@ -212,12 +248,14 @@ class ModelAdapter(abc.ABC):
 
     @property
     def architecture(self) -> str:
+        """The loaded model's architecture: the first of its config's ``architectures``, else its class name."""
         config = getattr(self.model, "config", None)
         archs = getattr(config, "architectures", None) or [type(self.model).__name__]
         return str(archs[0])
 
     @property
     def device(self) -> Any:
+        """The device of the model's first parameter (``cpu`` for a model without parameters)."""
         import torch
 
         try:
@@ -231,4 +269,5 @@ class ModelAdapter(abc.ABC):
         """Convert each request; with ``batched`` all requests are rows of one batch, in order."""
 
     def instruction(self, request: EVCRequest, config: GenerationConfig) -> str:
+        """The user instruction of one request: ``config.instruction`` with its ``{emotion}`` filled in."""
         return config.instruction.format(emotion=request.emotion)

@@ -91,6 +91,7 @@ def layer_jsd(a: Mask | np.ndarray, b: Mask | np.ndarray, layout: Layout) -> flo
 
 @dataclass(frozen=True)
 class Similarity:
+    """Table 5 numbers for one emotion: Jaccard overlap, direct match and per-layer JSD of two masks."""
     jaccard: float
     direct_match: float
     jsd: float

@@ -48,6 +48,7 @@ class MaskSet:
 
     @property
     def emotions(self) -> list[str]:
+        """The emotions that have a mask, in file order."""
         return list(self.masks)
 
     @property

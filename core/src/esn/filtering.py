@@ -60,6 +60,7 @@ class FilterResult:
         return out
 
     def write_csv(self, path: str | os.PathLike) -> None:
+        """Write one row per verdict (every ``Verdict`` field) to a CSV file."""
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(Verdict.__dataclass_fields__))
             writer.writeheader()

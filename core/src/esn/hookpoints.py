@@ -24,7 +24,20 @@ _NAME = re.compile(r"^(lm|synth)\.layers\.(\d+)\.mlp\.gate$")
 
 @dataclass(frozen=True)
 class HookPoint:
-    """One gate tensor ``[batch, pos, width]`` at ``module`` (a dotted path to the ``act_fn`` module)."""
+    """One gate tensor ``[batch, pos, width]``: the output of the module at ``module``.
+
+    - ``stream``: ``"lm"`` (the decoder that writes text) or ``"synth"`` (the decoder that writes speech
+      tokens).
+    - ``layer``: the decoder layer, 0..L-1 within its stream; ``name`` is ``{stream}.layers.{layer}.mlp.gate``.
+    - ``width``: ``d_mlp``, the number of gate neurons (``gate_proj.out_features``).
+    - ``module``: dotted path (from the adapter's ``model``) of the module whose output is the post-SiLU
+      gate ``act_fn(gate_proj(x))``, usually ``...layers.{l}.mlp.act_fn``.
+    - ``down_proj``: dotted path of the MLP's ``down_proj``, whose input columns are the gate neurons;
+      needed to fold gains into the weights (``esn.steering``), optional otherwise.
+    - ``meta``: free-form facts for the adapter (not part of equality or the layout fingerprint).
+
+    ``esn.hooks.gate_hook_points(model, layers_path, stream)`` builds them for SwiGLU MLPs.
+    """
 
     stream: str
     layer: int
@@ -41,6 +54,7 @@ class HookPoint:
 
     @property
     def name(self) -> str:
+        """``{stream}.layers.{layer}.mlp.gate``."""
         return f"{self.stream}.layers.{self.layer}.mlp.gate"
 
     @staticmethod
@@ -81,17 +95,21 @@ class Layout:
 
     @property
     def n_neurons(self) -> int:
+        """N, the number of neurons over all hook points (the sum of their widths)."""
         return int(self.offsets[-1])
 
     @property
     def names(self) -> list[str]:
+        """Hook point names in layout order."""
         return [hp.name for hp in self.hook_points]
 
     @property
     def streams(self) -> list[str]:
+        """The streams present, ``lm`` before ``synth``."""
         return sorted({hp.stream for hp in self.hook_points}, key=STREAMS.index)
 
     def index(self, name: str) -> int:
+        """Position of hook point ``name`` in the layout; EsnError if it is not there."""
         try:
             return self._by_name[name]
         except KeyError:
@@ -101,6 +119,7 @@ class Layout:
         return self.hook_points[self.index(name)]
 
     def slice(self, name: str) -> slice:
+        """The flat neuron columns ``[offset, offset + width)`` of hook point ``name``."""
         i = self.index(name)
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
@@ -127,10 +146,12 @@ class Layout:
         return out
 
     def neuron_name(self, flat: int) -> str:
+        """Flat index -> ``'lm.layers.12.mlp.gate[3071]'``."""
         i = int(np.searchsorted(self.offsets, flat, side="right") - 1)
         return f"{self.hook_points[i].name}[{int(flat - self.offsets[i])}]"
 
     def describe(self) -> list[dict]:
+        """``[{"name", "width"}, ...]`` in order: what artifacts store and the fingerprint hashes."""
         return [{"name": hp.name, "width": hp.width} for hp in self.hook_points]
 
     @property
@@ -140,6 +161,7 @@ class Layout:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def check_compatible(self, fingerprint: str, what: str = "artifact") -> None:
+        """Raise ``LayoutMismatchError`` unless ``fingerprint`` is this layout's (``what`` names the artifact)."""
         if fingerprint != self.fingerprint:
             raise LayoutMismatchError(
                 f"{what} was made for a different hook-point layout (fingerprint {fingerprint}, "

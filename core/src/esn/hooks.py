@@ -56,12 +56,15 @@ class ModelTarget:
         self._specs = dict(stream_specs or {})
 
     def layout(self, streams=None):
+        """The hook points, or the sub-layout of ``streams``."""
         return self._layout.select(streams)
 
     def stream_specs(self) -> dict:
+        """Per stream, the ``StreamSpec`` recording uses to skip padding (as given; may be empty)."""
         return self._specs
 
     def module(self, hook_point) -> nn.Module:
+        """The module of a hook point (its output is the gate ``[batch, pos, d_mlp]``)."""
         hp = self._layout[hook_point] if isinstance(hook_point, str) else hook_point
         return self.model.get_submodule(hp.module)
 

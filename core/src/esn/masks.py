@@ -36,6 +36,7 @@ class Mask:
 
     @classmethod
     def from_split(cls, layout: Layout, per_hook_point: dict[str, np.ndarray], meta: dict | None = None) -> Mask:
+        """A mask from per-hook-point local indices ``{name: indices}`` (the inverse of ``Layout.split``)."""
         flat = [layout.offsets[layout.index(name)] + np.asarray(local, dtype=np.int64)
                 for name, local in per_hook_point.items()]
         return cls(np.concatenate(flat) if flat else np.zeros(0, np.int64), layout, meta or {})

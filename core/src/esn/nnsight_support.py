@@ -76,6 +76,7 @@ class TraceSteering:
 
     @property
     def hook_points(self) -> tuple[str, ...]:
+        """Names of the hook points this steering edits, in layer order."""
         return tuple(self.edits)
 
     def apply(self, traced: Any) -> None:

@@ -56,6 +56,7 @@ class AttemptRecord:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "record") -> AttemptRecord:
+        """An attempt record from its JSON object, checked (missing or unknown keys are an EsnError)."""
         if not isinstance(d, dict):
             raise EsnError(f"{where}: an attempt record must be an object, got {type(d).__name__}")
         missing = [k for k in ("id", "emotion", "transcript", "text") if k not in d]
@@ -73,6 +74,7 @@ class AttemptRecord:
         return rec
 
     def to_dict(self) -> dict:
+        """The JSON object of this record."""
         return asdict(self)
 
 
@@ -87,11 +89,13 @@ class AttemptStats:
     sumsq: np.ndarray | None = None  # [B, N] float32: sum of squared gate values
 
     def rows(self, which: Sequence[int]) -> AttemptStats:
+        """The statistics of rows ``which`` only, in that order."""
         pick = np.asarray(which, dtype=np.int64)
         opt = (None if a is None else a[pick] for a in (self.sums, self.sumsq))
         return AttemptStats([self.ids[i] for i in pick], self.counts[pick], self.tokens[pick], *opt)
 
     def same_row(self, i: int, other: AttemptStats, j: int) -> bool:
+        """True if row ``i`` here and row ``j`` of ``other`` are identical (counts, tokens and moments)."""
         def eq(a, b):
             return (a is None) == (b is None) and (a is None or np.array_equal(a[i], b[j]))
         return all(eq(a, b) for a, b in ((self.counts, other.counts), (self.tokens, other.tokens),
@@ -101,6 +105,7 @@ class AttemptStats:
 # --- layout files ------------------------------------------------------------------------------------
 
 def layout_to_dict(layout: Layout) -> dict:
+    """``{"fingerprint", "hook_points"}``: how files store a layout."""
     return {"fingerprint": layout.fingerprint, "hook_points": layout.describe()}
 
 
@@ -124,6 +129,7 @@ def layout_from_dict(d: dict, where: str) -> Layout:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; EsnError naming ``what`` if it is missing or damaged."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

@@ -56,14 +56,17 @@ class WordErrors:
 
     @property
     def errors(self) -> int:
+        """Substitutions + deletions + insertions."""
         return self.substitutions + self.deletions + self.insertions
 
     @property
     def reference_words(self) -> int:
+        """Words in the reference: substitutions + deletions + hits."""
         return self.substitutions + self.deletions + self.hits
 
     @property
     def wer(self) -> float:
+        """errors / reference words (0 or 1 when the reference is empty)."""
         if self.reference_words == 0:
             return 0.0 if self.errors == 0 else 1.0
         return self.errors / self.reference_words

@@ -20,6 +20,7 @@ ALM = dict(vocab_size=TEXT_VOCAB + AUDIO_VOCAB, hidden_size=32, intermediate_siz
 
 
 def write_tiny(directory: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random stand-in checkpoint (remote-code ALM plus wrapper files) that ``KimiAudioAdapter.load`` reads."""
     import torch
 
     from esn_kimi_audio.standin import DIRECTORY, FILES, MARKER, MODULE

@@ -88,6 +88,7 @@ def _major(version: str) -> int:
 
 
 class MiniCPMOAdapter(ModelAdapter):
+    """MiniCPM-o 4.5 (remote code): ``lm`` = LLM (Qwen3) gates, ``synth`` = TTS (Llama) gates; EVC through its ``chat()``, one conversation at a time."""
     name = "minicpm_o"
     architectures = ("MiniCPMO",)
     model_name = "MiniCPM-o"

@@ -18,6 +18,7 @@ TTS = dict(llm_dim=32, hidden_size=24, intermediate_size=40, num_attention_heads
 
 
 def write_tiny(directory: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random remote-code stand-in checkpoint that ``MiniCPMOAdapter.load`` reads."""
     import torch
 
     from esn_minicpm_o.standin import DIRECTORY, FILES

@@ -233,6 +233,7 @@ def _dit_sample(
 
 
 class QwenOmniAdapter(ModelAdapter):
+    """Qwen2.5-Omni: ``lm`` = thinker decoder gates, ``synth`` = talker gates; batched greedy EVC, seeded token2wav."""
     name = "qwen_omni"
     # The released checkpoints' config.json says "Qwen2_5OmniModel" (the pre-release class name).
     architectures = ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel")
@@ -254,6 +255,7 @@ class QwenOmniAdapter(ModelAdapter):
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
     def read_architectures(cls, source: str | Path) -> list[str]:
+        """The checkpoint's config ``architectures`` (local folder or hub id), checked against this adapter's."""
         source = str(source)
         if not Path(source).exists() and not _is_hub_id(source):
             raise EsnError(f"model {source!r} not found: give a checkpoint directory or a hub id like Qwen/Qwen2.5-Omni-7B")
@@ -351,6 +353,7 @@ class QwenOmniAdapter(ModelAdapter):
     # -- generation --------------------------------------------------------------------------------
     @property
     def speakers(self) -> list[str]:
+        """The voices this checkpoint can speak with (``GenerationConfig.speaker``)."""
         return sorted(self.model.speaker_map)
 
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:

@@ -82,11 +82,13 @@ class PromptBuilder:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt_ids(self, system: str, instruction: str, n_audio: int) -> list[int]:
+        """Token ids of one EVC prompt with ``n_audio`` audio placeholders (the layout in the module docstring)."""
         head = self._text(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
         tail = self._text(f"{instruction}<|im_end|>\n<|im_start|>assistant\n")
         return head + [self.audio_bos] + [self.audio] * n_audio + [self.audio_eos] + tail
 
     def batch(self, audios: Sequence[np.ndarray], system: str, instructions: Sequence[str], ids: Sequence[str]) -> Batch:
+        """Left-padded ``input_ids``/``attention_mask`` ``[B, L]`` and audio features of a batch; checks each audio's length."""
         import torch
 
         for audio, rid in zip(audios, ids, strict=True):

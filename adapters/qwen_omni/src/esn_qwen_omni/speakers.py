@@ -22,6 +22,7 @@ _FIELDS = ("bos_token", "cond", "ref_mel")
 
 
 def save_speakers(path: str | Path, speakers: dict[str, dict[str, Any]]) -> Path:
+    """Write speakers (``bos_token``, ``cond``, ``ref_mel`` each) as ``speakers.safetensors``."""
     import torch
     from safetensors.torch import save_file
 

@@ -64,10 +64,12 @@ def token_ids() -> tuple[dict, dict]:
 
 
 def speaker_bos(name: str) -> int:
+    """The tiny tokenizer's ``<|spk_<name>|>`` id that opens a speaker's talker stream."""
     return _special(f"<|spk_{name.lower()}|>")
 
 
 def tiny_config():
+    """A ``Qwen2_5OmniConfig`` of ~0.3M parameters whose special ids fit the tiny vocabularies."""
     from transformers import Qwen2_5OmniConfig
 
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # head_dim 16
@@ -115,6 +117,7 @@ def tiny_config():
 
 
 def write_tiny(directory: str | Path, *, seed: int = 0) -> Path:
+    """Write the tiny random checkpoint (weights, tokenizer, ``speakers.safetensors``) that ``QwenOmniAdapter.load`` reads."""
     import torch
     from transformers import Qwen2_5OmniForConditionalGeneration
     from transformers.utils import logging as hf_logging

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from esn.adapters import GenerationConfig
 from esn.emotions import TARGET_EMOTIONS, normalize_emotion
 from esn.errors import EsnError
 from esn.pipeline.data import SplitRule
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SELECTORS = ("random", "lap", "lape", "mad", "cas")
 
@@ -27,6 +28,7 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
+    """``[model]``: which adapter loads which checkpoint, where, and which streams are recorded."""
     adapter: str = "qwen_omni"
     source: str = Field(description="checkpoint directory or hub id")
     dtype: str = "auto"
@@ -37,6 +39,7 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
+    """``[data]``: the dataset (ESD layout or a CSV) and its splits."""
     kind: Literal["esd", "csv"] = "esd"
     root: Path = Field(description="ESD root folder, or the CSV file (or a folder holding metadata.csv)")
     splits: dict[str, list[SplitRule]] | None = Field(None, description="ESD splits; default: the paper's Table 1")
@@ -44,12 +47,14 @@ class DataSection(_Section):
 
 
 class JudgeSpec(_Section):
+    """One judge: its registered name, checkpoint (default: the judge's) and load options."""
     name: str
     source: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
 
 class JudgesSection(_Section):
+    """``[judges]``: emotion judges (the first decides success), the quality judge, input handling."""
     emotion: list[JudgeSpec] = Field(min_length=1, description="emotion judges; the first decides success")
     quality: JudgeSpec | None = Field(None, description="naturalness judge (UTMOS)")
     # Input handling before judging. The paper only resamples to 16 kHz (the defaults). Near-silent or very
@@ -59,6 +64,7 @@ class JudgesSection(_Section):
 
 
 class RecordSection(_Section):
+    """``[record]``: the split converted for identification, its target emotions, batch size."""
     split: str = "identification"
     targets: list[str] = Field(default_factory=lambda: list(TARGET_EMOTIONS), min_length=2)
     batch_size: int = Field(8, ge=1)
@@ -77,12 +83,14 @@ class RecordSection(_Section):
 
 
 class FilterSection(_Section):
+    """``[filter]``: what counts as a successful conversion (judge label, WER <= ``tau_wer``), human labels."""
     tau_wer: float = Field(0.15, ge=0, allow_inf_nan=False, description="max WER of decoded text vs transcript")
     require_match: bool = Field(True, description="judge label must equal the target emotion")
     human_labels: Path | None = Field(None, description="CSV of human labels: adds CAS-H (human-filtered) masks")
 
 
 class InterventionSpec(_Section):
+    """One intervention of the sweep: a registered method and its alpha (checked, defaulted)."""
     method: str = "steer"
     alpha: float | None = None
 
@@ -156,6 +164,7 @@ class SweepSection(_Section):
 
 
 class EvaluateSection(_Section):
+    """``[evaluate]``: the splits of the evaluation grid, batch size, bootstrap resamples."""
     splits: list[str] = Field(default_factory=lambda: ["test_seen", "test_unseen"], min_length=1)
     batch_size: int = Field(8, ge=1)
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% CIs (0: none)")
@@ -163,6 +172,7 @@ class EvaluateSection(_Section):
 
 
 class RunConfig(_Section):
+    """A whole run configuration (the file ``esn run`` reads), every section checked."""
     run_dir: Path | None = Field(None, description="default: runs/<config name> next to the config")
     seed: int = 0
     model: ModelSection
@@ -197,6 +207,7 @@ class RunConfig(_Section):
 # -- settings: one (mask recipe, intervention) of the evaluation grid ---------------------------------
 @dataclass(frozen=True, order=True)
 class Setting:
+    """One cell recipe of the evaluation grid: a mask (selector, rate, c, labels) and an intervention."""
     selector: str
     rate: float
     c: int
@@ -206,14 +217,17 @@ class Setting:
 
     @property
     def mask_key(self) -> str:
+        """The mask's file key, e.g. ``cas_r0.005_c50`` (``cas-h_...`` for human labels)."""
         return f"{self.selector}{'-h' if self.labels == 'human' else ''}_r{self.rate:g}_c{self.c}"
 
     @property
     def key(self) -> str:
+        """The setting's result key: mask key, method and alpha, e.g. ``cas_r0.005_c50_steer_a1``."""
         return f"{self.mask_key}_{self.method}_a{self.alpha:g}"
 
     @property
     def label(self) -> str:
+        """The selector as tables show it: ``CAS``, ``CAS-H``, ``Random``."""
         name = self.selector.upper() + ("-H" if self.labels == "human" else "")
         return name.replace("RANDOM", "Random")
 
@@ -268,6 +282,7 @@ def _read(path: Path) -> dict:
 
 
 def format_validation(exc: ValidationError, where: str) -> str:
+    """A pydantic validation error as one line per field: dotted path, what is wrong, the value given."""
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -281,6 +296,7 @@ def format_validation(exc: ValidationError, where: str) -> str:
 
 
 def parse_config(data: dict, *, where: str = "config", base: Path | None = None, stem: str = "run") -> RunConfig:
+    """A config from parsed data, validated (EsnError listing every bad field) and paths made absolute."""
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -289,6 +305,7 @@ def parse_config(data: dict, *, where: str = "config", base: Path | None = None,
 
 
 def load_config(path: str | Path, *, run_dir: str | Path | None = None) -> RunConfig:
+    """Read and validate a config file (.toml, .json, .yaml); ``run_dir`` overrides the file's."""
     path = Path(path).resolve()
     cfg = parse_config(_read(path), where=str(path), base=path.parent, stem=path.stem)
     if run_dir is not None:

@@ -21,8 +21,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from esn.errors import EsnError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from esn.errors import EsnError
 
 ESD_EMOTIONS: tuple[str, ...] = ("neutral", "angry", "happy", "sad", "surprise")  # id-block order
 PER_EMOTION = 350
@@ -93,6 +94,7 @@ def check_splits(splits: dict[str, list[SplitRule]]) -> None:
 
 
 def split_of(splits: dict[str, list[SplitRule]], speaker: str, index: int) -> str | None:
+    """The split whose rules contain utterance ``index`` of ``speaker``, or None."""
     for name, rules in splits.items():
         if any(speaker in r.speakers and r.first <= index <= r.last for r in rules):
             return name
@@ -177,6 +179,7 @@ class ESDDataset:
         self._cache: dict[str, list[Source]] = {}
 
     def speakers(self) -> list[str]:
+        """Every speaker that some split names, sorted."""
         return sorted({s for rules in self.splits.values() for r in rules for s in r.speakers})
 
     def neutral(self, speaker: str) -> list[Source]:
@@ -257,9 +260,11 @@ class CSVDataset:
 
     @property
     def splits(self) -> list[str]:
+        """The split names found in the CSV, sorted."""
         return sorted(self.rows)
 
     def sources(self, split: str) -> list[Source]:
+        """The rows of a split, sorted by (speaker, id); EsnError for a split the CSV does not have."""
         if split not in self.rows:
             raise EsnError(f"{self.csv_path}: no rows with split {split!r} (found: {', '.join(self.splits) or 'none'})")
         return sorted(self.rows[split], key=lambda s: (s.speaker, s.id))

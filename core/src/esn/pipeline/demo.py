@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
+
 from esn.errors import EsnError
 from esn.pipeline.files import atomic_write_text
-from rich.console import Console
 
 SPEAKERS = range(11, 21)
 INDICES = range(1, 4)
@@ -128,6 +129,7 @@ def write_inputs(out: Path, console: Console) -> Path:
 
 
 def disclaimer(cfg) -> list:
+    """The report's opening blocks for a demo run: random weights, meaningless numbers, the real command."""
     from esn.pipeline.report import Block
 
     return [

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+
 from esn.errors import EsnError
 from esn.files import atomic_write_bytes
 
@@ -22,14 +23,17 @@ def dumps(obj: Any) -> str:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON so that readers see the old file or the new one, never half of it."""
     return atomic_write_bytes(path, dumps(obj).encode("utf-8"))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically: a temporary file renamed over ``path``."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def read_json(path: str | Path) -> Any:
+    """A JSON file's content; EsnError if it is missing or not valid JSON."""
     path = Path(path)
     if not path.is_file():
         raise EsnError(f"file not found: {path}")

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from esn.emotions import EMOTIONS, normalize_emotion
 from esn.errors import EsnError
 from esn.pipeline import evaluate, record
@@ -172,5 +173,6 @@ def import_labels(run: Run, kit: Path, responses: Sequence[Path]) -> Path:
 
 
 def responses_summary(run: Run) -> dict | None:
+    """The imported listening-test results of a run (``human/results.json``), or None before an import."""
     path = run.dir / "human" / "results.json"
     return read_json(path) if path.exists() else None

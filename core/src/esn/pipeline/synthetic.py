@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
 from esn.pipeline.data import ESD_EMOTIONS, PER_EMOTION
 
 FOLDER = {"neutral": "Neutral", "angry": "Angry", "happy": "Happy", "sad": "Sad", "surprise": "Surprise"}
@@ -21,6 +22,7 @@ _WORDS = ("the", "author", "of", "danger", "trail", "a", "boat", "went", "down",
 
 
 def sentence(index: int) -> str:
+    """A short seeded pseudo-sentence (3-6 words) for synthetic utterance ``index``."""
     rng = np.random.default_rng(index)
     words = rng.choice(_WORDS, size=int(rng.integers(3, 7)))
     text = " ".join(words)

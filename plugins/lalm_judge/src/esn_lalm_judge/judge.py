@@ -35,6 +35,7 @@ def chat_prompt(audio_tokens: Sequence[int], with_source: bool) -> str:
 
 
 def read_config(path: Path) -> dict:
+    """A checkpoint folder's config.json, checked to be a Qwen3-Omni-MoE model."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise EsnError(f"{path} has no config.json: not a transformers checkpoint of {DEFAULT_MODEL}")

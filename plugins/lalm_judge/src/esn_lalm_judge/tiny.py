@@ -17,6 +17,7 @@ VOCAB = 320  # 256 byte tokens + the specials + room
 
 
 def tiny_config():
+    """A ``Qwen3OmniMoeConfig`` with a tiny thinker (2 layers, 4 experts) and tiny audio/vision encoders."""
     from transformers import Qwen3OmniMoeConfig
 
     ids = {tok: 256 + i for i, tok in enumerate(SPECIALS)}
@@ -63,6 +64,7 @@ def tiny_tokenizer():
 
 
 def write_tiny(directory: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random Qwen3-Omni-MoE checkpoint, tokenizer and feature extractor that ``LalmJudge.load`` reads."""
     import torch
     from transformers import Qwen3OmniMoeForConditionalGeneration, WhisperFeatureExtractor
 
