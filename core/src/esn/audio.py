@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
-import torch
 
 from esn.errors import EsnError
+
+if TYPE_CHECKING:  # imported where needed: judges import this module from their (cheap) plugin entry points
+    import torch
 
 MODEL_RATE = 16_000  # what the LALMs' audio encoders take
 MAX_SECONDS = 60.0  # longer input is refused: EVC prompts are single utterances
@@ -43,6 +46,8 @@ def to_mono(data: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=32)
 def _sinc_kernel(orig: int, new: int, width: int = 16, beta: float = 8.0) -> tuple[torch.Tensor, int]:
     """Kaiser-windowed sinc polyphase filters ``[new, 1, taps]`` for rate ``orig`` -> ``new`` (reduced)."""
+    import torch
+
     cutoff = min(orig, new) * 0.97  # a little below Nyquist of the slower rate
     pad = math.ceil(width * orig / cutoff)
     t = torch.arange(-pad, pad + orig, dtype=torch.float64)[None, :] / orig
@@ -61,6 +66,8 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
         raise EsnError(f"sample rates must be positive, got {orig_rate} -> {new_rate}")
     if orig_rate == new_rate:
         return np.asarray(wave, dtype=np.float32)
+    import torch
+
     g = math.gcd(orig_rate, new_rate)
     orig, new = orig_rate // g, new_rate // g
     kernel, pad = _sinc_kernel(orig, new)
@@ -123,6 +130,7 @@ def prepare_audio(
 
 
 def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
+    """Write a mono float32 waveform as 16-bit PCM (wav, or what the suffix says), making parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), np.asarray(wave, dtype=np.float32), sample_rate, subtype="PCM_16")

@@ -25,12 +25,12 @@ import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 from esn.errors import EsnError
 from esn.plugins import hookimpl
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where a tensor is touched: the registry loads this module for every command
+    import torch
+
     from esn.plugins import Registry
 
 
@@ -67,6 +67,7 @@ class Intervention:
 
     @classmethod
     def affine(cls, alpha: float) -> Affine | None:
+        """The intervention as ``max(g * scale + shift, floor)`` for this ``alpha``, or None if it has no such form."""
         return None
 
     @classmethod
@@ -85,6 +86,7 @@ class Intervention:
 
 
 class Steer(Intervention):
+    """``g * (1 + alpha)`` on the selected neurons: a gain, ``alpha >= -1``; foldable into ``down_proj``."""
     name = "steer"
     foldable = True
 
@@ -101,6 +103,7 @@ class Steer(Intervention):
 
 
 class Add(Intervention):
+    """``g + alpha`` on the selected neurons: a shift by any finite ``alpha``."""
     name = "add"
 
     @classmethod
@@ -109,6 +112,7 @@ class Add(Intervention):
 
 
 class Clamp(Intervention):
+    """``max(g, alpha)`` on the selected neurons: a floor at any finite ``alpha``."""
     name = "clamp"
 
     @classmethod
@@ -117,6 +121,7 @@ class Clamp(Intervention):
 
 
 class Deactivate(Intervention):
+    """``0`` on the selected neurons (no alpha); foldable into ``down_proj``."""
     name = "deactivate"
     foldable = True
     needs_alpha = False
@@ -157,6 +162,8 @@ def resolve(method: Method, alpha: float | None, registry: Registry | None = Non
 
 def check_indices(indices, width: int) -> torch.Tensor:
     """Neuron ``indices`` (LongTensor or integer sequence) as a flat int64 CPU tensor in ``[0, width)``."""
+    import torch
+
     idx = torch.as_tensor(indices)
     if idx.numel() and (idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool):
         raise EsnError(f"neuron indices must be integers, got dtype {idx.dtype}")
@@ -182,6 +189,8 @@ def apply_intervention(
     Pure: returns a new tensor. ``indices`` is a LongTensor (or sequence) of distinct values in ``[0, D)``.
     ``registry`` looks the method up in another plugin registry (default: the process-wide one).
     """
+    import torch
+
     if not isinstance(gate, torch.Tensor) or not gate.dtype.is_floating_point or gate.dim() == 0:
         raise EsnError(f"gate must be a floating-point tensor [..., D], got {type(gate).__name__}")
     cls, alpha = resolve(method, alpha, registry)
