@@ -25,7 +25,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from esn.adapters import (
     CONVERSION_SYSTEM_PROMPT,
@@ -38,7 +38,9 @@ from esn.adapters import (
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
-from torch import nn
+
+if TYPE_CHECKING:  # torch loads with the model: `esn adapters list` imports this module
+    from torch import nn
 
 LM_LAYERS = "alm.model.layers"
 SYNTH_LAYERS = "alm.model.mimo_layers"
@@ -66,23 +68,6 @@ class NoAudioWarning(UserWarning):
     """A conversion produced no speech; its result has an empty waveform and ``info['error']``."""
 
 
-class KimiModule(nn.Module):
-    """An ``nn.Module`` view of a ``KimiAudio`` wrapper: ``alm`` is its one child, so hook paths read
-    ``alm.model.layers.{l}.mlp.act_fn`` and parameters, devices and hook checks work as for any model."""
-
-    def __init__(self, kimia: Any):
-        super().__init__()
-        self.alm = kimia.alm
-        object.__setattr__(self, "kimia", kimia)  # the wrapper itself is not a module
-
-    @property
-    def config(self) -> Any:
-        return self.alm.config
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise EsnError("Kimi-Audio runs through KimiAudioAdapter.generate (kimia_infer's own decode loop)")
-
-
 @contextlib.contextmanager
 def seeded(seed: int, device: Any) -> Iterator[None]:
     """Run under ``torch.manual_seed(seed)`` and restore the caller's RNG state afterwards."""
@@ -102,6 +87,7 @@ def _read_json(path: Path) -> dict:
 
 
 class KimiAudioAdapter(ModelAdapter):
+    """Kimi-Audio through ``kimia_infer``: ``lm`` = shared/text decoder gates, ``synth`` = MIMO audio-decoder gates; one conversation at a time."""
     name = "kimi_audio"
     architectures = ("MoonshotKimiaForCausalLM",)
     model_name = "Kimi-Audio"
@@ -178,6 +164,8 @@ class KimiAudioAdapter(ModelAdapter):
         if dtype != "auto":
             kimia.alm.to(getattr(torch, dtype))
         kimia.alm.eval()
+        from esn_kimi_audio.module import KimiModule
+
         return cls(KimiModule(kimia), source)
 
     @classmethod
