@@ -7,6 +7,7 @@ A plugin that fails to import or to register is skipped with a warning that name
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata as md
 import os
@@ -31,6 +32,7 @@ class PluginWarning(UserWarning):
 
 @dataclass
 class PluginInfo:
+    """One loaded plugin: its entry-point (or module) name, distribution, version and the hooks it implements."""
     name: str  # entry-point name (or module name for built-ins)
     distribution: str
     version: str
@@ -50,24 +52,54 @@ class Registry:
     origin: dict[tuple[str, str], PluginInfo] = field(default_factory=dict)
 
     def adapter(self, name: str) -> Any:
-        return _lookup(self.adapters, name, "adapter", "pip install esn-<adapter>, then `esn adapters list`")
+        """The adapter class registered as ``name``; EsnError naming what is installed or close."""
+        return _lookup(self.adapters, name, "adapter", "`esn adapters list` shows what is installed")
 
     def judge(self, name: str) -> Any:
+        """The judge class registered as ``name``; EsnError naming the distribution that brings it."""
         return _lookup(self.judges, name, "judge", "`esn plugins list` shows what is installed")
 
     def selector(self, name: str) -> Callable:
+        """The selector function registered as ``name``."""
         return _lookup(self.selectors, name, "selector", "")
 
     def intervention(self, name: str) -> Any:
+        """The intervention class registered as ``name``."""
         return _lookup(self.interventions, name, "intervention", "")
+
+
+# First-party plugins by kind and name: the distribution that brings each and what it pulls in, so that a
+# missing one is named in the error instead of guessed from the typed name.
+FIRST_PARTY: dict[tuple[str, str], tuple[str, str]] = {
+    ("adapter", "qwen_omni"): ("esn-qwen-omni", "transformers"),
+    ("adapter", "minicpm_o"): ("esn-minicpm-o", "transformers; the model runs its own remote code"),
+    ("adapter", "kimi_audio"): ("esn-kimi-audio", "transformers; the model needs kimia_infer from its own repository"),
+    ("judge", "emotion2vec"): ("esn-emotion2vec", "funasr, about 890 MB with its dependencies"),
+    ("judge", "lalm_judge"): ("esn-lalm-judge", "transformers; the judge model has 30B parameters"),
+    ("judge", "utmos"): ("esn-utmos", "utmos-pytorch"),
+}
 
 
 def _lookup(table: dict, name: str, kind: str, hint: str) -> Any:
     try:
         return table[name]
     except KeyError:
-        known = ", ".join(sorted(table)) or "none installed"
-        raise EsnError(f"unknown {kind} {name!r} (known: {known}){'; ' + hint if hint else ''}") from None
+        raise EsnError(missing_message(kind, name, sorted(table), hint)) from None
+
+
+def missing_message(kind: str, name: str, installed: Iterable[str], hint: str = "") -> str:
+    """The error for an unknown plugin ``name``: which distribution brings it, or the names it resembles."""
+    installed = list(installed)
+    message = f"unknown {kind} {name!r} (known: {', '.join(installed) or 'none installed'})"
+    if (kind, name) in FIRST_PARTY:
+        dist, brings = FIRST_PARTY[(kind, name)]
+        return (f"{message}: it comes with the distribution {dist}, which brings {brings}; install it "
+                "(docs/install.md), then `esn plugins list` shows it")
+    known = set(installed) | {n for k, n in FIRST_PARTY if k == kind}
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    if close:
+        return f"{message}; did you mean {' or '.join(map(repr, close))}?"
+    return f"{message}; {hint}" if hint else message
 
 
 def _allowed() -> set[str] | None:

@@ -1,6 +1,9 @@
 """The ``esn`` command. Each command group lives in its own module with an ``add_commands(sub)``.
 
-User mistakes (``EsnError``) print one line on stderr and exit 2; no traceback.
+User mistakes (``EsnError``) print one line on stderr and exit 2; no traceback (``--verbose`` adds it).
+Command modules stay cheap to import (``esn --help`` imports them all): torch, transformers and the
+pipeline are imported inside the command functions, and output goes through :mod:`esn.cli.ui`.
+Every command accepts ``-q/--quiet`` and ``-v/--verbose``, before or after its name.
 """
 
 from __future__ import annotations
@@ -8,52 +11,78 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 import warnings
 
 from rich.console import Console
 
 from esn import __version__
+from esn.cli import ui
 from esn.errors import EsnError
 
 # Modules under esn.cli that contribute commands, in help order.
 COMMAND_MODULES = ("plugins_cmd", "model_cmd", "judge_cmd", "pipeline_cmd")
 
-err_console = Console(stderr=True, soft_wrap=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The ``esn`` argument parser with every command module's commands."""
     parser = argparse.ArgumentParser(
         prog="esn",
         description="Find and steer emotion-sensitive neurons in speech-generative audio-language models.",
     )
     parser.add_argument("--version", action="version", version=f"esn {__version__}")
+    _loudness_flags(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"esn.cli.{name}").add_commands(sub)
+    for leaf in _leaves(parser):
+        _loudness_flags(leaf, default=argparse.SUPPRESS)  # SUPPRESS: do not undo `esn -q CMD`
     return parser
 
 
+def _loudness_flags(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="no progress, spinners, notes or warnings; results and errors still print")
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="library log messages, every warning, and a traceback with each error")
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of the commands themselves (``esn adapters list``, not ``esn adapters``)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for a in subs for child in dict.fromkeys(a.choices.values()) for leaf in _leaves(child)]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``esn`` with ``argv`` (default: the command line); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    ui.set_level(ui.QUIET if args.quiet else ui.VERBOSE if args.verbose else ui.NORMAL)
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
+        warnings.simplefilter({ui.QUIET: "ignore", ui.NORMAL: "default", ui.VERBOSE: "always"}[ui.level])
         warnings.showwarning = _show_warning
         try:
             return int(args.func(args) or 0)
         except EsnError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            if ui.level == ui.VERBOSE:
+                _errors.print(traceback.format_exc().rstrip(), highlight=False, markup=False)
+            _errors.print(f"[bold red]error:[/] {exc}", highlight=False)
             return 2
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
+            _errors.print("[yellow]interrupted[/]")
             return 130
 
 
+_errors = Console(stderr=True, soft_wrap=True)  # never quieted
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    ui.err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -5,27 +5,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
+from esn.cli.ui import console, note, status
 from esn.errors import EsnError
-
-console = Console()
-err_console = Console(stderr=True)
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter name (`esn adapters list`)")
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default auto)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow checkpoints that run their own Python (MiniCPM-o, Kimi-Audio)")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``hookpoints`` and ``convert``."""
     hp = sub.add_parser("hookpoints", help="list a model's hook points (gate tensors) with their widths")
     _model_args(hp)
     hp.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -43,21 +40,36 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cv.add_argument("--max-audio-tokens", type=int, default=1024, help="cap on speech tokens")
     cv.add_argument("--mask", type=Path, default=None, help="ESN mask file (safetensors, from `esn select`)")
     cv.add_argument("--mask-emotion", default=None, help="which emotion's mask to apply (default: --emotion)")
-    cv.add_argument("--method", default="steer", help="intervention: steer, add, clamp, deactivate (default steer)")
-    cv.add_argument("--alpha", type=float, default=None, help="intervention strength (default 1.0)")
+    cv.add_argument("--method", default=None, help="intervention with --mask: steer, add, clamp, deactivate (default steer)")
+    cv.add_argument("--alpha", type=float, default=None, help="intervention strength with --mask (default 1.0)")
     cv.set_defaults(func=cmd_convert)
 
 
-def load_adapter(args: argparse.Namespace):
-    """The adapter named on the command line, loaded with a spinner (errors name the model)."""
+def check_model_args(args: argparse.Namespace):
+    """Everything about the model that can be checked before loading it; returns the adapter class."""
+    from esn.adapters import check_dtype
+    from esn.devices import check_device
+    from esn.hub import prepare_source
     from esn.plugins import registry
 
     cls = registry().adapter(args.adapter)
-    with err_console.status(f"loading {args.model} with adapter {args.adapter}"):
+    check_dtype(args.dtype)
+    check_device(args.device)
+    prepare_source(args.model)
+    return cls
+
+
+def load_adapter(args: argparse.Namespace, cls=None):
+    """The adapter named on the command line, loaded with a spinner (errors name the model)."""
+    cls = cls or check_model_args(args)
+    with status(f"loading {args.model} with adapter {args.adapter}"):
         return cls.load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
 def cmd_hookpoints(args: argparse.Namespace) -> int:
+    """``esn hookpoints``: the model's hook points as a table or JSON."""
+    from rich.table import Table
+
     adapter = load_adapter(args)
     layout = adapter.layout()
     rows = [{"name": p.name, "width": p.width, "module": p.module} for p in layout]
@@ -67,23 +79,51 @@ def cmd_hookpoints(args: argparse.Namespace) -> int:
         return 0
     table = Table(title=f"{args.adapter} hook points ({layout.n_neurons} neurons, layout {layout.fingerprint})")
     for col, justify in (("name", "left"), ("width", "right"), ("module", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=True)  # names and paths to copy: never cut or folded
     for r in rows:
         table.add_row(r["name"], str(r["width"]), r["module"])
-    console.print(table)
+    # As wide as the longest path needs, whatever the terminal (or pipe) width: lines may run past the edge.
+    width = console.width
+    console.width = max(width, _table_width(rows))
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
     return 0
 
 
+def _table_width(rows: list[dict]) -> int:
+    widths = [max([len(h)] + [len(str(r[h])) for r in rows]) for h in ("name", "width", "module")]
+    return sum(widths) + 3 * len(widths) + 1  # cell padding and borders
+
+
+def check_output(path: Path, source: Path) -> None:
+    """An output wav path that can be written and does not overwrite the input."""
+    if path.suffix.lower() != ".wav":
+        raise EsnError(f"output {path} must end in .wav")
+    if path.is_dir():
+        raise EsnError(f"output {path} is a folder; give a file name ending in .wav")
+    if path.exists() and source.exists() and path.resolve() == source.resolve():
+        raise EsnError(f"output {path} is the input file; give another name")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise EsnError(f"output {path}: {parent} is a file, not a folder")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise EsnError(f"output {path}: folder {parent} is not writable")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    """``esn convert``: one speech file to a target emotion, optionally steered by a mask."""
     from esn.adapters import EVCRequest, GenerationConfig
     from esn.audio import prepare_audio, write_audio
     from esn.emotions import EMOTIONS, normalize_emotion
+    from esn.interventions import resolve
 
     # Everything a user can get wrong is checked before the (slow) model load.
+    cls = check_model_args(args)
     emotion = normalize_emotion(args.emotion, EMOTIONS)
+    check_output(args.output, args.input)
     audio = prepare_audio(args.input)
-    if args.output.suffix.lower() != ".wav":
-        raise EsnError(f"output {args.output} must end in .wav")
     try:
         config = GenerationConfig(seed=args.seed, speaker=args.speaker, system_prompt=args.system_prompt,
                                   max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens)
@@ -93,22 +133,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.mask is not None:
         from esn.artifacts import load_masks
 
+        method, alpha = resolve(args.method or "steer", args.alpha)
         mask = load_masks(args.mask)[normalize_emotion(args.mask_emotion or emotion, EMOTIONS)]
-    elif args.mask_emotion is not None or args.alpha is not None:
-        raise EsnError("--mask-emotion and --alpha need --mask")
+    elif args.mask_emotion is not None or args.alpha is not None or args.method is not None:
+        raise EsnError("--method, --alpha and --mask-emotion need --mask")
     request = EVCRequest(audio=audio, emotion=emotion, id=args.input.stem)
-    adapter = load_adapter(args)
+    adapter = load_adapter(args, cls)
     with contextlib.ExitStack() as stack:
         if mask is not None:
             from esn.steering import steer
 
             # Checks the mask's layout against this model's before anything is generated.
-            stack.enter_context(steer(adapter, mask, args.method, args.alpha))
-        with err_console.status(f"converting {args.input.name} to {emotion}"):
+            stack.enter_context(steer(adapter, mask, method, alpha))
+        with status(f"converting {args.input.name} to {emotion}"):
             (result,) = adapter.generate([request], config)
     if result.waveform.size == 0:
         raise EsnError(f"{args.adapter} produced no speech for {args.input} (decoded text: {result.text!r})")
     write_audio(args.output, result.waveform, result.sample_rate)
     console.print(result.text, highlight=False, markup=False)
-    err_console.print(f"wrote {args.output} ({result.waveform.size / result.sample_rate:.2f} s at {result.sample_rate} Hz)")
+    note(f"wrote {args.output} ({result.waveform.size / result.sample_rate:.2f} s at {result.sample_rate} Hz)")
     return 0

@@ -8,10 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-console = Console()
+from esn.cli import ui
+from esn.cli.ui import console
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -32,6 +30,7 @@ def _parallel(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``run``, the four stage commands, ``demo`` and ``human export|import``."""
     run = sub.add_parser("run", help="record, select, evaluate and report, resumable, into one run directory")
     _common(run)
     _parallel(run)
@@ -78,6 +77,7 @@ def _threads(args) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``esn run`` and ``esn record|select|evaluate|report``: check the stage and parallelism flags, then run the stages."""
     from esn.errors import EsnError
     from esn.pipeline.parallel import SHARDED_STAGES, parse_shard
     from esn.pipeline.run import load_run
@@ -106,9 +106,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if workers is not None and len(once) == len(stages):
         raise EsnError(f"--workers {workers}: {', '.join(once)} runs as one process; only record and evaluate "
                        "take --workers")
-    run = load_run(args.config, run_dir=args.run_dir, console=console, shard=shard)
+    run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console(), shard=shard)
     for stage in stages:
-        console.rule(f"[bold]{stage}" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
+        ui.progress_console().rule(f"[bold]{stage}" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
         if workers is not None and workers > 1 and stage in SHARDED_STAGES:
             with run:  # check the config against the run directory once, not N times
                 pass
@@ -158,6 +158,8 @@ def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int,
                    "--shard", f"{k}/{n}"]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if ui.level != ui.NORMAL:
+                cmd.append("--quiet" if ui.level == ui.QUIET else "--verbose")
             # One progress bar on the terminal: shard 0 draws it; the others show only their errors.
             procs.append(subprocess.Popen(cmd, env=worker_env(k, n, devices, os.environ),
                                           stdout=None if k == 0 else subprocess.DEVNULL))
@@ -177,6 +179,8 @@ def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int,
 
 def print_summary(run) -> None:
     """The anchor's selector comparison (Table 3 shape) in the terminal."""
+    from rich.table import Table
+
     from esn.pipeline.config import settings
     from esn.pipeline.files import read_json
     from esn.pipeline.report import _sweeps, effect_table
@@ -198,19 +202,21 @@ def print_summary(run) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``esn demo``: the whole pipeline on a tiny random model and synthetic data."""
     from esn.pipeline.demo import run_demo
 
     _threads(args)
-    report = run_demo(args.out, console=console)
+    report = run_demo(args.out, console=ui.progress_console())
     console.print(f"demo report: [bold]{report}[/]")
     return 0
 
 
 def cmd_human_export(args: argparse.Namespace) -> int:
+    """``esn human export``: a blind listening kit from a finished run."""
     from esn.pipeline import human
     from esn.pipeline.run import load_run
 
-    run = load_run(args.config, run_dir=args.run_dir, console=console)
+    run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
     out = args.out or run.dir / "human" / f"{args.kind}-kit"
     fn = human.export_ab if args.kind == "ab" else human.export_labels
     n = fn(run, out, per_emotion=args.per_emotion)
@@ -219,12 +225,15 @@ def cmd_human_export(args: argparse.Namespace) -> int:
 
 
 def cmd_human_import(args: argparse.Namespace) -> int:
+    """``esn human import``: raters' responses back into the run (A/B rates, or labels for CAS-H)."""
     from esn.pipeline import human
     from esn.pipeline.run import load_run
 
-    run = load_run(args.config, run_dir=args.run_dir, console=console)
+    run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
     kit = args.kit or run.dir / "human" / f"{args.kind}-kit"
     if args.kind == "ab":
+        from rich.table import Table
+
         result = human.import_ab(run, kit, args.responses)
         table = Table(title="intervened vs baseline (listeners)")
         for col in ("emotion", "win", "tie", "loss", "n"):

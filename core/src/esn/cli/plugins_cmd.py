@@ -6,34 +6,34 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
+from esn.cli.ui import console, status
+from esn.errors import EsnError
 from esn.plugins import registry
-
-console = Console()
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``adapters list|tiny`` and ``plugins list``."""
     adapters = sub.add_parser("adapters", help="model adapters: list installed ones, write tiny checkpoints")
     asub = adapters.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
     lst = asub.add_parser("list", help="list installed adapters")
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lst.set_defaults(func=cmd_adapters_list)
     tiny = asub.add_parser("tiny", help="write a tiny random checkpoint of an adapter's model")
-    tiny.add_argument("adapter")
-    tiny.add_argument("directory", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("adapter", help="adapter name (`esn adapters list`)")
+    tiny.add_argument("directory", type=Path, help="a new or empty folder for the checkpoint")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    tiny.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     tiny.set_defaults(func=cmd_adapters_tiny)
 
     plugins = sub.add_parser("plugins", help="installed plugins and what they register")
     psub = plugins.add_subparsers(dest="plugins_command", metavar="ACTION", required=True)
     plst = psub.add_parser("list", help="list plugins")
-    plst.add_argument("--json", action="store_true")
+    plst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plst.set_defaults(func=cmd_plugins_list)
 
 
 def adapter_rows() -> list[dict]:
+    """One row per installed adapter: name, distribution, version, architectures, streams, description."""
     reg = registry()
     rows = []
     for name, cls in sorted(reg.adapters.items()):
@@ -52,12 +52,15 @@ def adapter_rows() -> list[dict]:
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> int:
+    """``esn adapters list``."""
+    from rich.table import Table
+
     rows = adapter_rows()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        console.print("No adapter is installed. Install one, e.g. [bold]pip install esn-qwen-omni[/].")
+        console.print("No adapter is installed. Install one, e.g. [bold]esn-qwen-omni[/] (docs/install.md).")
         return 0
     table = Table(title="esn adapters")
     for col in ("name", "distribution", "version", "architectures", "streams"):
@@ -69,13 +72,32 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_tiny(args: argparse.Namespace) -> int:
+    """``esn adapters tiny``: the adapter's tiny random checkpoint, into a new or empty folder."""
     cls = registry().adapter(args.adapter)
-    path = cls.write_tiny(args.directory, seed=args.seed)
+    check_checkpoint_folder(args.directory, force=args.force)
+    with status(f"writing a tiny {args.adapter} checkpoint"):
+        path = cls.write_tiny(args.directory, seed=args.seed)
     console.print(f"wrote a tiny random {args.adapter} checkpoint to [bold]{path}[/]")
     return 0
 
 
+def check_checkpoint_folder(directory: Path, *, force: bool = False) -> None:
+    """A folder a checkpoint may be written to: new, or empty (or anything, with ``force``) and not a file."""
+    if directory.exists() and not directory.is_dir():
+        raise EsnError(f"{directory} is a file; give a folder for the checkpoint")
+    if not force and directory.is_dir() and any(directory.iterdir()):
+        n = sum(1 for _ in directory.iterdir())
+        raise EsnError(f"folder {directory} is not empty ({n} entries); give a new or empty folder, "
+                       "or --force to write into it (files of the same name are replaced)")
+    parent = next((p for p in directory.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise EsnError(f"{directory}: {parent} is a file, not a folder")
+
+
 def cmd_plugins_list(args: argparse.Namespace) -> int:
+    """``esn plugins list``."""
+    from rich.table import Table
+
     reg = registry()
     rows = []
     for info in reg.plugins:

@@ -1,0 +1,66 @@
+"""The terminal every command writes to, and how loud it is (``esn --quiet`` / ``esn --verbose``).
+
+``console`` (stdout) carries results: tables, JSON, decoded text, the paths of what was written.
+``err_console`` (stderr) carries everything else: spinners, notes, warnings. ``--quiet`` silences
+``err_console``, progress bars and warnings (results and errors still print); ``--verbose`` adds
+library log messages, every warning and a traceback under each error. A command module imports the
+consoles from here, never makes its own, so that both flags reach it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+from rich.console import Console
+
+QUIET, NORMAL, VERBOSE = -1, 0, 1
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+_silent = Console(quiet=True)
+level = NORMAL
+# Under --quiet the libraries' own progress bars and notes go too (tqdm, huggingface_hub, transformers).
+# They read these variables when they are imported, which in the esn command is after set_level.
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def set_level(new: int) -> None:
+    """Set the loudness for this process: ``QUIET``, ``NORMAL`` or ``VERBOSE``.
+
+    ``QUIET`` also silences the progress bars of tqdm, huggingface_hub and transformers for the rest of
+    the process (they cannot be switched back on once they have read the setting).
+    """
+    global level
+    level = new
+    err_console.quiet = new == QUIET
+    if new == QUIET:
+        os.environ.update(QUIET_ENV)
+        hf = sys.modules.get("transformers.utils.logging")
+        if hf is not None:  # imported already (in-process use): switch it directly
+            hf.disable_progress_bar()
+    if new == VERBOSE:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+
+def progress_console() -> Console:
+    """The console for progress bars and stage rules of long work (a silent one under ``--quiet``)."""
+    return _silent if level == QUIET else console
+
+
+@contextlib.contextmanager
+def status(text: str) -> Iterator[None]:
+    """A spinner with ``text`` on stderr while the block runs (nothing under ``--quiet``)."""
+    if level == QUIET:
+        yield
+        return
+    with err_console.status(text):
+        yield
+
+
+def note(text: str) -> None:
+    """One line of information on stderr (hidden under ``--quiet``)."""
+    err_console.print(text, highlight=False)
