@@ -19,10 +19,15 @@ or all at once: ``esn.testing.run_conformance(MyAdapter, tmp_path)``.
 The checks:
 
 - ``check_class``: the class attributes ``esn adapters list`` reads are set and sane.
+- ``check_checkpoint``: ``write_tiny`` writes the same files twice for one seed (tensors bit for bit),
+  and every parameter of the loaded model is finite and initialised: no NaN or inf, no subnormal value,
+  nothing above ``MAX_PARAMETER`` in magnitude (what ``torch.empty`` memory looks like).
 - ``check_hook_points``: names ``{stream}.layers.{l}.mlp.gate`` with layers 0..L-1 per stream, ``lm``
   before ``synth``; each module resolves, runs during generation and outputs ``[batch, pos, width]``.
 - ``check_generation``: one result per request, in order, with text and non-empty finite float32
-  mono audio at the declared rate; the same seed gives the same result.
+  mono audio at the declared rate; each result of a 2-request ``generate`` equals, bit for bit, the
+  same request generated alone with the same seed (for ``batched = True`` adapters: a row does not
+  depend on its batch mate, so padding and masks are right).
 - ``check_recording``: ``GateRecorder`` counts equal a plain-hook reference (``g > 0`` summed over every
   position of a one-request generate) and its token counts equal the positions seen.
 - ``check_interventions``: per stream, ``deactivate`` on every gate makes the gates a later hook sees
@@ -36,6 +41,7 @@ whole model would also flag the lasting hooks transformers 5 installs to capture
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,7 @@ from esn.hookpoints import STREAMS, HookPoint
 from esn.hooks import installed
 
 LARGE_GAIN = 100.0  # steer alpha of the "interventions take effect" check: every gate times 101
+MAX_PARAMETER = 1e6  # a tiny random checkpoint's weights are O(1); torch.empty memory reaches 1e38
 
 
 class ConformanceError(AssertionError):
@@ -84,6 +91,7 @@ def speech_like(seconds: float = 1.0, *, seed: int = 0, rate: int = 16_000) -> n
 
 
 def tiny_requests(n: int = 1, *, seconds: float = 1.0) -> list[EVCRequest]:
+    """``n`` requests of :func:`speech_like` speech (seeds 0..n-1) to happy, angry, sad, surprise in turn."""
     emotions = ("happy", "angry", "sad", "surprise")
     return [EVCRequest(speech_like(seconds, seed=i), emotions[i % 4], id=f"c{i}") for i in range(n)]
 
@@ -95,6 +103,14 @@ def tiny_config(**overrides: Any) -> GenerationConfig:
 
 def _same(a: EVCResult, b: EVCResult) -> bool:
     return a.text == b.text and a.waveform.shape == b.waveform.shape and np.array_equal(a.waveform, b.waveform)
+
+
+def _difference(a: EVCResult, b: EVCResult) -> str:
+    if a.text != b.text:
+        return f"text {a.text!r} vs {b.text!r}"
+    if a.waveform.shape != b.waveform.shape:
+        return f"waveform of {a.waveform.size} vs {b.waveform.size} samples"
+    return f"waveforms differ by up to {float(np.abs(a.waveform - b.waveform).max()):.3g}"
 
 
 def _generate_one(adapter: ModelAdapter, config: GenerationConfig | None) -> EVCResult:
@@ -123,6 +139,7 @@ def _observe(adapter: ModelAdapter, hook_points: Sequence[HookPoint], fn: Callab
 
 
 def check_class(adapter: ModelAdapter | type[ModelAdapter], config: GenerationConfig | None = None) -> None:
+    """The class attributes ``esn adapters list`` and the engine read are set and sane."""
     cls = adapter if isinstance(adapter, type) else type(adapter)
     _require(isinstance(getattr(cls, "name", None), str) and cls.name.isidentifier(),
              f"{cls.__name__}.name must be a short identifier, got {getattr(cls, 'name', None)!r}")
@@ -134,7 +151,75 @@ def check_class(adapter: ModelAdapter | type[ModelAdapter], config: GenerationCo
     _require(isinstance(cls.sample_rate, int) and cls.sample_rate > 0, f"{cls.__name__}.sample_rate must be > 0")
 
 
+def _tensor_files(directory: Path) -> dict[str, Any]:
+    """Every file under ``directory`` by relative path: safetensors files as ``{name: tensor}``, others as bytes."""
+    from safetensors.torch import load_file
+
+    files: dict[str, Any] = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(directory))
+        files[rel] = load_file(path) if path.suffix == ".safetensors" else path.read_bytes()
+    return files
+
+
+def _file_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """What differs between two ``_tensor_files`` results, or None."""
+    if set(a) != set(b):
+        return f"different files: {sorted(set(a) ^ set(b))}"
+    for rel, x in a.items():
+        y = b[rel]
+        if isinstance(x, bytes):
+            if x != y:
+                return f"{rel} differs"
+            continue
+        if set(x) != set(y):
+            return f"{rel}: different tensors {sorted(set(x) ^ set(y))[:5]}"
+        for name, t in x.items():
+            if t.shape != y[name].shape or t.dtype != y[name].dtype or not torch.equal(t, y[name]):
+                return f"{rel}: tensor {name} differs"
+    return None
+
+
+def _bad_values(t: torch.Tensor) -> str | None:
+    """Why a parameter looks uninitialised (NaN/inf, subnormal or huge values), or None."""
+    t = t.detach()
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return None
+    x = t.float()
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        return f"{bad} NaN or infinite value(s)"
+    tiny = torch.finfo(t.dtype).tiny
+    a = x.abs()
+    sub = int(((a > 0) & (a < tiny)).sum())
+    if sub:
+        return f"{sub} subnormal value(s) such as {float(a[(a > 0) & (a < tiny)][0]):.3g}"
+    top = float(a.max())
+    if top > MAX_PARAMETER:
+        return f"values up to {top:.3g}"
+    return None
+
+
+def check_checkpoint(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
+    """``write_tiny`` is deterministic and the loaded weights are finite and initialised."""
+    cls = type(adapter)
+    with tempfile.TemporaryDirectory(prefix="esn-conformance-") as tmp:
+        first = _tensor_files(Path(cls.write_tiny(Path(tmp) / "a", seed=0)))
+        second = _tensor_files(Path(cls.write_tiny(Path(tmp) / "b", seed=0)))
+    difference = _file_difference(first, second)
+    _require(difference is None, f"write_tiny wrote different checkpoints twice with seed 0 ({difference}): "
+                                 "seed every random draw and initialise every tensor (torch.empty memory differs "
+                                 "on every write)")
+    _require(any(True for _ in adapter.model.parameters()), "the loaded model has no parameters")
+    for name, param in adapter.model.named_parameters():
+        why = _bad_values(param)
+        _require(why is None, f"parameter {name} of the loaded tiny checkpoint has {why}: uninitialised memory? "
+                              "write_tiny must initialise every weight (e.g. torch.nn.init, or the model's "
+                              "own init) before saving")
+
+
 def check_hook_points(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
+    """Hook point names, order and layers; each module runs in generation and outputs ``[batch, pos, width]``."""
     layout = adapter.layout()
     points = list(layout)
     order = [STREAMS.index(hp.stream) for hp in points]
@@ -165,6 +250,7 @@ def check_hook_points(adapter: ModelAdapter, config: GenerationConfig | None = N
 
 
 def check_generation(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
+    """Results in order with text and finite float32 audio; each equals its request generated alone."""
     config = config or tiny_config()
     requests = tiny_requests(2)
     results = adapter.generate(requests, config)
@@ -181,11 +267,18 @@ def check_generation(adapter: ModelAdapter, config: GenerationConfig | None = No
                  f"{getattr(wave, 'shape', '')}")
         _require(wave.size > 0, f"{result.id}: no audio ({result.info.get('error', 'no error given')})")
         _require(bool(np.all(np.isfinite(wave))), f"{result.id}: waveform has NaN or inf")
-    again = adapter.generate(requests[:1], config)[0]
-    _require(_same(results[0], again), "the same request and seed gave a different result on a second run")
+    for i, request in enumerate(requests):
+        alone = adapter.generate([request], config)[0]
+        _require(_same(results[i], alone),
+                 f"request {i} of a 2-request generate differs from the same request generated alone with the "
+                 f"same seed ({_difference(results[i], alone)}); "
+                 + ("a row of a batch must not depend on its batch mate (padding, attention masks, per-row "
+                    "seeds)" if adapter.batched else "generation must not depend on the request before it "
+                    "(seed each request, reset state between requests)"))
 
 
 def check_recording(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
+    """``GateRecorder`` counts, positions and sums of a one-request generate equal a plain-hook reference."""
     from esn.recording import GateRecorder
 
     layout = adapter.layout()
@@ -218,6 +311,8 @@ def check_recording(adapter: ModelAdapter, config: GenerationConfig | None = Non
 
 
 def check_interventions(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
+    """Per stream: deactivate zeroes the gates, a large gain changes the output, alpha 0 changes nothing,
+    and no hook is left behind."""
     from esn.masks import Mask
     from esn.steering import steer
 
@@ -249,6 +344,7 @@ def check_interventions(adapter: ModelAdapter, config: GenerationConfig | None =
 
 CHECKS: tuple[Callable[..., None], ...] = (
     check_class,
+    check_checkpoint,
     check_hook_points,
     check_generation,
     check_recording,
