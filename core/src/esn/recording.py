@@ -80,10 +80,12 @@ class BatchStats:
 
     @property
     def batch_size(self) -> int:
+        """B, the number of rows (attempts)."""
         return int(self.counts.shape[0])
 
     @property
     def has_moments(self) -> bool:
+        """True if ``sums`` and ``sumsq`` were recorded."""
         return self.sums is not None
 
     def tokens_per_neuron(self) -> torch.Tensor:
@@ -112,6 +114,7 @@ class BatchStats:
         return cls(first.layout, cat("counts"), cat("tokens"), cat("sums"), cat("sumsq"), first.positions)
 
     def select_rows(self, idx: Sequence[int] | np.ndarray | torch.Tensor) -> BatchStats:
+        """The statistics of rows ``idx`` only, in that order."""
         idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -247,6 +250,16 @@ def _prefill_valid(mask: Any, pos: int, root: str) -> torch.Tensor | None:
     return mask[:, -pos:].bool()
 
 
+def _check_rank(hp: HookPoint, g: Any) -> None:
+    if not isinstance(g, torch.Tensor) or g.dim() != 3:
+        shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+        raise EsnError(
+            f"hook point {hp.name}: module {hp.module!r} outputs {shape}; recording needs the gate as "
+            f"[batch, pos, {hp.width}]. A model that flattens batch and positions (e.g. [tokens, d_mlp] in "
+            "routed or packed MLPs) needs its hook point on a module that still sees [batch, pos, d_mlp]"
+        )
+
+
 class _Point:
     """Per hook point: running statistics ``[B, d_mlp]`` on the device, and the decode chunk buffer."""
 
@@ -271,6 +284,7 @@ class _Point:
         # g: [batch, pos, d_mlp], the post-SiLU gate.
         root = self.root
         if root.implicit:
+            _check_rank(self.hp, g)
             root.begin(None, None, g.shape[1], g.shape[0], g.device)
         self.calls += 1
         if root.mode == "skip":
@@ -294,6 +308,7 @@ class _Point:
             self._reduce_dense(g, root.valid)
 
     def _check(self, g: torch.Tensor) -> None:
+        _check_rank(self.hp, g)
         root = self.root
         if g.dim() != 3 or g.shape[1] != root.pos or g.shape[0] != root.batch or g.shape[2] != self.hp.width:
             raise EsnError(
@@ -376,6 +391,10 @@ class GateRecorder:
         with GateRecorder(adapter) as rec:
             model.generate(**inputs)
         stats = rec.stats()  # BatchStats, one row per batch row
+
+    An adapter with ``batched = False`` runs its requests one after another, each a generation of its
+    own; recording it gives one row per request all the same: every request that its ``generate`` runs
+    inside the block is recorded separately (prefill and decode of its own) and becomes the next row.
     """
 
     def __init__(
@@ -405,11 +424,19 @@ class GateRecorder:
         self._points: list[_Point] = []
         self._roots: dict[str, _Root] = {}
         self._done = False
+        self._rows: list[BatchStats] | None = None  # one per request of a batched = False adapter
+        self._options = {"streams": streams, "positions": positions, "moments": moments,
+                         "strategy": strategy, "chunk_steps": chunk_steps}
 
     # -- context -----------------------------------------------------------------------------------
     def __enter__(self) -> GateRecorder:
         if self._stack is not None or self._done:
             raise EsnError("a GateRecorder records one generation: make a new one for the next")
+        if _one_request_at_a_time(self.target):
+            self._rows = []
+            self._stack = contextlib.ExitStack()
+            self._stack.enter_context(_generate_wrapped(self.target, self._record_each))
+            return self
         self._points, self._roots = [], {}
         modules, seen = [], set()
         for hp in self.layout:
@@ -439,11 +466,20 @@ class GateRecorder:
         stack, self._stack = self._stack, None
         self._done = True
         stack.close()  # hooks off first, whatever happens below
-        if exc_type is None:
+        if exc_type is None and self._rows is None:
             # Buffers made under generate's inference_mode can only be updated in inference mode.
             with torch.inference_mode():
                 for p in self._points:
                     p.flush()
+
+    def _record_each(self, generate: Callable, requests: Sequence, *args: Any, **kwargs: Any) -> list:
+        """The adapter's own ``generate``, one request at a time, each under a recorder of its own."""
+        results = []
+        for request in requests:
+            with GateRecorder(self.target, **self._options) as one:
+                results += generate([request], *args, **kwargs)
+            self._rows.append(one.stats())
+        return results
 
     def _root_for(self, hp: HookPoint) -> _Root:
         spec = self._specs.get(hp.stream)
@@ -499,6 +535,13 @@ class GateRecorder:
         """Per-row statistics on CPU (call after the ``with`` block)."""
         if self._stack is not None:
             raise EsnError("GateRecorder.stats() is available after the with-block has ended")
+        if self._rows is not None:
+            if not self._rows:
+                raise EsnError(
+                    f"nothing was recorded: {type(self.target).__name__} generates one request at a time "
+                    "(batched = False), and its rows come from its generate() calls inside the with-block"
+                )
+            return BatchStats.concat(self._rows)
         batches = {p.root.batch for p in self._points if p.root.batch is not None}
         if not batches:
             raise EsnError(
@@ -531,6 +574,32 @@ class GateRecorder:
             torch.cat(sumsq, dim=1) if self.moments else None,
             self.positions,
         )
+
+
+def _one_request_at_a_time(target: Any) -> bool:
+    """An adapter whose generate() runs its requests one by one (``batched = False``), not yet wrapped."""
+    generate = getattr(target, "generate", None)
+    return getattr(target, "batched", True) is False and callable(generate) and not hasattr(generate, "_esn_each")
+
+
+@contextlib.contextmanager
+def _generate_wrapped(target: Any, each: Callable):
+    """Route ``target.generate(requests, ...)`` through ``each(original, requests, ...)`` inside the block."""
+    original = target.generate
+    had_own = "generate" in vars(target)
+
+    def generate(requests, *args, **kwargs):
+        return each(original, requests, *args, **kwargs)
+
+    generate._esn_each = True
+    target.generate = generate
+    try:
+        yield
+    finally:
+        if had_own:
+            target.generate = original
+        else:
+            del target.generate
 
 
 def record(target: Any, generate_fn: Callable[[], Any], **options: Any) -> tuple[Any, BatchStats]:
