@@ -1,22 +1,33 @@
-# One set-up for everything: a venv with torch 2.13.0 (CPU wheel) first, then every package editable.
+# One set-up for everything: a venv with torch (the CPU build by default) first, then every package editable.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PACKAGES := core $(patsubst %/pyproject.toml,%,$(wildcard adapters/*/pyproject.toml plugins/*/pyproject.toml))
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 DEMO_OUT ?= demo-out
+DIST ?= dist
+SITE ?= site
+# Which torch, explicitly: PyPI's Linux torch wheels are CUDA builds (several GB), so a bare "torch"
+# requirement pulls one. The +cpu label refuses any other build; the PyTorch index serves it (a wheel
+# already on disk through pip's find-links is used first, without the network). Another build, e.g.:
+#   make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup torch test demo lint docs dist bench clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: $(PYPROJECTS) requirements-dev.txt Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first: a bare "torch" requirement would otherwise pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	$(MAKE) --no-print-directory torch
 	$(PY) -m pip install -q -r requirements-dev.txt $(addprefix -e ./,$(PACKAGES))
 	touch $@
+
+# torch alone into $(VENV) (made if missing), before anything that depends on it.
+torch:
+	test -x $(PY) || { $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip; }
+	$(PY) -m pip install -q --no-index --no-deps "$(TORCH_SPEC)" 2>/dev/null \
+		|| $(PY) -m pip install -q --index-url "$(TORCH_INDEX)" "$(TORCH_SPEC)"
 
 test: setup
 	$(VENV)/bin/ruff check .
@@ -28,6 +39,17 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The documentation site with its API reference, strict: a broken link or a public name without a
+# docstring fails the build (tests/test_docs_site.py runs the same build in `make test`).
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir $(SITE)
+
+# A wheel and an sdist of every distribution (the wheel built from the sdist), into $(DIST)/.
+dist: setup
+	rm -rf $(DIST)
+	for pkg in $(PACKAGES); do $(PY) -m build --no-isolation --outdir $(DIST) $$pkg > /dev/null || exit 1; done
+	ls $(DIST)
+
 # CPU, tiny models: a smoke run of every benchmark. GPU numbers: see docs/performance.md.
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_recording.py --size tiny
@@ -36,4 +58,4 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_graph_decode.py --device cpu --size tiny --repeats 2 --steps 8
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT)
+	rm -rf $(VENV) $(DEMO_OUT) $(DIST) $(SITE)
