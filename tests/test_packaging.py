@@ -174,7 +174,7 @@ def test_every_distribution_has_complete_metadata_a_license_and_an_index_readme(
     assert {"Typing :: Typed", "Programming Language :: Python :: 3.11"} <= set(project["classifiers"])
     assert set(project["urls"]) >= {"Homepage", "Documentation", "Repository", "Issues"}
     assert project["urls"] == _pyproject("core")["project"]["urls"], "every distribution points at the same place"
-    package = _pyproject(dist)["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"][0]
+    package = "src/" + _pyproject(dist)["tool"]["flit"]["module"]["name"]
     assert (folder / package / "py.typed").is_file(), f"{dist}: {package}/py.typed marks the package as typed"
     readme = (folder / "README.md").read_text()
     assert readme.startswith(f"# {project['name']}\n") and "## Install" in readme and len(readme) > 600

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from esn.cli.ui import console, note, status
+from esn.cli.ui import console, note, print_table, status
 from esn.errors import EsnError
 
 
@@ -79,22 +79,11 @@ def cmd_hookpoints(args: argparse.Namespace) -> int:
         return 0
     table = Table(title=f"{args.adapter} hook points ({layout.n_neurons} neurons, layout {layout.fingerprint})")
     for col, justify in (("name", "left"), ("width", "right"), ("module", "left")):
-        table.add_column(col, justify=justify, no_wrap=True)  # names and paths to copy: never cut or folded
+        table.add_column(col, justify=justify)
     for r in rows:
         table.add_row(r["name"], str(r["width"]), r["module"])
-    # As wide as the longest path needs, whatever the terminal (or pipe) width: lines may run past the edge.
-    width = console.width
-    console.width = max(width, _table_width(rows))
-    try:
-        console.print(table, crop=False)
-    finally:
-        console.width = width
+    print_table(table)  # module paths are never cut, whatever the terminal width
     return 0
-
-
-def _table_width(rows: list[dict]) -> int:
-    widths = [max([len(h)] + [len(str(r[h])) for r in rows]) for h in ("name", "width", "module")]
-    return sum(widths) + 3 * len(widths) + 1  # cell padding and borders
 
 
 def check_output(path: Path, source: Path) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from esn.cli.ui import console, status
+from esn.cli.ui import console, print_table, status
 from esn.errors import EsnError
 from esn.plugins import registry
 
@@ -67,7 +67,7 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], r["distribution"], r["version"], ", ".join(r["architectures"]), ", ".join(r["streams"]))
-    console.print(table)
+    print_table(table)
     return 0
 
 
@@ -112,5 +112,5 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], r["distribution"], r["version"], ", ".join(r["provides"]))
-    console.print(table)
+    print_table(table)
     return 0

@@ -64,3 +64,18 @@ def status(text: str) -> Iterator[None]:
 def note(text: str) -> None:
     """One line of information on stderr (hidden under ``--quiet``)."""
     err_console.print(text, highlight=False)
+
+
+def print_table(table) -> None:
+    """Print a rich table on stdout at its natural width, wider than the terminal (or a pipe's 80
+    columns) if a cell needs it: names and module paths are for copying, so they are never cut."""
+    from rich.measure import Measurement
+
+    for column in table.columns:
+        column.no_wrap = True
+    width = console.width
+    console.width = max(width, Measurement.get(console, console.options.update(width=10_000), table).maximum)
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
