@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from esn.pipeline.batches import derive_seed
 from esn.pipeline.data import Source
 from esn.pipeline.run import Run

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from esn.pipeline.batches import derive_seed
 from esn.pipeline.config import Setting
 
@@ -35,6 +36,7 @@ class EvalAttempt:
 
     @property
     def id(self) -> str:
+        """``split|setting|mask|source|target``: the attempt's key in the evaluation store."""
         return f"{self.split}|{self.setting}|{self.mask or '-'}|{self.source}|{self.target}"
 
 

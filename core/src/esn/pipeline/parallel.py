@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from esn.errors import EsnError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -14,6 +13,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from esn.errors import EsnError
 
 SHARDED_STAGES = ("record", "evaluate")  # lists of independent batches; select and report run once
 

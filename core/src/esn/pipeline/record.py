@@ -18,11 +18,13 @@ from esn.pipeline.run import Run
 
 @dataclass(frozen=True)
 class RecordAttempt:
+    """One identification attempt: a neutral source to convert to ``target``."""
     source: Source
     target: str
 
     @property
     def id(self) -> str:
+        """``<source id>|<target>``: the attempt's key in the store."""
         return f"{self.source.id}|{self.target}"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from esn.pipeline import plots, record
 from esn.pipeline.config import Setting, settings
 from esn.pipeline.files import atomic_write_json, atomic_write_text, read_json
@@ -21,6 +22,7 @@ from esn.pipeline.run import Run
 
 @dataclass
 class Block:
+    """One report element: a heading, paragraph, table, image or code block, rendered to Markdown and HTML."""
     kind: str  # "h1" | "h2" | "h3" | "p" | "table" | "img" | "code"
     body: Any
 
@@ -89,6 +91,7 @@ def _layer_counts(masks, layout) -> tuple[np.ndarray, list[str]]:
 
 
 def build(run: Run) -> list[Block]:
+    """The report of a finished run as blocks: settings, effect tables, figures, caveats."""
     cfg = run.cfg
     res = read_json(run.rundir.evaluate / "results.json")
     meta, groups = res["meta"], res["groups"]
@@ -203,6 +206,7 @@ def _human_blocks(run: Run, targets: list[str]) -> list[Block]:
 
 # -- rendering ----------------------------------------------------------------------------------------
 def to_markdown(blocks: list[Block]) -> str:
+    """The blocks as Markdown (``report.md``)."""
     out = []
     for b in blocks:
         if b.kind in ("h1", "h2", "h3"):
@@ -224,6 +228,7 @@ def to_markdown(blocks: list[Block]) -> str:
 
 
 def to_html(blocks: list[Block]) -> str:
+    """The blocks as one self-contained HTML page (``report.html``)."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>esn report</title><style>"
              "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"

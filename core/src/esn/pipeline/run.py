@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+
 from esn.pipeline.batches import derive_seed
 from esn.pipeline.config import RunConfig
 from esn.pipeline.data import CSVDataset, ESDDataset, Source
 from esn.pipeline.parallel import in_shard, parse_shard, shard_tag
 from esn.pipeline.rundir import RunDir
-from rich.console import Console
 
 
 class Run:
@@ -41,6 +42,7 @@ class Run:
 
     @property
     def tag(self) -> str:
+        """`` K/N`` for a shard, empty otherwise: added to progress labels and messages."""
         return shard_tag(self.shard)
 
     # -- the run directory ---------------------------------------------------------------------------
@@ -58,6 +60,7 @@ class Run:
         return self
 
     def close(self) -> None:
+        """Release the run directory's locks."""
         self.rundir.close()
 
     def __enter__(self) -> Run:
@@ -75,6 +78,7 @@ class Run:
         return ESDDataset(d.root, d.splits)
 
     def sources(self, split: str) -> list[Source]:
+        """The neutral sources of a split, capped at ``data.max_sources`` by a seeded draw."""
         found = self.dataset.sources(split)
         cap = self.cfg.data.max_sources
         if cap is not None and len(found) > cap:
@@ -115,6 +119,7 @@ class Run:
 
 def load_run(config: str | Path, *, run_dir: str | Path | None = None, console: Console | None = None,
              shard: tuple[int, int] | None = None) -> Run:
+    """A ``Run`` of the config file at ``config`` (``run_dir`` overrides the config's)."""
     from esn.pipeline.config import load_config
 
     return Run(load_config(config, run_dir=run_dir), console=console, shard=shard)

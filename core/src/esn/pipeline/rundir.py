@@ -33,6 +33,7 @@ RESULT_STAGES = ("record", "select", "evaluate")  # the stages whose folders hol
 
 
 def fingerprint(obj: Any) -> str:
+    """sha256 (16 hex digits) of an object's canonical JSON: ties a run directory to its configuration."""
     return hashlib.sha256(dumps(obj).encode()).hexdigest()[:16]
 
 
@@ -87,12 +88,14 @@ class RunDir:
                 raise
 
     def close(self) -> None:
+        """Release this process's locks on the run directory."""
         for name in ("_shard_lock", "_lock"):
             if getattr(self, name) is not None:
                 getattr(self, name).close()
                 setattr(self, name, None)
 
     def has_results(self, stage: str) -> bool:
+        """True if the stage's folder exists and holds anything."""
         folder = self.root / stage
         return folder.is_dir() and any(folder.iterdir())
 
