@@ -136,6 +136,32 @@ def test_generated_positions_exclude_prefill(model, strategy, chunk):
         assert torch.equal(stats.counts[row], ref["counts"])
 
 
+@pytest.mark.parametrize("strategy,chunk", STRATEGIES)
+def test_prompt_split_gives_the_generated_only_statistics_exactly(model, strategy, chunk):
+    """One recording over all positions keeps the prompt's share apart: P over the generated positions,
+    recomputed from it, equals a recording made with positions="generated" (left-padded batch, early eos)."""
+    with GateRecorder(_target(model), strategy=strategy, chunk_steps=chunk) as rec:
+        _generate(model, PROMPTS)
+    full = rec.stats()
+    with GateRecorder(_target(model), positions="generated", strategy=strategy, chunk_steps=chunk) as rec:
+        _generate(model, PROMPTS)
+    gen = rec.stats()
+    assert full.has_prompt_split and not gen.has_prompt_split
+    for row, prompt in enumerate(PROMPTS):
+        assert torch.all(full.prompt_tokens[row] == len(prompt))  # padding is not prompt
+        solo = _reference(model, prompt)
+        assert torch.equal(full.prompt_counts[row] + gen.counts[row], solo["counts"])
+    derived = full.generated()
+    assert derived.positions == "generated" and derived.sums is None
+    assert torch.equal(derived.counts, gen.counts) and torch.equal(derived.tokens, gen.tokens)
+    p_derived = derived.counts / derived.tokens_per_neuron()
+    assert torch.equal(p_derived, gen.counts / gen.tokens_per_neuron())
+    both = BatchStats.concat([full, full.select_rows([1, 0])])
+    assert torch.equal(both.prompt_counts[len(PROMPTS)], full.prompt_counts[1])
+    with pytest.raises(EsnError, match="prompt split"):
+        BatchStats.concat([full, gen])
+
+
 def test_strategies_agree_exactly_on_counts_without_moments(model):
     results = []
     for strategy, chunk in STRATEGIES:

@@ -89,3 +89,38 @@ def test_any_split_and_merge_gives_identical_k_and_t(tmp_path):
     np.testing.assert_array_equal(total.K, want.K)
     np.testing.assert_array_equal(total.T, want.T)
     np.testing.assert_array_equal(total.n_attempts, [len(v) for v in sets.values()])
+
+
+def test_generated_positions_from_the_stored_prompt_split(tmp_path):
+    """P over the generated positions alone, from the same stored attempts: counts minus their prompt share."""
+    store = AttemptStore(tmp_path / "s", LAYOUT)
+    store.append(recs(("a", "happy"), ("b", "sad")), [[1, 2, 0, 3, 4], [4, 0, 1, 1, 1]], [[4, 10], [5, 2]],
+                 sums=np.ones((2, 5)), sumsq=np.ones((2, 5)),
+                 prompt_counts=[[1, 1, 0, 2, 0], [3, 0, 0, 0, 1]], prompt_tokens=[[2, 4], [3, 1]])
+    every = aggregate(store, {"happy": ["a"], "sad": ["b"]})
+    gen = aggregate(store, {"happy": ["a"], "sad": ["b"]}, positions="generated")
+    np.testing.assert_array_equal(every.K, [[1, 2, 0, 3, 4], [4, 0, 1, 1, 1]])
+    np.testing.assert_array_equal(gen.K, [[0, 1, 0, 1, 4], [1, 0, 1, 1, 0]])
+    np.testing.assert_array_equal(gen.T, [[2, 6], [2, 1]])
+    assert gen.S is None and every.S is not None and gen.meta["positions"] == "generated"
+    # the split survives a merge into another store, byte for byte
+    other = AttemptStore(tmp_path / "o", LAYOUT)
+    assert other.merge_from(store) == 2
+    np.testing.assert_array_equal(aggregate(other, {"happy": ["a"], "sad": ["b"]}, positions="generated").K, gen.K)
+    with pytest.raises(EsnError, match="positions must be"):
+        aggregate(store, {"happy": ["a"]}, positions="prompt")
+
+
+def test_prompt_split_is_checked_and_required_for_generated(tmp_path):
+    store = AttemptStore(tmp_path, LAYOUT)
+    with pytest.raises(EsnError, match="both prompt_counts and prompt_tokens"):
+        store.append(recs(("a", "happy")), [[1, 2, 0, 0, 0]], [[4, 4]], prompt_counts=[[0, 0, 0, 0, 0]])
+    with pytest.raises(EsnError, match="prompt share"):
+        store.append(recs(("a", "happy")), [[1, 2, 0, 0, 0]], [[4, 4]], prompt_counts=[[2, 0, 0, 0, 0]],
+                     prompt_tokens=[[1, 1]])
+    with pytest.raises(EsnError, match="shape"):
+        store.append(recs(("a", "happy")), [[1, 2, 0, 0, 0]], [[4, 4]], prompt_counts=[[0, 0]], prompt_tokens=[[1, 1]])
+    store.append(recs(("a", "happy")), [[1, 2, 0, 0, 0]], [[4, 4]])  # an older store: no split
+    assert aggregate(store, {"happy": ["a"]}).K.sum() == 3
+    with pytest.raises(EsnError, match="without the prompt/generated split"):
+        aggregate(store, {"happy": ["a"]}, positions="generated")

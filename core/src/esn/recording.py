@@ -7,6 +7,9 @@ attempt) separately:
 * ``counts[b, n]``: positions where ``g[b, :, n] > 0`` (exact integers),
 * ``tokens[b, h]``: positions counted at hook point ``h``,
 * ``sums``/``sumsq`` ``[b, n]`` (optional): sum of ``g`` and of ``g**2`` over the same positions, in float64.
+* ``prompt_counts[b, n]``/``prompt_tokens[b, h]`` (with ``positions="all"``): the part of ``counts``/``tokens``
+  at prompt (prefill) positions, so that the generated positions alone are ``counts - prompt_counts``: one
+  recording gives P both ways (a snapshot of the running counts right after the prefill).
 
 Padding is never counted. Each stream's :class:`~esn.adapters.StreamSpec` names a root module whose
 forward receives ``input_ids``/``attention_mask``; a pre-hook there decides, per step, which positions
@@ -67,6 +70,8 @@ class BatchStats:
     sums: torch.Tensor | None = None  # [B, N] float64: sum of g over counted positions
     sumsq: torch.Tensor | None = None  # [B, N] float64: sum of g**2
     positions: str = "all"
+    prompt_counts: torch.Tensor | None = None  # [B, N] int32: the part of counts at prompt (prefill) positions
+    prompt_tokens: torch.Tensor | None = None  # [B, H] int64: the part of tokens at prompt positions
 
     def __post_init__(self) -> None:
         b, n = self.counts.shape
@@ -77,6 +82,11 @@ class BatchStats:
             )
         if (self.sums is None) != (self.sumsq is None):
             raise EsnError("sums and sumsq must both be present or both absent")
+        if (self.prompt_counts is None) != (self.prompt_tokens is None):
+            raise EsnError("prompt_counts and prompt_tokens must both be present or both absent")
+        if self.prompt_counts is not None and (self.prompt_counts.shape != self.counts.shape
+                                               or self.prompt_tokens.shape != self.tokens.shape):
+            raise EsnError("prompt_counts and prompt_tokens must have the shapes of counts and tokens")
 
     @property
     def batch_size(self) -> int:
@@ -87,6 +97,19 @@ class BatchStats:
     def has_moments(self) -> bool:
         """True if ``sums`` and ``sumsq`` were recorded."""
         return self.sums is not None
+
+    @property
+    def has_prompt_split(self) -> bool:
+        return self.prompt_counts is not None
+
+    def generated(self) -> BatchStats:
+        """The statistics of the generated positions only (``counts - prompt_counts``); no moments."""
+        if self.positions == "generated":
+            return self
+        if not self.has_prompt_split:
+            raise EsnError("these statistics have no prompt/generated split; record with positions='all'")
+        return BatchStats(self.layout, self.counts - self.prompt_counts, self.tokens - self.prompt_tokens,
+                          positions="generated")
 
     def tokens_per_neuron(self) -> torch.Tensor:
         """``[B, N]`` int64: each neuron's hook-point token count (the denominator of its probability)."""
@@ -102,16 +125,19 @@ class BatchStats:
         for p in parts[1:]:
             if p.layout != first.layout:
                 raise EsnError("cannot concatenate statistics recorded on different hook-point layouts")
-            if p.positions != first.positions or p.has_moments != first.has_moments:
+            if (p.positions, p.has_moments, p.has_prompt_split) != (
+                    first.positions, first.has_moments, first.has_prompt_split):
                 raise EsnError(
-                    f"cannot concatenate statistics with positions={p.positions!r}, moments={p.has_moments} "
-                    f"and positions={first.positions!r}, moments={first.has_moments}"
+                    f"cannot concatenate statistics with positions={p.positions!r}, moments={p.has_moments}, "
+                    f"prompt split={p.has_prompt_split} and positions={first.positions!r}, "
+                    f"moments={first.has_moments}, prompt split={first.has_prompt_split}"
                 )
 
         def cat(name: str) -> torch.Tensor | None:
             return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
 
-        return cls(first.layout, cat("counts"), cat("tokens"), cat("sums"), cat("sumsq"), first.positions)
+        return cls(first.layout, cat("counts"), cat("tokens"), cat("sums"), cat("sumsq"), first.positions,
+                   cat("prompt_counts"), cat("prompt_tokens"))
 
     def select_rows(self, idx: Sequence[int] | np.ndarray | torch.Tensor) -> BatchStats:
         """The statistics of rows ``idx`` only, in that order."""
@@ -127,14 +153,19 @@ class BatchStats:
             pick(self.sums),
             pick(self.sumsq),
             self.positions,
+            pick(self.prompt_counts),
+            pick(self.prompt_tokens),
         )
 
     def numpy(self) -> dict[str, np.ndarray]:
-        """``{"counts", "tokens"[, "sums", "sumsq"]}`` as numpy arrays (for safetensors files)."""
+        """``{"counts", "tokens"[, "sums", "sumsq"][, "prompt_counts", "prompt_tokens"]}`` as numpy arrays."""
         out = {"counts": self.counts.numpy(), "tokens": self.tokens.numpy()}
         if self.has_moments:
             out["sums"] = self.sums.numpy()
             out["sumsq"] = self.sumsq.numpy()
+        if self.has_prompt_split:
+            out["prompt_counts"] = self.prompt_counts.numpy()
+            out["prompt_tokens"] = self.prompt_tokens.numpy()
         return out
 
 
@@ -168,11 +199,14 @@ class _Root:
         self.masked_decode = False  # decode validity tracked on the device (B > 1 and stop ids)
         self.tokens_dev: torch.Tensor | None = None  # [B] int64, positions counted under a mask
         self.tokens_all = 0  # positions counted in calls where every row was real
+        self.prompt: tuple[int, torch.Tensor | None] = (0, None)  # (tokens_all, tokens_dev) after the prefill
 
-    def tokens(self, batch: int) -> torch.Tensor:
-        out = torch.full((batch,), self.tokens_all, dtype=torch.int64)
-        if self.tokens_dev is not None:
-            out += self.tokens_dev.cpu()
+    def tokens(self, batch: int, *, prompt: bool = False) -> torch.Tensor:
+        """``[batch]`` positions counted so far (``prompt=True``: in the prefill only)."""
+        every, dev = self.prompt if prompt else (self.tokens_all, self.tokens_dev)
+        out = torch.full((batch,), every, dtype=torch.int64)
+        if dev is not None:
+            out += dev.cpu()
         return out
 
     def begin(self, input_ids: torch.Tensor | None, mask: Any, pos: int, batch: int, device) -> None:
@@ -223,6 +257,8 @@ class _Root:
             self.slot = self.slot + 1 if self.slot + 1 < self.chunk else 0
         if self.mode != "skip":
             self._count(self.valid)
+        if prefill:  # what the prompt alone counted (device copy, no sync)
+            self.prompt = (self.tokens_all, None if self.tokens_dev is None else self.tokens_dev.clone())
 
     def _count(self, valid: torch.Tensor | None) -> None:
         if valid is None:
@@ -272,6 +308,7 @@ class _Point:
         self.counts: torch.Tensor | None = None  # [B, D] int32
         self.sums: torch.Tensor | None = None  # [B, D] float64
         self.sumsq: torch.Tensor | None = None
+        self.prompt_counts: torch.Tensor | None = None  # [B, D] int32: counts right after the prefill
         self.buf: torch.Tensor | None = None  # [chunk, B, 1, D], gate dtype ("chunk")
         self.slots: list[
             torch.Tensor
@@ -306,6 +343,8 @@ class _Point:
             self._reduce_step(g[:, 0], root.valid)
         else:
             self._reduce_dense(g, root.valid)
+        if root.calls == 1:  # the prefill: keep what the prompt counted (one copy per generation)
+            self.prompt_counts = self.counts.clone()
 
     def _check(self, g: torch.Tensor) -> None:
         _check_rank(self.hp, g)
@@ -382,8 +421,9 @@ class GateRecorder:
     """Context manager that records per-row gate statistics of everything generated inside it.
 
     ``target`` is an adapter or :class:`esn.hooks.ModelTarget`. ``streams`` selects hook points
-    (default: all). ``positions="generated"`` skips the prefill (prompt) positions. ``moments`` adds
-    float64 sums and sums of squares. ``strategy`` is ``"chunk"``, ``"ref"`` or ``"step"`` (same counts; see the
+    (default: all). ``positions="generated"`` skips the prefill (prompt) positions; ``"all"`` counts them
+    and also keeps their share apart (``prompt_counts``/``prompt_tokens``). ``moments`` adds float64 sums
+    and sums of squares. ``strategy`` is ``"chunk"``, ``"ref"`` or ``"step"`` (same counts; see the
     module docstring); ``chunk_steps`` sets the decode chunk length (default: fit a 256 MiB budget).
 
     Use one recorder per ``generate`` call::
@@ -550,7 +590,7 @@ class GateRecorder:
         if len(batches) > 1:
             raise EsnError(f"hook points saw different batch sizes {sorted(batches)} in one recording")
         batch = batches.pop()
-        counts, tokens, sums, sumsq = [], [], [], []
+        counts, tokens, sums, sumsq, prompt_counts, prompt_tokens = [], [], [], [], [], []
         for p in self._points:
             if p.calls != p.root.calls and not p.root.implicit:
                 raise EsnError(
@@ -562,6 +602,9 @@ class GateRecorder:
                 p.counts.cpu() if p.counts is not None else torch.zeros((batch, d), dtype=torch.int32)
             )
             tokens.append(p.root.tokens(batch) if p.root.calls else torch.zeros(batch, dtype=torch.int64))
+            zero_counts = torch.zeros((batch, d), dtype=torch.int32)
+            prompt_counts.append(p.prompt_counts.cpu() if p.prompt_counts is not None else zero_counts)
+            prompt_tokens.append(p.root.tokens(batch, prompt=True))
             if self.moments:
                 zero = torch.zeros((batch, d), dtype=torch.float64)
                 sums.append(p.sums.cpu() if p.sums is not None else zero)
@@ -573,6 +616,8 @@ class GateRecorder:
             torch.cat(sums, dim=1) if self.moments else None,
             torch.cat(sumsq, dim=1) if self.moments else None,
             self.positions,
+            torch.cat(prompt_counts, dim=1) if self.positions == "all" else None,
+            torch.stack(prompt_tokens, dim=1) if self.positions == "all" else None,
         )
 
 

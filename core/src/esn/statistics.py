@@ -3,7 +3,8 @@
 ``K[e, n]`` counts the positions where neuron ``n``'s gate was positive over emotion ``e``'s successful
 attempts; ``T[e, h]`` counts the positions seen at hook point ``h`` (the LM and synthesis streams run over
 different positions, so T is kept per hook point). Both are int64 sums, exact and independent of the
-order in which attempts, shards or stores are added up.
+order in which attempts, shards or stores are added up. ``positions="generated"`` sums the generated
+positions alone (the stored counts minus their prompt share), so one recording gives P both ways.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ class ActivationStats:
         self.probs()  # the same T == 0 check
         return self.S / self.positions()
 
+    def select_streams(self, streams: Sequence[str]) -> ActivationStats:
+        """The statistics of the given streams' hook points only (their neurons renumbered from 0)."""
+        sub = self.layout.select(streams)
+        cols = np.concatenate([np.arange(self.layout.slice(hp.name).start, self.layout.slice(hp.name).stop)
+                               for hp in sub])
+        rows = [self.layout.index(hp.name) for hp in sub]
+        pick = (lambda a: None if a is None else a[:, cols])  # noqa: E731
+        return ActivationStats(list(self.emotions), sub, self.K[:, cols], self.T[:, rows], self.n_attempts.copy(),
+                               pick(self.S), pick(self.SS), dict(self.meta))
+
     def __add__(self, other: ActivationStats) -> ActivationStats:
         """Statistics of two disjoint attempt sets, summed exactly."""
         if other.emotions != self.emotions or other.layout != self.layout:
@@ -73,11 +84,15 @@ class ActivationStats:
 
 
 def aggregate(store: AttemptStore, ids_by_emotion: Mapping[str, Sequence[str]], *,
-              progress: bool = False) -> ActivationStats:
+              positions: str = "all", progress: bool = False) -> ActivationStats:
     """Sum the statistics of each emotion's attempts (e.g. ``FilterResult.success``) from ``store``.
 
-    Every id must be in the store, belong to one emotion only, and target that emotion.
+    Every id must be in the store, belong to one emotion only, and target that emotion. ``positions``:
+    ``"all"`` recorded positions, or ``"generated"`` ones only (needs the stored prompt split; the sums of
+    gate values are then left out: they are stored for all positions only).
     """
+    if positions not in ("all", "generated"):
+        raise EsnError(f"positions must be 'all' or 'generated', got {positions!r}")
     emotions = [normalize_emotion(e) for e in ids_by_emotion]
     if len(set(emotions)) != len(emotions):
         raise EsnError(f"an emotion is listed twice: {list(ids_by_emotion)}")
@@ -95,7 +110,7 @@ def aggregate(store: AttemptStore, ids_by_emotion: Mapping[str, Sequence[str]], 
     T = np.zeros((n_e, h), np.int64)
     S = np.zeros((n_e, n), np.float64)
     SS = np.zeros((n_e, n), np.float64)
-    has_sums = True
+    has_sums = positions == "all"
     n_attempts = np.zeros(n_e, np.int64)
     parts = store.iter_stats(row_of)
     if progress:
@@ -105,13 +120,14 @@ def aggregate(store: AttemptStore, ids_by_emotion: Mapping[str, Sequence[str]], 
     for part in parts:
         rows = np.array([row_of[i] for i in part.ids], dtype=np.int64)
         has_sums = has_sums and part.sums is not None
+        counts, tokens = part.positions(positions)
         for e in np.unique(rows):
             pick = rows == e
-            K[e] += part.counts[pick].sum(axis=0, dtype=np.int64)
-            T[e] += part.tokens[pick].sum(axis=0, dtype=np.int64)
+            K[e] += counts[pick].sum(axis=0, dtype=np.int64)
+            T[e] += tokens[pick].sum(axis=0, dtype=np.int64)
             n_attempts[e] += int(pick.sum())
             if has_sums:
                 S[e] += part.sums[pick].sum(axis=0, dtype=np.float64)
                 SS[e] += part.sumsq[pick].sum(axis=0, dtype=np.float64)
     return ActivationStats(emotions, store.layout, K, T, n_attempts, S if has_sums else None,
-                           SS if has_sums else None, {"source_run": str(store.root)})
+                           SS if has_sums else None, {"source_run": str(store.root), "positions": positions})

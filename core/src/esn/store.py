@@ -6,7 +6,9 @@ A run directory::
       layout.json                          hook-point names and widths, fingerprint, architecture
       shards/<worker>-<seq>.safetensors    counts [B, N] (uint16, or int32 when a count exceeds 65535),
                                            tokens [B, H] int64 (positions seen per hook point),
-                                           optional sums / sumsq [B, N] float32
+                                           optional sums / sumsq [B, N] float32,
+                                           optional prompt_counts [B, N] / prompt_tokens [B, H]: the
+                                           part of counts / tokens at prompt (prefill) positions
       shards/<worker>-<seq>.json           the B attempt records of that shard, size and sha256 of the
                                            tensor file
 
@@ -87,19 +89,35 @@ class AttemptStats:
     tokens: np.ndarray  # [B, H] int64: positions seen per hook point
     sums: np.ndarray | None = None  # [B, N] float32: sum of gate values
     sumsq: np.ndarray | None = None  # [B, N] float32: sum of squared gate values
+    prompt_counts: np.ndarray | None = None  # [B, N]: the part of counts at prompt (prefill) positions
+    prompt_tokens: np.ndarray | None = None  # [B, H] int64: the part of tokens at prompt positions
 
     def rows(self, which: Sequence[int]) -> AttemptStats:
         """The statistics of rows ``which`` only, in that order."""
         pick = np.asarray(which, dtype=np.int64)
-        opt = (None if a is None else a[pick] for a in (self.sums, self.sumsq))
+        opt = (None if a is None else a[pick] for a in (self.sums, self.sumsq, self.prompt_counts, self.prompt_tokens))
         return AttemptStats([self.ids[i] for i in pick], self.counts[pick], self.tokens[pick], *opt)
+
+    def positions(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(counts, tokens)`` over ``"all"`` recorded positions or the ``"generated"`` ones alone."""
+        if which == "all":
+            return self.counts, self.tokens
+        if which != "generated":
+            raise EsnError(f"positions must be 'all' or 'generated', got {which!r}")
+        if self.prompt_counts is None:
+            raise EsnError("these attempts were stored without the prompt/generated split of their counts "
+                           "(recorded by an older esn, or with positions='generated'); record them again")
+        return (self.counts.astype(np.int64) - self.prompt_counts.astype(np.int64),
+                self.tokens - self.prompt_tokens)
 
     def same_row(self, i: int, other: AttemptStats, j: int) -> bool:
         """True if row ``i`` here and row ``j`` of ``other`` are identical (counts, tokens and moments)."""
         def eq(a, b):
             return (a is None) == (b is None) and (a is None or np.array_equal(a[i], b[j]))
         return all(eq(a, b) for a, b in ((self.counts, other.counts), (self.tokens, other.tokens),
-                                         (self.sums, other.sums), (self.sumsq, other.sumsq)))
+                                         (self.sums, other.sums), (self.sumsq, other.sumsq),
+                                         (self.prompt_counts, other.prompt_counts),
+                                         (self.prompt_tokens, other.prompt_tokens)))
 
 
 # --- layout files ------------------------------------------------------------------------------------
@@ -199,12 +217,14 @@ class AttemptStore:
     # --- writing ---
 
     def append(self, records: Iterable[AttemptRecord | dict], counts, tokens, sums=None, sumsq=None,
-               *, worker: str = "0") -> Path:
-        """Write one shard: ``records`` (B of them) with ``counts [B, N]``, ``tokens [B, H]`` and optional
-        ``sums``/``sumsq [B, N]``. Returns the shard's sidecar path. Ids must be new to this store."""
+               *, prompt_counts=None, prompt_tokens=None, worker: str = "0") -> Path:
+        """Write one shard: ``records`` (B of them) with ``counts [B, N]``, ``tokens [B, H]``, optional
+        ``sums``/``sumsq [B, N]`` and optional ``prompt_counts [B, N]``/``prompt_tokens [B, H]`` (the part of
+        counts/tokens at prompt positions). Returns the shard's sidecar path. Ids must be new to this store."""
         records = [AttemptRecord.from_dict(r.to_dict() if isinstance(r, AttemptRecord) else r, "append")
                    for r in records]
         stats = self._check_stats(records, counts, tokens, sums, sumsq)
+        stats.prompt_counts, stats.prompt_tokens = self._check_prompt(stats, prompt_counts, prompt_tokens)
         seen = self.done_ids()
         ids = [r.id for r in records]
         dup = sorted({i for i in ids if ids.count(i) > 1} | (set(ids) & seen))
@@ -240,12 +260,28 @@ class AttemptStore:
         compact = np.uint16 if counts.size == 0 or counts.max() <= np.iinfo(np.uint16).max else np.int32
         return AttemptStats([r.id for r in records], counts.astype(compact), tokens.astype(np.int64), *opt)
 
+    def _check_prompt(self, stats: AttemptStats, prompt_counts, prompt_tokens) -> tuple:
+        """The prompt share of counts/tokens: same shapes, integers, never more than the totals."""
+        if prompt_counts is None and prompt_tokens is None:
+            return None, None
+        if prompt_counts is None or prompt_tokens is None:
+            raise EsnError("give both prompt_counts and prompt_tokens, or neither")
+        pc, pt = as_numpy(prompt_counts), as_numpy(prompt_tokens)
+        for name, a, full in (("prompt_counts", pc, stats.counts), ("prompt_tokens", pt, stats.tokens)):
+            if a.shape != full.shape or not np.issubdtype(a.dtype, np.integer):
+                raise EsnError(f"{name} must be an integer array of shape {full.shape}, got {a.dtype} {a.shape}")
+            if a.size and (a.min() < 0 or np.any(a.astype(np.int64) > full.astype(np.int64))):
+                raise EsnError(f"{name} must lie between 0 and the matching total (its prompt share)")
+        return pc.astype(stats.counts.dtype), pt.astype(np.int64)
+
     def _write(self, records: list[AttemptRecord], stats: AttemptStats, worker: str) -> Path:
         if not _WORKER.match(worker):
             raise EsnError(f"worker name {worker!r} must be letters, digits, '_' or '.'")
         tensors = {"counts": stats.counts, "tokens": stats.tokens}
         if stats.sums is not None:
             tensors |= {"sums": stats.sums, "sumsq": stats.sumsq}
+        if stats.prompt_counts is not None:
+            tensors |= {"prompt_counts": stats.prompt_counts, "prompt_tokens": stats.prompt_tokens}
         header = {"esn": json.dumps({"format": SHARD_FORMAT, "fingerprint": self.layout.fingerprint})}
         blob = safetensors.numpy.save(tensors, metadata=header)
         seq = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in self.shard_dir.glob(f"{worker}-*.*")
@@ -297,13 +333,17 @@ class AttemptStore:
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise EsnError(f"{path}: not a readable safetensors file ({exc})") from None
         b, n, h = len(shard.records), self.layout.n_neurons, len(self.layout)
-        ok = (set(t) in ({"counts", "tokens"}, {"counts", "tokens", "sums", "sumsq"})
+        pairs = ({"sums", "sumsq"}, {"prompt_counts", "prompt_tokens"})  # optional, each all or nothing
+        ok = ({"counts", "tokens"} <= set(t) and all(not (p & set(t)) or p <= set(t) for p in pairs)
+              and set(t) <= {"counts", "tokens"}.union(*pairs)
               and t["counts"].shape == (b, n) and t["tokens"].shape == (b, h)
-              and all(t[k].shape == (b, n) for k in ("sums", "sumsq") if k in t))
+              and all(t[k].shape == (b, n) for k in ("sums", "sumsq", "prompt_counts") if k in t)
+              and ("prompt_tokens" not in t or t["prompt_tokens"].shape == (b, h)))
         if not ok:
             shapes = {k: v.shape for k, v in t.items()}
             raise EsnError(f"{path}: shard tensors {shapes} do not fit {b} attempts of {n} neurons / {h} hook points")
-        return AttemptStats([r.id for r in shard.records], t["counts"], t["tokens"], t.get("sums"), t.get("sumsq"))
+        return AttemptStats([r.id for r in shard.records], t["counts"], t["tokens"], t.get("sums"), t.get("sumsq"),
+                            t.get("prompt_counts"), t.get("prompt_tokens"))
 
     def _index(self) -> tuple[list[_Shard], dict[str, tuple[int, int]]]:
         """Shards, and id -> (shard number, row) with duplicate ids resolved (identical: first kept)."""
