@@ -52,8 +52,9 @@ human_labels = "labels.csv"
     assert keys == ["cas_r0.005_c50_steer_a1", "mad_r0.005_c50_steer_a1", "cas_r0.001_c50_steer_a1",
                     "cas_r0.005_c10_steer_a1", "cas_r0.005_c50_steer_a0.5", "cas_r0.005_c50_steer_a2",
                     "cas_r0.005_c50_add_a0.3", "cas_r0.005_c50_deactivate_a0", "cas-h_r0.005_c50_steer_a1"]
-    assert mask_recipes(cfg) == [("cas", 0.005, 50, "ser"), ("mad", 0.005, 50, "ser"), ("cas", 0.001, 50, "ser"),
-                                 ("cas", 0.005, 10, "ser"), ("cas", 0.005, 50, "human")]
+    assert [(r.selector, r.rate, r.c, r.labels) for r in mask_recipes(cfg)] == [
+        ("cas", 0.005, 50, "ser"), ("mad", 0.005, 50, "ser"), ("cas", 0.001, 50, "ser"), ("cas", 0.005, 10, "ser"),
+        ("cas", 0.005, 50, "human")]
     assert cfg.filter.human_labels == tmp_path / "labels.csv"
 
 
@@ -71,6 +72,14 @@ human_labels = "labels.csv"
     ("[record]\nbatchsize = 4\n", "record.batchsize", "unknown key"),
     ("[record]\ntargets = ['happy', 'bored']\n", "record.targets", "unknown emotion 'bored'"),
     ("[anchor]\nmethod = 'scale'\n", "anchor", "unknown intervention 'scale'"),
+    ("[record]\npositions = 'prompt'\n", "record.positions", "'all' or 'generated'"),
+    ("[evaluate]\npositions = 'decode'\n", "evaluate.positions", "'all' or 'generated'"),
+    ("[sweep]\npositions = ['both']\n", "sweep.positions.0", "'all' or 'generated'"),
+    ("[selectors.lape]\nquantil = 0.9\n", "selectors", "selector 'lape' has no option 'quantil' (it takes: quantile)"),
+    ("[selectors.lape]\nquantile = 1.5\n", "selectors", "LAPE quantile must be in [0, 1]"),
+    ("[selectors.random]\nshared = 'yes'\n", "selectors", "shared must be true or false"),
+    ("[selectors.nope]\nx = 1\n", "selectors", "unknown selector 'nope'"),
+    ("[anchor]\nstream = 'synth'\n", "(top level)", "anchor.stream 'synth' is not recorded"),
 ])
 def test_bad_values_name_the_field(tmp_path, extra, field, words):
     path = write(tmp_path, BASE + extra)
@@ -99,3 +108,37 @@ def test_json_and_yaml(tmp_path):
     yaml = pytest.importorskip("yaml")
     cfg = load_config(write(tmp_path, yaml.safe_dump({**data, "filter": {"tau_wer": 0.3}}), "r.yaml"))
     assert cfg.filter.tau_wer == 0.3
+
+
+def test_streams_positions_and_selector_options_in_the_grid(tmp_path):
+    cfg = load_config(write(tmp_path, BASE.replace('source = "ckpt"', 'source = "ckpt"\nstreams = ["lm", "synth"]') + """
+[sweep]
+selectors = ["cas", "random"]
+alphas = [2.0]
+positions = ["generated"]
+[selectors.lape]
+quantile = 0.9
+[selectors.random]
+shared = true
+"""))
+    sts = settings(cfg)
+    # the selector comparison on each stream (Table 3, Table 6); other sweeps on the anchor's stream only
+    assert [s.key for s in sts] == ["cas_r0.005_c50_steer_a1", "random_r0.005_c50_steer_a1",
+                                    "cas_synth_r0.005_c50_steer_a1", "random_synth_r0.005_c50_steer_a1",
+                                    "cas_r0.005_c50_steer_a2", "cas_r0.005_c50_gen_steer_a1"]
+    assert [r.stats_key for r in mask_recipes(cfg)] == ["c50_ser", "c50_ser", "c50_ser", "c50_ser", "c50_ser_gen"]
+    assert cfg.selectors == {"lape": {"quantile": 0.9}, "random": {"shared": True}}
+    synth_first = load_config(write(tmp_path, BASE.replace('source = "ckpt"', 'source = "ckpt"\nstreams = ["lm", "synth"]')
+                                    + "[anchor]\nstream = 'synth'\n", "s.toml"))
+    assert settings(synth_first)[0].stream == "synth"
+
+
+def test_record_positions_is_a_select_setting(tmp_path):
+    """Both position sets are recorded, so changing record.positions keeps the recorded attempts valid."""
+    from esn.pipeline.run import Run
+
+    a = Run(load_config(write(tmp_path, BASE))).stage_config()
+    b = Run(load_config(write(tmp_path, BASE + "[record]\npositions = 'generated'\n", "b.toml"))).stage_config()
+    assert a["record"] == b["record"] and a["select"] != b["select"] and a["evaluate"] != b["evaluate"]
+    c = Run(load_config(write(tmp_path, BASE + "[evaluate]\npositions = 'generated'\n", "c.toml"))).stage_config()
+    assert c["select"] == a["select"] and c["evaluate"] != a["evaluate"]

@@ -56,3 +56,24 @@ def test_grid_order_is_fixed():
     assert len(g) == 2 * 2 + 2 * 2 * 2
     assert g[0].id == "test_seen|baseline|-|s1|happy"
     assert g[4].id == "test_seen|cas_r0.01_c5_steer_a1|happy|s1|happy"
+
+
+def test_all_cells_figure_self_wer_unscored_and_predicted_labels():
+    recs = records()
+    recs[0]["quality"] = None  # a baseline clip UTMOS could not score
+    recs[4]["labels"] = {"j": None}  # the judge gave no label for one steered clip (a miss)
+    recs[4]["quality"] = None
+    res = summarize(recs, ["x"], TARGETS, ["j"], ["test_seen"], n_boot=50, seed=0,
+                    wer_fn=lambda r, h: corpus_wer(r, h).wer)["test_seen"]
+    x, base = res["x"], res[BASELINE]
+    j = x["judges"]["j"]
+    # one clip of the happy-mask/happy cell lost its label: that cell falls from 100% to 50% matched
+    assert j["matrix"] == [[0.0, 0.0], [-50.0, 50.0]]
+    # the paper's single Random figure: the mean Delta over all 4 cells
+    assert j["all"] == pytest.approx((0.0 + 0.0 - 50.0 + 50.0) / 4) and "all" in j["ci"]
+    # WER over the self cells only: the two happy/happy cells hold both "a c" errors -> 2 / 8 words
+    assert x["wer"] == pytest.approx(12.5) and x["wer_self"] == pytest.approx(25.0)
+    assert x["n"] == 8 and j["unlabelled"] == 1 and x["quality_unscored"] == 1
+    assert base["n"] == 4 and base["quality_unscored"] == 1 and base["judges"]["j"]["unlabelled"] == 0
+    assert base["judges"]["j"]["predicted"] == {"happy": {"happy": 50.0, "neutral": 50.0}, "sad": {"neutral": 100.0}}
+    assert "predicted" not in j

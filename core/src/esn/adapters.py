@@ -271,3 +271,9 @@ class ModelAdapter(abc.ABC):
     def instruction(self, request: EVCRequest, config: GenerationConfig) -> str:
         """The user instruction of one request: ``config.instruction`` with its ``{emotion}`` filled in."""
         return config.instruction.format(emotion=request.emotion)
+
+    def prompt_texts(self, config: GenerationConfig) -> dict[str, str | None]:
+        """The system prompt and instruction template sent for ``config``, for reports. The base class
+        knows only the config: ``system_prompt`` None there means the adapter's own default, which
+        adapters override this to spell out."""
+        return {"system_prompt": config.system_prompt, "instruction": config.instruction}

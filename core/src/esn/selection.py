@@ -7,15 +7,18 @@ error: a mask that selects nothing would silently turn every intervention into a
 
 Selectors are plugins: ``register(name, fn)`` with
 ``fn(probs, n_select, *, rate, seed, emotions, **options) -> list[np.ndarray]`` (one index array per
-row). The exact rules, with the edge cases, are in ``docs/selection.md``.
+row). A selector's options are its other keyword parameters (``selector_options``), e.g. LAPE's
+``quantile`` and Random's ``shared``; a run config sets them under ``[selectors.<name>]``. The exact
+rules, with the edge cases, are in ``docs/selection.md``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -101,13 +104,21 @@ def cas(probs: np.ndarray, n_select: int, **_) -> list[np.ndarray]:
     return out
 
 
-def random(probs: np.ndarray, n_select: int, *, seed: int = 0, emotions: Sequence[str], **_) -> list[np.ndarray]:
-    """``n_select`` of all N neurons uniformly without replacement, one seeded draw per emotion name."""
+def random(probs: np.ndarray, n_select: int, *, seed: int = 0, emotions: Sequence[str], shared: bool = False,
+           **_) -> list[np.ndarray]:
+    """``n_select`` of all N neurons uniformly without replacement, one seeded draw per emotion name;
+    ``shared=True``: one draw, the same mask for every emotion (the paper's single Random figure)."""
+    if not isinstance(shared, bool):
+        raise EsnError(f"Random's option shared must be true or false, got {shared!r}")
     n = probs.shape[1]
-    return [
-        np.sort(np.random.default_rng(emotion_seed(seed, e)).choice(n, size=n_select, replace=False)).astype(np.int64)
-        for e in emotions
-    ]
+
+    def draw(key: str) -> np.ndarray:
+        return np.sort(np.random.default_rng(emotion_seed(seed, key)).choice(n, size=n_select, replace=False))
+
+    if shared:
+        one = draw("shared").astype(np.int64)
+        return [one.copy() for _ in emotions]
+    return [draw(e).astype(np.int64) for e in emotions]
 
 
 BUILTIN = {"lap": lap, "lape": lape, "mad": mad, "cas": cas, "random": random}
@@ -117,6 +128,31 @@ BUILTIN = {"lap": lap, "lape": lape, "mad": mad, "cas": cas, "random": random}
 def register_selectors(register):
     for name, fn in BUILTIN.items():
         register(name, fn)
+
+
+_CALL_KEYWORDS = {"rate", "seed", "emotions"}  # what select_neurons passes itself
+
+
+def selector_options(fn: Callable) -> tuple[str, ...] | None:
+    """The options a selector function takes: its keyword parameters other than rate, seed and emotions.
+
+    ``None`` when it takes any option: a ``**kwargs`` catch-all not named ``_`` (``**_`` is the convention
+    for ignoring the call's other keywords, as the built-ins do).
+    """
+    params = list(inspect.signature(fn).parameters.values())[2:]  # after probs, n_select
+    if any(p.kind is p.VAR_KEYWORD and p.name != "_" for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                 and p.name not in _CALL_KEYWORDS)
+
+
+def check_options(method: str, fn: Callable, options: dict) -> None:
+    """EsnError naming an option ``fn`` does not take (the built-ins would silently ignore a typo)."""
+    allowed = selector_options(fn)
+    unknown = [] if allowed is None else sorted(set(options) - set(allowed))
+    if unknown:
+        raise EsnError(f"selector {method!r} has no option {', '.join(map(repr, unknown))} "
+                       f"(it takes: {', '.join(allowed) or 'none'})")
 
 
 def _check_rate(rate: object) -> float:
@@ -135,7 +171,8 @@ def select_neurons(
     registry: Registry | None = None,
     **options,
 ) -> dict[str, np.ndarray]:
-    """Select neurons per emotion. ``probs`` ``[E, N]``, rows in ``emotions`` order.
+    """Select neurons per emotion. ``probs`` ``[E, N]``, rows in ``emotions`` order; ``options`` go to the
+    selector (``selector_options`` lists what it takes; anything else is an error).
 
     Returns ``{emotion: sorted unique int64 flat indices}``. ``registry`` defaults to the process
     registry (built-ins plus installed plugins); pass ``esn.plugins.registry_with(plugin)`` to use a
@@ -160,6 +197,7 @@ def select_neurons(
     if n_select == 0:
         raise EsnError(f"rate r={rate} selects floor(r*N) = 0 of N={n} neurons; use r >= {1 / n:.3g}")
     fn = (registry or plugins.registry()).selector(method.lower())
+    check_options(method, fn, options)
     rows = fn(probs, n_select, rate=rate, seed=seed, emotions=tuple(emotions), **options)
     if len(rows) != len(emotions):
         raise EsnError(f"selector {method!r} returned {len(rows)} rows for {len(emotions)} emotions")

@@ -394,6 +394,11 @@ class QwenOmniAdapter(ModelAdapter):
                 waves[rows[i]] = r.float()
         return waves
 
+    def prompt_texts(self, config: GenerationConfig) -> dict[str, str | None]:
+        from esn_qwen_omni.prompt import system_prompt
+
+        return {"system_prompt": system_prompt(config.system_prompt), "instruction": config.instruction}
+
     def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
         """All requests as rows of one left-padded batch; each row converts as in its solo run.
 

@@ -1,4 +1,4 @@
-"""``esn run | record | select | evaluate | report | demo | human``: the study end to end."""
+"""``esn init | run | record | select | evaluate | report | judge-eval | demo | human``: the study end to end."""
 
 from __future__ import annotations
 
@@ -29,22 +29,57 @@ def _parallel(p: argparse.ArgumentParser) -> None:
                         "(worker k sees only device k mod len(LIST) through CUDA_VISIBLE_DEVICES)")
 
 
+def _positions(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--positions", choices=("all", "generated"),
+                   help="override record.positions: count P over all positions or the generated ones only (both "
+                        "are recorded, so select can switch without recording again)")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``run``, the four stage commands, ``demo`` and ``human export|import``."""
+    """Add ``init``, ``run``, the four stage commands, ``judge-eval``, ``demo`` and ``human export|import``."""
+    init = sub.add_parser("init", help="write a run configuration to start from (--paper: the paper's full protocol)")
+    init.add_argument("out", type=Path, help="the config file to write, e.g. study.toml")
+    init.add_argument("--paper", action="store_true",
+                      help="every value of the paper's protocol and sweeps (docs/paper.md); default: a minimal config")
+    init.add_argument("--adapter", help="model adapter (default: qwen_omni)")
+    init.add_argument("--source", help="checkpoint directory or hub id")
+    init.add_argument("--data-root", help="ESD root folder")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=cmd_init)
+
     run = sub.add_parser("run", help="record, select, evaluate and report, resumable, into one run directory")
     _common(run)
     _parallel(run)
+    _positions(run)
     run.add_argument("--stages", default="record,select,evaluate,report",
                      help="comma-separated subset of record,select,evaluate,report (in that order)")
     run.set_defaults(func=cmd_run)
     for stage, text in (("record", "stage 1: convert identification speech and record gate statistics"),
                         ("select", "stage 2: filter successes, aggregate statistics, select neuron masks"),
-                        ("evaluate", "stage 3: the evaluation grid (baseline and every mask x target cell)"),
-                        ("report", "stage 4: report.md, report.html and figures")):
+                        ("evaluate", "stage 3: the evaluation grid (baseline and every mask x target cell)")):
         p = sub.add_parser(stage, help=text)
         _common(p)
-        _parallel(p)  # select and report refuse them with a clear message
+        _parallel(p)  # select refuses them with a clear message
+        _positions(p)
         p.set_defaults(func=cmd_run, stages=stage)
+    report = sub.add_parser("report", help="stage 4: report.md, report.html and figures; --compare: several models")
+    report.add_argument("config", type=Path, nargs="?", help="run configuration (not with --compare)")
+    report.add_argument("--run-dir", type=Path, help="override the config's run_dir")
+    report.add_argument("--threads", type=int, help="torch CPU threads for this process (default: torch's choice)")
+    _positions(report)
+    report.add_argument("--compare", type=Path, nargs="+", metavar="RUN",
+                        help="run directories (or their configs) of finished runs: Tables 2 and 3 side by side")
+    report.add_argument("--names", help="with --compare: comma-separated column names, one per RUN")
+    report.add_argument("--out", type=Path, default=Path("compare.md"),
+                        help="with --compare: the Markdown file to write (HTML next to it)")
+    report.set_defaults(func=cmd_report, stages="report", shard=None, workers=None, devices=None)
+
+    jev = sub.add_parser("judge-eval", help="each emotion judge's accuracy on labelled ESD clips (paper section 4.1)")
+    _common(jev)
+    jev.add_argument("--split", default="development", help="ESD split the clips come from (default: development)")
+    jev.add_argument("--per-emotion", type=int, default=100, help="clips per emotion (default: 100, as in the paper)")
+    jev.add_argument("--judge", action="append", help="only this emotion judge of the config (repeatable)")
+    jev.set_defaults(func=cmd_judge_eval)
 
     demo = sub.add_parser("demo", help="tiny random model + synthetic ESD + tiny judges: the whole pipeline on CPU")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (report.md lands here)")
@@ -58,7 +93,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _common(exp)
     exp.add_argument("--kind", choices=("ab", "labels"), default="ab",
                      help="ab: intervened vs baseline pairs (Figure 8); labels: recorded attempts to label (CAS-H)")
-    exp.add_argument("--per-emotion", type=int, default=25, help="trials per target emotion")
+    exp.add_argument("--per-emotion", type=int, default=None,
+                     help="trials per target emotion (default: 25 A/B pairs as in the paper; for labels, 2 c clips "
+                          "drawn from the WER-passing attempts)")
     exp.add_argument("--out", type=Path, help="kit folder (default: <run_dir>/human/<kind>-kit)")
     exp.set_defaults(func=cmd_human_export)
     imp = hsub.add_parser("import", help="read raters' responses: win/tie/loss (ab) or human labels (labels)")
@@ -107,6 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise EsnError(f"--workers {workers}: {', '.join(once)} runs as one process; only record and evaluate "
                        "take --workers")
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console(), shard=shard)
+    if getattr(args, "positions", None):
+        run.cfg.record.positions = args.positions
     for stage in stages:
         ui.progress_console().rule(f"[bold]{stage}" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
         if workers is not None and workers > 1 and stage in SHARDED_STAGES:
@@ -120,6 +159,62 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_summary(run)
     if "report" in stages:
         console.print(f"report: [bold]{run.dir / 'report.md'}[/]")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``esn report``: one run's report, or with ``--compare`` Tables 2 and 3 across finished runs."""
+    from esn.errors import EsnError
+    from esn.pipeline import compare
+
+    if args.compare is None:
+        if args.config is None:
+            raise EsnError("esn report needs a run configuration, or --compare RUN RUN ...")
+        return cmd_run(args)
+    if args.config is not None:
+        raise EsnError("esn report --compare takes run directories only: give the config's run directory to "
+                       "--compare with the others")
+    names = [n.strip() for n in args.names.split(",")] if args.names else [None] * len(args.compare)
+    if len(names) != len(args.compare):
+        raise EsnError(f"--names gives {len(names)} names for {len(args.compare)} runs")
+    runs = [compare.load_run_results(root, name) for root, name in zip(args.compare, names, strict=True)]
+    path = compare.write_comparison(runs, args.out)
+    for block in compare.compare_blocks(runs):
+        if block.kind == "table":
+            ui.print_table(rich_table("", block.body))
+    console.print(f"comparison: [bold]{path}[/] (and {path.with_suffix('.html').name})")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """``esn init``: write a minimal run config, or the paper preset with ``--paper``."""
+    from esn.errors import EsnError
+    from esn.pipeline.presets import write_config
+
+    if args.out.exists() and not args.force:
+        raise EsnError(f"{args.out} exists; use --force to overwrite it")
+    path = write_config(args.out, paper=args.paper, adapter=args.adapter, source=args.source,
+                        data_root=args.data_root)
+    console.print(f"wrote [bold]{path}[/]{' (the paper preset)' if args.paper else ''}; check model.source and "
+                  f"data.root, then `esn run {path}`")
+    return 0
+
+
+def cmd_judge_eval(args: argparse.Namespace) -> int:
+    """``esn judge-eval``: each emotion judge's accuracy on labelled ESD clips (the paper's section 4.1)."""
+    from esn.pipeline.judge_eval import judge_eval
+    from esn.pipeline.run import load_run
+
+    _threads(args)
+    run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
+    with run:
+        result = judge_eval(run, split=args.split, per_emotion=args.per_emotion, judges=args.judge)
+    emotions = result["emotions"]
+    rows = [[name, f"{100 * r['accuracy']:.1f}%", *[f"{100 * r['per_emotion'][e]:.1f}%" for e in emotions]]
+            for name, r in result["judges"].items()]
+    title = f"judge accuracy on {result['per_emotion']} labelled ESD clips per emotion ({result['split']})"
+    ui.print_table(rich_table(title, {"head": ["judge", "accuracy", *emotions], "rows": rows}))
+    console.print(f"written to [bold]{run.dir / 'judge_eval.json'}[/]; `esn report` shows it")
     return 0
 
 
@@ -178,12 +273,10 @@ def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int,
 
 
 def print_summary(run) -> None:
-    """The anchor's selector comparison (Table 3 shape) in the terminal."""
-    from rich.table import Table
-
+    """The selector comparison of each stream (Table 3 / Table 6 shape) in the terminal."""
     from esn.pipeline.config import settings
     from esn.pipeline.files import read_json
-    from esn.pipeline.report import _sweeps, effect_table
+    from esn.pipeline.report import effect_table, selector_title, sweeps
 
     path = run.rundir.evaluate / "results.json"
     if not path.exists():
@@ -191,14 +284,24 @@ def print_summary(run) -> None:
     res = read_json(path)
     judges = res["meta"]["judges"]
     group = "all" if "all" in res["groups"] else res["meta"]["splits"][0]
-    sw = _sweeps(run.cfg, settings(run.cfg))
-    data = effect_table([(st.label, res["groups"][group][st.key]) for st in sw["selectors"]], judges, judges[0])
-    table = Table(title=f"Δ emotion match vs baseline, pp ({' / '.join(judges)}) — {group}")
+    sts = settings(run.cfg)
+    random_rows = {st.label for st in sts if st.selector == "random"}
+    for stream, rows in sweeps(sts)["selectors"].items():
+        data = effect_table([(st.label, res["groups"][group][st.key]) for st in rows], judges, judges[0], random_rows)
+        console.print(rich_table(f"{selector_title(stream)}: Δ emotion match vs baseline, pp ({' / '.join(judges)}) "
+                                 f"— {group}", data))
+
+
+def rich_table(title: str, data: dict):
+    """A report table (``{"head", "rows"}``) as a rich ``Table`` for the terminal."""
+    from rich.table import Table
+
+    table = Table(title=title)
     for h in data["head"]:
         table.add_column(h, justify="right")
     for row in data["rows"]:
         table.add_row(*row)
-    console.print(table)
+    return table
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -213,13 +316,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_human_export(args: argparse.Namespace) -> int:
     """``esn human export``: a blind listening kit from a finished run."""
+    from esn.errors import EsnError
     from esn.pipeline import human
     from esn.pipeline.run import load_run
 
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
     out = args.out or run.dir / "human" / f"{args.kind}-kit"
-    fn = human.export_ab if args.kind == "ab" else human.export_labels
-    n = fn(run, out, per_emotion=args.per_emotion)
+    if args.per_emotion is not None and args.per_emotion < 1:
+        raise EsnError(f"--per-emotion {args.per_emotion}: need at least 1")
+    if args.kind == "ab":
+        n = human.export_ab(run, out, per_emotion=25 if args.per_emotion is None else args.per_emotion)
+    else:
+        n = human.export_labels(run, out, per_emotion=args.per_emotion)
     console.print(f"wrote {n} trials to [bold]{out}[/] (give raters {out / 'trials.csv'} and the clips; keep key.csv)")
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +21,8 @@ from esn.errors import EsnError
 from esn.pipeline.data import SplitRule
 
 SELECTORS = ("random", "lap", "lape", "mad", "cas")
+POSITIONS = ("all", "generated")
+Positions = Literal["all", "generated"]
 
 
 class _Section(BaseModel):
@@ -69,6 +71,9 @@ class RecordSection(_Section):
     targets: list[str] = Field(default_factory=lambda: list(TARGET_EMOTIONS), min_length=2)
     batch_size: int = Field(8, ge=1)
     save_audio: bool = Field(False, description="keep every converted wav (needed for the human label kit)")
+    # Both parts are always stored (prompt and generated counts per attempt): this picks the one select uses.
+    positions: Positions = Field("all", description="positions counted in P: all (prompt and generated) or "
+                                                    "generated only")
 
     @field_validator("targets")
     @classmethod
@@ -121,6 +126,8 @@ class AnchorSection(_Section):
     c: int = Field(50, ge=1)
     method: str = "steer"
     alpha: float | None = 1.0
+    stream: Literal["lm", "synth"] | None = Field(None, description="stream the sweeps vary on (default: the "
+                                                                    "first of model.streams)")
 
     @model_validator(mode="after")
     def _check(self) -> AnchorSection:
@@ -137,6 +144,8 @@ class SweepSection(_Section):
     c: list[int] = Field(default_factory=list)
     alphas: list[float] = Field(default_factory=list)
     interventions: list[InterventionSpec] = Field(default_factory=list)
+    # The ablation of record.positions: the anchor again with P counted over these positions.
+    positions: list[Positions] = Field(default_factory=list)
 
     @field_validator("rates")
     @classmethod
@@ -169,6 +178,22 @@ class EvaluateSection(_Section):
     batch_size: int = Field(8, ge=1)
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% CIs (0: none)")
     save_audio: bool = Field(True, description="keep converted wavs (needed for the human A/B kit)")
+    positions: Positions = Field("all", description="positions steered: every forward (prompt and generated) "
+                                                    "or generated steps only")
+
+
+def check_selector_options(name: str, options: dict[str, Any]) -> None:
+    """``options`` must be keyword parameters of selector ``name`` with values it accepts (EsnError)."""
+    import numpy as np
+
+    from esn.plugins import registry
+    from esn.selection import check_options
+
+    fn = registry().selector(name)
+    check_options(name, fn, options)
+    # A dry run on a small made-up P: a bad value fails here, before any recording.
+    probe = np.linspace(0.1, 0.9, 16).reshape(2, 8)
+    fn(probe, 1, rate=0.25, seed=0, emotions=("happy", "sad"), **options)
 
 
 class RunConfig(_Section):
@@ -184,7 +209,30 @@ class RunConfig(_Section):
     anchor: AnchorSection = Field(default_factory=AnchorSection)
     sweep: SweepSection = Field(default_factory=SweepSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    selectors: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options per selector, e.g. [selectors.lape] quantile = 0.95")
     notes: str = Field("", description="free text shown at the top of the report")
+
+    @field_validator("selectors")
+    @classmethod
+    def _selector_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, options in v.items():
+            try:
+                check_selector_options(name, options)
+            except EsnError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _streams(self) -> RunConfig:
+        if self.anchor.stream is not None and self.anchor.stream not in self.model.streams:
+            raise ValueError(f"anchor.stream {self.anchor.stream!r} is not recorded (model.streams = "
+                             f"{self.model.streams})")
+        return self
+
+    @property
+    def anchor_stream(self) -> str:
+        return self.anchor.stream or self.model.streams[0]
 
     def resolve(self, base: Path, stem: str) -> RunConfig:
         """Make every relative path absolute against ``base`` (the config's folder)."""
@@ -206,6 +254,31 @@ class RunConfig(_Section):
 
 # -- settings: one (mask recipe, intervention) of the evaluation grid ---------------------------------
 @dataclass(frozen=True, order=True)
+class Recipe:
+    """How one mask set is made: selector, r, c, which successes (``labels``: ``"ser"`` judge-filtered or
+    ``"human"`` for CAS-H), the stream it is selected on, and the positions P counts."""
+
+    selector: str
+    rate: float
+    c: int
+    labels: str = "ser"
+    stream: str = "lm"
+    positions: str = "all"
+
+    @property
+    def stats_key(self) -> str:
+        """The statistics the recipe selects from: ``c<c>_<labels>[_gen]``."""
+        return f"c{self.c}_{self.labels}{'' if self.positions == 'all' else '_gen'}"
+
+    @property
+    def key(self) -> str:
+        """``<selector>[-h][_synth]_r<r>_c<c>[_gen]``: the name of its mask file."""
+        stream = "" if self.stream == "lm" else f"_{self.stream}"
+        positions = "" if self.positions == "all" else "_gen"
+        return f"{self.selector}{'-h' if self.labels == 'human' else ''}{stream}_r{self.rate:g}_c{self.c}{positions}"
+
+
+@dataclass(frozen=True, order=True)
 class Setting:
     """One cell recipe of the evaluation grid: a mask (selector, rate, c, labels) and an intervention."""
     selector: str
@@ -214,11 +287,17 @@ class Setting:
     labels: str  # "ser" (judge-filtered successes) or "human" (CAS-H)
     method: str
     alpha: float
+    stream: str = "lm"  # the stream the mask is selected on and applied to
+    positions: str = "all"  # the positions P counted when the mask was selected
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.selector, self.rate, self.c, self.labels, self.stream, self.positions)
 
     @property
     def mask_key(self) -> str:
-        """The mask's file key, e.g. ``cas_r0.005_c50`` (``cas-h_...`` for human labels)."""
-        return f"{self.selector}{'-h' if self.labels == 'human' else ''}_r{self.rate:g}_c{self.c}"
+        """The mask's file key (``Recipe.key``), e.g. ``cas_r0.005_c50``, ``cas-h_synth_r0.005_c50_gen``."""
+        return self.recipe.key
 
     @property
     def key(self) -> str:
@@ -233,27 +312,33 @@ class Setting:
 
 
 def settings(cfg: RunConfig) -> list[Setting]:
-    """The anchor first, then every one-factor-at-a-time variation, without duplicates."""
+    """The anchor first, then every one-factor-at-a-time variation, without duplicates.
+
+    The selector comparison runs on every recorded stream (Table 3 for ``lm``, Table 6 for ``synth``): masks
+    are always selected within one stream. The other sweeps vary the anchor on its own stream.
+    """
     a, s = cfg.anchor, cfg.sweep
-    base = Setting(a.selector, a.rate, a.c, "ser", a.method, float(a.alpha))
+    base = Setting(a.selector, a.rate, a.c, "ser", a.method, float(a.alpha), cfg.anchor_stream,
+                   cfg.record.positions)
+    streams = [base.stream, *(st for st in cfg.model.streams if st != base.stream)]
     out = [base]
-    out += [Setting(sel, a.rate, a.c, "ser", a.method, base.alpha) for sel in s.selectors]
-    out += [Setting(a.selector, r, a.c, "ser", a.method, base.alpha) for r in s.rates]
-    out += [Setting(a.selector, a.rate, c, "ser", a.method, base.alpha) for c in s.c]
-    out += [Setting(a.selector, a.rate, a.c, "ser", a.method, float(al)) for al in s.alphas]
-    out += [Setting(a.selector, a.rate, a.c, "ser", i.method, float(i.alpha)) for i in s.interventions]
+    for k, stream in enumerate(streams):
+        selectors = s.selectors if k == 0 else dict.fromkeys([a.selector, *s.selectors])
+        out += [replace(base, selector=sel, stream=stream) for sel in selectors]
+    out += [replace(base, rate=r) for r in s.rates]
+    out += [replace(base, c=c) for c in s.c]
+    out += [replace(base, alpha=float(al)) for al in s.alphas]
+    out += [replace(base, method=i.method, alpha=float(i.alpha)) for i in s.interventions]
+    out += [replace(base, positions=p) for p in s.positions]
     if cfg.filter.human_labels is not None:
-        out.append(Setting(a.selector, a.rate, a.c, "human", a.method, base.alpha))
+        out.append(replace(base, labels="human"))
     seen: set[Setting] = set()
     return [x for x in out if not (x in seen or seen.add(x))]
 
 
-def mask_recipes(cfg: RunConfig) -> list[tuple[str, float, int, str]]:
-    """Distinct (selector, rate, c, labels) needed by the grid, in grid order."""
-    seen: dict[tuple, None] = {}
-    for st in settings(cfg):
-        seen.setdefault((st.selector, st.rate, st.c, st.labels), None)
-    return list(seen)
+def mask_recipes(cfg: RunConfig) -> list[Recipe]:
+    """Distinct mask recipes needed by the grid, in grid order."""
+    return list(dict.fromkeys(st.recipe for st in settings(cfg)))
 
 
 # -- loading ------------------------------------------------------------------------------------------

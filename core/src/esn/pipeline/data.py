@@ -176,7 +176,7 @@ class ESDDataset:
         self.root = find_esd_root(Path(root))
         self.splits = splits if splits is not None else PAPER_SPLITS
         check_splits(self.splits)
-        self._cache: dict[str, list[Source]] = {}
+        self._cache: dict[tuple[str, str], list[Source]] = {}
 
     def speakers(self) -> list[str]:
         """Every speaker that some split names, sorted."""
@@ -184,15 +184,20 @@ class ESDDataset:
 
     def neutral(self, speaker: str) -> list[Source]:
         """Every neutral utterance of one speaker that has a wav file, by index."""
-        if speaker in self._cache:
-            return self._cache[speaker]
+        return self.utterances(speaker, "neutral")
+
+    def utterances(self, speaker: str, emotion: str) -> list[Source]:
+        """Every ``emotion`` utterance of one speaker that has a wav file, by its parallel index (1-350)."""
+        if (speaker, emotion) in self._cache:
+            return self._cache[(speaker, emotion)]
         spk_dir = self.root / speaker
         if not spk_dir.is_dir():
             raise EsnError(f"ESD speaker folder not found: {spk_dir}")
         transcripts = parse_esd_transcript(spk_dir / f"{speaker}.txt")
-        folder = _emotion_dir(spk_dir, "neutral")
+        folder = _emotion_dir(spk_dir, emotion)
         if folder is None:
-            raise EsnError(f"no Neutral folder in {spk_dir}")
+            raise EsnError(f"no {emotion.capitalize()} folder in {spk_dir}")
+        block = ESD_EMOTIONS.index(emotion) * PER_EMOTION  # ids of this emotion are block + 1 .. block + 350
         wavs = {p.stem: p for p in folder.rglob("*.wav")}  # flat or under train/evaluation/test
         sources = []
         for utt in sorted(wavs):
@@ -201,12 +206,23 @@ class ESDDataset:
                 continue
             if utt not in transcripts:
                 raise EsnError(f"{wavs[utt]} has no line in transcript {spk_dir / f'{speaker}.txt'}")
-            index = int(m.group(2))
-            if index > PER_EMOTION:
-                raise EsnError(f"{wavs[utt]} is in the Neutral folder but id {index} is not a neutral id (1-350)")
+            index = int(m.group(2)) - block
+            if not 1 <= index <= PER_EMOTION:
+                raise EsnError(f"{wavs[utt]} is in the {folder.name} folder but id {m.group(2)} is not a "
+                               f"{emotion} id ({block + 1}-{block + PER_EMOTION})")
             sources.append(Source(utt, speaker, index, wavs[utt], transcripts[utt][0]))
-        self._cache[speaker] = sources
+        self._cache[(speaker, emotion)] = sources
         return sources
+
+    def labelled(self, split: str, emotion: str) -> list[tuple[Source, Source]]:
+        """``(clip, parallel neutral clip)`` pairs of ``emotion`` in a split: labelled speech for judges."""
+        neutral = {(s.speaker, s.index): s for s in self.sources(split)}
+        out = []
+        for rule in self.splits[split]:
+            for spk in rule.speakers:
+                out += [(u, neutral[(spk, u.index)]) for u in self.utterances(spk, emotion)
+                        if rule.first <= u.index <= rule.last and (spk, u.index) in neutral]
+        return sorted(out, key=lambda p: (p[0].speaker, p[0].index))
 
     def sources(self, split: str) -> list[Source]:
         """Neutral sources of a split, sorted by (speaker, index). Missing speakers are errors."""

@@ -44,16 +44,18 @@ def evaluate(run: Run) -> bool:
     mine = [(k, b) for k, b in batches if run.mine(k)]
     todo = [(k, b) for k, b in mine if not done(k, b)]
     if todo:
-        layout = run.adapter.layout(cfg.model.streams)
-        mask_cache = {key: select.masks(run, st.mask_key, layout).masks for key, st in sts.items()}
+        mask_cache = {key: select.masks(run, st.mask_key, run.adapter.layout([st.stream])).masks
+                      for key, st in sts.items()}
         with progress_bar(run.console) as bar:
             task = bar.add_task(f"evaluate{run.tag}", total=len(mine), completed=len(mine) - len(todo))
             for k, batch in todo:
                 rows = [(a.id, by_id[a.source], a.target) for a in batch]
                 reqs = convert.requests(rows)
-                conds = [None if a.setting == BASELINE else (mask_cache[a.setting][a.mask], sts[a.setting])
-                         for a in batch]
-                results = steered_generate(run.adapter, reqs, conds, convert.generation(run, "evaluate", batch[0].id))
+                # A selector may keep no neuron for an emotion (CAS, LAPE): those cells run unsteered.
+                conds = [None if a.setting == BASELINE or not len(mask_cache[a.setting][a.mask])
+                         else (mask_cache[a.setting][a.mask], sts[a.setting]) for a in batch]
+                results = steered_generate(run.adapter, reqs, conds, convert.generation(run, "evaluate", batch[0].id),
+                                           positions=cfg.evaluate.positions)
                 labels, quality = convert.judge(run, results, reqs)
                 records = []
                 for a, res, lab, q in zip(batch, results, labels, quality, strict=True):
@@ -96,7 +98,9 @@ def write_results(run: Run, grid_attempts: list[EvalAttempt] | None = None) -> N
         n_boot=cfg.evaluate.bootstrap, seed=cfg.seed, wer_fn=lambda refs, hyps: corpus_wer(refs, hyps).wer,
     )
     meta = {"settings": {k: vars(st) for k, st in sts.items()}, "targets": cfg.record.targets, "judges": judges,
-            "splits": cfg.evaluate.splits, "bootstrap": cfg.evaluate.bootstrap}
+            "splits": cfg.evaluate.splits, "bootstrap": cfg.evaluate.bootstrap,
+            "quality_judge": None if cfg.judges.quality is None else cfg.judges.quality.name,
+            "positions": {"record": cfg.record.positions, "evaluate": cfg.evaluate.positions}}
     atomic_write_json(run.rundir.evaluate / "results.json", {"meta": meta, "groups": results})
 
 
@@ -115,19 +119,21 @@ def records(run: Run, grid_attempts: list[EvalAttempt] | None = None) -> list[di
     return out
 
 
-def steered_generate(adapter, reqs, conds, gen):
-    """Generate with a per-row condition (None = no intervention): one batch if the adapter is batched."""
+def steered_generate(adapter, reqs, conds, gen, *, positions: str = "all"):
+    """Generate with a per-row condition (None = no intervention): one batch if the adapter is batched.
+
+    ``positions="generated"`` leaves the prompt's forward alone and edits the generated steps only."""
     from esn.steering import Condition, steer, steer_rows
 
     if adapter.batched:
         rows = [None if c is None else Condition(c[0], c[1].method, c[1].alpha) for c in conds]
-        with steer_rows(adapter, rows):
+        with steer_rows(adapter, rows, positions=positions):
             return adapter.generate(reqs, gen)
     out = []
     for req, c in zip(reqs, conds, strict=True):
         if c is None:
             out += adapter.generate([req], gen)
         else:
-            with steer(adapter, c[0], c[1].method, c[1].alpha):
+            with steer(adapter, c[0], c[1].method, c[1].alpha, positions=positions):
                 out += adapter.generate([req], gen)
     return out

@@ -6,7 +6,13 @@ Figure 3. From the judged results:
 
 * match rate per judge and cell; Delta = cell - baseline of the same target (percentage points);
 * self-effect = mean of the diagonal Deltas, cross-effect = mean of the off-diagonal Deltas, gap = self - cross;
-* WER (corpus WER of decoded text vs transcript, %) and naturalness (mean judge MOS), and their Deltas;
+  ``all`` = mean of all T x T Deltas (the one figure the paper prints for Random, whose masks are not
+  emotion-specific);
+* WER (corpus WER of decoded text vs transcript, %) pooled over all T x T cells (``wer``) and over the
+  self cells only (``wer_self``), naturalness (mean judge MOS over the scored clips), and their Deltas;
+* how many clips each judge could not score (no label: a miss; no MOS: left out of the mean);
+* the baseline's predicted-label distribution per target (the paper's section 5.1: "neutral is
+  frequently predicted");
 * 95 % bootstrap CIs, resampling source utterances (paired: the same resample for baseline and
   intervention), seeded.
 """
@@ -83,25 +89,41 @@ def summarize_setting(
 
     base = [r for r in records if r["setting"] == BASELINE]
     cells = [r for r in records if r["setting"] == setting]
-    out: dict = {"n_sources": S, "judges": {}}
+    scored = cells or base
+    out: dict = {"n_sources": S, "n": len(scored), "judges": {}}
     for judge in judges:
         b = np.full((T, S), np.nan)
         for r in base:
             b[t_idx[r["target"]], s_idx[r["source"]]] = float(r["labels"].get(judge) == r["target"])
         entry: dict = {"baseline": {t: _r(100 * np.nanmean(b[i])) for i, t in enumerate(targets)}}
         entry["baseline"]["avg"] = _r(100 * np.nanmean(b))
+        entry["unlabelled"] = sum(r["labels"].get(judge) is None for r in scored)
+        if setting == BASELINE:
+            entry["predicted"] = predicted_labels(base, judge, targets)
         if setting != BASELINE:
             m = np.full((T, T, S), np.nan)  # [mask, target, source]
             for r in cells:
                 m[t_idx[r["mask"]], t_idx[r["target"]], s_idx[r["source"]]] = float(r["labels"].get(judge) == r["target"])
             entry.update(_effects(m, b, targets, weights))
         out["judges"][judge] = entry
-    out["wer"] = _r(100 * wer_fn([r["reference"] for r in cells or base], [r["text"] for r in cells or base]))
+    self_cells = [r for r in cells if r["mask"] == r["target"]] or base
+    out["wer"] = _r(100 * wer_fn([r["reference"] for r in scored], [r["text"] for r in scored]))
+    out["wer_self"] = _r(100 * wer_fn([r["reference"] for r in self_cells], [r["text"] for r in self_cells]))
     out["wer_baseline"] = _r(100 * wer_fn([r["reference"] for r in base], [r["text"] for r in base]))
-    q = [r["quality"] for r in (cells or base) if r.get("quality") is not None]
+    q = [r["quality"] for r in scored if r.get("quality") is not None]
     qb = [r["quality"] for r in base if r.get("quality") is not None]
     out["quality"] = _r(float(np.mean(q))) if q else None
     out["quality_baseline"] = _r(float(np.mean(qb))) if qb else None
+    out["quality_unscored"] = len(scored) - len(q)
+    return out
+
+
+def predicted_labels(records: list[dict], judge: str, targets: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{target: {label: % of that target's clips}}``; ``"none"`` counts clips the judge did not label."""
+    out = {}
+    for t in targets:
+        labels = [r["labels"].get(judge) or "none" for r in records if r["target"] == t]
+        out[t] = {lab: _r(100 * labels.count(lab) / len(labels)) for lab in sorted(set(labels))} if labels else {}
     return out
 
 
@@ -115,7 +137,9 @@ def _effects(m: np.ndarray, b: np.ndarray, targets: Sequence[str], weights: np.n
         delta = 100 * (m_mean - b_mean[None])
         self_ = delta[diag].mean(axis=0)
         cross = delta[~diag].mean(axis=0)
-        return {"delta": delta, "self": self_, "cross": cross, "gap": self_ - cross, "self_per_target": delta[diag]}
+        every = delta.reshape(T * T, *delta.shape[2:]).mean(axis=0)
+        return {"delta": delta, "self": self_, "cross": cross, "gap": self_ - cross, "all": every,
+                "self_per_target": delta[diag]}
 
     point = stats(np.nanmean(m, axis=-1), np.nanmean(b, axis=-1))
     out = {
@@ -124,6 +148,7 @@ def _effects(m: np.ndarray, b: np.ndarray, targets: Sequence[str], weights: np.n
         "self": _r(point["self"]),
         "cross": _r(point["cross"]),
         "gap": _r(point["gap"]),
+        "all": _r(point["all"]),
         "self_per_target": {t: _r(point["self_per_target"][i]) for i, t in enumerate(targets)},
     }
     if weights is not None:
@@ -135,6 +160,7 @@ def _effects(m: np.ndarray, b: np.ndarray, targets: Sequence[str], weights: np.n
             "self": _ci(boot["self"]),
             "cross": _ci(boot["cross"]),
             "gap": _ci(boot["gap"]),
+            "all": _ci(boot["all"]),
             "self_per_target": {t: _ci(boot["self_per_target"][i]) for i, t in enumerate(targets)},
         }
     return out

@@ -8,9 +8,12 @@ stays at or below -1 dBFS. Clips are resampled to 16 kHz, as the judges hear the
   target emotion (self-effect cells), ``per_emotion`` per target, order of trials and of A/B shuffled with
   the run seed. Raters answer which clip better matches the target emotion (A, B, or tie). Imported
   answers become win / tie / loss rates of the intervened system per emotion (Figure 8).
-* ``labels`` kit: recorded identification attempts, shuffled, named only by number. Raters write the
-  emotion they hear. Imported answers (majority vote per clip; ties dropped) become the ``id,label`` CSV
-  that ``filter.human_labels`` reads, which adds the human-filtered CAS-H masks.
+* ``labels`` kit: recorded identification attempts whose decoded text passes the WER filter (the judge's
+  successes must pass it too, so only the kind of supervision differs), shuffled, named only by number;
+  by default ``2 c`` per target emotion, so that the human success set can still reach the cap c when
+  raters accept half of them. Raters write the emotion they hear. Imported answers (majority vote per
+  clip; ties dropped) become the ``id,label`` CSV that ``filter.human_labels`` reads, which adds the
+  human-filtered CAS-H masks.
 """
 
 from __future__ import annotations
@@ -125,11 +128,24 @@ def import_ab(run: Run, kit: Path, responses: Sequence[Path]) -> dict:
     return result
 
 
-def export_labels(run: Run, out: Path, *, per_emotion: int = 25) -> int:
-    """Blind clips of recorded attempts for raters to label with the emotion they hear."""
-    records = [r for r in record.store(run).records() if r.meta.get("audio")]
-    if not records:
+def labels_per_emotion(run: Run) -> int:
+    """The default size of the labelling kit per target emotion: twice the anchor's cap c."""
+    return 2 * run.cfg.anchor.c
+
+
+def export_labels(run: Run, out: Path, *, per_emotion: int | None = None) -> int:
+    """Blind clips of recorded WER-passing attempts for raters to label with the emotion they hear."""
+    from esn.wer import wer
+
+    per_emotion = labels_per_emotion(run) if per_emotion is None else per_emotion
+    tau = run.cfg.filter.tau_wer
+    stored = [r for r in record.store(run).records() if r.meta.get("audio")]
+    if not stored:
         raise EsnError(f"no recorded audio in {run.rundir.record}: set record.save_audio = true and record again")
+    records = [r for r in stored if wer(r.transcript, r.text) <= tau]
+    if not records:
+        raise EsnError(f"none of the {len(stored)} recorded attempts with audio passes the WER filter "
+                       f"(tau_wer = {tau:g}): there is nothing a human label could add to a success set")
     rng = np.random.default_rng(derive_seed(run.cfg.seed, "human-labels"))
     chosen = []
     for target in run.cfg.record.targets:

@@ -1,5 +1,9 @@
 """Stage 1, record: convert every identification source to every target emotion, record gate statistics
-per attempt, judge the output and score its decoded text (WER). Results go to ``record/`` (AttemptStore)."""
+per attempt, judge the output and score its decoded text (WER). Results go to ``record/`` (AttemptStore).
+
+Every attempt's counts are stored for all positions together with their prompt (prefill) share, so select
+can count P over all positions or over the generated ones only (``record.positions``) without generating
+again. ``record/prompts.json`` keeps the system prompt and instruction the adapter actually sent."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from esn.errors import EsnError
 from esn.pipeline import convert
 from esn.pipeline.batches import chunks
 from esn.pipeline.data import Source
-from esn.pipeline.files import atomic_write_wav
+from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_json
 from esn.pipeline.parallel import progress_bar
 from esn.pipeline.run import Run
 
@@ -26,6 +30,12 @@ class RecordAttempt:
     def id(self) -> str:
         """``<source id>|<target>``: the attempt's key in the store."""
         return f"{self.source.id}|{self.target}"
+
+
+def prompts(run: Run) -> dict | None:
+    """The prompts the record stage sent (``record/prompts.json``), or None before it ran."""
+    path = run.rundir.record / "prompts.json"
+    return read_json(path) if path.exists() else None
 
 
 def attempts(run: Run) -> list[RecordAttempt]:
@@ -79,6 +89,8 @@ def _record(run: Run) -> None:
     adapter = run.adapter
     streams = cfg.model.streams
     st_store = store(run, adapter.layout(streams))
+    atomic_write_json(run.rundir.record / "prompts.json", {"adapter": cfg.model.adapter,
+                                                           **adapter.prompt_texts(cfg.generation)})
     # A killed write can leave a tensor file without its sidecar: drop it so shard names stay
     # "b<batch>-000000" and a resumed run writes exactly the files of an uninterrupted one. A shard
     # drops only its own batches' (another shard may be between its two renames).
@@ -114,8 +126,6 @@ def _record(run: Run) -> None:
                 records.append({"id": a.id, "emotion": a.target, "transcript": a.source.transcript,
                                 "text": res.text, "meta": meta})
             keep = [i for i, a in enumerate(batch) if a.id not in done]
-            sums = None if st.sums is None else st.sums.numpy()[keep]
-            sumsq = None if st.sumsq is None else st.sumsq.numpy()[keep]
-            st_store.append([records[i] for i in keep], st.counts.numpy()[keep], st.tokens.numpy()[keep],
-                            sums, sumsq, worker=f"b{k:06d}")
+            arrays = {name: a[keep] for name, a in st.numpy().items()}
+            st_store.append([records[i] for i in keep], worker=f"b{k:06d}", **arrays)
             bar.advance(task)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from esn.emotions import EMOTIONS
 from esn.pipeline import plots, record
 from esn.pipeline.config import Setting, settings
 from esn.pipeline.files import atomic_write_json, atomic_write_text, read_json
@@ -35,25 +36,36 @@ def _pair(entries: list[dict], key: str) -> str:
     return " / ".join(_f(e.get(key)) for e in entries)
 
 
-def _wer_q(m: dict) -> tuple[str, str]:
-    def cell(v, base, fmt):
-        if v is None:
-            return "–"
-        return f"{v:{fmt}} ({_f(None if base is None else v - base, '+' + fmt)})"
-
-    return cell(m["wer"], m["wer_baseline"], ".2f"), cell(m["quality"], m["quality_baseline"], ".2f")
+def _with_delta(v: float | None, base: float | None, fmt: str = ".2f") -> str:
+    if v is None:
+        return "–"
+    return f"{v:{fmt}} ({_f(None if base is None else v - base, '+' + fmt)})"
 
 
-def effect_table(rows: list[tuple[str, dict]], judges: list[str], primary: str) -> dict:
-    """Tables 3/4/6 shape: self, cross, gap per judge ("a / b"), WER (Delta), UTMOS (Delta), self CI."""
-    head = ["", "Self-Effect ↑", "Cross-Effect Avg. ↓", "Self–Cross Gap ↑", "WER % ↓ (Δ)", "UTMOS ↑ (Δ)",
-            f"Self 95% CI ({primary})"]
+STREAM_TITLE = {"lm": "language-model stream (lm)", "synth": "synthesis stream (synth)"}
+SETTING_FIELDS = ("selector", "rate", "c", "labels", "method", "alpha", "stream", "positions")
+
+
+def effect_table(rows: list[tuple[str, dict]], judges: list[str], primary: str,
+                 single: set[str] = frozenset()) -> dict:
+    """Tables 3/4/6 shape: self, cross, gap per judge ("a / b"), WER over all and over self cells (Delta),
+    UTMOS (Delta), self CI. Rows named in ``single`` (Random) get the paper's one figure instead: the mean
+    Delta over all mask x target cells, in the self column."""
+    head = ["", "Self-Effect ↑", "Cross-Effect Avg. ↓", "Self–Cross Gap ↑", "WER % all ↓ (Δ)", "WER % self ↓ (Δ)",
+            "UTMOS ↑ (Δ)", f"Self 95% CI ({primary})"]
     body = []
     for name, m in rows:
         entries = [m["judges"][j] for j in judges]
-        wer, q = _wer_q(m)
+        wer = _with_delta(m["wer"], m["wer_baseline"])
+        wer_self = _with_delta(m.get("wer_self"), m["wer_baseline"])
+        q = _with_delta(m["quality"], m["quality_baseline"])
+        if name in single:
+            ci = m["judges"][primary].get("ci", {}).get("all")
+            body.append([name, f"{_pair(entries, 'all')} (all cells)", "", "", wer, wer_self, q,
+                         "–" if ci is None else f"all: [{ci[0]:+.2f}, {ci[1]:+.2f}]"])
+            continue
         ci = m["judges"][primary].get("ci", {}).get("self")
-        body.append([name, _pair(entries, "self"), _pair(entries, "cross"), _pair(entries, "gap"), wer, q,
+        body.append([name, _pair(entries, "self"), _pair(entries, "cross"), _pair(entries, "gap"), wer, wer_self, q,
                      "–" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"])
     return {"head": head, "rows": body}
 
@@ -67,18 +79,36 @@ def baseline_table(m: dict, targets: list[str], judges: list[str]) -> dict:
     return {"head": ["", f"match % ({' / '.join(judges)})"], "rows": rows}
 
 
-def _sweeps(cfg, sts: list[Setting]) -> dict[str, list[Setting]]:
+def predicted_table(m: dict, targets: list[str], judge: str) -> dict:
+    """The baseline's predicted-label distribution per target emotion, % of clips (section 5.1)."""
+    dist = m["judges"][judge].get("predicted", {})
+    labels = sorted({lab for t in targets for lab in dist.get(t, {})},
+                    key=lambda x: (x == "none", x not in EMOTIONS, EMOTIONS.index(x) if x in EMOTIONS else 0, x))
+    rows = [[t.capitalize(), *[_f(dist.get(t, {}).get(lab, 0.0), ".1f") for lab in labels]] for t in targets]
+    return {"head": ["target → predicted", *[("no label" if lab == "none" else lab) for lab in labels]], "rows": rows}
+
+
+def sweeps(sts: list[Setting]) -> dict:
+    """The one-factor-at-a-time groups around the anchor ``sts[0]``; ``"selectors"`` per stream."""
     a = sts[0]
-    same = lambda st, *skip: all(getattr(st, f) == getattr(a, f)  # noqa: E731
-                                 for f in ("selector", "rate", "c", "labels", "method", "alpha") if f not in skip)
-    out = {
-        "selectors": [st for st in sts if same(st, "selector", "labels")],
+    same = lambda st, *skip: all(getattr(st, f) == getattr(a, f) for f in SETTING_FIELDS if f not in skip)  # noqa: E731
+    streams = list(dict.fromkeys(st.stream for st in sts))
+    return {
+        "selectors": {s: [st for st in sts if st.stream == s and same(st, "selector", "labels", "stream")]
+                      for s in streams},
         "alpha": sorted([st for st in sts if same(st, "alpha")], key=lambda s: s.alpha),
         "rate": sorted([st for st in sts if same(st, "rate")], key=lambda s: s.rate),
         "c": sorted([st for st in sts if same(st, "c")], key=lambda s: s.c),
         "method": [a] + [st for st in sts if same(st, "method", "alpha") and st.method != a.method],
+        "positions": sorted([st for st in sts if same(st, "positions")], key=lambda s: s.positions),
     }
-    return out
+
+
+def selector_title(stream: str) -> str:
+    """Table 3 on the language-model stream, Table 6 on the synthesis stream (the paper's numbering)."""
+    if stream == "synth":
+        return "Table 6 — selectors on the synthesis stream (synth)"
+    return f"Table 3 — selectors on the {STREAM_TITLE.get(stream, stream)}"
 
 
 def _layer_counts(masks, layout) -> tuple[np.ndarray, list[str]]:
@@ -88,6 +118,42 @@ def _layer_counts(masks, layout) -> tuple[np.ndarray, list[str]]:
     tables = layer_counts(masks, layout)  # {stream: [E, L]}
     names = [f"{stream} {layer}" for stream, t in tables.items() for layer in range(t.shape[1])]
     return np.concatenate([t.T for t in tables.values()], axis=0), names
+
+
+def _protocol(run: Run, groups: dict, main: str, judges: list[str]) -> list[Block]:
+    """What produced the numbers: prompts, positions, filter, judges, WER definition, unscored clips."""
+    cfg = run.cfg
+    g = cfg.generation
+    used = record.prompts(run) or {"system_prompt": g.system_prompt, "instruction": g.instruction}
+    system = used.get("system_prompt")
+    rows = [
+        ["model", f"`{cfg.model.adapter}` from `{cfg.model.source}`, streams recorded: {', '.join(cfg.model.streams)}"],
+        ["system prompt", "the adapter's default" if system is None else f"“{system}”"],
+        ["instruction", f"“{used.get('instruction')}” ({{emotion}}: the target)"],
+        ["decoding", f"greedy; at most {g.max_new_tokens} text and {g.max_audio_tokens} speech tokens"],
+        ["P counts", "every position (prompt and generated)" if cfg.record.positions == "all"
+         else "generated positions only (the prompt's are stored but not counted)"],
+        ["interventions edit", "every forward (the prompt and each generated step)" if cfg.evaluate.positions == "all"
+         else "generated steps only (the prompt's forward is untouched)"],
+        ["success filter", f"judge `{run.filter_judge}` "
+         f"{'says the target emotion' if cfg.filter.require_match else '(emotion not required)'} and "
+         f"WER ≤ {cfg.filter.tau_wer:g}; each emotion's set capped at c (seeded uniform sample)"],
+        ["selector options", "; ".join(f"{k}: {', '.join(f'{o} = {v}' for o, v in opts.items())}"
+                                       for k, opts in cfg.selectors.items()) or "defaults (docs/selection.md)"],
+        ["WER", "corpus WER (%) of the decoded text against the transcript after whisper normalisation; "
+                "“all” pools every mask × target cell of a setting, “self” the cells whose mask emotion is the "
+                "target; Δ against the baseline over the same sources and targets"],
+    ]
+    every = [m for m in groups[main].values()]
+    n = sum(m["n"] for m in every)
+    unl = [f"`{j}` left {sum(m['judges'][j]['unlabelled'] for m in every)} of {n} clips unlabelled (counted as misses)"
+           for j in judges]
+    quality = cfg.judges.quality
+    q = ("no naturalness judge configured" if quality is None else
+         f"`{quality.name}` could not score {sum(m['quality_unscored'] for m in every)} of {n} clips "
+         "(left out of its mean)")
+    rows.append(["unscored clips", "; ".join([*unl, q]) + f" — {main.replace('_', '-')}, every setting and the baseline"])
+    return [Block("h2", "Protocol"), Block("table", {"head": ["", ""], "rows": rows})]
 
 
 def build(run: Run) -> list[Block]:
@@ -111,47 +177,69 @@ def build(run: Run) -> list[Block]:
         f"{n_rec} recorded identification attempts; evaluation on {', '.join(splits)} "
         f"({sizes}); judges {', '.join(judges)}"
         f"{'' if cfg.judges.quality is None else f', naturalness {cfg.judges.quality.name}'}. "
-        f"Anchor: {anchor.label}, r = {anchor.rate:g}, c = {anchor.c}, {anchor.method} α = {anchor.alpha:g}. "
+        f"Anchor: {anchor.label} on {anchor.stream}, r = {anchor.rate:g}, c = {anchor.c}, {anchor.method} "
+        f"α = {anchor.alpha:g}. "
         f"Match values are % of converted utterances whose judged emotion is the target; Δ are percentage points "
         f"against the unintervened baseline; tables pool {main.replace('_', '-')} "
         f"({cfg.evaluate.bootstrap} bootstrap resamples of source utterances for CIs).")))
+    blocks += _protocol(run, groups, main, judges)
 
     summary_path = run.rundir.select / "summary.json"
     if summary_path.exists():
         sets = read_json(summary_path)["success_sets"]
-        rows = [[key, *[str(len(v.get(t, []))) for t in targets]] for key, v in sets.items()]
+        rows = [[key.replace("_ser", " (judge)").replace("_human", " (human, CAS-H)"),
+                 *[str(len(v.get(t, []))) for t in targets]] for key, v in sets.items()]
         blocks += [Block("h2", "Success sets"),
                    Block("p", f"Successful identification attempts kept per target emotion (judge `{judges[0]}` "
                               f"{'says the target and ' if cfg.filter.require_match else '(emotion not required) and '}"
-                              f"WER ≤ τ = {cfg.filter.tau_wer:g}, capped at c, seeded)."),
+                              f"WER ≤ τ = {cfg.filter.tau_wer:g}, capped at c, seeded). Human (CAS-H) sets use "
+                              "listeners' labels in place of the judge's, on clips drawn from WER-passing attempts; "
+                              "compare their sizes before reading CAS vs CAS-H as a difference of supervision."),
                    Block("table", {"head": ["set", *[t.capitalize() for t in targets]], "rows": rows})]
 
-    blocks += [Block("h2", "Table 2 — baseline (no intervention)"), Block("table", baseline_table(groups[main][BASELINE], targets, judges))]
+        small = _small_masks(run, read_json(summary_path)["masks"], sts)
+        if small:
+            blocks += [Block("p", "Masks with fewer neurons than floor(r·N) (CAS and LAPE keep only neurons that "
+                                  "qualify; an empty mask leaves its cells unsteered, so they measure noise):"),
+                       Block("table", {"head": ["mask", "emotion", "neurons", "floor(r·N)"], "rows": small})]
 
-    sw = _sweeps(cfg, sts)
+    blocks += [Block("h2", "Table 2 — baseline (no intervention)"),
+               Block("table", baseline_table(groups[main][BASELINE], targets, judges)),
+               Block("h3", f"Predicted labels of the baseline (judge {primary}, % of clips per target)"),
+               Block("table", predicted_table(groups[main][BASELINE], targets, primary))]
+
+    sw = sweeps(sts)
     g = groups[main]
-    blocks += [Block("h2", "Table 3 — selectors"),
-               Block("p", f"Δ emotion match vs baseline ({' / '.join(judges)}), at r = {anchor.rate:g}, c = {anchor.c}, "
-                          f"{anchor.method} α = {anchor.alpha:g}."),
-               Block("table", effect_table([(st.label, g[st.key]) for st in sw["selectors"]], judges, primary))]
+    random_rows = {st.label for st in sts if st.selector == "random"}
+    for stream, rows in sw["selectors"].items():
+        blocks += [Block("h2", selector_title(stream)),
+                   Block("p", f"Δ emotion match vs baseline ({' / '.join(judges)}), masks selected and applied on "
+                              f"{stream}, at r = {anchor.rate:g}, c = {anchor.c}, {anchor.method} α = {anchor.alpha:g}. "
+                              "Random masks are not emotion-specific, so their row gives one figure, the mean Δ over "
+                              "all mask × target cells, as in the paper."),
+                   Block("table", effect_table([(st.label, g[st.key]) for st in rows], judges, primary, random_rows))]
     if len(sw["alpha"]) > 1:
         blocks += [Block("h2", f"Table 4 — intervention strength ({anchor.label}, {anchor.method})"),
                    Block("table", effect_table([(f"α = {st.alpha:g}", g[st.key]) for st in sw["alpha"]], judges, primary))]
     for key, title, fmt in (("rate", "selection rate r", lambda s: f"r = {s.rate:g}"),
                             ("c", "success-set cap c", lambda s: f"c = {s.c}"),
-                            ("method", "intervention method", lambda s: f"{s.method} α = {s.alpha:g}")):
+                            ("method", "intervention method", lambda s: f"{s.method} α = {s.alpha:g}"),
+                            ("positions", "positions counted in P", lambda s: f"P over {s.positions} positions")):
         if len(sw[key]) > 1:
             blocks += [Block("h3", f"Sweep: {title} ({anchor.label})"),
                        Block("table", effect_table([(fmt(st), g[st.key]) for st in sw[key]], judges, primary))]
+    blocks += _positions_blocks(run, targets)
 
     # Figure 3 (and the sweeps as heatmap rows, like Figures 4-7)
     blocks.append(Block("h2", "Figure 3 — Δ match per mask emotion × target emotion"))
-    for key, title, name in (("selectors", "selectors", lambda s: s.label), ("rate", "selection rate", lambda s: f"r={s.rate:g}"),
-                             ("c", "success-set cap", lambda s: f"c={s.c}"), ("alpha", "strength", lambda s: f"α={s.alpha:g}"),
-                             ("method", "method", lambda s: f"{s.method} {s.alpha:g}")):
-        if key != "selectors" and len(sw[key]) < 2:
-            continue
-        panels = [(name(st), g[st.key]["judges"][primary]["matrix"]) for st in sw[key]]
+    figures = [(f"selectors{'' if s == anchor.stream else '_' + s}", f"selectors ({s})", lambda st: st.label, rows)
+               for s, rows in sw["selectors"].items()]
+    figures += [(key, title, name, sw[key]) for key, title, name in (
+        ("rate", "selection rate", lambda s: f"r={s.rate:g}"), ("c", "success-set cap", lambda s: f"c={s.c}"),
+        ("alpha", "strength", lambda s: f"α={s.alpha:g}"), ("method", "method", lambda s: f"{s.method} {s.alpha:g}"),
+        ("positions", "positions in P", lambda s: f"P: {s.positions}")) if len(sw[key]) > 1]
+    for key, title, name, rows in figures:
+        panels = [(name(st), g[st.key]["judges"][primary]["matrix"]) for st in rows]
         png = plots.delta_heatmaps(panels, targets, fig_dir / f"heatmap_{key}.png",
                                    title=f"Δ match (pp), judge {primary}, {main.replace('_', '-')}: {title}")
         blocks.append(Block("img", (f"Δ match heatmaps: {title}", png.relative_to(run.dir))))
@@ -180,7 +268,70 @@ def build(run: Run) -> list[Block]:
                    Block("table", {"head": ["split", *[t.capitalize() for t in targets]], "rows": rows})]
 
     blocks += _human_blocks(run, targets)
+    blocks += _judge_eval_blocks(run)
     return blocks
+
+
+def _small_masks(run: Run, sizes: dict[str, dict[str, int]], sts: list[Setting]) -> list[list[str]]:
+    """``[mask, emotion, size, floor(r N)]`` for every mask of the grid smaller than its selection rate asks."""
+    from esn.selection import n_selected
+
+    widths = {}
+    layout_path = run.rundir.record / "layout.json"
+    if layout_path.exists():
+        for hp in read_json(layout_path)["hook_points"]:
+            stream = hp["name"].split(".")[0]
+            widths[stream] = widths.get(stream, 0) + int(hp["width"])
+    rows = []
+    for st in dict.fromkeys(st.recipe for st in sts):
+        if st.key not in sizes or st.stream not in widths:
+            continue
+        want = n_selected(st.rate, widths[st.stream])
+        rows += [[st.key, e, str(n), str(want)] for e, n in sizes[st.key].items() if n < want]
+    return rows
+
+
+def _positions_blocks(run: Run, targets: list[str]) -> list[Block]:
+    """How much of each stream's P is prompt, and how far the anchor masks move without it."""
+    path = run.rundir.select / "positions.json"
+    if not path.exists():
+        return []
+    data = read_json(path)
+    rows = []
+    for stream, entry in data["streams"].items():
+        for t in targets:
+            share = entry["prompt_share"].get(t)
+            ov = entry.get("overlap", {}).get(t)
+            rows.append([stream, t.capitalize(), "–" if share is None else f"{100 * share:.1f}%",
+                         "–" if ov is None else f"{ov['jaccard']:.3f}", "–" if ov is None else f"{100 * ov['direct_match']:.1f}%"])
+    out = [Block("h3", "Ablation: positions counted in P (prompt vs generated)"),
+           Block("p", f"Each attempt's counts are stored for the prompt and the generated positions apart. Prompt "
+                      f"share: the prompt's part of the positions T of each emotion's success set. Overlap: the "
+                      f"anchor recipe ({data['anchor']}) selected from P over all positions vs over generated "
+                      "positions only (Jaccard, and the share of the all-positions mask kept). Run "
+                      "`esn select --positions generated` (or sweep.positions) to evaluate the other reading.")]
+    errors = [f"{s}: {e['error']}" for s, e in data["streams"].items() if "error" in e]
+    if errors:
+        out.append(Block("p", "Not computed for " + "; ".join(errors)))
+    out.append(Block("table", {"head": ["stream", "emotion", "prompt share", "Jaccard", "direct match"], "rows": rows}))
+    return out
+
+
+def _judge_eval_blocks(run: Run) -> list[Block]:
+    """Section 4.1: each emotion judge's accuracy on labelled clips (``esn judge-eval``)."""
+    path = run.dir / "judge_eval.json"
+    if not path.exists():
+        return []
+    data = read_json(path)
+    emotions = data["emotions"]
+    rows = [[name, f"{100 * r['accuracy']:.1f}%", str(r["n"]),
+             *[_f(None if r["per_emotion"].get(e) is None else 100 * r["per_emotion"][e], ".1f") for e in emotions]]
+            for name, r in data["judges"].items()]
+    return [Block("h2", "Judge accuracy on labelled clips (section 4.1)"),
+            Block("p", f"{data['per_emotion']} clips per emotion from split `{data['split']}` of `{data['root']}` "
+                       f"(seed {data['seed']}); each judge hears the clip with its parallel neutral utterance as "
+                       "the source. Per-emotion columns: % of that emotion's clips labelled correctly."),
+            Block("table", {"head": ["judge", "accuracy", "clips", *[e.capitalize() for e in emotions]], "rows": rows})]
 
 
 def _human_blocks(run: Run, targets: list[str]) -> list[Block]:

@@ -49,8 +49,11 @@ class Run:
     def stage_config(self) -> dict[str, Any]:
         """The config parts each stage's results depend on (a change invalidates that stage)."""
         c = self.cfg.model_dump(mode="json")
+        # record.positions only picks which stored counts select uses (both parts are always recorded).
+        positions = c["record"].pop("positions")
         record = {k: c[k] for k in ("seed", "model", "data", "generation", "judges", "record")}
-        select = {"record": record, **{k: c[k] for k in ("filter", "anchor", "sweep")}}
+        select = {"record": record, "positions": positions,
+                  **{k: c[k] for k in ("filter", "anchor", "sweep", "selectors")}}
         evaluate = {"select": select, "evaluate": c["evaluate"]}
         return {"record": record, "select": select, "evaluate": evaluate}
 

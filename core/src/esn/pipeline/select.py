@@ -1,14 +1,23 @@
 """Stage 2, select: filter the recorded attempts (judge label == target, WER <= tau, capped at c), aggregate
-activation statistics, and select one neuron mask set per recipe of the grid. Results go to ``select/``."""
+activation statistics, and select one neuron mask set per recipe of the grid. Results go to ``select/``.
+
+Masks are selected within one stream (``lm`` or ``synth``), never by one ranking across both: P, floor(r·N),
+LAPE's percentile and Random's draw are all per stream. P counts the positions ``record.positions`` names
+(a recipe of ``sweep.positions`` the other ones). Selector options come from ``[selectors.<name>]`` and are
+written into each mask file's metadata.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from esn.errors import EsnError
 from esn.pipeline import record
-from esn.pipeline.config import Setting, mask_recipes, settings
+from esn.pipeline.config import Recipe, mask_recipes, settings
 from esn.pipeline.files import atomic_write_json
 from esn.pipeline.run import Run
 
@@ -39,44 +48,77 @@ def success_sets(run: Run, c: int, labels: str):
     return result
 
 
+class _Stats:
+    """Success sets and aggregated statistics of one run, computed once per (c, labels, positions)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.store = record.store(run)
+        self.sets: dict[tuple[int, str], Any] = {}
+        self.stats: dict[str, Any] = {}
+
+    def success(self, c: int, labels: str):
+        if (c, labels) not in self.sets:
+            result = success_sets(self.run, c, labels)
+            _write_verdicts(result, self.run.rundir.select / f"verdicts_c{c}_{labels}.csv")
+            self.sets[(c, labels)] = result
+        return self.sets[(c, labels)]
+
+    def of(self, recipe: Recipe):
+        """``ActivationStats`` over every recorded stream, saved once as ``stats_<stats_key>.safetensors``."""
+        from esn import artifacts
+        from esn.statistics import aggregate
+
+        key = recipe.stats_key
+        if key not in self.stats:
+            cfg = self.run.cfg
+            result = self.success(recipe.c, recipe.labels)
+            stats = aggregate(self.store, result.success, positions=recipe.positions)
+            stats.meta = {"source_run": "record", "c": recipe.c, "labels": recipe.labels, "seed": cfg.seed,
+                          "tau_wer": cfg.filter.tau_wer, "positions": recipe.positions}
+            path = self.run.rundir.select / f"stats_{key}.safetensors"
+            if not path.exists():
+                artifacts.save_stats(path, stats)
+            self.stats[key] = stats
+        return self.stats[key]
+
+
 def select(run: Run) -> None:
-    """Filter, aggregate and select: one statistics file per (c, labels), one mask set per recipe."""
+    """Filter, aggregate and select: one statistics file per (c, labels, positions), one mask set per recipe."""
     from esn import artifacts
-    from esn.selection import select_neurons
-    from esn.statistics import aggregate
 
     cfg = run.cfg
-    targets = cfg.record.targets
     out = run.rundir.select
-    store = record.store(run)
-    stats_cache: dict[tuple[int, str], Any] = {}
+    cache = _Stats(run)
     summary: dict[str, Any] = {"success_sets": {}, "masks": {}}
-    for selector, rate, c, labels in mask_recipes(cfg):
-        key = Setting(selector, rate, c, labels, "", 0.0).mask_key
-        if (c, labels) not in stats_cache:
-            result = success_sets(run, c, labels)
-            name = f"c{c}_{labels}"
-            summary["success_sets"][name] = result.success
-            _write_verdicts(result, out / f"verdicts_{name}.csv")
-            stats = aggregate(store, result.success)
-            stats.meta = {"source_run": "record", "c": c, "labels": labels, "seed": cfg.seed,
-                          "tau_wer": cfg.filter.tau_wer}
-            stats_path = out / f"stats_{name}.safetensors"
-            if not stats_path.exists():
-                artifacts.save_stats(stats_path, stats)
-            stats_cache[(c, labels)] = stats
-        stats = stats_cache[(c, labels)]
-        path = out / f"masks_{key}.safetensors"
+    for recipe in mask_recipes(cfg):
+        stats = cache.of(recipe)
+        summary["success_sets"][f"c{recipe.c}_{recipe.labels}"] = cache.success(recipe.c, recipe.labels).success
+        path = out / f"masks_{recipe.key}.safetensors"
         if not path.exists():
-            chosen = select_neurons(stats.probs(), selector, rate, emotions=stats.emotions, seed=cfg.seed)
-            artifacts.save_masks(path, {e: chosen[e] for e in targets}, layout=stats.layout, meta={
-                "architecture": store.architecture, "selector": selector, "r": rate, "c": c,
-                "tau_wer": cfg.filter.tau_wer, "judge": "human" if labels == "human" else run.filter_judge,
-                "seed": cfg.seed, "source_run": "record"})
-        summary["masks"][key] = {e: len(m) for e, m in masks(run, key).masks.items()}
+            chosen, options = choose(run, stats, recipe)
+            artifacts.save_masks(path, chosen, layout=stats.layout.select([recipe.stream]), meta={
+                "architecture": cache.store.architecture, "selector": recipe.selector, "r": recipe.rate,
+                "c": recipe.c, "tau_wer": cfg.filter.tau_wer,
+                "judge": "human" if recipe.labels == "human" else run.filter_judge, "seed": cfg.seed,
+                "source_run": "record", "stream": recipe.stream, "positions": recipe.positions,
+                "selector_options": options})
+        summary["masks"][recipe.key] = {e: len(m) for e, m in masks(run, recipe.key).masks.items()}
     if cfg.filter.human_labels is not None:
         _human_similarity(run)
+    _positions_ablation(run, cache)
     atomic_write_json(out / "summary.json", summary)
+
+
+def choose(run: Run, stats, recipe: Recipe) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Select ``recipe`` on its own stream's neurons: ``({emotion: indices in that stream}, options used)``."""
+    from esn.selection import select_neurons
+
+    options = dict(run.cfg.selectors.get(recipe.selector, {}))
+    stream = stats.select_streams([recipe.stream])
+    chosen = select_neurons(stream.probs(), recipe.selector, recipe.rate, emotions=stream.emotions,
+                            seed=run.cfg.seed, **options)
+    return {e: chosen[e] for e in run.cfg.record.targets}, options
 
 
 def masks(run: Run, mask_key: str, layout=None):
@@ -93,11 +135,41 @@ def _human_similarity(run: Run) -> None:
     """Table 5: anchor masks from human- vs judge-filtered successes, per emotion."""
     from esn import analysis
 
-    a = settings(run.cfg)[0]
-    ser = masks(run, Setting(a.selector, a.rate, a.c, "ser", "", 0.0).mask_key)
-    hum = masks(run, Setting(a.selector, a.rate, a.c, "human", "", 0.0).mask_key)
+    anchor = settings(run.cfg)[0].recipe
+    ser = masks(run, anchor.key)
+    hum = masks(run, replace(anchor, labels="human").key)
     table = analysis.compare(ser.masks, hum.masks, ser.layout)
     atomic_write_json(run.rundir.select / "human_similarity.json", {e: vars(v) for e, v in table.items()})
+
+
+def _positions_ablation(run: Run, cache: _Stats) -> None:
+    """Per stream: the prompt's share of the counted positions, and how far the anchor's masks move when P
+    counts the generated positions only (``select/positions.json``; skipped for stores without the split)."""
+    from esn import analysis
+
+    anchor = settings(run.cfg)[0].recipe
+    both = {p: replace(anchor, positions=p) for p in ("all", "generated")}
+    try:
+        stats = {p: cache.of(r) for p, r in both.items()}
+    except EsnError:  # recorded before the prompt/generated split was stored
+        return
+    out: dict[str, Any] = {"anchor": anchor.key.replace("_gen", ""), "streams": {}}
+    for stream in run.cfg.model.streams:
+        sub = {p: s.select_streams([stream]) for p, s in stats.items()}
+        entry: dict[str, Any] = {"prompt_share": {}}
+        for k, e in enumerate(sub["all"].emotions):
+            t_all, t_gen = int(sub["all"].T[k].sum()), int(sub["generated"].T[k].sum())
+            entry["prompt_share"][e] = None if t_all == 0 else round(1 - t_gen / t_all, 6)
+        try:
+            chosen = {p: choose(run, stats[p], replace(r, stream=stream))[0] for p, r in both.items()}
+            table = analysis.compare(chosen["all"], chosen["generated"], sub["all"].layout)
+        except EsnError as exc:  # e.g. a stream without generated positions, or an empty mask
+            entry["error"] = str(exc)
+        else:
+            entry["overlap"] = {e: {"jaccard": round(v.jaccard, 6), "direct_match": round(v.direct_match, 6)}
+                                for e, v in table.items()}
+        out["streams"][stream] = entry
+    atomic_write_json(run.rundir.select / "positions.json", out)
 
 
 def _write_verdicts(result, path: Path) -> None:

@@ -1,0 +1,251 @@
+"""select and report on a run directory built without a model: planted statistics (``esn.testbed``) stored as
+the record stage stores them (with the prompt/generated split), and evaluation batches made by hand.
+
+Checks the paper-fidelity options end to end: selection per stream, shared Random, selector options reaching
+the selector and the mask metadata, P over all or generated positions, the CAS-H success sets, and the
+report's protocol header, Table 3 / Table 6 titles, the single Random figure, and ``esn report --compare``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from esn import artifacts
+from esn.errors import EsnError
+from esn.pipeline import compare, evaluate, select
+from esn.pipeline.batches import chunks
+from esn.pipeline.config import load_config, settings
+from esn.pipeline.files import atomic_write_json, read_json
+from esn.pipeline.grid import BASELINE
+from esn.pipeline.report import write_report
+from esn.pipeline.run import Run
+from esn.selection import n_selected, select_neurons
+from esn.statistics import aggregate
+from esn.store import AttemptRecord, AttemptStore
+from esn.testbed import make_testbed
+
+CONFIG = """
+seed = 1
+notes = "a run without a model"
+[model]
+source = "none"
+streams = ["lm", "synth"]
+[data]
+kind = "csv"
+root = "corpus.csv"
+[judges]
+emotion = [{{name = "j"}}]
+[record]
+positions = "{positions}"
+[filter]
+human_labels = "human.csv"
+[anchor]
+rate = 0.05
+c = 30
+[sweep]
+selectors = ["random", "lap", "lape", "mad", "cas"]
+positions = ["{other}"]
+[selectors.lape]
+quantile = 0.5
+[selectors.random]
+shared = {shared}
+[evaluate]
+batch_size = 50
+bootstrap = 20
+"""
+
+
+def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: int = 0) -> Run:
+    """A run directory whose record stage is done (planted attempts) and whose evaluate stage is ready."""
+    bed = make_testbed(seed=seed, lm_layers=4, synth_layers=2, width=64)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["path,transcript,speaker,split"]
+    for k, split in enumerate(["test_seen", "test_seen", "test_unseen", "test_unseen"]):
+        sf.write(root / f"s{k}.wav", np.zeros(1600, np.float32), 16_000)
+        rows.append(f"s{k}.wav,a b c,spk{k},{split}")
+    (root / "corpus.csv").write_text("\n".join(rows) + "\n")
+    other = "generated" if positions == "all" else "all"
+    (root / "study.toml").write_text(CONFIG.format(positions=positions, other=other, shared=shared))
+    # humans agree with the judge on the WER-passing attempts they were given (the first 20 per emotion)
+    ok = [r for r in bed.records if r.text == r.transcript]
+    labels = [f"{r.id},{bed.labels[r.id]}" for e in bed.emotions for r in [x for x in ok if x.emotion == e][:20]]
+    (root / "human.csv").write_text("id,label\n" + "\n".join(labels) + "\n")
+    run = Run(load_config(root / "study.toml"))
+    run.open()
+    store = AttemptStore(run.rundir.record, bed.layout, architecture="Synthetic")
+    records = [AttemptRecord(r.id, r.emotion, r.transcript, r.text, {"label": bed.labels[r.id]}) for r in bed.records]
+    prompt = bed.counts // 3  # a third of each count came from the prompt
+    store.append(records, bed.counts, bed.tokens, prompt_counts=prompt, prompt_tokens=bed.tokens // 3, worker="b0")
+    atomic_write_json(run.rundir.record / "prompts.json",
+                      {"adapter": "x", "system_prompt": "Convert the emotion.", "instruction": "Sound {emotion}."})
+    run.bed = bed
+    return run
+
+
+def fake_evaluation(run: Run) -> None:
+    """Batch files as `esn evaluate` writes them: CAS and MAD masks make their own emotion heard."""
+    by_id = {s.id: s for split in run.cfg.evaluate.splits for s in run.sources(split)}
+    sts = {st.key: st for st in settings(run.cfg)}
+    for k, batch in chunks(evaluate.attempts(run), run.cfg.evaluate.batch_size):
+        rows = []
+        for n, a in enumerate(batch):
+            st = sts.get(a.setting)
+            works = st is not None and st.selector in ("cas", "mad") and a.mask == a.target
+            label = a.target if works or (k + n) % 4 == 0 else "neutral"
+            rows.append({"id": a.id, "split": a.split, "setting": a.setting, "mask": a.mask, "source": a.source,
+                         "target": a.target, "reference": by_id[a.source].transcript,
+                         "text": "a b c" if (k + n) % 5 else "a b", "wer": 0.0, "labels": {"j": label},
+                         "quality": None if (k + n) % 7 == 0 else 4.0, "audio": None})
+        atomic_write_json(run.rundir.evaluate / "batches" / f"{k:06d}.json", rows)
+    evaluate.write_results(run)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("run"))
+    select.select(run)
+    fake_evaluation(run)
+    write_report(run)
+    yield run
+    run.close()
+
+
+def test_masks_are_selected_per_stream(done):
+    run = done
+    stats = artifacts.load_stats(run.rundir.select / "stats_c30_ser.safetensors")
+    for stream, key in (("lm", "cas_r0.05_c30"), ("synth", "cas_synth_r0.05_c30")):
+        ms = select.masks(run, key)
+        assert ms.layout.streams == [stream] and ms.meta["stream"] == stream
+        sub = stats.select_streams([stream])
+        want = select_neurons(sub.probs(), "cas", 0.05, emotions=sub.emotions, seed=1)
+        assert {e: m.indices.tolist() for e, m in ms.masks.items()} == {e: want[e].tolist() for e in ms.masks}
+        assert max(len(m) for m in ms.masks.values()) <= n_selected(0.05, sub.layout.n_neurons)
+    rnd = select.masks(run, "random_synth_r0.05_c30")
+    assert all(len(m) == n_selected(0.05, 2 * 64) for m in rnd.masks.values())
+
+
+def test_shared_random_and_selector_options_reach_the_masks(done):
+    run = done
+    rnd = select.masks(run, "random_r0.05_c30")
+    first = next(iter(rnd.masks.values())).indices
+    assert all(np.array_equal(m.indices, first) for m in rnd.masks.values())  # one mask for every emotion
+    assert rnd.meta["selector_options"] == {"shared": True}
+    lape = select.masks(run, "lape_r0.05_c30")
+    assert lape.meta["selector_options"] == {"quantile": 0.5}
+    sub = artifacts.load_stats(run.rundir.select / "stats_c30_ser.safetensors").select_streams(["lm"])
+    ours = select_neurons(sub.probs(), "lape", 0.05, emotions=sub.emotions, quantile=0.5)
+    default = select_neurons(sub.probs(), "lape", 0.05, emotions=sub.emotions)
+    assert {e: m.indices.tolist() for e, m in lape.masks.items()} == {e: ours[e].tolist() for e in lape.masks}
+    assert any(not np.array_equal(ours[e], default[e]) for e in ours), "the option must change the choice"
+
+
+def test_p_over_generated_positions_equals_the_generated_counts(done):
+    run = done
+    gen = artifacts.load_stats(run.rundir.select / "stats_c30_ser_gen.safetensors")
+    assert gen.meta["positions"] == "generated"
+    sets = read_json(run.rundir.select / "summary.json")["success_sets"]["c30_ser"]
+    bed = run.bed
+    row = {r.id: i for i, r in enumerate(bed.records)}
+    for k, e in enumerate(gen.emotions):
+        idx = [row[i] for i in sets[e]]
+        np.testing.assert_array_equal(gen.K[k], (bed.counts[idx] - bed.counts[idx] // 3).sum(axis=0))
+    ablation = read_json(run.rundir.select / "positions.json")
+    assert set(ablation["streams"]) == {"lm", "synth"}
+    share = ablation["streams"]["lm"]["prompt_share"]["happy"]
+    assert 0.3 < share < 0.34  # tokens // 3 of each attempt
+    assert set(ablation["streams"]["lm"]["overlap"]) == {*gen.emotions, "average"}
+
+
+def test_human_success_sets_and_table_5(done):
+    summary = read_json(done.rundir.select / "summary.json")
+    human = summary["success_sets"]["c30_human"]
+    assert all(0 < len(human[e]) <= 20 for e in human)
+    assert (done.rundir.select / "human_similarity.json").exists()
+    assert "cas-h_r0.05_c30" in summary["masks"]
+
+
+def test_report_states_the_protocol_and_titles_tables_by_stream(done):
+    text = (done.dir / "report.md").read_text()
+    for needle in ("## Protocol", "| system prompt | “Convert the emotion.” |", "| instruction | “Sound {emotion}.”",
+                   "| P counts | every position (prompt and generated) |",
+                   "| interventions edit | every forward (the prompt and each generated step) |",
+                   "“all” pools every mask × target cell", "“self” the cells whose mask emotion is the target",
+                   "| unscored clips | `j` left 0 of", "no naturalness judge configured",
+                   "| selector options | lape: quantile = 0.5; random: shared = True |",
+                   "## Table 3 — selectors on the language-model stream (lm)",
+                   "## Table 6 — selectors on the synthesis stream (synth)",
+                   "| Random | ", "(all cells) |", "c30 (human, CAS-H)", "### Sweep: positions counted in P",
+                   "Ablation: positions counted in P", "Predicted labels of the baseline", "Table 5"):
+        assert needle in text, needle
+    assert text.count("(all cells)") == 2  # one Random row per stream
+    res = read_json(done.rundir.evaluate / "results.json")
+    assert res["meta"]["positions"] == {"record": "all", "evaluate": "all"}
+    assert read_json(done.rundir.manifest)["config"]["record"]["positions"] == "all"
+
+
+def test_generated_positions_run_and_compare(done, tmp_path):
+    other = make_run(tmp_path / "gen", positions="generated", shared="false", seed=3)
+    try:
+        select.select(other)
+        fake_evaluation(other)
+        write_report(other)
+        text = (other.dir / "report.md").read_text()
+        assert "| P counts | generated positions only" in text
+        rnd = select.masks(other, "random_r0.05_c30_gen")
+        assert len({tuple(m.indices) for m in rnd.masks.values()}) == 4  # one draw per emotion
+        runs = [compare.load_run_results(done.dir, "A"), compare.load_run_results(tmp_path / "gen" / "study.toml", "B")]
+        path = compare.write_comparison(runs, tmp_path / "cmp.md")
+        md = path.read_text()
+        assert "Table 2 — baseline EVC performance" in md and "Table 3 — ESN selectors" in md
+        assert "| | A | B |".replace(" ", "") in md.replace(" ", "")
+        table3 = md.split("## Table 3")[1]
+        assert table3.count("| A |") == 1 and table3.count("| B |") == 1 and table3.count("| CAS |") == 2
+        assert (tmp_path / "cmp.html").exists()
+        with pytest.raises(EsnError, match="at least two"):
+            compare.compare_blocks(runs[:1])
+        with pytest.raises(EsnError, match="same name"):
+            compare.compare_blocks([runs[0], compare.load_run_results(done.dir, "B"), runs[1]])
+        with pytest.raises(EsnError, match="not a run directory"):
+            compare.load_run_results(tmp_path / "gen")
+        (tmp_path / "half").mkdir()
+        (tmp_path / "half" / "manifest.json").write_bytes((other.dir / "manifest.json").read_bytes())
+        with pytest.raises(EsnError, match="not evaluated"):
+            compare.load_run_results(tmp_path / "half")
+    finally:
+        other.close()
+
+
+def test_select_refuses_generated_positions_without_the_split(tmp_path):
+    run = make_run(tmp_path / "r", positions="generated")
+    try:
+        store = AttemptStore(run.rundir.record)
+        # rewrite the store as an older esn would have: no prompt split
+        for p in store.shard_dir.iterdir():
+            p.unlink()
+        bed = run.bed
+        recs = [AttemptRecord(r.id, r.emotion, r.transcript, r.text, {"label": bed.labels[r.id]}) for r in bed.records]
+        store.append(recs, bed.counts, bed.tokens)
+        with pytest.raises(EsnError, match="without the prompt/generated split"):
+            select.select(run)
+        assert aggregate(store, {"happy": [recs[0].id]}).K.sum() > 0  # the "all" reading still works
+    finally:
+        run.close()
+
+
+def test_cli_select_positions_override(tmp_path):
+    from esn.cli import main
+
+    run = make_run(tmp_path / "r")
+    run.close()
+    cfg = str(tmp_path / "r" / "study.toml")
+    assert main(["select", cfg, "--positions", "generated"]) == 0
+    manifest = json.loads((tmp_path / "r" / "runs" / "study" / "manifest.json").read_text())
+    assert manifest["config"]["record"]["positions"] == "generated"
+    assert (tmp_path / "r" / "runs" / "study" / "select" / "masks_cas_r0.05_c30_gen.safetensors").exists()
+    # changing it again over existing select results is refused, naming what changed; the record stays valid
+    assert main(["select", cfg]) == 2
+    assert BASELINE == "baseline"
