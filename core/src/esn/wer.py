@@ -78,6 +78,16 @@ class WordErrors:
 
 def measure(reference: str, hypothesis: str) -> WordErrors:
     """Substitutions, deletions, insertions and hits of ``hypothesis`` against ``reference``."""
+    for text in (reference, hypothesis):
+        if not isinstance(text, str):
+            raise EsnError(f"WER needs text, got {type(text).__name__}: {text!r}")
+    return _measure(reference, hypothesis)
+
+
+# Reports recount the same (transcript, decoded text) pairs for every group and setting; the
+# normaliser's many regular expressions make that the slow part.
+@lru_cache(maxsize=2**17)
+def _measure(reference: str, hypothesis: str) -> WordErrors:
     ref, hyp = normalize(reference), normalize(hypothesis)
     if not ref or not hyp:  # jiwer aligns empty strings too, but the counts are obvious
         return WordErrors(0, len(ref.split()), len(hyp.split()), 0)
