@@ -99,13 +99,14 @@ def test_third_party_adapter_shows_up_and_a_broken_one_is_skipped(tmp_path):
     assert {"qwen_omni", "minicpm_o", "kimi_audio"} <= set(rows)
 
 
-def test_adapters_list_json_lists_exactly_the_three_adapters():
+def test_adapters_list_json_lists_exactly_the_repositorys_adapters():
     result = _esn("adapters", "list", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert sorted(r["name"] for r in rows) == ["kimi_audio", "minicpm_o", "qwen_omni"]
+    assert sorted(r["name"] for r in rows) == ["kimi_audio", "minicpm_o", "planted", "qwen_omni"]
     dists = {r["name"]: r["distribution"] for r in rows}
-    assert dists == {"qwen_omni": "esn-qwen-omni", "minicpm_o": "esn-minicpm-o", "kimi_audio": "esn-kimi-audio"}
+    assert dists == {"qwen_omni": "esn-qwen-omni", "minicpm_o": "esn-minicpm-o", "kimi_audio": "esn-kimi-audio",
+                     "planted": "esn-planted"}  # the three LALMs and the demo's synthetic model
     assert all(r["version"] and r["streams"] for r in rows)
 
 
@@ -221,6 +222,8 @@ def test_make_dist_builds_complete_wheels_and_clean_sdists(dist_dir):
         stray = [m for m in members if m.startswith("tests") or m.endswith(".gitignore") or "__pycache__" in m]
         assert not stray, f"{name} sdist carries {stray}"
     # esn-core's metadata does not pull adapter or judge dependencies
+    with zipfile.ZipFile(wheels["esn_core"]) as zf:
+        assert "esn/pipeline/paper.toml" in zf.namelist()  # `esn init --paper` reads it from the package
     core = [line for line in _metadata(wheels["esn_core"]).splitlines()
             if line.startswith("Requires-Dist") and "extra ==" not in line]
     for heavy in ("funasr", "utmos", "transformers", "modelscope"):
