@@ -144,15 +144,17 @@ def _protocol(run: Run, groups: dict, main: str, judges: list[str]) -> list[Bloc
                 "“all” pools every mask × target cell of a setting, “self” the cells whose mask emotion is the "
                 "target; Δ against the baseline over the same sources and targets"],
     ]
-    every = [m for m in groups[main].values()]
-    n = sum(m["n"] for m in every)
-    unl = [f"`{j}` left {sum(m['judges'][j]['unlabelled'] for m in every)} of {n} clips unlabelled (counted as misses)"
-           for j in judges]
-    quality = cfg.judges.quality
-    q = ("no naturalness judge configured" if quality is None else
-         f"`{quality.name}` could not score {sum(m['quality_unscored'] for m in every)} of {n} clips "
-         "(left out of its mean)")
-    rows.append(["unscored clips", "; ".join([*unl, q]) + f" — {main.replace('_', '-')}, every setting and the baseline"])
+    every = list(groups[main].values())
+    if all("n" in m for m in every):  # results.json of an older esn lacks the counts
+        n = sum(m["n"] for m in every)
+        unl = [f"`{j}` left {sum(m['judges'][j]['unlabelled'] for m in every)} of {n} clips unlabelled "
+               "(counted as misses)" for j in judges]
+        quality = cfg.judges.quality
+        q = ("no naturalness judge configured" if quality is None else
+             f"`{quality.name}` could not score {sum(m['quality_unscored'] for m in every)} of {n} clips "
+             "(left out of its mean)")
+        rows.append(["unscored clips", "; ".join([*unl, q])
+                     + f" — {main.replace('_', '-')}, every setting and the baseline"])
     return [Block("h2", "Protocol"), Block("table", {"head": ["", ""], "rows": rows})]
 
 
