@@ -77,6 +77,8 @@ FIRST_PARTY: dict[tuple[str, str], tuple[str, str]] = {
     ("judge", "emotion2vec"): ("esn-emotion2vec", "funasr, about 890 MB with its dependencies"),
     ("judge", "lalm_judge"): ("esn-lalm-judge", "transformers; the judge model has 30B parameters"),
     ("judge", "utmos"): ("esn-utmos", "utmos-pytorch"),
+    ("adapter", "planted"): ("esn-planted", "transformers; the synthetic model and judge of `esn demo`"),
+    ("judge", "planted"): ("esn-planted", "transformers; the synthetic model and judge of `esn demo`"),
 }
 
 

@@ -32,6 +32,9 @@ from esn_planted import sound
 
 
 class PlantedAdapter(ModelAdapter):
+    """The planted model as an adapter: one ``lm`` stream of 4 x 64 gate neurons; ``ground_truth`` names the
+    planted ones."""
+
     name = "planted"
     architectures = ("Qwen2ForCausalLM",)
     streams = ("lm",)
@@ -91,6 +94,7 @@ class PlantedAdapter(ModelAdapter):
                 "instruction": "the instruction token EMO_{emotion} after the audio tokens"}
 
     def prompt(self, request: EVCRequest) -> list[int]:
+        """The token ids of one conversion's prompt: ``BOS``, the audio tokens, ``EMO_<target>``, ``SEP``."""
         return [planted.BOS, *sound.audio_tokens(request.audio, self.audio_first, int(self.meta['tokens']['audio_count'])),
                 self.instruction_ids[request.emotion], planted.SEP]
 

@@ -19,6 +19,8 @@ from esn_planted import sound
 
 
 class PlantedJudge(Judge):
+    """Votes of the voiced frames for the emotion whose pitch factor fits best (see the module docstring)."""
+
     name = "planted"
     kind = "emotion"
 

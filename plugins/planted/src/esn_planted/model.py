@@ -74,6 +74,7 @@ def ground_truth(seed: int) -> dict[str, list[int]]:
 
 
 def config():
+    """The ``Qwen2Config`` of the planted model (RoPE made inert on the lookup head's dims)."""
     from transformers import Qwen2Config
 
     cfg = Qwen2Config(
