@@ -100,6 +100,7 @@ class BatchStats:
 
     @property
     def has_prompt_split(self) -> bool:
+        """Whether the prompt's share of counts and tokens was kept apart (recorded with positions="all")."""
         return self.prompt_counts is not None
 
     def generated(self) -> BatchStats:

@@ -81,7 +81,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     jev.add_argument("--judge", action="append", help="only this emotion judge of the config (repeatable)")
     jev.set_defaults(func=cmd_judge_eval)
 
-    demo = sub.add_parser("demo", help="tiny random model + synthetic ESD + tiny judges: the whole pipeline on CPU")
+    demo = sub.add_parser("demo", help="the whole study on CPU, on a model with planted emotion neurons and a judge "
+                                       "that hears them: prints how many the selectors recover")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (report.md lands here)")
     # Tiny models are launch-bound: one thread is fastest, and immune to oversubscription on busy machines.
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
@@ -305,7 +306,7 @@ def rich_table(title: str, data: dict):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``esn demo``: the whole pipeline on a tiny random model and synthetic data."""
+    """``esn demo``: the whole study on planted ground truth (``esn-planted``) and synthetic ESD."""
     from esn.pipeline.demo import run_demo
 
     _threads(args)

@@ -32,10 +32,12 @@ class RunResults:
 
     @property
     def group(self) -> str:
+        """The group its tables pool: ``"all"`` splits when there are several, else the one split."""
         return "all" if "all" in self.results["groups"] else self.results["meta"]["splits"][0]
 
     @property
     def judges(self) -> list[str]:
+        """Its emotion judges, the deciding one first."""
         return self.results["meta"]["judges"]
 
 

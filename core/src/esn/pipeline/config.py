@@ -232,6 +232,7 @@ class RunConfig(_Section):
 
     @property
     def anchor_stream(self) -> str:
+        """The stream the sweeps vary on: ``anchor.stream``, else the first recorded stream."""
         return self.anchor.stream or self.model.streams[0]
 
     def resolve(self, base: Path, stem: str) -> RunConfig:
@@ -292,6 +293,7 @@ class Setting:
 
     @property
     def recipe(self) -> Recipe:
+        """The mask half of the setting (everything but the intervention)."""
         return Recipe(self.selector, self.rate, self.c, self.labels, self.stream, self.positions)
 
     @property

@@ -68,4 +68,5 @@ def render(*, paper: bool, adapter: str | None = None, source: str | None = None
 
 def write_config(out: str | Path, *, paper: bool, adapter: str | None = None, source: str | None = None,
                  data_root: str | None = None) -> Path:
+    """``render`` into the file ``out`` (written atomically); returns its path."""
     return atomic_write_text(Path(out), render(paper=paper, adapter=adapter, source=source, data_root=data_root))
