@@ -8,6 +8,7 @@ report's protocol header, Table 3 / Table 6 titles, the single Random figure, an
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -249,3 +250,40 @@ def test_cli_select_positions_override(tmp_path):
     # changing it again over existing select results is refused, naming what changed; the record stays valid
     assert main(["select", cfg]) == 2
     assert BASELINE == "baseline"
+
+
+def test_labelling_kit_offers_wer_passing_attempts_only(tmp_path):
+    """CAS-H: raters label only attempts that passed the WER filter (so CAS vs CAS-H compares the kind of
+    supervision, not the success set's size), 2 c per target emotion by default."""
+    from esn.pipeline import human
+    from esn.wer import wer
+
+    run = make_run(tmp_path / "r")
+    try:
+        store = AttemptStore(run.rundir.record)
+        for p in store.shard_dir.iterdir():
+            p.unlink()
+        bed = run.bed
+        (run.rundir.record / "audio").mkdir()
+        tone = (0.1 * np.sin(np.arange(1600) * 2 * np.pi * 220 / 16_000)).astype(np.float32)
+        recs = []
+        for n, r in enumerate(bed.records):  # every attempt has audio, the WER failures too
+            sf.write(run.rundir.record / "audio" / f"a{n}.wav", tone, 16_000)
+            recs.append(AttemptRecord(r.id, r.emotion, r.transcript, r.text,
+                                      {"label": bed.labels[r.id], "audio": f"audio/a{n}.wav"}))
+        store.append(recs, bed.counts, bed.tokens, prompt_counts=bed.counts // 3, prompt_tokens=bed.tokens // 3)
+        passing = {r.id for r in bed.records if wer(r.transcript, r.text) <= run.cfg.filter.tau_wer}
+        assert len(passing) < len(bed.records)  # the filter has something to remove
+        assert human.labels_per_emotion(run) == 2 * run.cfg.anchor.c == 60
+
+        n = human.export_labels(run, tmp_path / "kit")
+        key = list(csv.DictReader((tmp_path / "kit" / "key.csv").open()))
+        assert n == len(key) == len(passing)  # fewer than 60 pass per emotion here: all of them are offered
+        assert {row["id"] for row in key} == passing
+        assert {row["target"] for row in key} == set(bed.emotions)
+        small = human.export_labels(run, tmp_path / "small", per_emotion=4)
+        ids = [row["id"] for row in csv.DictReader((tmp_path / "small" / "key.csv").open())]
+        assert small == 4 * len(bed.emotions) and set(ids) <= passing and len(set(ids)) == len(ids)
+        assert "Which emotion do you hear?" in (tmp_path / "small" / "clips.csv").read_text()
+    finally:
+        run.close()
