@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from esn.emotions import EMOTIONS, normalize_emotion
 from esn.errors import EsnError
 from esn.hookpoints import STREAMS, HookPoint, Layout
+from esn.requirements import Requirement
 
 DEFAULT_INSTRUCTION = (
     "Convert the emotion of this speech to {emotion}. Say exactly the same words as the input speech, "
@@ -177,6 +178,11 @@ class ModelAdapter(abc.ABC):
     # True if generate() runs all its requests as rows of one batch (per-row conditions need this).
     batched: ClassVar[bool] = True
     sample_rate: ClassVar[int] = 24_000
+    # What the real model needs beyond esn-core (``esn adapters check``; ``esn.requirements``): packages with
+    # the version range its code works with, whether it runs on CUDA only, whether loading runs checkpoint code.
+    requirements: ClassVar[tuple[Requirement, ...]] = ()
+    needs_cuda: ClassVar[bool] = False
+    remote_code: ClassVar[bool] = False
 
     def __init__(self, model: Any, source: str | Path):
         """Wrap a loaded model. ``model`` is an ``nn.Module`` whose submodules the hook points' dotted

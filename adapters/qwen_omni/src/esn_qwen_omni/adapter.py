@@ -31,6 +31,7 @@ from esn.adapters import (
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
+from esn.requirements import Requirement
 
 THINKER_LAYERS = ("thinker.model.language_model.layers", "thinker.model.layers")
 TALKER_LAYERS = "talker.model.layers"
@@ -239,6 +240,11 @@ class QwenOmniAdapter(ModelAdapter):
     architectures = ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel")
     model_name = "Qwen2.5-Omni"
     description = "Qwen2.5-Omni: thinker LM gates (lm) and talker gates (synth); transformers' native class"
+    # What `esn adapters check qwen_omni` reports (transformers' native class, as this adapter drives it).
+    requirements = (
+        Requirement("transformers", ">=5", why="Qwen2_5OmniForConditionalGeneration as tested (5.24)"),
+        Requirement("accelerate", optional=True, why="loads straight onto the GPU; without it, onto the CPU first"),
+    )
     batched = True
     sample_rate = 24_000
 

@@ -1,4 +1,4 @@
-"""``esn adapters list|tiny`` and ``esn plugins list``."""
+"""``esn adapters list|tiny|check`` and ``esn plugins list``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from esn.plugins import registry
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``adapters list|tiny`` and ``plugins list``."""
+    """Add ``adapters list|tiny|check`` and ``plugins list``."""
     adapters = sub.add_parser("adapters", help="model adapters: list installed ones, write tiny checkpoints")
     asub = adapters.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
     lst = asub.add_parser("list", help="list installed adapters")
@@ -24,6 +24,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     tiny.set_defaults(func=cmd_adapters_tiny)
+    chk = asub.add_parser("check", help="what an adapter's real model needs against what is installed (no weights load)")
+    chk.add_argument("adapter", nargs="*", help="adapter names (default: every installed adapter)")
+    chk.add_argument("--json", action="store_true", help="print a JSON list instead of tables")
+    chk.set_defaults(func=cmd_adapters_check)
 
     plugins = sub.add_parser("plugins", help="installed plugins and what they register")
     psub = plugins.add_subparsers(dest="plugins_command", metavar="ACTION", required=True)
@@ -79,6 +83,42 @@ def cmd_adapters_tiny(args: argparse.Namespace) -> int:
         path = cls.write_tiny(args.directory, seed=args.seed)
     console.print(f"wrote a tiny random {args.adapter} checkpoint to [bold]{path}[/]")
     return 0
+
+
+_STATUS_STYLE = {"ok": "green", "optional": "dim", "opt-in": "yellow", "missing": "bold red", "mismatch": "bold red"}
+
+
+def cmd_adapters_check(args: argparse.Namespace) -> int:
+    """``esn adapters check``: exit 0 when every named adapter's needs are met, 1 when something is missing
+    (a report, not an error)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from esn.requirements import check
+
+    reg = registry()
+    names = args.adapter or sorted(reg.adapters)
+    reports = [check(reg.adapter(name)) for name in names]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+        return 0 if all(r.ok for r in reports) else 1
+    for report in reports:
+        table = Table(title=f"{report.adapter}: what {report.model} needs", title_justify="left")
+        for col in ("need", "required", "installed", "status", "why"):
+            table.add_column(col, overflow="fold")
+        for f in report.findings:
+            style = _STATUS_STYLE.get(f.status, "")
+            table.add_row(escape(f.need), escape(f.required), escape(f.found), f"[{style}]{f.status}[/]", escape(f.why))
+        console.print(table)
+        if report.install:
+            console.print("install what is missing:", highlight=False)
+            console.print(report.install, markup=False, highlight=False, soft_wrap=True)
+        else:
+            console.print(f"{report.adapter}: everything its model needs is installed", highlight=False)
+        if report.install_all and report.install_all != report.install:
+            console.print("the whole stack its model was written for:", highlight=False)
+            console.print(report.install_all, markup=False, highlight=False, soft_wrap=True)
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def check_checkpoint_folder(directory: Path, *, force: bool = False) -> None:
