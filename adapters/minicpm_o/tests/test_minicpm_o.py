@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -27,6 +28,21 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return MiniCPMOAdapter.write_tiny(tmp_path_factory.mktemp("minicpmo") / "ck")
+
+
+def variant(tiny_dir, directory, *, tts=None, **config):
+    """A copy of the tiny checkpoint with some config.json fields (``tts``: fields of ``tts_config``) changed;
+    a value of None deletes the field."""
+    shutil.copytree(tiny_dir, directory)
+    data = json.loads((directory / "config.json").read_text())
+    for table, changes in ((data, config), (data["tts_config"], tts or {})):
+        for key, value in changes.items():
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+    (directory / "config.json").write_text(json.dumps(data, indent=2))
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +135,11 @@ def test_loading_errors(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_remote_code_failure_names_the_versions(tiny_dir, tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for item in tiny_dir.iterdir():
-        (broken / item.name).write_bytes(item.read_bytes())
+    broken = variant(tiny_dir, tmp_path / "broken")
     (broken / "modeling_minicpmo.py").write_text("from transformers import NoSuchClass\n")
-    with pytest.raises(EsnError, match=r"written for transformers 4\.51\.0, torch <= 2\.8") as info:
+    with pytest.raises(EsnError, match=r"written for transformers 4\.51\.0, torch <= 2\.8\.0") as info:
         MiniCPMOAdapter.load(broken, trust_remote_code=True)
-    assert "pip install" in str(info.value)
+    assert "pip install transformers==4.51.0" in str(info.value)
 
 
 def test_plugin_lists_without_heavy_imports():
@@ -150,3 +163,99 @@ def test_system_prompt_presets(adapter):
         "You are an emotional voice conversion system")
     user = default[1]["content"]
     assert user[0] is request.audio and "happy" in user[1]
+
+
+# -- upstream fidelity (issue #17): each test fails on the adapter before the fix --------------------------
+
+
+def test_hub_id_loads_the_vocoder_from_the_downloaded_snapshot(tiny_dir, tmp_path, monkeypatch):
+    """Point 1: init_tts() builds its CosyVoice2 path from config._name_or_path, which is the hub id itself
+    when the model is loaded by id. The adapter downloads the snapshot first and loads from there.
+    (The hub is a local cache in offline mode here, laid out as huggingface_hub lays it out.)"""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--esn-test--tiny-minicpmo"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    adapter = MiniCPMOAdapter.load("esn-test/tiny-minicpmo", dtype="float32", trust_remote_code=True)
+    assert adapter.source == "esn-test/tiny-minicpmo"
+    assert adapter.model.config._name_or_path == str(repo / "snapshots" / commit)
+    assert adapter.model.tts.audio_tokenizer.sample_rate == 24_000
+    with pytest.raises(EsnError, match=r"could not fetch esn-test/no-such-model from the Hugging Face hub"):
+        MiniCPMOAdapter.load("esn-test/no-such-model", trust_remote_code=True)
+
+
+def test_published_code_needs_its_transformers_range(tiny_dir, tmp_path):
+    """Point 4: the remote code reads past_key_values.seen_tokens (gone in transformers 4.54) and
+    minicpmo-utils pins <4.53; the whole range is checked before loading, not only the major version."""
+    published = variant(tiny_dir, tmp_path / "published")
+    (published / "esn_standin.json").unlink()  # now the adapter treats it as the published checkpoint
+    import transformers
+
+    with pytest.raises(EsnError, match=r"transformers>=4\.51\.0,<4\.53 \(you have " + transformers.__version__) as info:
+        MiniCPMOAdapter.load(published, dtype="float32", trust_remote_code=True)
+    message = str(info.value)
+    assert "seen_tokens" in message and "pip install transformers==4.51.0" in message
+    assert "\n" not in message
+
+
+def test_an_error_inside_chat_is_an_esn_error_naming_the_cause(tiny_dir, tmp_path):
+    """Point 4: the stand-in reads the cache length through seen_tokens as the published code does; on this
+    transformers that attribute is gone and chat() raises. The adapter turns that into one EsnError."""
+    old_api = variant(tiny_dir, tmp_path / "seen_tokens", standin_cache_length_from="seen_tokens")
+    adapter = MiniCPMOAdapter.load(old_api, dtype="float32", trust_remote_code=True)
+    with pytest.raises(EsnError, match=r"chat\(\) failed on request c0: AttributeError: .*seen_tokens") as info:
+        adapter.generate(tiny_requests(1), tiny_config())
+    assert "written for transformers 4.51.0" in str(info.value)
+
+
+@pytest.mark.parametrize("tts,match", [
+    ({"condition_type": "llm_hidden"}, r"condition_type is 'llm_hidden'.*only for 'hidden_text_merge'"),
+    ({"s3_stream_generate": None}, r"tts_config has no s3_stream_generate"),
+    ({"s3_stream_generate": True}, r"s3_stream_generate is true, but the installed vocoder .* has no inference_token2wav"),
+], ids=["condition_type", "no_s3_stream_generate", "s3_stream_generate"])
+def test_tts_switches_chat_cannot_follow_are_refused_at_load(tiny_dir, tmp_path, tts, match):
+    """Point 8: chat() picks its speech path from tts_config (condition_type, s3_stream_generate) and
+    swallows the error of a path it cannot take: every conversion would come back silent."""
+    with pytest.raises(EsnError, match=match):
+        MiniCPMOAdapter.load(variant(tiny_dir, tmp_path / "v", tts=tts), dtype="float32", trust_remote_code=True)
+
+
+def test_the_vocoder_call_is_recorded(adapter):
+    result = adapter.generate(tiny_requests(1), tiny_config())[0]
+    assert adapter.vocoder_call == "token2wav" and result.info["vocoder_call"] == "token2wav"
+
+
+def test_the_swallowed_error_is_named_in_the_result(adapter):
+    tokenizer = adapter.model.tts.audio_tokenizer
+    adapter.model.tts.audio_tokenizer = None
+    try:
+        with pytest.warns(NoAudioWarning):
+            result = adapter.generate(tiny_requests(1), tiny_config())[0]
+    finally:
+        adapter.model.tts.audio_tokenizer = tokenizer
+    assert "caught and printed AttributeError: 'NoneType' object has no attribute 'token2wav'" in result.info["error"]
+
+
+def test_a_checkpoint_without_its_vocoder_is_refused(tiny_dir, tmp_path):
+    bare = variant(tiny_dir, tmp_path / "bare")
+    shutil.rmtree(bare / "assets")
+    with pytest.raises(EsnError, match=r"no assets/CosyVoice2-0\.5B/"):
+        MiniCPMOAdapter.load(bare, dtype="float32", trust_remote_code=True)
+
+
+def test_the_model_extra_pins_what_the_adapter_checks():
+    """pyproject's "model" extra installs the PyPI part of the requirements that load() and
+    `esn adapters check` enforce, with the same pins."""
+    import tomllib
+    from pathlib import Path
+
+    from esn_minicpm_o.adapter import REQUIREMENTS
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pypi = [r.pip_argument for r in REQUIREMENTS if not r.pip_options and "+" not in r.pip_argument]
+    assert pyproject["project"]["optional-dependencies"]["model"] == pypi

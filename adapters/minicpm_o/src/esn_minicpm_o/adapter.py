@@ -6,7 +6,9 @@ Hook points (``act_fn`` outputs, ``[batch, pos, d_mlp]``):
 - ``synth.layers.{l}.mlp.gate`` -> ``tts.model.layers.{l}.mlp.act_fn`` (LlamaModel; read from ``tts_config``)
 
 The checkpoint's own remote code (``modeling_minicpmo.py``) builds the model, so loading needs
-``trust_remote_code=True``. ``chat`` runs one conversation at a time (``batched = False``): there is
+``trust_remote_code=True``; it runs only on the stack it was written for (``REQUIREMENTS``, checked before
+anything loads). A hub id is downloaded first, so that every path the remote code builds from
+``config._name_or_path`` (the CosyVoice2 vocoder under ``assets/``) is a local one. ``chat`` runs one conversation at a time (``batched = False``): there is
 no padding, and recording counts every position the model runs. The LLM's text is greedy
 (``do_sample=False, num_beams=1``); the TTS always samples (``torch.multinomial``), so each conversion
 runs under a fixed seed and the audio is reproducible only on the same software and hardware.
@@ -15,8 +17,10 @@ runs under a fixed seed and the audio is reproducible only on the same software 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -35,12 +39,28 @@ from esn.adapters import (
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
+from esn.requirements import Requirement, ensure, install_line
 
 LM_LAYERS = "llm.model.layers"
 SYNTH_LAYERS = "tts.model.layers"
-# What the published remote code was written against (its config.json / requirements).
-WRITTEN_FOR = "transformers 4.51.0, torch <= 2.8"
-INSTALL = 'pip install "transformers==4.51.0" "torch<=2.8" "minicpmo-utils[all]"'
+# What the published remote code (OpenBMB/minicpm-o-4_5-pytorch-simple-demo, MiniCPMO45/) runs on; see
+# docs/adapters/minicpm_o.md for where each bound comes from. The install extra esn-minicpm-o[model] pins these.
+REQUIREMENTS = (
+    Requirement("transformers", ">=4.51.0,<4.53", install="transformers==4.51.0",
+                why="remote code: Qwen3 (4.51+) and past_key_values.seen_tokens (removed in 4.54); "
+                    "minicpmo-utils[tts] pins <4.53; upstream pins 4.51.0"),
+    Requirement("torch", "<=2.8.0", why="upstream README: torch<=2.8.0"),
+    Requirement("torchaudio", "<=2.8.0", why="upstream README: torchaudio<=2.8.0 (the CosyVoice2 vocoder uses it)"),
+    Requirement("cosyvoice-minicpmo", module="cosyvoice",
+                why="init_tts() imports cosyvoice.cli.cosyvoice.CosyVoice2 (minicpmo-utils 1.0.1-1.0.4 shipped it too)"),
+    Requirement("pillow", module="PIL", why="chat() imports PIL"),
+)
+# The tiny stand-in (esn_standin.json in the checkpoint) is written for the test machine's transformers.
+STANDIN_REQUIREMENTS = (Requirement("transformers", ">=4.51", why="the stand-in builds a Qwen3ForCausalLM"),)
+STANDIN_MARKER = "esn_standin.json"
+WRITTEN_FOR = "transformers 4.51.0, torch <= 2.8.0"
+INSTALL = install_line(REQUIREMENTS)
+VOCODER = "assets/CosyVoice2-0.5B"  # init_tts()'s CosyVoice2 directory inside the checkpoint
 # MiniCPM-o's own default system prompt (``get_sys_prompt(mode="default")`` in its remote code).
 MODEL_SYSTEM_PROMPT = "You are a helpful assistant. You can accept audio and text input and output voice and text."
 SYSTEM_PROMPTS = {"model": MODEL_SYSTEM_PROMPT, "conversion": CONVERSION_SYSTEM_PROMPT}
@@ -80,11 +100,68 @@ def _import_transformers() -> Any:
     return transformers
 
 
-def _major(version: str) -> int:
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        return -1
+def _is_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the real stderr and keeps a copy: chat() prints the TTS errors it swallows."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.copy = io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def swallowed_error(printed: str) -> str | None:
+    """The last line (``Type: message``) of the last traceback in ``printed``, if there is one."""
+    if "Traceback (most recent call last)" not in printed:
+        return None
+    tail = printed.rsplit("Traceback (most recent call last)", 1)[1]
+    lines = [line.strip() for line in tail.splitlines() if line.strip() and not line.startswith((" ", "\t"))]
+    return lines[-1] if lines else None
+
+
+def speech_path(model: Any, source: str | Path) -> str:
+    """The vocoder call chat() will make, from the switches of the checkpoint's ``tts_config``.
+
+    chat() catches every error of its speech step and only prints it, so a switch its code cannot follow
+    would silently give every conversion no audio; those are refused here, before anything runs.
+    """
+    tts = model.tts
+    config = tts.config
+    condition = getattr(tts, "condition_type", getattr(config, "condition_type", None))
+    if condition != "hidden_text_merge":
+        raise EsnError(
+            f"{source}: tts_config.condition_type is {condition!r}; MiniCPM-o's chat() builds speech only for "
+            "'hidden_text_merge' (any other value raises NotImplementedError inside chat, which swallows it: "
+            "no conversion would have audio)"
+        )
+    if getattr(config, "audio_tokenizer_type", None) != "s3tokenizer":
+        raise EsnError(f"{source}: tts_config.audio_tokenizer_type is {config.audio_tokenizer_type!r} after "
+                       "init_tts(); chat() makes speech only with 's3tokenizer'")
+    if not hasattr(config, "s3_stream_generate"):
+        raise EsnError(
+            f"{source}: tts_config has no s3_stream_generate; chat() reads it for every conversion (an "
+            "AttributeError it swallows: no audio). Use the checkpoint's own config.json"
+        )
+    if not config.s3_stream_generate:
+        return "token2wav"
+    missing = [k for k in ("s3_stream_n_timesteps", "s3_stream_chunk_size", "s3_stream_prelook_size") if not hasattr(config, k)]
+    if missing or not hasattr(tts.audio_tokenizer, "inference_token2wav"):
+        lacks = f"tts_config lacks {', '.join(missing)}" if missing else (
+            f"the installed vocoder {type(tts.audio_tokenizer).__module__}.{type(tts.audio_tokenizer).__name__} "
+            "has no inference_token2wav")
+        raise EsnError(f"{source}: tts_config.s3_stream_generate is true, but {lacks}, which that speech path "
+                       "needs; chat() would swallow the error and return no audio")
+    return "inference_token2wav"
 
 
 class MiniCPMOAdapter(ModelAdapter):
@@ -95,16 +172,42 @@ class MiniCPMOAdapter(ModelAdapter):
     description = "MiniCPM-o 4.5 (remote code): llm gates (lm) and TTS LlamaModel gates (synth)"
     batched = False
     sample_rate = 24_000
+    requirements = REQUIREMENTS
+    remote_code = True
+
+    def __init__(self, model: Any, source: str | Path):
+        super().__init__(model, source)
+        self.vocoder_call = speech_path(model, source)  # refuses TTS switches chat() cannot follow
 
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
-    def read_config(cls, source: str | Path) -> dict:
-        """The checkpoint's config.json (local directories only; hub ids are checked after download)."""
+    def local_checkpoint(cls, source: str | Path) -> Path:
+        """``source`` as a local directory: a hub id is downloaded (whole repository, ``assets/`` included).
+
+        The remote code builds the vocoder path as ``config._name_or_path + "/assets/CosyVoice2-0.5B"``;
+        loaded by hub id, that path is not a local directory and ``init_tts`` fails.
+        """
         path = Path(source)
-        if not path.exists():
-            return {}
-        if not path.is_dir():
+        if path.is_dir():
+            return path
+        if path.exists():
             raise EsnError(f"model {str(source)!r} is a file; give the checkpoint directory")
+        if not _is_hub_id(str(source)):
+            raise EsnError(f"model {str(source)!r} not found: give a checkpoint directory or a hub id like openbmb/MiniCPM-o-4_5")
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id=str(source)))
+        except Exception as exc:  # offline, no such repository, no access, no huggingface_hub
+            raise EsnError(
+                f"could not fetch {source} from the Hugging Face hub ({type(exc).__name__}: {exc}); download it "
+                f"(huggingface-cli download {source} --local-dir DIR) and give the directory"
+            ) from None
+
+    @classmethod
+    def read_config(cls, source: str | Path) -> dict:
+        """The checkpoint directory's config.json, checked to be MiniCPM-o."""
+        path = Path(source)
         try:
             config = json.loads((path / "config.json").read_text())
         except FileNotFoundError:
@@ -131,17 +234,14 @@ class MiniCPMOAdapter(ModelAdapter):
                 "(command line: --trust-remote-code) if you trust that checkpoint"
             )
         check_dtype(dtype)
-        config = cls.read_config(source)
+        local = cls.local_checkpoint(source)
+        cls.read_config(local)
+        standin = (local / STANDIN_MARKER).is_file()
+        ensure(STANDIN_REQUIREMENTS if standin else REQUIREMENTS,
+               "the MiniCPM-o stand-in" if standin else "MiniCPM-o 4.5's remote code")
         transformers = _import_transformers()
         import torch
 
-        written = config.get("transformers_version")
-        if written and _major(written) != _major(transformers.__version__):
-            warnings.warn(
-                f"{source} was saved with transformers {written}; you have {transformers.__version__}. "
-                f"If loading or chat fails, use the versions its code was written for: {INSTALL}",
-                stacklevel=2,
-            )
         new_api = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) >= (4, 56)
         kwargs: dict[str, Any] = {
             "trust_remote_code": True,
@@ -149,19 +249,28 @@ class MiniCPMOAdapter(ModelAdapter):
         }
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        versions = f"you have transformers {transformers.__version__}, torch {torch.__version__}"
         try:
-            model = transformers.AutoModel.from_pretrained(str(source), **kwargs)
+            model = transformers.AutoModel.from_pretrained(str(local), **kwargs)
             model = model.eval().to(device)
-            model.init_tts()
         except Exception as exc:  # remote code on a mismatched stack fails in many ways; say why once
             raise EsnError(
                 f"could not load MiniCPM-o from {source}: {type(exc).__name__}: {exc}. Its remote code was written "
-                f"for {WRITTEN_FOR} (you have transformers {transformers.__version__}, torch {torch.__version__}); "
-                f"install with: {INSTALL}"
+                f"for {WRITTEN_FOR} ({versions}); install with: {INSTALL}"
             ) from exc
         for part in ("llm", "tts"):
             if not hasattr(model, part):
                 raise EsnError(f"{source}: the loaded model has no {part!r} module; is init_tts false in its config?")
+        vocoder = local / VOCODER
+        if not vocoder.is_dir():
+            raise EsnError(f"{source}: no {VOCODER}/ (the CosyVoice2 vocoder init_tts() loads); use the full checkpoint")
+        try:
+            model.init_tts(model_dir=str(vocoder))  # explicit: never a path built from a hub id
+        except Exception as exc:
+            raise EsnError(
+                f"could not start MiniCPM-o's vocoder from {vocoder}: {type(exc).__name__}: {exc} ({versions}); "
+                f"install with: {INSTALL}"
+            ) from exc
         return cls(model, source)
 
     @classmethod
@@ -224,19 +333,33 @@ class MiniCPMOAdapter(ModelAdapter):
         extra = {"tts_sampling_params": params} if params is not None else {}
         with tempfile.TemporaryDirectory(prefix="esn-minicpmo-") as tmp:
             path = Path(tmp) / "out.wav"
-            with seeded(config.seed, self.device):
-                text = self.model.chat(
-                    msgs=self.messages(request, config),
-                    do_sample=False,
-                    num_beams=1,
-                    max_new_tokens=config.max_new_tokens,
-                    use_tts_template=True,
-                    enable_thinking=options.get("enable_thinking", False),
-                    generate_audio=True,
-                    output_audio_path=str(path),
-                    **extra,
-                )
-            info: dict[str, Any] = {"seed": config.seed, "tts_sampled": True}
+            printed = _Tee(sys.stderr)
+            with seeded(config.seed, self.device), contextlib.redirect_stderr(printed):
+                try:
+                    text = self.model.chat(
+                        msgs=self.messages(request, config),
+                        do_sample=False,
+                        num_beams=1,
+                        max_new_tokens=config.max_new_tokens,
+                        use_tts_template=True,
+                        enable_thinking=options.get("enable_thinking", False),
+                        generate_audio=True,
+                        output_audio_path=str(path),
+                        **extra,
+                    )
+                except EsnError:
+                    raise
+                except Exception as exc:  # the remote code on another stack fails here, e.g. the cache API
+                    import torch
+                    import transformers
+
+                    raise EsnError(
+                        f"MiniCPM-o chat() failed on request {request.id or '?'}: {type(exc).__name__}: {exc}. Its "
+                        f"remote code was written for {WRITTEN_FOR} (you have transformers {transformers.__version__}, "
+                        f"torch {torch.__version__}); install with: {INSTALL}"
+                    ) from exc
+            info: dict[str, Any] = {"seed": config.seed, "tts_sampled": True, "vocoder_call": self.vocoder_call}
+            swallowed = swallowed_error(printed.copy.getvalue())
             wave, rate = None, self.sample_rate
             if path.is_file() and path.stat().st_size > 0:
                 try:
@@ -250,11 +373,12 @@ class MiniCPMOAdapter(ModelAdapter):
         if wave is None:
             import numpy as np
 
+            cause = (f"its chat() caught and printed {swallowed}" if swallowed else
+                     "its chat() wrote no audio file and printed no error")
             info.setdefault(
                 "error",
-                "MiniCPM-o produced no audio: its chat() catches TTS errors and only prints them (see the "
-                "traceback above). Common causes: the text hit max_new_tokens before <|tts_eos|>, or the "
-                "audio tokenizer (CosyVoice2) is missing",
+                f"MiniCPM-o produced no audio: {cause}. Common causes: the text hit max_new_tokens before "
+                "<|tts_eos|>, or the vocoder (CosyVoice2) failed",
             )
             warnings.warn(f"{self.name}: request {request.id or '?'}: {info['error']}", NoAudioWarning, stacklevel=3)
             return EVCResult(request.id, clean_text(text), np.zeros(0, np.float32), self.sample_rate, info)

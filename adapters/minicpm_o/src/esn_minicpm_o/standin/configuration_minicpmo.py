@@ -1,4 +1,9 @@
-"""Tiny stand-in of MiniCPM-o 4.5's ``configuration_minicpmo.py`` (the fields the adapter and chat use)."""
+"""Tiny stand-in of MiniCPM-o 4.5's ``configuration_minicpmo.py`` (the fields the adapter and chat use).
+
+The defaults are the published code's own (``condition_type="llm_hidden"``, ``audio_tokenizer_type=
+"wavtokenizer"``), so only a checkpoint's config.json makes the TTS usable; ``s3_stream_generate`` and the
+other ``s3_stream_*`` fields are not parameters at all: they exist only when config.json has them.
+"""
 
 from transformers import PretrainedConfig, Qwen3Config
 
@@ -22,9 +27,9 @@ class MiniCPMTTSConfig(PretrainedConfig):
         text_eos_token_id: int = 21133,
         projector_type: str = "default",
         normalize_projected_hidden: bool = False,
-        condition_type: str = "hidden_text_merge",
+        condition_type: str = "llm_hidden",
         backbone_model: str = "llama",
-        audio_tokenizer_type: str = "s3tokenizer",
+        audio_tokenizer_type: str = "wavtokenizer",
         audio_tokenizer_sample_rate: int = 24000,
         attn_implementation: str = "sdpa",
         **kwargs,
@@ -63,6 +68,7 @@ class MiniCPMOConfig(Qwen3Config):
         init_tts: bool = True,
         audio_frame_samples: int = 640,  # stand-in audio encoder: 25 frames per second of 16 kHz audio
         audio_feature_bins: int = 16,
+        standin_cache_length_from: str = "seen_tokens",
         **kwargs,
     ):
         if tts_config is None:
@@ -75,6 +81,10 @@ class MiniCPMOConfig(Qwen3Config):
         self.init_tts = init_tts
         self.audio_frame_samples = audio_frame_samples
         self.audio_feature_bins = audio_feature_bins
+        # How the patched prepare_inputs_for_generation reads the cache length: "seen_tokens" as the published
+        # code does (that attribute is gone in transformers >= 4.54), or "get_seq_length" (its successor), which
+        # the tiny checkpoint uses so that the stand-in runs on the transformers of the test machine.
+        self.standin_cache_length_from = standin_cache_length_from
         super().__init__(**kwargs)
 
     def to_dict(self):

@@ -10,8 +10,16 @@ vision tower, Whisper encoder, processor and CosyVoice2 are replaced by small de
 - ``tts``: ``emb_text(tokens) + projector_semantic(llm hidden states)`` between ``<|tts_bos|>`` and
   ``<|tts_eos|>``, then a real ``LlamaModel`` decodes audio tokens by ``torch.multinomial`` (temperature,
   top-k, top-p; no warpers at step 0; eos masked for ``min_new_token`` steps) — the TTS always samples.
-- ``tts.audio_tokenizer``: a token -> 24 kHz waveform synthesiser set by ``init_tts()``; a plain
-  attribute, not an ``nn.Module`` child.
+- ``tts.audio_tokenizer``: a token -> 24 kHz waveform synthesiser (``TinyCosyVoice2``) set by ``init_tts()``
+  from ``model_dir`` or, as published, from ``config._name_or_path + "/assets/CosyVoice2-0.5B"`` (which
+  exists only when the model was loaded from a local directory); a plain attribute, not an ``nn.Module``.
+- the speech path follows the checkpoint's ``tts_config`` switches as the published code does: only
+  ``condition_type == "hidden_text_merge"`` makes speech (anything else raises NotImplementedError), and
+  ``s3_stream_generate`` is read on every conversion (missing -> AttributeError; true -> the vocoder's
+  ``inference_token2wav``, which the published CosyVoice2 does not have; false -> ``token2wav``).
+- ``llm.prepare_inputs_for_generation`` is patched like the published code and reads the cache length
+  through ``past_key_values.seen_tokens`` (gone in transformers >= 4.54) unless the config's
+  ``standin_cache_length_from`` says ``"get_seq_length"`` (what the tiny checkpoint uses).
 - ``chat`` writes audio to ``output_audio_path`` with soundfile at 24 kHz and swallows TTS errors
   (prints the traceback), as the real code does.
 
@@ -22,8 +30,10 @@ every time, so this stand-in aligns the two lengths instead.
 
 import inspect
 import json
+import os
 import re
 import traceback
+import types
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -32,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, PreTrainedModel, Qwen3ForCausalLM
+from transformers.cache_utils import Cache
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from .configuration_minicpmo import MiniCPMOConfig, MiniCPMTTSConfig
@@ -93,15 +104,26 @@ class TTSSamplingParams:
     tau_r: float = 0.1
 
 
-class TinyToken2Wav:
-    """Stands in for CosyVoice2: speech tokens (25 per second) -> waveform at 24 kHz.
+class TinyCosyVoice2:
+    """Stands in for CosyVoice2 (``cosyvoice.cli.cosyvoice.CosyVoice2``): speech tokens (25 per second) ->
+    waveform at 24 kHz, read from a model directory like the real one (which, given a path that does not
+    exist, tries to download it as a ModelScope id and fails).
 
     Each token is a short tone whose pitch depends on the token id; loudness follows the voice prompt,
-    and a little seeded noise plays the part of flow matching's random start.
+    and a little seeded noise plays the part of flow matching's random start. Like the published
+    CosyVoice2 it has ``token2wav`` and no ``inference_token2wav``.
     """
 
-    sample_rate = 24000
-    samples_per_token = 960
+    SETTINGS = "standin_vocoder.json"
+
+    def __init__(self, model_dir, load_jit=False, load_trt=False, fp16=False):
+        path = os.path.join(model_dir, self.SETTINGS)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CosyVoice2 model directory {model_dir!r} not found (no {self.SETTINGS})")
+        with open(path) as f:
+            settings = json.load(f)
+        self.sample_rate = int(settings["sample_rate"])
+        self.samples_per_token = int(settings["samples_per_token"])
 
     def token2wav(self, speech_token, speech_token_len, prompt_speech_16k=None, stream=False):
         tokens = speech_token.reshape(-1).long().cpu()
@@ -114,6 +136,25 @@ class TinyToken2Wav:
             gain = float(torch.as_tensor(prompt_speech_16k, dtype=torch.float32).pow(2).mean().sqrt()) + 1e-3
         wave = gain * wave + 1e-3 * torch.randn(wave.shape)
         yield {"tts_speech": wave[None, :]}
+
+
+def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                  cache_position=None, **kwargs):
+    """Patched onto ``llm`` as the published code does. That code takes the cache length from
+    ``past_key_values.seen_tokens`` to cut ``input_ids``; the stand-in reads it the same way, then leaves the
+    cutting to transformers' own method (which uses ``cache_position``)."""
+    cache = kwargs.get("cache", past_key_values)  # transformers 5 passes the cache as ``cache``
+    if isinstance(cache, Cache):
+        if self.config.standin_cache_length_from == "seen_tokens":
+            past_length = cache.seen_tokens  # AttributeError on transformers >= 4.54
+        else:
+            past_length = cache.get_seq_length()
+        if cache_position is not None and int(cache_position[0]) != past_length:
+            raise ValueError(f"the cache holds {past_length} positions but generation is at {int(cache_position[0])}")
+    if past_key_values is not None:
+        kwargs["past_key_values"] = past_key_values
+    return type(self).prepare_inputs_for_generation(self, input_ids, attention_mask=attention_mask,
+                                                   inputs_embeds=inputs_embeds, cache_position=cache_position, **kwargs)
 
 
 class MiniCPMTTS(PreTrainedModel):
@@ -207,6 +248,7 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.llm = Qwen3ForCausalLM(config)
+        self.llm.prepare_inputs_for_generation = types.MethodType(prepare_inputs_for_generation, self.llm)
         self.embed_dim = config.hidden_size
         if config.init_audio:
             self.audio_projection_layer = nn.Linear(config.audio_feature_bins, self.embed_dim)
@@ -220,8 +262,11 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
     def init_tts(self, streaming=False, model_dir=None, enable_float16=False, n_timesteps=10):
         if streaming:
             raise NotImplementedError("the tiny stand-in has no streaming Token2wav")
-        self.tts.config.audio_tokenizer_type = "s3tokenizer"
-        self.tts.audio_tokenizer = TinyToken2Wav()
+        if self.config.tts_config.audio_tokenizer_type != "s3tokenizer":
+            self.tts.config.audio_tokenizer_type = "s3tokenizer"
+        # as published: relative to _name_or_path, i.e. local only when loaded from a directory
+        model_dir = model_dir or os.path.join(self.config._name_or_path, "assets/CosyVoice2-0.5B")
+        self.tts.audio_tokenizer = TinyCosyVoice2(model_dir=model_dir, load_jit=False, load_trt=False, fp16=False)
         return self.tts.audio_tokenizer
 
     # -- audio input ------------------------------------------------------------------------------
@@ -340,6 +385,8 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         hidden = torch.vstack([step[tts_proj_layer][0] for step in outputs.hidden_states])  # [positions, H]
         start, end = tts_bound
         end = min(end if end is not None else full.numel(), hidden.shape[0])  # stand-in: align lengths
+        if self.tts.condition_type != "hidden_text_merge":
+            raise NotImplementedError  # the published code builds the TTS condition for this type only
         tokens = full[start:end].to(self.tts.emb_text.weight.device)
         tts_embeds = self.tts.emb_text(tokens) + self.tts.projector_semantic(hidden[start:end])
         if self.tts.config.normalize_projected_hidden:
@@ -350,8 +397,16 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         inputs_embeds = torch.cat([tts_embeds, text_eos, audio_bos], 0)[None]
         out = self.tts.generate(inputs_embeds=inputs_embeds, sampling_params=tts_sampling_params,
                                 eos_token=torch.tensor([self.tts.config.num_audio_tokens - 1], device=dev))
+        if self.tts.config.audio_tokenizer_type != "s3tokenizer":
+            raise NotImplementedError
         tokens = out.new_ids.squeeze(-1)
         prompt = torch.tensor(audio_prompt)[None] if audio_prompt is not None else None
+        if self.tts.config.s3_stream_generate:  # read unguarded, as published
+            wave = self.tts.audio_tokenizer.inference_token2wav(
+                speech_tokens=tokens, prompt_speech_16k=prompt, prompt_speech=None, stream=True,
+                n_timesteps=self.tts.config.s3_stream_n_timesteps, code_chunk_size=self.tts.config.s3_stream_chunk_size,
+                chunk_prelook_size=self.tts.config.s3_stream_prelook_size, use_attn_idx=False)
+            return wave[0]
         for chunk in self.tts.audio_tokenizer.token2wav(speech_token=tokens,
                                                        speech_token_len=torch.tensor([tokens.shape[1]]),
                                                        prompt_speech_16k=prompt, stream=False):
