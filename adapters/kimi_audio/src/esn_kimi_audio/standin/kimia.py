@@ -1,5 +1,11 @@
 """Tiny stand-in of ``kimia_infer.api.kimia.KimiAudio`` (same constructor, ``generate`` and decode loop).
 
+Imitated because the adapter depends on it: the ALM loads in bfloat16; the Whisper features come out
+in bfloat16 and reach the ALM uncast (the published Whisper encoder runs in bf16); the prompt gets
+``<|im_kimia_speech_ctd_id|>`` only after an audio message that ends the user turn; "both" mode allows
+``1500 - prompt length`` steps (120 s at 12.5 tokens/s); zero speech tokens still go to the detokenizer,
+which fails on them like the published vocoder does.
+
 Differences from the real wrapper, all outside the ALM: the ALM stays on the device it loads on (CPU
 here) instead of ``torch.cuda.current_device()``; the text tokenizer is character-level; speech
 tokens and Whisper features are fixed log-spectrum functions of 80 ms frames (12.5 per second); the
@@ -121,7 +127,7 @@ class KimiAPromptManager:
                 for s in speech:
                     put(s, x.kimia_text_blank, True)
                 put(x.media_end, x.kimia_text_blank)
-                features.append(spec[None])  # [1, frames, kimia_adaptor_input_dim]
+                features.append(spec[None].to(torch.bfloat16))  # [1, frames, adaptor_in]: the encoder's bf16
                 if last_of_turn:
                     put(x.kimia_speech_ct_id if output_type == "text" else x.kimia_speech_ctd_id, x.kimia_text_blank)
             else:
@@ -133,12 +139,25 @@ class KimiAPromptManager:
 
 
 class TinyDetokenizer:
-    """Speech tokens (12.5 per second) -> 24 kHz waveform; seeded noise plays the flow-matching start."""
+    """Speech tokens (12.5 per second) -> 24 kHz waveform; seeded noise plays the flow-matching start.
 
-    def detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.reshape(-1).float().cpu()
-        t = torch.arange(1920, dtype=torch.float32) / 24000
-        wave = 0.1 * torch.sin(2 * math.pi * (120.0 + 12.0 * tokens[:, None]) * t[None, :]).reshape(-1)
+    Like the published detokenizer it works chunk by chunk, 4 mel frames of 480 samples per token, and
+    fails on an empty chunk: the vocoder's first convolution (kernel 7, padding 3) needs at least one frame.
+    """
+
+    frame = 480
+
+    def clear_states(self):
+        pass
+
+    def detokenize_streaming(self, semantic_token, is_final=False, upsample_factor=1):
+        assert semantic_token.dim() == 2 and semantic_token.shape[0] == 1
+        frames = semantic_token.repeat_interleave(upsample_factor, dim=1).reshape(-1).float().cpu()  # [4n]
+        if frames.numel() == 0:
+            raise RuntimeError("Calculated padded input size per channel: (6). Kernel size: (7). "
+                               "Kernel size can't be greater than actual input size")
+        t = torch.arange(self.frame, dtype=torch.float32) / 24000
+        wave = 0.1 * torch.sin(2 * math.pi * (120.0 + 12.0 * frames[:, None]) * t[None, :]).reshape(-1)
         return (wave + 1e-3 * torch.randn(wave.shape))[None]  # [1, N]
 
 
@@ -177,7 +196,7 @@ class KimiAudio:
 
         if not os.path.exists(model_path):
             raise FileNotFoundError(f"{model_path}: the stand-in loads local directories only")
-        self.alm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=True)
+        self.alm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, trust_remote_code=True)
         self.alm.eval()
         self.kimia_token_offset = self.alm.config.kimia_token_offset
         self.prompt_manager = KimiAPromptManager(self.alm.config)
@@ -240,7 +259,7 @@ class KimiAudio:
         elif max_new_tokens == -1:
             max_new_tokens = 7500 - audio_ids.shape[1]
         device = self.alm.device
-        features = [f.to(device, self.alm.dtype) for f in features]
+        features = [f.to(device) for f in features]  # moved, not cast: they stay bf16
         wav_tokens, text_tokens = self._generate_loop(
             audio_ids.to(device), text_ids.to(device), max_new_tokens=max_new_tokens,
             audio_temperature=audio_temperature, audio_top_k=audio_top_k,
@@ -250,8 +269,8 @@ class KimiAudio:
             text_repetition_window_size=text_repetition_window_size, is_continuous_mask=mask.to(device),
             continous_feature=features, output_type=output_type,
         )
-        wav_tokens = torch.tensor([[t - self.kimia_token_offset for t in wav_tokens if t >= self.kimia_token_offset]],
-                                  dtype=torch.long)
+        wav_tokens = torch.tensor([t for t in wav_tokens if t >= self.kimia_token_offset])[None]  # float if empty
+        wav_tokens = wav_tokens - self.kimia_token_offset
         text = self.detokenize_text([t for t in text_tokens if t < self.kimia_token_offset])
         wav = None
         if self.detokenizer is not None and output_type == "both":
@@ -259,9 +278,17 @@ class KimiAudio:
         return wav, text
 
     def detokenize_audio(self, audio_tokens):
+        """In chunks of 30 tokens, the first chunk even when there are no tokens at all."""
         if self.detokenizer is None:
             raise ValueError("Detokenizer is not initialized")
-        return self.detokenizer.detokenize(audio_tokens)
+        self.detokenizer.clear_states()
+        audio_tokens = audio_tokens.long()
+        n = audio_tokens.size(1)
+        chunks = [self.detokenizer.detokenize_streaming(audio_tokens[:, :30], is_final=n <= 30, upsample_factor=4)]
+        for i in range(30, n, 30):
+            chunks.append(self.detokenizer.detokenize_streaming(audio_tokens[:, i : i + 30], is_final=i + 30 >= n,
+                                                                upsample_factor=4))
+        return torch.cat(chunks, dim=-1)
 
     def detokenize_text(self, text_tokens):
         out = []

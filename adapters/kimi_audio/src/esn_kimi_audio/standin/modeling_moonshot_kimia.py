@@ -68,10 +68,12 @@ class MoonshotKimiaModel(MoonshotKimiaPreTrainedModel):
             starts = (input_ids[0] == self.config.kimia_media_begin).nonzero()[:, 0]
             ends = (input_ids[0] == self.config.kimia_media_end).nonzero()[:, 0]
             dim = whisper_input_feature[0].shape[-1]
-            expanded = audio_emb.new_zeros(audio_emb.shape[1], dim)
+            # in the features' own dtype (bf16 from kimia_infer), uncast, as published: vq_adaptor below
+            # then fails unless the ALM is bf16 too
+            expanded = torch.zeros(audio_emb.shape[1], dim, dtype=whisper_input_feature[0].dtype, device=audio_emb.device)
             for feature, start, end in zip(whisper_input_feature, starts.tolist(), ends.tolist(), strict=False):
                 feature = feature.reshape(-1, dim)
-                expanded[start + 1 : end] = feature[: end - start - 1].to(expanded.dtype)
+                expanded[start + 1 : end] = feature[: end - start - 1]
             mask = is_continuous_mask.to(audio_emb.device)[:, :, None]
             whisper_emb = self.vq_adaptor(expanded[None]) * mask
             mixed = (audio_emb + whisper_emb) * math.sqrt(2.0)
