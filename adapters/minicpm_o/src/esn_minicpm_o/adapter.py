@@ -121,12 +121,13 @@ class _Tee(io.TextIOBase):
 
 
 def swallowed_error(printed: str) -> str | None:
-    """The last line (``Type: message``) of the last traceback in ``printed``, if there is one."""
-    if "Traceback (most recent call last)" not in printed:
+    """The exception line (``Type: message``) of the last traceback in ``printed``, if there is one: the
+    first unindented line after the traceback's ``File ...`` lines."""
+    header = "Traceback (most recent call last):"
+    if header not in printed:
         return None
-    tail = printed.rsplit("Traceback (most recent call last)", 1)[1]
-    lines = [line.strip() for line in tail.splitlines() if line.strip() and not line.startswith((" ", "\t"))]
-    return lines[-1] if lines else None
+    tail = printed.rsplit(header, 1)[1].splitlines()
+    return next((line.strip() for line in tail if line.strip() and not line.startswith((" ", "\t"))), None)
 
 
 def speech_path(model: Any, source: str | Path) -> str:
