@@ -46,6 +46,7 @@ class Requirement:
 
     @property
     def pip_argument(self) -> str:
+        """What the install line asks pip for: ``install``, else ``<distribution><spec>``."""
         return self.install or f"{self.distribution}{self.spec}"
 
 
@@ -61,6 +62,7 @@ class Finding:
 
     @property
     def ok(self) -> bool:
+        """Nothing to do about this row: met, optional, or an opt-in the user gives when loading."""
         return self.status in ("ok", "optional", "opt-in")
 
 
@@ -76,9 +78,11 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """Every row is ok."""
         return all(f.ok for f in self.findings)
 
     def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (``esn adapters check --json``)."""
         return {"adapter": self.adapter, "model": self.model, "ok": self.ok,
                 "findings": [asdict(f) for f in self.findings], "install": self.install, "install_all": self.install_all}
 
@@ -112,6 +116,7 @@ def satisfies(version: str, spec: str) -> bool:
 
 
 def finding(req: Requirement) -> Finding:
+    """``req`` against this environment: ok, missing, mismatch (wrong version) or optional."""
     version = installed_version(req)
     required = req.spec or "any version"
     if version is None:
@@ -125,6 +130,7 @@ def finding(req: Requirement) -> Finding:
 
 
 def cuda_finding(needed: bool) -> Finding:
+    """Whether torch sees a CUDA device; a failure only if the model ``needed`` one."""
     import torch
 
     if torch.cuda.is_available():
@@ -138,6 +144,7 @@ def cuda_finding(needed: bool) -> Finding:
 
 
 def remote_code_finding() -> Finding:
+    """The opt-in a model that ships its own code needs (``--trust-remote-code``)."""
     return Finding("trust_remote_code", "opt-in", "pass --trust-remote-code (TOML: trust_remote_code = true)",
                    "opt-in", "loading runs Python code shipped inside the checkpoint")
 

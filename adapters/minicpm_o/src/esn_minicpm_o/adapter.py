@@ -39,6 +39,7 @@ from esn.adapters import (
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
+from esn.hub import is_hub_id
 from esn.requirements import Requirement, ensure, install_line
 
 LM_LAYERS = "llm.model.layers"
@@ -49,11 +50,12 @@ REQUIREMENTS = (
     Requirement("transformers", ">=4.51.0,<4.53", install="transformers==4.51.0",
                 why="remote code: Qwen3 (4.51+) and past_key_values.seen_tokens (removed in 4.54); "
                     "minicpmo-utils[tts] pins <4.53; upstream pins 4.51.0"),
-    Requirement("torch", "<=2.8.0", why="upstream README: torch<=2.8.0"),
-    Requirement("torchaudio", "<=2.8.0", why="upstream README: torchaudio<=2.8.0 (the CosyVoice2 vocoder uses it)"),
-    Requirement("cosyvoice-minicpmo", module="cosyvoice",
+    # lower bounds: esn-minicpm-o's own torch floor; the cosyvoice-minicpmo release read; upstream's Pillow floor
+    Requirement("torch", ">=2.4,<=2.8.0", why="upstream README: torch<=2.8.0 (its requirements.txt pins 2.8.0)"),
+    Requirement("torchaudio", ">=2.4,<=2.8.0", why="upstream README: torchaudio<=2.8.0 (the CosyVoice2 vocoder uses it)"),
+    Requirement("cosyvoice-minicpmo", ">=0.1.0", module="cosyvoice",
                 why="init_tts() imports cosyvoice.cli.cosyvoice.CosyVoice2 (minicpmo-utils 1.0.1-1.0.4 shipped it too)"),
-    Requirement("pillow", module="PIL", why="chat() imports PIL"),
+    Requirement("pillow", ">=11.0", module="PIL", why="chat() imports PIL; upstream requirements.txt: Pillow>=11.0.0"),
 )
 # The tiny stand-in (esn_standin.json in the checkpoint) is written for the test machine's transformers.
 STANDIN_REQUIREMENTS = (Requirement("transformers", ">=4.51", why="the stand-in builds a Qwen3ForCausalLM"),)
@@ -98,11 +100,6 @@ def _import_transformers() -> Any:
     except ImportError as exc:
         raise EsnError(f"MiniCPM-o needs transformers ({exc}); install with: {INSTALL}") from None
     return transformers
-
-
-def _is_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
 
 
 class _Tee(io.TextIOBase):
@@ -193,7 +190,7 @@ class MiniCPMOAdapter(ModelAdapter):
             return path
         if path.exists():
             raise EsnError(f"model {str(source)!r} is a file; give the checkpoint directory")
-        if not _is_hub_id(str(source)):
+        if not is_hub_id(str(source)):
             raise EsnError(f"model {str(source)!r} not found: give a checkpoint directory or a hub id like openbmb/MiniCPM-o-4_5")
         try:
             from huggingface_hub import snapshot_download

@@ -242,7 +242,7 @@ class QwenOmniAdapter(ModelAdapter):
     description = "Qwen2.5-Omni: thinker LM gates (lm) and talker gates (synth); transformers' native class"
     # What `esn adapters check qwen_omni` reports (transformers' native class, as this adapter drives it).
     requirements = (
-        Requirement("transformers", ">=5", why="Qwen2_5OmniForConditionalGeneration as tested (5.24)"),
+        Requirement("transformers", ">=5.15", why="batched generation with audio output (5.13.1 and older raise); tested with 5.24"),
         Requirement("accelerate", optional=True, why="loads straight onto the GPU; without it, onto the CPU first"),
     )
     batched = True
