@@ -124,3 +124,14 @@ def test_adapters_check_table(capsys):
     assert code == 1  # transformers 5 here is outside the remote code's range
     assert main(["adapters", "check", "no_such_adapter"]) == 2
     assert "unknown adapter 'no_such_adapter'" in capsys.readouterr().err
+
+
+def test_adapters_check_qwen_omni_is_met_by_the_dev_stack(capsys):
+    """qwen_omni runs transformers' native class: no remote code, CUDA optional, and the dev stack's
+    transformers is inside its range, so the check passes (exit 0) and says so."""
+    code = main(["adapters", "check", "qwen_omni"])
+    out = capsys.readouterr().out
+    assert "qwen_omni: what Qwen2.5-Omni needs" in out and ">=5.15" in out
+    assert "qwen_omni: everything its model needs is installed" in out
+    assert 'pip install "transformers>=5.15" accelerate' in out  # the whole stack, accelerate optional
+    assert code == 0
