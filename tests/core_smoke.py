@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEPENDENCIES = ("numpy", "pydantic", "pluggy", "rich", "safetensors", "soundfile", "jiwer", "whisper-normalizer")
+DEPENDENCIES = ("numpy", "packaging", "pydantic", "pluggy", "rich", "safetensors", "soundfile", "jiwer",
+                "whisper-normalizer")
 
 
 def main() -> None:
@@ -27,6 +28,12 @@ def main() -> None:
     from esn.cli import main as esn
 
     assert esn(["adapters", "list"]) == 0 and esn(["plugins", "list"]) == 0
+
+    # packaging: the version ranges `esn adapters check` compares (a local label such as +cu121 ignored)
+    from esn.requirements import Requirement, finding, satisfies
+
+    assert satisfies("4.51.0", ">=4.51.0,<4.53") and not satisfies("4.54.0", ">=4.51.0,<4.53")
+    assert satisfies("2.8.0+cu121", "<=2.8.0") and finding(Requirement("numpy", ">=1.26")).status == "ok"
 
     # pydantic: a run configuration and a generation config
     from esn.adapters import GenerationConfig
