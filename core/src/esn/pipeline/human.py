@@ -14,6 +14,8 @@ stays at or below -1 dBFS. Clips are resampled to 16 kHz, as the judges hear the
   raters accept half of them. Raters write the emotion they hear. Imported answers (majority vote per
   clip; ties dropped) become the ``id,label`` CSV that ``filter.human_labels`` reads, which adds the
   human-filtered CAS-H masks.
+
+Both kits get ``index.html``, the browser listening page (``esn.pipeline.listening``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from esn.pipeline.batches import derive_seed
 from esn.pipeline.config import settings
 from esn.pipeline.files import atomic_write_json, atomic_write_text, atomic_write_wav, read_json
 from esn.pipeline.grid import BASELINE
+from esn.pipeline.listening import write_page
 from esn.pipeline.run import Run
 
 KIT_RATE = 16_000
@@ -98,6 +101,7 @@ def export_ab(run: Run, out: Path, *, per_emotion: int = 25) -> int:
     atomic_write_text(out / "trials.csv", _csv(trials, ["trial", "emotion", "clip_a", "clip_b", "question"]))
     atomic_write_text(out / "key.csv", _csv(key, ["trial", "emotion", "a", "b", "a_id", "b_id"]))
     atomic_write_text(out / "responses_template.csv", "rater,trial,choice\n")
+    write_page(out)
     return len(trials)
 
 
@@ -162,6 +166,7 @@ def export_labels(run: Run, out: Path, *, per_emotion: int | None = None) -> int
     atomic_write_text(out / "clips.csv", _csv(clips, ["clip", "file", "question"]))
     atomic_write_text(out / "key.csv", _csv(key, ["clip", "id", "target"]))
     atomic_write_text(out / "responses_template.csv", "rater,clip,label\n")
+    write_page(out)
     return len(clips)
 
 
