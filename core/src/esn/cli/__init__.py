@@ -21,7 +21,7 @@ from esn.cli import ui
 from esn.errors import EsnError
 
 # Modules under esn.cli that contribute commands, in help order.
-COMMAND_MODULES = ("plugins_cmd", "model_cmd", "judge_cmd", "pipeline_cmd")
+COMMAND_MODULES = ("plugins_cmd", "model_cmd", "judge_cmd", "pipeline_cmd", "serve_cmd")
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``esn`` argument parser with every command module's commands."""

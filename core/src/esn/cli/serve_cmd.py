@@ -1,0 +1,135 @@
+"""``esn serve``: emotion control as an HTTP service (needs the ``serve`` extra, imported only here)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from esn.cli.model_cmd import _model_args, load_adapter
+from esn.errors import EsnError
+
+err_console = Console(stderr=True)
+TOKEN_ENV = "ESN_SERVE_TOKEN"
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve steered emotion conversion over HTTP (batched; docs/service.md)",
+                       description="An HTTP service: POST /v1/convert, GET /v1/masks, /healthz, /metrics. "
+                                   "Concurrent requests run as one batched generate, one steering condition per row.")
+    _model_args(p)
+    p.add_argument("--masks", type=Path, help="ESN mask file (safetensors, from `esn select` or a run's select/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    g = p.add_argument_group("generation (the same for every request)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the speech decoder's noise (default 0)")
+    g.add_argument("--speaker", default=None, help="output voice (adapter default if omitted)")
+    g.add_argument("--system-prompt", default=None, help="a preset name of the adapter or literal text")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="cap on text tokens")
+    g.add_argument("--max-audio-tokens", type=int, default=1024, help="cap on speech tokens")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="adapter option (GenerationConfig.options), repeatable, e.g. token2wav_batch=16")
+    lim = p.add_argument_group("batching and limits")
+    lim.add_argument("--max-batch", type=int, default=16, help="rows per batched generate (default 16)")
+    lim.add_argument("--max-wait-ms", type=float, default=10.0,
+                     help="how long a request waits for others to share its batch (default 10 ms)")
+    lim.add_argument("--queue-size", type=int, default=64, help="requests waiting for a batch; more get 429 (default 64)")
+    lim.add_argument("--timeout", type=float, default=300.0, help="per-request limit in seconds (default 300)")
+    lim.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MiB (default 20)")
+    lim.add_argument("--max-seconds", type=float, default=30.0, help="input speech limit in seconds (default 30)")
+    lim.add_argument("--max-alpha", type=float, default=10.0, help="largest |alpha| accepted (default 10)")
+    p.add_argument("--token-file", type=Path,
+                   help=f"require 'Authorization: Bearer <token>' with the token in this file (or set {TOKEN_ENV})")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
+
+
+def _options(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise EsnError(f"--option {pair!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _token(path: Path | None) -> str | None:
+    if path is not None:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise EsnError(f"--token-file {path}: cannot read ({exc.strerror or exc})") from None
+        if not token:
+            raise EsnError(f"--token-file {path} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from esn.adapters import GenerationConfig
+    from esn.serve import require_extra
+
+    require_extra("esn serve")
+    from esn.serve.convert import Converter, Limits
+    from esn.serve.server import is_loopback
+
+    # Everything a user can get wrong is checked before the (slow) model load.
+    limits = Limits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                    timeout_s=args.timeout, max_upload_mb=args.max_upload_mb, max_seconds=args.max_seconds,
+                    max_alpha=args.max_alpha)
+    try:
+        config = GenerationConfig(seed=args.seed, speaker=args.speaker, system_prompt=args.system_prompt,
+                                  max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens,
+                                  options=_options(args.option))
+    except ValueError as exc:
+        raise EsnError(f"bad generation setting: {exc}") from None
+    token = _token(args.token_file)
+    masks = None
+    if args.masks is not None:
+        from esn.artifacts import load_masks
+
+        masks = load_masks(args.masks)
+    if not is_loopback(args.host) and token is None:
+        err_console.print(f"[yellow]warning:[/] serving on {args.host} without a bearer token: anyone who can "
+                          f"reach this address can use the model (--token-file or {TOKEN_ENV})")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    adapter = load_adapter(args)
+    converter = Converter(adapter, config, limits, masks)  # checks the masks against the model
+    from esn.serve.app import create_app
+    from esn.serve.server import serve
+
+    if converter.max_batch < limits.max_batch:
+        err_console.print(f"{adapter.name} generates one request at a time: batches of 1")
+    serve(create_app(converter, token=token), args.host, args.port, name="esn serve",
+          graceful_s=limits.timeout_s + 10, log_level=args.log_level)
+    return 0
+
+
+def cmd_human_serve(args: argparse.Namespace) -> int:
+    from esn.serve import require_extra
+
+    require_extra("esn human serve")
+    from esn.pipeline.listening import RESPONSES, read_kit
+    from esn.serve.listening import create_listening_app
+    from esn.serve.server import serve
+
+    path = args.path
+    if not path.is_dir():
+        raise EsnError(f"{path}: not a folder; give a kit folder or a run directory")
+    candidates = [path, path / "human" / f"{args.kind}-kit"]
+    kit_dir = next((p for p in candidates if (p / "trials.csv").is_file() or (p / "clips.csv").is_file()), None)
+    if kit_dir is None:
+        raise EsnError(f"{path}: no listening kit here or in {candidates[1]}; run `esn human export` first")
+    kit = read_kit(kit_dir)
+    err_console.print(f"{kit.kind} kit {kit_dir} ({len(kit.trials)} trials); answers go to "
+                      f"{kit_dir / RESPONSES}/<rater>.csv; import them with `esn human import CONFIG --kind "
+                      f"{kit.kind} --kit {kit_dir} {kit_dir / RESPONSES}/*.csv`")
+    serve(create_listening_app(kit), args.host, args.port, name="esn human serve", log_level=args.log_level)
+    return 0
