@@ -105,6 +105,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--kind", choices=("ab", "labels"), default="ab")
     imp.add_argument("--kit", type=Path, help="kit folder (default: <run_dir>/human/<kind>-kit)")
     imp.set_defaults(func=cmd_human_import)
+    srv = hsub.add_parser("serve", help="serve a kit's listening page; store answers on the server, one file per rater")
+    srv.add_argument("path", type=Path, help="kit folder, or run directory (serves <run_dir>/human/<kind>-kit)")
+    srv.add_argument("--kind", choices=("ab", "labels"), default="ab", help="which kit of a run directory")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for raters on the LAN)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    srv.set_defaults(func=_human_serve)
 
 
 def _threads(args) -> None:
@@ -329,8 +336,15 @@ def cmd_human_export(args: argparse.Namespace) -> int:
         n = human.export_ab(run, out, per_emotion=25 if args.per_emotion is None else args.per_emotion)
     else:
         n = human.export_labels(run, out, per_emotion=args.per_emotion)
-    console.print(f"wrote {n} trials to [bold]{out}[/] (give raters {out / 'trials.csv'} and the clips; keep key.csv)")
+    console.print(f"wrote {n} trials to [bold]{out}[/]: raters open {out / 'index.html'} (or `esn human serve {out}`); "
+                  "keep key.csv away from them")
     return 0
+
+
+def _human_serve(args: argparse.Namespace) -> int:
+    from esn.cli.serve_cmd import cmd_human_serve
+
+    return cmd_human_serve(args)
 
 
 def cmd_human_import(args: argparse.Namespace) -> int:
