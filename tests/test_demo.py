@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -24,13 +23,8 @@ def esn(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    done = esn("demo", "--out", str(out), "--threads", "1")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "planted neurons recovered" in done.stdout and "self-effect" in done.stdout
-    return out
+# The `demo` fixture (the run itself, made once per session: tests/test_listening.py uses it too) is in
+# tests/conftest.py.
 
 
 @pytest.mark.slow

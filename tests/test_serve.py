@@ -1,0 +1,412 @@
+"""`esn serve` end to end: the real server (uvicorn) on 127.0.0.1 with the tiny Qwen2.5-Omni, a real HTTP
+client (httpx), answers compared with `esn convert` and with solo conversions of the same inputs."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("esn_qwen_omni")
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from esn.adapters import EVCRequest, GenerationConfig  # noqa: E402
+from esn.artifacts import load_masks, save_masks  # noqa: E402
+from esn.audio import prepare_audio  # noqa: E402
+from esn.cli import main  # noqa: E402
+from esn.emotions import TARGET_EMOTIONS  # noqa: E402
+from esn.hookpoints import HookPoint, Layout  # noqa: E402
+from esn.serve.server import launch  # noqa: E402
+from esn.steering import steer  # noqa: E402
+
+# One thread per process: the same kernels (and rounding) in the server, `esn convert` and the references.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+GEN = ["--max-new-tokens", "4", "--max-audio-tokens", "6"]
+CONFIG = GenerationConfig(max_new_tokens=4, max_audio_tokens=6)
+
+
+def speech(seconds: float, seed: int, rate: int = 16_000, channels: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = (0.3 * np.sin(2 * np.pi * (120 + 40 * seed) * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    return np.stack([wave, 0.5 * wave], 1) if channels == 2 else wave
+
+
+def wav_bytes(wave: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, subtype=subtype, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import torch
+    from esn_qwen_omni import QwenOmniAdapter
+
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint = QwenOmniAdapter.write_tiny(root / "tiny", seed=0)
+    adapter = QwenOmniAdapter.load(checkpoint)
+    layout = adapter.layout()
+    rng = np.random.default_rng(0)
+    masks = root / "masks.safetensors"
+    save_masks(masks, {e: rng.choice(layout.n_neurons, 24, replace=False) for e in TARGET_EMOTIONS}, layout=layout,
+               meta={"selector": "random"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the references below run like the server's single thread
+    yield SimpleNamespace(root=root, checkpoint=checkpoint, masks=masks, adapter=adapter, sets=load_masks(masks))
+    torch.set_num_threads(threads)
+
+
+def solo(tiny, wave: np.ndarray, rate: int, emotion: str, mask_emotion=None, method="steer", alpha=None):
+    """(text, wav bytes) of the conversion alone, the way `esn convert` runs it (steer() on one request)."""
+    request = EVCRequest(prepare_audio(wave, rate), emotion)
+    with contextlib.ExitStack() as stack:
+        if method != "none":
+            stack.enter_context(steer(tiny.adapter, tiny.sets[mask_emotion or emotion], method, alpha))
+        (result,) = tiny.adapter.generate([request], CONFIG)
+    return result.text, wav_bytes(result.waveform, result.sample_rate)
+
+
+def serve_args(tiny, *extra) -> list[str]:
+    return ["serve", "--adapter", "qwen_omni", "--model", str(tiny.checkpoint), "--masks", str(tiny.masks),
+            "--port", "0", *GEN, *extra]
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with launch(serve_args(tiny, "--max-wait-ms", "300", "--max-upload-mb", "1", "--max-seconds", "5"),
+                env=ENV) as s:
+        yield s
+
+
+def post(url: str, wav: bytes, *, json: bool = False, filename: str = "in.wav", timeout: float = 300, **fields):
+    headers = {"Accept": "application/json"} if json else {}
+    data = {k: str(v) for k, v in fields.items() if v is not None}
+    return httpx.post(url + "/v1/convert", files={"audio": (filename, wav)}, data=data, headers=headers,
+                      timeout=timeout)
+
+
+def answer(response) -> tuple[str, bytes]:
+    """(decoded text, wav bytes) of a 200 answer, wav or JSON."""
+    assert response.status_code == 200, response.text
+    if response.headers["content-type"].startswith("application/json"):
+        body = response.json()
+        return body["text"], base64.b64decode(body["audio_wav_base64"])
+    assert response.headers["content-type"] == "audio/wav"
+    return unquote(response.headers["x-esn-text"]), response.content
+
+
+def samples(wav: bytes) -> np.ndarray:
+    return sf.read(io.BytesIO(wav), dtype="int16")[0]
+
+
+def metric(url: str, name: str) -> dict[str, float]:
+    """``{label text: value}`` of one Prometheus metric family from /metrics."""
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        m = re.fullmatch(rf"{name}(\{{.*\}})? (\S+)", line)
+        if m:
+            out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+def batch_sizes(url: str) -> dict[int, int]:
+    """How many batches of each size ran so far (from the one-bucket-per-size histogram)."""
+    cumulative = {int(float(re.search(r'le="([^"]+)"', k).group(1))): v
+                  for k, v in metric(url, "esn_batch_size_bucket").items() if "+Inf" not in k}
+    sizes = sorted(cumulative)
+    return {s: int(cumulative[s] - (cumulative[sizes[i - 1]] if i else 0)) for i, s in enumerate(sizes)}
+
+
+# -- answers ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_answers_equal_esn_convert(tiny, server, tmp_path, capsys):
+    cases = [  # (file, rate, channels, form fields, `esn convert` flags)
+        ("mono16k.wav", 16_000, 1, {"emotion": "happy", "alpha": 0.5}, ["--emotion", "happy", "--alpha", "0.5"]),
+        ("stereo44k.wav", 44_100, 2, {"emotion": "angry", "mask_emotion": "sad", "method": "deactivate"},
+         ["--emotion", "angry", "--mask-emotion", "sad", "--method", "deactivate"]),
+    ]
+    for n, (name, rate, channels, fields, flags) in enumerate(cases):
+        path = tmp_path / name
+        sf.write(path, speech(1.0, n, rate, channels), rate)
+        out = tmp_path / f"out{n}.wav"
+        # `esn convert` in this process (one torch thread, like the server): no second model import.
+        assert main(["convert", str(path), "--adapter", "qwen_omni", "--model", str(tiny.checkpoint), "-o", str(out),
+                     "--mask", str(tiny.masks), *GEN, *flags]) == 0
+        printed = capsys.readouterr().out.rstrip("\n")
+        as_wav = post(server.url, path.read_bytes(), **fields)
+        as_json = post(server.url, path.read_bytes(), json=True, **fields)
+        for response in (as_wav, as_json):
+            text, wav = answer(response)
+            assert wav == out.read_bytes()  # the same file, byte for byte
+            assert text == printed
+        body = as_json.json()
+        assert body["emotion"] == fields["emotion"] and body["sample_rate"] == 24_000
+        assert body["method"] == fields.get("method", "steer")
+        assert body["mask_emotion"] == fields.get("mask_emotion", fields["emotion"])
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_clients_share_batches_and_each_equals_its_solo_run(tiny, server):
+    methods = [("steer", 0.5), ("add", 0.3), ("clamp", 0.2), ("deactivate", None), ("none", None)]
+    jobs = []
+    for i in range(16):
+        method, alpha = methods[i % len(methods)]
+        emotion = TARGET_EMOTIONS[i % 4]
+        mask_emotion = None if method == "none" else TARGET_EMOTIONS[(i // 4) % 4]
+        wave = speech(0.6 + 0.05 * i, i)  # different lengths: rows are padded in the batch
+        jobs.append({"wave": wave, "emotion": emotion, "mask_emotion": mask_emotion, "method": method, "alpha": alpha})
+    before = batch_sizes(server.url)
+    start = threading.Barrier(16)
+
+    def client(i: int):
+        job = jobs[i]
+        fields = {k: job[k] for k in ("emotion", "mask_emotion", "method", "alpha")}
+        start.wait()
+        return post(server.url, wav_bytes(job["wave"], 16_000, "FLOAT"), json=i % 2 == 1, **fields)
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(client, range(16)))
+    after = batch_sizes(server.url)
+    ran = {s: after.get(s, 0) - before.get(s, 0) for s in after if after.get(s, 0) - before.get(s, 0)}
+    assert sum(s * k for s, k in ran.items()) == 16  # every request ran exactly once, in some batch
+    assert max(ran) > 1 and sum(ran.values()) < 16, ran  # gathered into batches, visible in /metrics
+    sizes = [int(r.headers.get("x-esn-batch-size") or r.json()["batch_size"]) for r in responses]
+    assert max(sizes) == max(ran)
+    for job, response in zip(jobs, responses, strict=True):
+        text, wav = answer(response)
+        ref_text, ref_wav = solo(tiny, job["wave"], 16_000, job["emotion"], job["mask_emotion"], job["method"],
+                                 job["alpha"])
+        assert text == ref_text
+        # Batched rows reproduce their solo run up to the rounding of padded batched kernels.
+        assert np.abs(samples(wav).astype(int) - samples(ref_wav).astype(int)).max() <= 2
+
+
+@pytest.mark.slow
+def test_uploaded_mask_and_endpoints(tiny, server, tmp_path):
+    masks = httpx.get(server.url + "/v1/masks").json()
+    assert masks["adapter"] == "qwen_omni" and masks["default_method"] == "steer"
+    assert set(masks["masks"]) == set(TARGET_EMOTIONS) and masks["masks"]["happy"]["neurons"] == 24
+    assert {"steer", "add", "clamp", "deactivate", "none"} <= set(masks["methods"])
+    assert masks["meta"]["selector"] == "random"
+    health = httpx.get(server.url + "/healthz").json()
+    assert health["status"] == "ok" and health["max_batch"] == 16
+    # A mask file sent with the request replaces the service's masks for that request.
+    layout = tiny.adapter.layout()
+    save_masks(tmp_path / "mine.safetensors", {"sad": np.arange(0, layout.n_neurons, 5)}, layout=layout)
+    wave = speech(0.8, 3)
+    response = httpx.post(server.url + "/v1/convert", timeout=300, data={"emotion": "happy", "mask_emotion": "sad"},
+                          files={"audio": ("a.wav", wav_bytes(wave, 16_000)),
+                                 "mask": ("m.safetensors", (tmp_path / "mine.safetensors").read_bytes())})
+    text, wav = answer(response)
+    request = EVCRequest(prepare_audio(wave, 16_000), "happy")
+    with steer(tiny.adapter, load_masks(tmp_path / "mine.safetensors")["sad"]):
+        (ref,) = tiny.adapter.generate([request], CONFIG)
+    assert text == ref.text and wav == wav_bytes(ref.waveform, ref.sample_rate)
+    counted = metric(server.url, "esn_requests_total")
+    assert counted['{endpoint="/v1/convert",status="200"}'] >= 1
+    assert metric(server.url, "esn_queue_depth") == {"": 0.0}
+    assert metric(server.url, "esn_request_seconds_count")['{endpoint="/v1/convert"}'] >= 1
+
+
+# -- bad requests -----------------------------------------------------------------------------------------
+
+
+def _other_model_mask(tmp_path) -> bytes:
+    other = Layout([HookPoint("lm", i, 4096, module="") for i in range(28)])
+    save_masks(tmp_path / "other.safetensors", {"happy": np.arange(10)}, layout=other)
+    return (tmp_path / "other.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_every_bad_request_gets_its_json_error(server, tmp_path):
+    ok = wav_bytes(speech(0.5, 0), 16_000)
+    url = server.url + "/v1/convert"
+    cases = [  # (what, request kwargs, status, error code)
+        ("no audio field", {"data": {"emotion": "happy"}, "files": {"x": ("x", b"1")}}, 400, "bad_request"),
+        ("not multipart", {"json": {"emotion": "happy"}}, 400, "bad_request"),
+        ("not audio", {"files": {"audio": ("a.wav", b"RIFF? no, just text" * 50)}, "data": {"emotion": "happy"}},
+         415, "not_audio"),
+        ("empty file", {"files": {"audio": ("a.wav", b"")}, "data": {"emotion": "happy"}}, 422, "bad_audio"),
+        ("silence", {"files": {"audio": ("a.wav", wav_bytes(np.zeros(8000, np.float32), 16_000))},
+                     "data": {"emotion": "happy"}}, 422, "bad_audio"),
+        ("rate below 8 kHz", {"files": {"audio": ("a.wav", wav_bytes(speech(0.5, 0, 4_000), 4_000))},
+                              "data": {"emotion": "happy"}}, 422, "bad_audio"),
+        ("too long", {"files": {"audio": ("a.wav", wav_bytes(speech(6.0, 0, 8_000), 8_000))},
+                      "data": {"emotion": "happy"}}, 413, "audio_too_long"),
+        ("too large", {"files": {"audio": ("a.wav", b"\0" * 1_200_000)}, "data": {"emotion": "happy"}},
+         413, "too_large"),
+        ("unknown emotion", {"data": {"emotion": "joyful"}}, 422, "unknown_emotion"),
+        ("unknown mask emotion", {"data": {"emotion": "happy", "mask_emotion": "bored"}}, 422, "unknown_emotion"),
+        ("no mask for it", {"data": {"emotion": "neutral"}}, 422, "unknown_mask"),
+        ("unknown method", {"data": {"emotion": "happy", "method": "amplify"}}, 422, "unknown_method"),
+        ("alpha not a number", {"data": {"emotion": "happy", "alpha": "lots"}}, 422, "bad_alpha"),
+        ("alpha not finite", {"data": {"emotion": "happy", "alpha": "nan"}}, 422, "bad_alpha"),
+        ("steer alpha below -1", {"data": {"emotion": "happy", "alpha": "-2"}}, 422, "alpha_out_of_range"),
+        ("alpha beyond the service's range", {"data": {"emotion": "happy", "method": "add", "alpha": "50"}},
+         422, "alpha_out_of_range"),
+        ("alpha for deactivate", {"data": {"emotion": "happy", "method": "deactivate", "alpha": "0.5"}},
+         422, "alpha_out_of_range"),
+        ("alpha without steering", {"data": {"emotion": "happy", "method": "none", "alpha": "0.5"}}, 422, "bad_request"),
+        ("mask for another model", {"data": {"emotion": "happy"},
+                                    "files": {"audio": ("a.wav", ok), "mask": ("m", _other_model_mask(tmp_path))}},
+         422, "mask_mismatch"),
+        ("damaged mask file", {"data": {"emotion": "happy"},
+                               "files": {"audio": ("a.wav", ok), "mask": ("m", b"\x08" + b"\0" * 20)}}, 422, "bad_mask"),
+        ("bad timeout", {"data": {"emotion": "happy", "timeout": "-1"}}, 422, "bad_timeout"),
+        ("answer takes longer than asked", {"data": {"emotion": "happy", "timeout": "0.001"}}, 504, "timeout"),
+    ]
+    for what, kwargs, status, code in cases:
+        kwargs = {"files": {"audio": ("a.wav", ok)}, **kwargs}
+        if "json" in kwargs:
+            kwargs.pop("files")
+        response = httpx.post(url, timeout=300, **kwargs)
+        assert response.status_code == status, (what, response.status_code, response.text)
+        body = response.json()
+        assert body["error"] == code and body["message"], (what, body)
+    for method, path, status, code in (("GET", "/v1/convert", 405, "method_not_allowed"),
+                                       ("GET", "/nowhere", 404, "not_found")):
+        response = httpx.request(method, server.url + path)
+        assert (response.status_code, response.json()["error"]) == (status, code)
+    # Other sample rates and channel counts are resampled, not refused.
+    for rate, channels in ((8_000, 1), (22_050, 2), (48_000, 1)):
+        response = post(server.url, wav_bytes(speech(0.5, 1, rate, channels), rate), emotion="sad")
+        assert response.status_code == 200, response.text
+    assert httpx.get(server.url + "/healthz").status_code == 200  # still serving
+
+
+# -- queue, disconnects, auth, shutdown -----------------------------------------------------------------
+
+
+def _raw_request(url: str, wav: bytes, emotion: str) -> socket.socket:
+    """Send a whole convert request on a plain socket and return it unread (the caller hangs up)."""
+    host, port = url.removeprefix("http://").split(":")
+    boundary = "esnboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"emotion\"\r\n\r\n{emotion}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"a.wav\"\r\n"
+            "Content-Type: audio/wav\r\n\r\n").encode() + wav + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/convert HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(head + body)
+    return sock
+
+
+@pytest.mark.slow
+def test_a_client_that_hangs_up_loses_nothing_for_the_others(tiny, server):
+    waves = [speech(0.7 + 0.1 * i, 10 + i) for i in range(4)]
+    before = metric(server.url, "esn_conversions_total")
+    quitters = []
+    start = threading.Barrier(4 + 1)
+
+    def client(i: int):
+        start.wait()
+        return post(server.url, wav_bytes(waves[i], 16_000), emotion=TARGET_EMOTIONS[i], alpha=0.5)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client, i) for i in range(4)]
+        start.wait()
+        quitters.append(_raw_request(server.url, wav_bytes(speech(0.9, 30), 16_000), "sad"))
+        quitters.append(_raw_request(server.url, wav_bytes(speech(0.8, 31), 16_000), "angry"))
+        time.sleep(0.15)  # both are queued or in the batch now
+        for sock in quitters:
+            sock.close()
+        responses = [f.result() for f in futures]
+    for i, response in enumerate(responses):
+        text, wav = answer(response)
+        ref_text, ref_wav = solo(tiny, waves[i], 16_000, TARGET_EMOTIONS[i], alpha=0.5)
+        assert text == ref_text
+        assert np.abs(samples(wav).astype(int) - samples(ref_wav).astype(int)).max() <= 2
+    deadline = time.time() + 60
+    while True:  # the server notices the hang-ups (before or after their batch ran) and keeps serving
+        after = metric(server.url, "esn_conversions_total")
+        gone = after.get('{outcome="disconnected"}', 0) - before.get('{outcome="disconnected"}', 0)
+        served = after.get('{outcome="ok"}', 0) - before.get('{outcome="ok"}', 0)
+        if gone + served >= 6 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert served >= 4 and gone + served == 6, after
+    assert answer(post(server.url, wav_bytes(waves[0], 16_000), emotion="happy"))[1]
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny, tmp_path_factory):
+    """One row at a time, one waiting: the queue fills fast. Needs a bearer token."""
+    token = tmp_path_factory.mktemp("token") / "token"
+    token.write_text("s3cret\n")
+    with launch(serve_args(tiny, "--max-batch", "1", "--queue-size", "1", "--max-wait-ms", "0",
+                           "--token-file", str(token)), env=ENV) as s:
+        s.auth = {"Authorization": "Bearer s3cret"}
+        yield s
+
+
+@pytest.mark.slow
+def test_bearer_token(small_server):
+    url = small_server.url
+    assert httpx.get(url + "/healthz").status_code == 200  # liveness needs no token
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        for method, path in (("GET", "/v1/masks"), ("GET", "/metrics"), ("POST", "/v1/convert")):
+            response = httpx.request(method, url + path, headers=headers)
+            assert response.status_code == 401 and response.json()["error"] == "unauthorized"
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(url + "/v1/masks", headers=small_server.auth).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_429(small_server):
+    wav = wav_bytes(speech(1.0, 5), 16_000)
+    start = threading.Barrier(8)
+
+    def client(i: int):
+        start.wait()
+        return httpx.post(small_server.url + "/v1/convert", files={"audio": ("a.wav", wav)},
+                          data={"emotion": "happy"}, headers=small_server.auth, timeout=300)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(client, range(8)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 429} and codes.count(200) >= 2, codes  # one running + one waiting, at least
+    for response in responses:
+        if response.status_code == 429:
+            assert response.json()["error"] == "queue_full" and response.headers["retry-after"] == "1"
+    counted = httpx.get(small_server.url + "/metrics", headers=small_server.auth).text
+    assert f'esn_conversions_total{{outcome="queue_full"}} {codes.count(429)}.0' in counted
+
+
+@pytest.mark.slow
+def test_shutdown_finishes_the_requests_in_flight(small_server):
+    """SIGTERM while one request runs and one waits: both are answered, then the process ends."""
+    wav = wav_bytes(speech(1.0, 6), 16_000)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(httpx.post, small_server.url + "/v1/convert", files={"audio": ("a.wav", wav)},
+                               data={"emotion": e}, headers=small_server.auth, timeout=300) for e in ("sad", "angry")]
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            text = httpx.get(small_server.url + "/metrics", headers=small_server.auth).text
+            if re.search(r"^esn_rows_in_flight 1\.0$", text, re.M) and re.search(r"^esn_queue_depth 1\.0$", text, re.M):
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the two requests were never in flight and waiting at once")
+        code = small_server.stop()  # SIGTERM: uvicorn's graceful shutdown
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200, 200]
+    assert all(answer(r)[1] for r in responses)
+    log = "".join(small_server.log)
+    assert code in (0, -15), log[-2000:]
+    assert "batcher stopped after" in log and "Finished server process" in log
