@@ -56,6 +56,7 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_steering.py --size tiny
 	$(VENV)/bin/python benchmarks/bench_qwen_omni.py --size tiny --device cpu
 	$(VENV)/bin/python benchmarks/bench_graph_decode.py --device cpu --size tiny --repeats 2 --steps 8
+	$(VENV)/bin/python benchmarks/bench_serve.py --requests 8 --concurrency 4 --time-limit 60
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(DIST) $(SITE)

@@ -410,3 +410,17 @@ def test_shutdown_finishes_the_requests_in_flight(small_server):
     log = "".join(small_server.log)
     assert code in (0, -15), log[-2000:]
     assert "batcher stopped after" in log and "Finished server process" in log
+
+
+@pytest.mark.slow
+def test_the_python_example_in_docs_service_md_runs(server, tmp_path):
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    sf.write(tmp_path / "neutral.wav", speech(0.8, 4), 16_000)
+    code = (code.replace("http://127.0.0.1:8000", server.url).replace('"neutral.wav"', repr(str(tmp_path / "neutral.wav")))
+            .replace('"sad.wav"', repr(str(tmp_path / "sad.wav"))))
+    exec(compile(code, "docs/service.md", "exec"), {})
+    wave, rate = sf.read(tmp_path / "sad.wav")
+    assert rate == 24_000 and wave.size > 0

@@ -33,8 +33,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="adapter option (GenerationConfig.options), repeatable, e.g. token2wav_batch=16")
     lim = p.add_argument_group("batching and limits")
     lim.add_argument("--max-batch", type=int, default=16, help="rows per batched generate (default 16)")
-    lim.add_argument("--max-wait-ms", type=float, default=10.0,
-                     help="how long a request waits for others to share its batch (default 10 ms)")
+    lim.add_argument("--max-wait-ms", type=float, default=50.0,
+                     help="how long a request waits for others to share its batch (default 50 ms)")
     lim.add_argument("--queue-size", type=int, default=64, help="requests waiting for a batch; more get 429 (default 64)")
     lim.add_argument("--timeout", type=float, default=300.0, help="per-request limit in seconds (default 300)")
     lim.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MiB (default 20)")

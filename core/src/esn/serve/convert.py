@@ -46,7 +46,7 @@ class Limits:
     """What the service accepts and how it batches (``esn serve --help`` has one flag per field)."""
 
     max_batch: int = 16  # rows per batched generate
-    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
+    max_wait_ms: float = 50.0  # how long the first request of a batch waits for company
     queue_size: int = 64  # requests waiting for a batch; one more gets 429
     timeout_s: float = 300.0  # per request, from arrival to answer; a request may ask for less
     max_upload_mb: float = 20.0  # whole request body
@@ -57,9 +57,8 @@ class Limits:
         for name in ("max_batch", "queue_size"):
             if getattr(self, name) < 1:
                 raise EsnError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms",):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise EsnError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.max_wait_ms < math.inf:
+            raise EsnError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         for name in ("timeout_s", "max_upload_mb", "max_seconds", "max_alpha"):
             if not 0 < getattr(self, name) < math.inf:
                 raise EsnError(f"{name} must be a positive number, got {getattr(self, name)}")
