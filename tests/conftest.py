@@ -20,6 +20,6 @@ def demo(tmp_path_factory) -> Path:
     pytest.importorskip("esn_emotion2vec")
     out = tmp_path_factory.mktemp("demo")
     done = subprocess.run([sys.executable, "-m", "esn", "demo", "--out", str(out), "--threads", "1"],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+                          env=ENV, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return out

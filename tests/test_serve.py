@@ -375,15 +375,15 @@ def test_bearer_token(small_server):
 @pytest.mark.slow
 def test_a_full_queue_answers_429(small_server):
     wav = wav_bytes(speech(1.0, 5), 16_000)
-    start = threading.Barrier(8)
+    start = threading.Barrier(12)
 
     def client(i: int):
         start.wait()
         return httpx.post(small_server.url + "/v1/convert", files={"audio": ("a.wav", wav)},
                           data={"emotion": "happy"}, headers=small_server.auth, timeout=300)
 
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(client, range(8)))
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(client, range(12)))
     codes = sorted(r.status_code for r in responses)
     assert set(codes) == {200, 429} and codes.count(200) >= 2, codes  # one running + one waiting, at least
     for response in responses:
@@ -429,3 +429,20 @@ def test_the_python_example_in_docs_service_md_runs(server, tmp_path):
     exec(compile(code, "docs/service.md", "exec"), {})
     wave, rate = sf.read(tmp_path / "sad.wav")
     assert rate == 24_000 and wave.size > 0
+
+
+def test_serve_refuses_bad_settings_before_serving(tiny, tmp_path, capsys):
+    base = ["serve", "--adapter", "qwen_omni", "--model", str(tiny.checkpoint), "--port", "0"]
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(_other_model_mask(tmp_path))
+    for extra, message in (
+        (["--max-batch", "0"], "max_batch must be at least 1"),
+        (["--timeout", "0"], "timeout_s must be a positive number"),
+        (["--option", "token2wav_batch"], "expected KEY=VALUE"),
+        (["--masks", str(tmp_path / "missing.safetensors")], "file not found"),
+        (["--token-file", str(tmp_path / "missing-token")], "cannot read"),
+        (["--masks", str(other)], "another hook-point layout"),  # checked against the loaded model
+        (["--port", "70000"], "is not a TCP port"),
+    ):
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra

@@ -20,7 +20,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="An HTTP service: POST /v1/convert, GET /v1/masks, /healthz, /metrics. "
                                    "Concurrent requests run as one batched generate, one steering condition per row.")
     _model_args(p)
-    p.add_argument("--masks", type=Path, help="ESN mask file (safetensors, from `esn select` or a run's select/)")
+    p.add_argument("--masks", type=Path, help="mask file, e.g. <run_dir>/select/masks_cas_r0.005_c50.safetensors")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     g = p.add_argument_group("generation (the same for every request)")
