@@ -18,7 +18,7 @@ from esn.hookpoints import HookPoint, Layout
 from esn_qwen_omni import QwenOmniAdapter
 
 LIGHT_COMMANDS = [["--version"], ["--help"], ["adapters", "list"], ["plugins", "list"], ["adapters", "--help"],
-                  ["convert", "--help"]]
+                  ["convert", "--help"], ["serve", "--help"], ["human", "serve", "--help"]]
 
 # Runs the CLI in a fresh interpreter and reports who imported torch or transformers first, if anyone did.
 SPY = textwrap.dedent("""
@@ -26,7 +26,7 @@ SPY = textwrap.dedent("""
     found = {}
     class Spy(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name in ("torch", "transformers") and name not in found:
+            if name in ("torch", "transformers", "fastapi", "uvicorn") and name not in found:
                 frames = [f for f in traceback.extract_stack()[:-1] if "importlib" not in f.filename]
                 found[name] = [f"{f.filename}:{f.lineno}" for f in frames[-6:]]
             return None
@@ -44,7 +44,8 @@ SPY = textwrap.dedent("""
 @pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=" ".join)
 def test_light_commands_import_neither_torch_nor_transformers(argv):
     """``esn --version``, ``--help``, ``adapters list`` and ``plugins list`` with every plugin of the repository
-    installed: nothing imports torch (3 s) or transformers. Timings: benchmarks/bench_cli.py."""
+    installed: nothing imports torch (3 s) or transformers, nor the web stack of ``esn serve`` (fastapi,
+    uvicorn). Timings: benchmarks/bench_cli.py."""
     env = {k: v for k, v in os.environ.items() if k != "ESN_LOAD_PLUGINS"}  # every installed plugin
     done = subprocess.run([sys.executable, "-c", SPY, *argv], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -1,4 +1,5 @@
-"""``esn serve``: emotion control as an HTTP service (needs the ``serve`` extra, imported only here)."""
+"""``esn serve`` and ``esn human serve``: HTTP services (the ``serve`` extra: fastapi, uvicorn, imported
+only inside the commands, like torch, so that ``esn --help`` stays fast)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,15 @@ import argparse
 import os
 from pathlib import Path
 
-from rich.console import Console
-
-from esn.cli.model_cmd import _model_args, load_adapter
+from esn.cli.model_cmd import _model_args, check_model_args, load_adapter
+from esn.cli.ui import note
 from esn.errors import EsnError
 
-err_console = Console(stderr=True)
 TOKEN_ENV = "ESN_SERVE_TOKEN"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``esn serve`` (``esn human serve`` is added with the other ``human`` commands)."""
     p = sub.add_parser("serve", help="serve steered emotion conversion over HTTP (batched; docs/service.md)",
                        description="An HTTP service: POST /v1/convert, GET /v1/masks, /healthz, /metrics. "
                                    "Concurrent requests run as one batched generate, one steering condition per row.")
@@ -70,14 +70,17 @@ def _token(path: Path | None) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``esn serve``: load the model once, then answer conversion requests until SIGINT / SIGTERM."""
     from esn.adapters import GenerationConfig
     from esn.serve import require_extra
 
     require_extra("esn serve")
     from esn.serve.convert import Converter, Limits
-    from esn.serve.server import is_loopback
+    from esn.serve.server import check_port, is_loopback
 
     # Everything a user can get wrong is checked before the (slow) model load.
+    check_port(args.port)
+    cls = check_model_args(args)
     limits = Limits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
                     timeout_s=args.timeout, max_upload_mb=args.max_upload_mb, max_seconds=args.max_seconds,
                     max_alpha=args.max_alpha)
@@ -94,31 +97,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         masks = load_masks(args.masks)
     if not is_loopback(args.host) and token is None:
-        err_console.print(f"[yellow]warning:[/] serving on {args.host} without a bearer token: anyone who can "
-                          f"reach this address can use the model (--token-file or {TOKEN_ENV})")
+        note(f"[yellow]warning:[/] serving on {args.host} without a bearer token: anyone who can "
+             f"reach this address can use the model (--token-file or {TOKEN_ENV})")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    adapter = load_adapter(args)
+    adapter = load_adapter(args, cls)
     converter = Converter(adapter, config, limits, masks)  # checks the masks against the model
     from esn.serve.app import create_app
     from esn.serve.server import serve
 
     if converter.max_batch < limits.max_batch:
-        err_console.print(f"{adapter.name} generates one request at a time: batches of 1")
+        note(f"{adapter.name} generates one request at a time: batches of 1")
     serve(create_app(converter, token=token), args.host, args.port, name="esn serve",
           graceful_s=limits.timeout_s + 10, log_level=args.log_level)
     return 0
 
 
 def cmd_human_serve(args: argparse.Namespace) -> int:
+    """``esn human serve``: a kit's listening page and clips; each rater's answers saved on the server."""
     from esn.serve import require_extra
 
     require_extra("esn human serve")
     from esn.pipeline.listening import RESPONSES, read_kit
     from esn.serve.listening import create_listening_app
-    from esn.serve.server import serve
+    from esn.serve.server import check_port, serve
+
+    check_port(args.port)
 
     path = args.path
     if not path.is_dir():
@@ -128,8 +134,8 @@ def cmd_human_serve(args: argparse.Namespace) -> int:
     if kit_dir is None:
         raise EsnError(f"{path}: no listening kit here or in {candidates[1]}; run `esn human export` first")
     kit = read_kit(kit_dir)
-    err_console.print(f"{kit.kind} kit {kit_dir} ({len(kit.trials)} trials); answers go to "
-                      f"{kit_dir / RESPONSES}/<rater>.csv; import them with `esn human import CONFIG --kind "
-                      f"{kit.kind} --kit {kit_dir} {kit_dir / RESPONSES}/*.csv`")
+    note(f"{kit.kind} kit {kit_dir} ({len(kit.trials)} trials); answers go to "
+         f"{kit_dir / RESPONSES}/<rater>.csv; import them with `esn human import CONFIG --kind "
+         f"{kit.kind} --kit {kit_dir} {kit_dir / RESPONSES}/*.csv`")
     serve(create_listening_app(kit), args.host, args.port, name="esn human serve", log_level=args.log_level)
     return 0

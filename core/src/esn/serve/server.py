@@ -19,6 +19,7 @@ from esn.errors import EsnError
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` reaches this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
     if host == "localhost":
         return True
     try:
@@ -27,10 +28,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (IPv4 or IPv6); EsnError if the address is taken or bad."""
+def check_port(port: int) -> None:
+    """EsnError unless ``port`` is a TCP port number (0 asks the system for a free one)."""
     if not 0 <= port <= 65535:
         raise EsnError(f"--port {port} is not a TCP port (0..65535; 0 picks a free one)")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6); EsnError if the address is taken or bad."""
+    check_port(port)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
