@@ -46,14 +46,17 @@ class Kit:
 
     @property
     def columns(self) -> tuple[str, ...]:
+        """The responses file's header: rater, trial or clip id, answer."""
         return KINDS[self.kind]["columns"]
 
     @property
     def choices(self) -> tuple[str, ...]:
+        """The answers a rater may give: A/B/tie for an A/B kit, the emotions for a labels kit."""
         return AB_CHOICES if self.kind == "ab" else EMOTIONS
 
     @property
     def clips(self) -> set[str]:
+        """Every clip path the kit's trials play (relative to the kit folder): all a server may send."""
         return {c for t in self.trials for c in t["clips"]}
 
     def check_answers(self, answers: object) -> dict[str, str]:
@@ -82,6 +85,7 @@ class Kit:
 
 
 def check_rater(rater: str) -> str:
+    """``rater`` if it is a safe rater id (it becomes a file name), else an EsnError."""
     if not RATER.fullmatch(rater or ""):
         raise EsnError(f"rater id {rater!r} must be 1 to 64 letters, digits, - or _")
     return rater

@@ -35,6 +35,11 @@ _STOP = object()
 
 
 class Batcher:
+    """Turns concurrent conversion requests into batched ``run`` calls on one model thread.
+
+    A batch closes at ``max_batch`` rows or ``max_wait_s`` after its first request; the queue holds at
+    most ``queue_size`` requests (the service answers 429 beyond).
+    """
     def __init__(self, run: Callable[[list[Any]], list[Any]], *, max_batch: int, max_wait_s: float,
                  queue_size: int, metrics: Metrics):
         self.run = run
@@ -48,9 +53,11 @@ class Batcher:
 
     @property
     def depth(self) -> int:
+        """Requests waiting for a batch now."""
         return self.queue.qsize()
 
     def start(self) -> None:
+        """Start the batching loop on the running event loop (call once, from the service's start-up)."""
         self.task = asyncio.get_running_loop().create_task(self._loop(), name="esn-batcher")
 
     async def stop(self) -> None:

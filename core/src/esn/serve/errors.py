@@ -20,6 +20,7 @@ class RequestError(Exception):
         return out | ({"field": self.field} if self.field else {})
 
     def response(self):
+        """The error as a FastAPI JSON response with its status code and headers."""
         from fastapi.responses import JSONResponse
 
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)

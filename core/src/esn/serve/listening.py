@@ -35,6 +35,7 @@ def _rater(rater: str) -> str:
 
 
 def create_listening_app(kit: Kit) -> FastAPI:
+    """The listening page's app: the page, the kit's clips (never its key) and each rater's answers."""
     app = FastAPI(title="esn listening test", docs_url=None, redoc_url=None, openapi_url=None)
     html = page(kit)
     locks: dict[str, asyncio.Lock] = {}

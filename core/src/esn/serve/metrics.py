@@ -18,6 +18,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (served at ``/metrics``)."""
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, max_batch: int):
@@ -39,4 +40,5 @@ class Metrics:
                                    "timeout, disconnected)", ["outcome"], registry=r)
 
     def render(self) -> bytes:
+        """The metrics in Prometheus' text format."""
         return generate_latest(self.registry)
