@@ -146,10 +146,14 @@ class StreamSpec:
     ``root`` is the module whose forward receives ``input_ids`` and ``attention_mask`` for every step of
     this stream. In a prefill call, positions where ``attention_mask`` is 0 are padding. In a decode call
     a row that has already fed one of ``stop_token_ids`` is finished (a solo run would have stopped).
+    ``substeps`` are modules run inside each decode step of the root, before its forward, on that step's
+    token (Qwen3-Omni's code predictor): their positions are real exactly when the root's step is
+    (``esn.substeps``).
     """
 
     root: str
     stop_token_ids: tuple[int, ...] = ()
+    substeps: tuple[str, ...] = ()
 
 
 class ModelAdapter(abc.ABC):
@@ -172,7 +176,7 @@ class ModelAdapter(abc.ABC):
 
     name: ClassVar[str]  # short id used on the command line, e.g. "qwen_omni"
     architectures: ClassVar[tuple[str, ...]]  # config ``architectures`` strings this adapter loads
-    streams: ClassVar[tuple[str, ...]] = STREAMS
+    streams: ClassVar[tuple[str, ...]] = STREAMS  # streams this family can have; a checkpoint's: checkpoint_streams
     description: ClassVar[str] = ""
     model_name: ClassVar[str] = ""  # the model family as people write it, for messages ("Qwen2.5-Omni")
     # True if generate() runs all its requests as rows of one batch (per-row conditions need this).
@@ -230,10 +234,20 @@ class ModelAdapter(abc.ABC):
         """Every instrumented gate, ``lm`` first then ``synth``, in layer order."""
 
     def layout(self, streams: Sequence[str] | None = None) -> Layout:
-        """The hook points as a ``Layout`` (built once from ``hook_points()``), or the sub-layout of ``streams``."""
+        """This loaded checkpoint's hook points (of ``streams``): an instance-level layout, so two
+        checkpoints of one family may differ (dense or mixture-of-experts layers, a missing talker)."""
         if self._layout is None:
             self._layout = Layout(self.hook_points())
+        missing = sorted((set(streams or ()) & set(STREAMS)) - set(self._layout.streams))
+        if missing:
+            raise EsnError(f"{self.source}: this checkpoint has no {' or '.join(missing)} stream (it has "
+                           f"{', '.join(self._layout.streams)})")
         return self._layout.select(streams)
+
+    @property
+    def checkpoint_streams(self) -> tuple[str, ...]:
+        """The streams of this loaded checkpoint (a subset of the family's class-level ``streams``)."""
+        return tuple(self.layout().streams)
 
     def module(self, hook_point: HookPoint | str) -> Any:
         """The ``act_fn`` module of a hook point; its output is the gate ``[batch, pos, d_mlp]``."""

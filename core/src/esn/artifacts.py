@@ -105,7 +105,7 @@ def _layout(path: Path, meta: dict, layout: Layout | None) -> Layout:
     stored = layout_from_dict(meta, str(path))
     if layout is None:
         return stored
-    layout.check_compatible(stored.fingerprint, f"{path}")
+    layout.check_compatible(stored.fingerprint, f"{path}", stored)
     return layout
 
 
@@ -162,7 +162,7 @@ def load_masks(path: str | os.PathLike, layout: Layout | None = None) -> MaskSet
 # --- statistics --------------------------------------------------------------------------------------
 
 def save_stats(path: str | os.PathLike, stats: ActivationStats, *, meta: Mapping | None = None) -> None:
-    """Write ``K [E, N]``, ``T [E, H]``, ``n_attempts [E]`` (int64) and, when present, ``S``/``SS``;
+    """Write ``K [E, N]``, ``T [E, G]`` (G position groups), ``n_attempts [E]`` (int64) and, when present, ``S``/``SS``;
     ``meta`` adds to the statistics' own metadata."""
     tensors = {"K": stats.K.astype(np.int64), "T": stats.T.astype(np.int64),
                "n_attempts": stats.n_attempts.astype(np.int64)}

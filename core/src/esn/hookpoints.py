@@ -4,6 +4,13 @@ A hook point is named ``{stream}.layers.{l}.mlp.gate``; ``stream`` is ``lm`` (th
 or ``synth`` (the speech-token decoder). Its tensor is the SiLU output ``g = act_fn(gate_proj(x))`` of
 shape ``[batch, pos, d_mlp]``, seen by a forward hook on the ``act_fn`` module. A neuron is written
 ``lm.layers.12.mlp.gate[3071]``.
+
+Mixture-of-experts layers (``esn.routing``): a *routed* hook point is the ``act_fn`` shared by the ``E``
+experts of one layer (transformers' fused 3-D experts). Its width is ``E x d`` (``d`` units per expert),
+local neuron ``e * d + u`` is unit ``u`` of expert ``e`` (written ``lm.layers.3.mlp.gate[e, u]``), and its
+gate arrives as rows ``[routed rows, d]`` that the routing maps back to (batch, position, expert). A
+layer's always-on shared expert is a second hook point, ``{stream}.layers.{l}.mlp.shared_expert.gate``.
+Positions are counted per *group*: one group per dense hook point, one per expert of a routed one.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import numpy as np
 from esn.errors import EsnError, LayoutMismatchError
 
 STREAMS: tuple[str, ...] = ("lm", "synth")
-_NAME = re.compile(r"^(lm|synth)\.layers\.(\d+)\.mlp\.gate$")
+PARTS: tuple[str, ...] = ("", "shared_expert")  # the MLP (dense or routed experts); a MoE layer's shared expert
+_NAME = re.compile(r"^(lm|synth)\.layers\.(\d+)\.mlp(?:\.(shared_expert))?\.gate$")
 
 
 @dataclass(frozen=True)
@@ -28,13 +36,19 @@ class HookPoint:
 
     - ``stream``: ``"lm"`` (the decoder that writes text) or ``"synth"`` (the decoder that writes speech
       tokens).
-    - ``layer``: the decoder layer, 0..L-1 within its stream; ``name`` is ``{stream}.layers.{layer}.mlp.gate``.
-    - ``width``: ``d_mlp``, the number of gate neurons (``gate_proj.out_features``).
+    - ``layer``: the decoder layer, 0..L-1 within its stream; ``name`` is ``{stream}.layers.{layer}.mlp.gate``
+      (``{stream}.layers.{layer}.mlp.shared_expert.gate`` for a MoE layer's shared expert, ``part``).
+    - ``width``: ``d_mlp``, the number of gate neurons (``gate_proj.out_features``); routed: ``experts * d``.
     - ``module``: dotted path (from the adapter's ``model``) of the module whose output is the post-SiLU
       gate ``act_fn(gate_proj(x))``, usually ``...layers.{l}.mlp.act_fn``.
     - ``down_proj``: dotted path of the MLP's ``down_proj``, whose input columns are the gate neurons;
       needed to fold gains into the weights (``esn.steering``), optional otherwise.
     - ``meta``: free-form facts for the adapter (not part of equality or the layout fingerprint).
+    - ``flat``: the dense gate arrives as ``[batch * pos, width]`` (tokens flattened inside a MoE block).
+    - Routed (``experts > 0``): the gate arrives as rows of ``d`` units, ``top_k`` experts per token, and
+      ``router`` is the path of the experts module whose forward receives ``(hidden [tokens, h],
+      top_k_index [tokens, top_k], top_k_weights)``; ``down_proj`` then names its 3-D ``down_proj``
+      parameter ``[E, h, d]``.
 
     ``esn.hooks.gate_hook_points(model, layers_path, stream)`` builds them for SwiGLU MLPs.
     """
@@ -45,25 +59,64 @@ class HookPoint:
     module: str
     down_proj: str | None = None  # dotted path of the MLP's down_proj, for exact weight folding
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    part: str = ""  # "" (the MLP) or "shared_expert" (a MoE layer's always-on expert)
+    experts: int = 0  # routed experts sharing this act_fn; 0 = dense
+    top_k: int = 0  # experts per token (routed)
+    router: str | None = None  # path of the experts module that receives the routing (routed)
+    flat: bool = False  # dense gate as [batch * pos, width] (tokens flattened, e.g. a shared expert)
 
     def __post_init__(self) -> None:
         if self.stream not in STREAMS:
             raise EsnError(f"hook point stream must be one of {STREAMS}, got {self.stream!r}")
         if self.layer < 0 or self.width <= 0:
             raise EsnError(f"hook point {self.stream} layer {self.layer} has width {self.width}")
+        if self.part not in PARTS:
+            raise EsnError(f"hook point part must be one of {PARTS}, got {self.part!r}")
+        if self.experts < 0 or (self.experts and (self.width % self.experts or not 1 <= self.top_k <= self.experts)):
+            raise EsnError(f"hook point {self.name}: {self.experts} experts (top {self.top_k}) do not fit "
+                           f"width {self.width} (width must be experts x units, 1 <= top_k <= experts)")
+        if not self.experts and self.top_k:
+            raise EsnError(f"hook point {self.name}: top_k is for routed hook points (experts > 0)")
 
     @property
     def name(self) -> str:
-        """``{stream}.layers.{layer}.mlp.gate``."""
-        return f"{self.stream}.layers.{self.layer}.mlp.gate"
+        """``{stream}.layers.{layer}.mlp.gate`` (``...mlp.shared_expert.gate`` for a shared expert)."""
+        return f"{self.stream}.layers.{self.layer}.mlp{'.' + self.part if self.part else ''}.gate"
+
+    @property
+    def routed(self) -> bool:
+        """Whether the gate lives in routed experts (``experts > 0``)."""
+        return self.experts > 0
+
+    @property
+    def groups(self) -> int:
+        """Position-count groups: one per expert (routed), else one."""
+        return max(1, self.experts)
+
+    @property
+    def unit_width(self) -> int:
+        """Units per group: ``d`` of one expert (routed), else the width."""
+        return self.width // self.groups
+
+    @property
+    def step_width(self) -> int:
+        """Gate values per batch row per decode position: ``top_k * d`` (routed), else the width."""
+        return self.top_k * self.unit_width if self.routed else self.width
 
     @staticmethod
     def parse(name: str) -> tuple[str, int]:
-        """``'lm.layers.3.mlp.gate'`` -> ``('lm', 3)``."""
+        """``'lm.layers.3.mlp.gate'`` -> ``('lm', 3)`` (also for ``...mlp.shared_expert.gate``)."""
+        stream, layer, _ = HookPoint.parse_name(name)
+        return stream, layer
+
+    @staticmethod
+    def parse_name(name: str) -> tuple[str, int, str]:
+        """``'synth.layers.3.mlp.shared_expert.gate'`` -> ``('synth', 3, 'shared_expert')``."""
         match = _NAME.match(name)
         if not match:
-            raise EsnError(f"not a hook point name: {name!r} (expected '{{lm|synth}}.layers.{{l}}.mlp.gate')")
-        return match.group(1), int(match.group(2))
+            raise EsnError(f"not a hook point name: {name!r} "
+                           "(expected '{lm|synth}.layers.{l}.mlp.gate' or '....mlp.shared_expert.gate')")
+        return match.group(1), int(match.group(2)), match.group(3) or ""
 
 
 class Layout:
@@ -83,6 +136,10 @@ class Layout:
         widths = np.array([hp.width for hp in self.hook_points], dtype=np.int64)
         self.offsets: np.ndarray = np.concatenate([[0], np.cumsum(widths)])
         self._by_name = {hp.name: i for i, hp in enumerate(self.hook_points)}
+        # Position-count groups (one per dense hook point, one per expert of a routed one), flat in order.
+        groups = np.array([hp.groups for hp in self.hook_points], dtype=np.int64)
+        self.group_offsets: np.ndarray = np.concatenate([[0], np.cumsum(groups)])  # [H + 1]
+        self.group_widths: np.ndarray = np.repeat([hp.unit_width for hp in self.hook_points], groups)  # [G]
 
     def __len__(self) -> int:
         return len(self.hook_points)
@@ -97,6 +154,20 @@ class Layout:
     def n_neurons(self) -> int:
         """N, the number of neurons over all hook points (the sum of their widths)."""
         return int(self.offsets[-1])
+
+    @property
+    def n_groups(self) -> int:
+        """``G``: columns of the position counts ``T`` (``H`` when no hook point is routed)."""
+        return int(self.group_offsets[-1])
+
+    @property
+    def routed(self) -> bool:
+        return any(hp.routed for hp in self.hook_points)
+
+    def group_slice(self, name: str) -> slice:
+        """The position-count columns (groups) of one hook point."""
+        i = self.index(name)
+        return slice(int(self.group_offsets[i]), int(self.group_offsets[i + 1]))
 
     @property
     def names(self) -> list[str]:
@@ -146,13 +217,16 @@ class Layout:
         return out
 
     def neuron_name(self, flat: int) -> str:
-        """Flat index -> ``'lm.layers.12.mlp.gate[3071]'``."""
+        """``lm.layers.3.mlp.gate[301]``; routed: ``lm.layers.3.mlp.gate[17, 301]`` (expert, unit)."""
         i = int(np.searchsorted(self.offsets, flat, side="right") - 1)
-        return f"{self.hook_points[i].name}[{int(flat - self.offsets[i])}]"
+        hp, local = self.hook_points[i], int(flat - self.offsets[i])
+        return f"{hp.name}[{local // hp.unit_width}, {local % hp.unit_width}]" if hp.routed else f"{hp.name}[{local}]"
 
     def describe(self) -> list[dict]:
-        """``[{"name", "width"}, ...]`` in order: what artifacts store and the fingerprint hashes."""
-        return [{"name": hp.name, "width": hp.width} for hp in self.hook_points]
+        """Names and widths in order; routed hook points add ``experts`` and ``top_k`` (so a mask made for
+        another expert count has another fingerprint; dense layouts keep their fingerprints)."""
+        return [{"name": hp.name, "width": hp.width, **({"experts": hp.experts, "top_k": hp.top_k} if hp.routed else {})}
+                for hp in self.hook_points]
 
     @property
     def fingerprint(self) -> str:
@@ -160,11 +234,28 @@ class Layout:
         blob = json.dumps(self.describe(), separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def check_compatible(self, fingerprint: str, what: str = "artifact") -> None:
-        """Raise ``LayoutMismatchError`` unless ``fingerprint`` is this layout's (``what`` names the artifact)."""
+    def check_compatible(self, fingerprint: str, what: str = "artifact", other: Layout | None = None) -> None:
+        """``LayoutMismatchError`` unless ``fingerprint`` is this layout's; ``other`` (the artifact's layout,
+        when known) lets the message name the first difference, e.g. another expert count."""
         if fingerprint != self.fingerprint:
+            detail = "" if other is None else f" First difference: {describe_difference(other, self, what)}."
             raise LayoutMismatchError(
                 f"{what} was made for a different hook-point layout (fingerprint {fingerprint}, "
-                f"this model has {self.fingerprint}: {len(self)} hook points, {self.n_neurons} neurons). "
+                f"this model has {self.fingerprint}: {len(self)} hook points, {self.n_neurons} neurons).{detail} "
                 "Was it made for another model or another set of streams?"
             )
+
+
+def describe_difference(theirs: Layout, mine: Layout, what: str = "artifact") -> str:
+    """The first hook point where two layouts differ, in words (names, widths, expert counts)."""
+    a, b = theirs.describe(), mine.describe()
+    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+    def say(d: list[dict]) -> str:
+        if first >= len(d):
+            return "ends there"
+        hp = d[first]
+        routed = f", {hp['experts']} experts top-{hp['top_k']}" if "experts" in hp else ", dense"
+        return f"has {hp['name']} (width {hp['width']}{routed})"
+
+    return f"hook point {first}: {what} {say(a)}, model {say(b)}"

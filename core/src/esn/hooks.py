@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -95,4 +96,51 @@ def gate_hook_points(model: nn.Module, layers_path: str, stream: str) -> list:
                 down_proj=f"{layers_path}.{i}.mlp.down_proj",
             )
         )
+    return points
+
+
+def mlp_hook_points(model: nn.Module, layers_path: str, stream: str, *, first_layer: int = 0) -> list:
+    """Hook points of decoder layers whose MLPs are dense SwiGLU or transformers' mixture-of-experts blocks.
+
+    Per layer ``l`` (numbered from ``first_layer``, for a stream made of several layer lists):
+
+    * dense ``mlp`` (``act_fn``, ``gate_proj``): ``{stream}.layers.{l}.mlp.gate`` as in :func:`gate_hook_points`;
+    * MoE ``mlp`` with fused ``experts`` (3-D ``gate_up_proj [E, 2d, h]``, ``down_proj [E, h, d]``, one
+      ``act_fn``): a routed ``{stream}.layers.{l}.mlp.gate`` of width ``E * d`` (``esn.routing``), top-k
+      from the router ``mlp.gate.top_k`` (or the experts' ``config.num_experts_per_tok``);
+    * its ``shared_expert`` (dense SwiGLU run on the block's flattened tokens):
+      ``{stream}.layers.{l}.mlp.shared_expert.gate``, ``[batch * pos, d]``.
+    """
+    from esn.errors import EsnError
+    from esn.hookpoints import HookPoint
+
+    try:
+        layers = model.get_submodule(layers_path)
+    except AttributeError:
+        raise EsnError(f"model {type(model).__name__} has no module {layers_path!r}") from None
+    points = []
+    for i, layer in enumerate(layers):
+        mlp, at, n = getattr(layer, "mlp", None), f"{layers_path}.{i}.mlp", first_layer + i
+        experts = getattr(mlp, "experts", None)
+        if experts is not None:
+            up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+            if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == down.dim() == 3
+                    and hasattr(experts, "act_fn")):
+                raise EsnError(f"{at}.experts is not a fused experts module (3-D gate_up_proj/down_proj, act_fn)")
+            n_experts, d = int(down.shape[0]), int(down.shape[2])
+            top_k = getattr(getattr(mlp, "gate", None), "top_k", None)
+            if top_k is None:
+                top_k = getattr(getattr(experts, "config", None), "num_experts_per_tok", None)
+            if top_k is None:
+                raise EsnError(f"{at}: cannot tell how many experts each token uses (no gate.top_k)")
+            points.append(HookPoint(stream, n, n_experts * d, f"{at}.experts.act_fn", f"{at}.experts.down_proj",
+                                    experts=n_experts, top_k=int(top_k), router=f"{at}.experts"))
+            shared = getattr(mlp, "shared_expert", None)
+            if shared is not None:
+                points.append(HookPoint(stream, n, int(shared.gate_proj.out_features), f"{at}.shared_expert.act_fn",
+                                        f"{at}.shared_expert.down_proj", part="shared_expert", flat=True))
+        elif mlp is not None and hasattr(mlp, "act_fn") and hasattr(mlp, "gate_proj"):
+            points.append(HookPoint(stream, n, int(mlp.gate_proj.out_features), f"{at}.act_fn", f"{at}.down_proj"))
+        else:
+            raise EsnError(f"{layers_path}.{i} has neither a SwiGLU mlp (act_fn, gate_proj) nor fused experts")
     return points

@@ -46,6 +46,8 @@ import torch
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint, Layout
 from esn.hooks import installed
+from esn.routing import RoutedPoint, recorder_hooks
+from esn.substeps import SubstepPoint, SubstepRoot
 
 Positions = Literal["all", "generated"]
 Strategy = Literal["chunk", "ref", "step"]
@@ -66,19 +68,19 @@ class BatchStats:
 
     layout: Layout
     counts: torch.Tensor  # [B, N] int32: positions with g > 0
-    tokens: torch.Tensor  # [B, H] int64: positions counted per hook point
+    tokens: torch.Tensor  # [B, G] int64: positions counted per group (hook point; per expert if routed)
     sums: torch.Tensor | None = None  # [B, N] float64: sum of g over counted positions
     sumsq: torch.Tensor | None = None  # [B, N] float64: sum of g**2
     positions: str = "all"
     prompt_counts: torch.Tensor | None = None  # [B, N] int32: the part of counts at prompt (prefill) positions
-    prompt_tokens: torch.Tensor | None = None  # [B, H] int64: the part of tokens at prompt positions
+    prompt_tokens: torch.Tensor | None = None  # [B, G] int64: the part of tokens at prompt positions
 
     def __post_init__(self) -> None:
         b, n = self.counts.shape
-        if n != self.layout.n_neurons or tuple(self.tokens.shape) != (b, len(self.layout)):
+        if n != self.layout.n_neurons or tuple(self.tokens.shape) != (b, self.layout.n_groups):
             raise EsnError(
                 f"statistics shapes counts {tuple(self.counts.shape)}, tokens {tuple(self.tokens.shape)} "
-                f"do not fit the layout ({len(self.layout)} hook points, {self.layout.n_neurons} neurons)"
+                f"do not fit the layout ({self.layout.n_groups} position groups, {self.layout.n_neurons} neurons)"
             )
         if (self.sums is None) != (self.sumsq is None):
             raise EsnError("sums and sumsq must both be present or both absent")
@@ -113,9 +115,9 @@ class BatchStats:
                           positions="generated")
 
     def tokens_per_neuron(self) -> torch.Tensor:
-        """``[B, N]`` int64: each neuron's hook-point token count (the denominator of its probability)."""
-        widths = torch.as_tensor(np.diff(self.layout.offsets))
-        return self.tokens.repeat_interleave(widths, dim=1)
+        """``[B, N]`` int64: each neuron's position count (the denominator of its probability): its hook
+        point's, or for a routed neuron its expert's (positions routed to that expert)."""
+        return self.tokens.repeat_interleave(torch.as_tensor(self.layout.group_widths), dim=1)
 
     @classmethod
     def concat(cls, parts: Sequence[BatchStats]) -> BatchStats:
@@ -201,6 +203,7 @@ class _Root:
         self.tokens_dev: torch.Tensor | None = None  # [B] int64, positions counted under a mask
         self.tokens_all = 0  # positions counted in calls where every row was real
         self.prompt: tuple[int, torch.Tensor | None] = (0, None)  # (tokens_all, tokens_dev) after the prefill
+        self.followers: list[Callable] = []  # substeps (esn.substeps): told each step's real rows [B]
 
     def tokens(self, batch: int, *, prompt: bool = False) -> torch.Tensor:
         """``[batch]`` positions counted so far (``prompt=True``: in the prefill only)."""
@@ -248,6 +251,7 @@ class _Root:
                     self.valid_slots = list(self.valid_buf.unbind(0))
                 torch.logical_or(self.finished, torch.isin(input_ids[:, -1], self.stop), out=self.finished)
                 self._count(torch.logical_not(self.finished, out=self.valid_slots[self.slot]))  # [B]
+                self._tell(self.valid_slots[self.slot])
                 return
             hit = torch.isin(input_ids[:, -pos:], self.stop).cumsum(1, dtype=torch.int32) > 0
             fed = hit | self.finished[:, None]  # [B, pos]
@@ -260,6 +264,11 @@ class _Root:
             self._count(self.valid)
         if prefill:  # what the prompt alone counted (device copy, no sync)
             self.prompt = (self.tokens_all, None if self.tokens_dev is None else self.tokens_dev.clone())
+        self._tell(None if self.valid is None or prefill else self.valid[:, -1])
+
+    def _tell(self, rows: torch.Tensor | None) -> None:
+        for follow in self.followers:  # substeps that ran before this step belong to it
+            follow(rows)
 
     def _count(self, valid: torch.Tensor | None) -> None:
         if valid is None:
@@ -321,6 +330,8 @@ class _Point:
     def hook(self, module, args, g: torch.Tensor) -> None:
         # g: [batch, pos, d_mlp], the post-SiLU gate.
         root = self.root
+        if self.hp.flat:  # [batch * pos, d_mlp], tokens flattened inside a MoE block (a shared expert)
+            g = g.view(1, *g.shape) if root.implicit else g.view(root.batch, -1, g.shape[-1])
         if root.implicit:
             _check_rank(self.hp, g)
             root.begin(None, None, g.shape[1], g.shape[0], g.device)
@@ -398,6 +409,27 @@ class _Point:
             self.sums.add_(x.sum(dim))
             self.sumsq.add_(x.square_().sum(dim))
 
+    def result(self, batch: int) -> tuple[torch.Tensor | None, ...]:
+        """``(counts [B, D] int32, tokens [B, 1] int64, sums, sumsq, prompt_counts [B, D], prompt_tokens
+        [B, 1])`` on CPU (sums and sumsq None without moments)."""
+        if self.calls != self.root.calls and not self.root.implicit:
+            raise EsnError(
+                f"hook point {self.hp.name} ran in {self.calls} of the {self.root.calls} calls of its stream root "
+                f"{self.root.path!r}: the stream spec does not match the model"
+            )
+        d = self.hp.width
+        zero_counts = torch.zeros((batch, d), dtype=torch.int32)
+        counts = self.counts.cpu() if self.counts is not None else zero_counts
+        tokens = self.root.tokens(batch) if self.root.calls else torch.zeros(batch, dtype=torch.int64)
+        prompt_counts = self.prompt_counts.cpu() if self.prompt_counts is not None else zero_counts
+        prompt_tokens = self.root.tokens(batch, prompt=True)[:, None]
+        if not self.moments:
+            return counts, tokens[:, None], None, None, prompt_counts, prompt_tokens
+        zero = torch.zeros((batch, d), dtype=torch.float64)
+        sums = self.sums.cpu() if self.sums is not None else zero
+        sumsq = self.sumsq.cpu() if self.sumsq is not None else zero
+        return counts, tokens[:, None], sums, sumsq, prompt_counts, prompt_tokens
+
     def flush(self) -> None:
         if not self.pending:
             return
@@ -462,8 +494,9 @@ class GateRecorder:
         self.chunk_steps = chunk_steps
         self._specs = dict(target.stream_specs() or {})
         self._stack: contextlib.ExitStack | None = None
-        self._points: list[_Point] = []
+        self._points: list[_Point | RoutedPoint | SubstepPoint] = []
         self._roots: dict[str, _Root] = {}
+        self._substeps: dict[str, SubstepRoot] = {}
         self._done = False
         self._rows: list[BatchStats] | None = None  # one per request of a batched = False adapter
         self._options = {"streams": streams, "positions": positions, "moments": moments,
@@ -478,8 +511,8 @@ class GateRecorder:
             self._stack = contextlib.ExitStack()
             self._stack.enter_context(_generate_wrapped(self.target, self._record_each))
             return self
-        self._points, self._roots = [], {}
-        modules, seen = [], set()
+        self._points, self._roots, self._substeps = [], {}, {}
+        forward, pre, seen = [], [], set()
         for hp in self.layout:
             module = self.target.module(hp)
             if id(module) in seen:
@@ -488,15 +521,23 @@ class GateRecorder:
                 )
             seen.add(id(module))
             root = self._root_for(hp)
-            self._points.append(_Point(hp, root, self.moments, self.strategy))
-            modules.append(module)
+            if hp.routed:  # esn.routing: rows mapped to (batch, position, expert) by a pre-hook on the experts
+                point = RoutedPoint(hp, root, self.moments, self.strategy)
+                routing, (module, _) = recorder_hooks(point, self.target.model)
+                pre.append(routing)
+            elif isinstance(root, SubstepRoot):
+                point = SubstepPoint(hp, root, self.moments)
+            else:
+                point = _Point(hp, root, self.moments, self.strategy)
+            self._points.append(point)
+            forward.append((module, point.hook))
         stack = contextlib.ExitStack()
         try:
-            roots = [
-                (self.target.model.get_submodule(path), self._pre_hook(r)) for path, r in self._roots.items()
-            ]
-            stack.enter_context(installed(roots, kind="pre", with_kwargs=True))
-            stack.enter_context(installed(zip(modules, (p.hook for p in self._points), strict=True)))
+            model = self.target.model
+            roots = [(model.get_submodule(path), self._pre_hook(r)) for path, r in self._roots.items()]
+            roots += [(model.get_submodule(path), sub.pre_hook) for path, sub in self._substeps.items()]
+            stack.enter_context(installed(roots + pre, kind="pre", with_kwargs=True))
+            stack.enter_context(installed(forward))
         except BaseException:
             stack.close()
             raise
@@ -522,12 +563,13 @@ class GateRecorder:
             self._rows.append(one.stats())
         return results
 
-    def _root_for(self, hp: HookPoint) -> _Root:
+    def _root_for(self, hp: HookPoint) -> _Root | SubstepRoot:
         spec = self._specs.get(hp.stream)
         if spec is None:  # no spec: this hook point is its own root, every position counts
             return _Root(
-                hp.name, (), self.positions, lambda b, w=hp.width: self._chunk_len(w, b), implicit=True
+                hp.name, (), self.positions, lambda b, w=hp.step_width: self._chunk_len(w, b), implicit=True
             )
+        substep = next((s for s in getattr(spec, "substeps", ()) if hp.module.startswith(s + ".")), None)
         if spec.root not in self._roots:
             try:
                 self.target.model.get_submodule(spec.root)
@@ -535,12 +577,21 @@ class GateRecorder:
                 raise EsnError(
                     f"stream {hp.stream!r}: root module {spec.root!r} not found in the model"
                 ) from None
-            width = sum(p.width for p in self.layout if self._specs.get(p.stream) == spec)
+            width = sum(p.step_width for p in self.layout if self._specs.get(p.stream) == spec)
             chunk_fn = lambda b, w=width: self._chunk_len(w, b)  # noqa: E731
             self._roots[spec.root] = _Root(
                 spec.root, spec.stop_token_ids, self.positions, chunk_fn, implicit=False
             )
-        return self._roots[spec.root]
+        root = self._roots[spec.root]
+        if substep is None:
+            return root
+        if substep not in self._substeps:
+            try:
+                self.target.model.get_submodule(substep)
+            except AttributeError:
+                raise EsnError(f"stream {hp.stream!r}: substep module {substep!r} not found in the model") from None
+            self._substeps[substep] = SubstepRoot(substep, root, root.chunk_fn)
+        return self._substeps[substep]
 
     def _pre_hook(self, root: _Root) -> Callable:
         def pre(module, args, kwargs):
@@ -591,34 +642,18 @@ class GateRecorder:
         if len(batches) > 1:
             raise EsnError(f"hook points saw different batch sizes {sorted(batches)} in one recording")
         batch = batches.pop()
-        counts, tokens, sums, sumsq, prompt_counts, prompt_tokens = [], [], [], [], [], []
-        for p in self._points:
-            if p.calls != p.root.calls and not p.root.implicit:
-                raise EsnError(
-                    f"hook point {p.hp.name} ran in {p.calls} of the {p.root.calls} calls of its stream root "
-                    f"{p.root.path!r}: the stream spec does not match the model"
-                )
-            d = p.hp.width
-            counts.append(
-                p.counts.cpu() if p.counts is not None else torch.zeros((batch, d), dtype=torch.int32)
-            )
-            tokens.append(p.root.tokens(batch) if p.root.calls else torch.zeros(batch, dtype=torch.int64))
-            zero_counts = torch.zeros((batch, d), dtype=torch.int32)
-            prompt_counts.append(p.prompt_counts.cpu() if p.prompt_counts is not None else zero_counts)
-            prompt_tokens.append(p.root.tokens(batch, prompt=True))
-            if self.moments:
-                zero = torch.zeros((batch, d), dtype=torch.float64)
-                sums.append(p.sums.cpu() if p.sums is not None else zero)
-                sumsq.append(p.sumsq.cpu() if p.sumsq is not None else zero)
+        # per point: (counts [B, W], tokens [B, groups], sums, sumsq, prompt_counts [B, W], prompt_tokens [B, groups])
+        parts = [p.result(batch) for p in self._points]
+        split = self.positions == "all"
         return BatchStats(
             self.layout,
-            torch.cat(counts, dim=1),
-            torch.stack(tokens, dim=1),
-            torch.cat(sums, dim=1) if self.moments else None,
-            torch.cat(sumsq, dim=1) if self.moments else None,
+            torch.cat([part[0] for part in parts], dim=1),
+            torch.cat([part[1] for part in parts], dim=1),
+            torch.cat([part[2] for part in parts], dim=1) if self.moments else None,
+            torch.cat([part[3] for part in parts], dim=1) if self.moments else None,
             self.positions,
-            torch.cat(prompt_counts, dim=1) if self.positions == "all" else None,
-            torch.stack(prompt_tokens, dim=1) if self.positions == "all" else None,
+            torch.cat([part[4] for part in parts], dim=1) if split else None,
+            torch.cat([part[5] for part in parts], dim=1) if split else None,
         )
 
 

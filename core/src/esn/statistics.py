@@ -1,10 +1,16 @@
 """Activation statistics over success sets (the paper's equations 2-3): K, T and P = K / T.
 
 ``K[e, n]`` counts the positions where neuron ``n``'s gate was positive over emotion ``e``'s successful
-attempts; ``T[e, h]`` counts the positions seen at hook point ``h`` (the LM and synthesis streams run over
-different positions, so T is kept per hook point). Both are int64 sums, exact and independent of the
+attempts; ``T[e, g]`` counts the positions seen by position group ``g``: a dense hook point (the LM and
+synthesis streams run over different positions, so T is kept per hook point), or one expert of a routed
+hook point (the positions routed to that expert). Both are int64 sums, exact and independent of the
 order in which attempts, shards or stores are added up. ``positions="generated"`` sums the generated
 positions alone (the stored counts minus their prompt share), so one recording gives P both ways.
+
+For a routed neuron (expert ``x``, unit ``u``), ``P = K / T[expert x]``: how often the unit is positive
+when its expert runs. An expert never routed to under an emotion has ``T = 0`` and ``P = 0`` (it never
+fired). How often the expert runs at all is :meth:`ActivationStats.routing`; ``P * routing`` is the
+share of all the layer's positions in which the unit was positive.
 """
 
 from __future__ import annotations
@@ -27,49 +33,79 @@ class ActivationStats:
     emotions: list[str]
     layout: Layout
     K: np.ndarray  # [E, N] int64: positive-gate positions
-    T: np.ndarray  # [E, H] int64: positions per hook point
+    T: np.ndarray  # [E, G] int64: positions per group (hook point; per expert when routed)
     n_attempts: np.ndarray  # [E] int64: attempts summed
     S: np.ndarray | None = None  # [E, N] float64: sum of gate values, when every attempt had sums
     SS: np.ndarray | None = None  # [E, N] float64: sum of squared gate values
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        e, n, h = len(self.emotions), self.layout.n_neurons, len(self.layout)
-        if self.K.shape != (e, n) or self.T.shape != (e, h) or self.n_attempts.shape != (e,):
+        e, n, g = len(self.emotions), self.layout.n_neurons, self.layout.n_groups
+        if self.K.shape != (e, n) or self.T.shape != (e, g) or self.n_attempts.shape != (e,):
             raise EsnError(f"statistics shapes K {self.K.shape}, T {self.T.shape} do not fit {e} emotions, "
-                           f"{n} neurons, {h} hook points")
+                           f"{n} neurons, {g} position groups")
 
     def positions(self) -> np.ndarray:
-        """``T`` broadcast to neurons: ``[E, N]``, each neuron's column holds its hook point's T."""
-        return np.repeat(self.T, np.diff(self.layout.offsets), axis=1)
+        """``T`` broadcast to neurons: ``[E, N]``, each neuron's column holds its group's T (hook point,
+        or expert)."""
+        return np.repeat(self.T, self.layout.group_widths, axis=1)
 
-    def probs(self) -> np.ndarray:
-        """``P[e, n] = K[e, n] / T[e, hook point of n]``, ``[E, N]`` float64."""
+    def hook_point_positions(self) -> np.ndarray:
+        """``[E, H]``: positions seen per hook point (a routed one: its experts' T summed over top_k)."""
+        out = np.zeros((len(self.emotions), len(self.layout)), np.int64)
+        for i, hp in enumerate(self.layout):
+            cols = self.T[:, self.layout.group_offsets[i]:self.layout.group_offsets[i + 1]]
+            out[:, i] = cols.sum(1) // hp.top_k if hp.routed else cols[:, 0]
+        return out
+
+    def _check_positions(self) -> None:
+        per_hp = self.hook_point_positions()
         bad = [
-            f"{e!r} at {self.layout.hook_points[int(np.argmax(self.T[k] == 0))].name} "
+            f"{e!r} at {self.layout.hook_points[int(np.argmax(per_hp[k] == 0))].name} "
             f"({self.n_attempts[k]} successful attempts)"
-            for k, e in enumerate(self.emotions) if np.any(self.T[k] == 0)
+            for k, e in enumerate(self.emotions) if np.any(per_hp[k] == 0)
         ]
         if bad:
             raise EsnError(f"no positions for emotion {'; '.join(bad)}: P is undefined; relax the success "
                            "filter or record more attempts")
-        return self.K / self.positions()
+
+    def probs(self) -> np.ndarray:
+        """``P[e, n] = K[e, n] / T[e, group of n]``, ``[E, N]`` float64; a routed neuron whose expert was
+        never routed to under an emotion has ``P = 0`` there."""
+        self._check_positions()
+        t = self.positions()
+        return np.divide(self.K, t, out=np.zeros(self.K.shape), where=t > 0)
 
     def mean(self) -> np.ndarray:
-        """Mean gate value per emotion and neuron ``[E, N]`` (needs sums)."""
+        """Mean gate value per emotion and neuron ``[E, N]`` over its positions (needs sums; 0 where T = 0)."""
         if self.S is None:
             raise EsnError("these statistics were recorded without sums; record with sums to get means")
-        self.probs()  # the same T == 0 check
-        return self.S / self.positions()
+        self._check_positions()
+        t = self.positions()
+        return np.divide(self.S, t, out=np.zeros(self.S.shape), where=t > 0)
+
+    def routing(self) -> dict[str, np.ndarray]:
+        """Routing frequency: per routed hook point, ``[E, experts]`` float64, the share of the emotion's
+        positions at that layer that were routed to each expert (a position goes to ``top_k`` experts, so
+        a row sums to ``top_k``; 0 where the emotion has no positions)."""
+        per_hp = self.hook_point_positions()
+        out = {}
+        for i, hp in enumerate(self.layout):
+            if hp.routed:
+                cols = self.T[:, self.layout.group_offsets[i]:self.layout.group_offsets[i + 1]]
+                total = per_hp[:, i:i + 1]
+                out[hp.name] = np.divide(cols, total, out=np.zeros(cols.shape), where=total > 0)
+        return out
 
     def select_streams(self, streams: Sequence[str]) -> ActivationStats:
         """The statistics of the given streams' hook points only (their neurons renumbered from 0)."""
         sub = self.layout.select(streams)
         cols = np.concatenate([np.arange(self.layout.slice(hp.name).start, self.layout.slice(hp.name).stop)
                                for hp in sub])
-        rows = [self.layout.index(hp.name) for hp in sub]
+        groups = np.concatenate([np.arange(self.layout.group_slice(hp.name).start,
+                                           self.layout.group_slice(hp.name).stop) for hp in sub])
         pick = (lambda a: None if a is None else a[:, cols])  # noqa: E731
-        return ActivationStats(list(self.emotions), sub, self.K[:, cols], self.T[:, rows], self.n_attempts.copy(),
+        return ActivationStats(list(self.emotions), sub, self.K[:, cols], self.T[:, groups], self.n_attempts.copy(),
                                pick(self.S), pick(self.SS), dict(self.meta))
 
     def __add__(self, other: ActivationStats) -> ActivationStats:
@@ -105,7 +141,7 @@ def aggregate(store: AttemptStore, ids_by_emotion: Mapping[str, Sequence[str]], 
     for i, e in row_of.items():
         if i in targets and targets[i] != emotions[e]:
             raise EsnError(f"attempt {i!r} targets {targets[i]!r} but is listed under {emotions[e]!r}")
-    n_e, n, h = len(emotions), store.layout.n_neurons, len(store.layout)
+    n_e, n, h = len(emotions), store.layout.n_neurons, store.layout.n_groups
     K = np.zeros((n_e, n), np.int64)
     T = np.zeros((n_e, h), np.int64)
     S = np.zeros((n_e, n), np.float64)

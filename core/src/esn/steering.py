@@ -27,11 +27,14 @@ import numpy as np
 import torch
 
 from esn.errors import EsnError, LayoutMismatchError
-from esn.hookpoints import HookPoint, Layout
+from esn.hookpoints import HookPoint, Layout, describe_difference
 from esn.hooks import installed
 from esn.interventions import Affine, Intervention, Method, resolve
 from esn.masks import Mask
 from esn.plugins import Registry
+from esn.routing import fold as routing_fold
+from esn.routing import steer_hooks as routing_steer_hooks
+from esn.routing import unfold as routing_unfold
 
 Positions = Literal["all", "generated"]
 
@@ -64,19 +67,11 @@ def check_mask(target: Any, mask: Mask, what: str = "mask") -> Layout:
         raise LayoutMismatchError(f"{what} is for stream(s) {streams}, but this model has only {have}")
     theirs = mask.layout
     if mine.describe() != theirs.describe():
-        first = next(
-            (i for i, (a, b) in enumerate(zip(theirs.describe(), mine.describe(), strict=False)) if a != b),
-            min(len(mine), len(theirs)),
-        )
-        detail = "; ".join(
-            f"{who} has {d[first]['name']} (width {d[first]['width']})" if first < len(d) else f"{who} ends there"
-            for who, d in ((what, theirs.describe()), ("model", mine.describe()))
-        )
         raise LayoutMismatchError(
             f"{what} was made for another hook-point layout: {len(theirs)} hook points / {theirs.n_neurons} "
             f"neurons (fingerprint {theirs.fingerprint}) vs this model's {len(mine)} / {mine.n_neurons} "
-            f"({mine.fingerprint}) for stream(s) {streams}. First difference at hook point {first}: {detail}. "
-            "Was it made for another model?"
+            f"({mine.fingerprint}) for stream(s) {streams}. First difference at "
+            f"{describe_difference(theirs, mine, what)}. Was it made for another model?"
         )
     return mine
 
@@ -267,14 +262,25 @@ class _Prefill:
         return self.prefill if self.tracked else g.shape[1] > 1
 
 
-def _hook(edit: _Edit, prefill: _Prefill | None):
+def _hook(edit: _Edit, prefill: _Prefill | None, flat: bool = False):
+    if flat:  # [batch * pos, d_mlp] (a shared expert): per-row edits need [batch, pos, d_mlp]
+        def apply(out):
+            return edit(out) if edit.rows is None else edit(out.view(edit.rows, -1, out.shape[-1])).view(out.shape)
+    else:
+        apply = edit
     if prefill is None:
         def hook(module, args, out):  # out: [batch, pos, d_mlp]
-            return edit(out)
+            return apply(out)
     else:
         def hook(module, args, out):  # out: [batch, pos, d_mlp]
-            return None if prefill.skip(out) else edit(out)
+            return None if prefill.skip(out) else apply(out)
     return hook
+
+
+def _in_substep(target: Any, hp: HookPoint) -> bool:
+    """Inside a substep module (``StreamSpec.substeps``): only ever runs in the root's decode steps."""
+    spec = (target.stream_specs() or {}).get(hp.stream)
+    return any(hp.module.startswith(s + ".") for s in getattr(spec, "substeps", ()))
 
 
 @contextlib.contextmanager
@@ -294,8 +300,20 @@ def _install(target: Any, layout: Layout, edits: dict[str, _Edit], positions: st
                     raise EsnError(f"stream spec {stream!r}: root module {spec.root!r} not found in the model") from None
                 state.tracked = True
                 roots.append((root, state.on_root))
-    hooks = [(target.module(layout[n]), _hook(e, states.get(layout[n].stream))) for n, e in edits.items()]
-    with installed(roots, kind="pre", with_kwargs=True), installed(hooks):
+    hooks, pre = [], []
+    for name, edit in edits.items():
+        hp = layout[name]
+        state = None if _in_substep(target, hp) else states.get(hp.stream)
+        if hp.routed:  # esn.routing: each routed row gets its expert's edit
+            if state is not None and not state.tracked:
+                raise EsnError(f"hook point {name} is routed: positions='generated' needs a stream spec root "
+                               f"for stream {hp.stream!r}")
+            routing, forward = routing_steer_hooks(target, hp, edit, None if state is None else lambda s=state: s.prefill)
+            pre += routing
+            hooks += forward
+        else:
+            hooks.append((target.module(hp), _hook(edit, state, hp.flat)))
+    with installed(roots + pre, kind="pre", with_kwargs=True), installed(hooks):
         yield tuple(edits)
 
 
@@ -363,7 +381,8 @@ def folded(
     """Apply a gain intervention (``steer``, ``deactivate``) by scaling ``down_proj`` weight columns.
 
     Column ``n`` of ``down_proj.weight`` ``[hidden, d_mlp]`` multiplies gate neuron ``n``, so scaling it by
-    the gain equals scaling the gate, with no hook at all. Always every position. Exact (bit-identical
+    the gain equals scaling the gate, with no hook at all (routed neurons ``(e, u)``: the slice
+    ``down_proj[e, :, u]`` of the experts' 3-D parameter). Always every position. Exact (bit-identical
     to hook steering) when the gain is a power of two or zero, in any dtype; otherwise the product is
     rounded in another place (``(g * s) * w`` vs ``g * (w * s)``), which in bf16 can differ visibly.
     The original columns are saved and written back bit for bit on exit, also when the block raises.
@@ -377,10 +396,14 @@ def folded(
         )
     layout = check_mask(target, mask)
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    routed: list = []  # esn.routing.fold's saved slices of 3-D experts down_proj
     try:
         with torch.no_grad():
             for name, local in mask.split().items():
                 hp = layout[name]
+                if hp.routed and hp.down_proj:
+                    routing_fold(target, hp, local, form.scale, routed)
+                    continue
                 if not hp.down_proj:
                     raise EsnError(f"hook point {name} has no down_proj path, so it cannot be folded; use steer()")
                 try:
@@ -397,5 +420,6 @@ def folded(
         yield tuple(mask.split())
     finally:
         with torch.no_grad():
+            routing_unfold(routed)
             for weight, idx, cols in reversed(saved):
                 weight.index_copy_(1, idx, cols)

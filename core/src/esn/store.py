@@ -5,9 +5,10 @@ A run directory::
     run/
       layout.json                          hook-point names and widths, fingerprint, architecture
       shards/<worker>-<seq>.safetensors    counts [B, N] (uint16, or int32 when a count exceeds 65535),
-                                           tokens [B, H] int64 (positions seen per hook point),
+                                           tokens [B, G] int64 (positions seen per hook point, or per
+                                           expert of a routed one: G position groups),
                                            optional sums / sumsq [B, N] float32,
-                                           optional prompt_counts [B, N] / prompt_tokens [B, H]: the
+                                           optional prompt_counts [B, N] / prompt_tokens [B, G]: the
                                            part of counts / tokens at prompt (prefill) positions
       shards/<worker>-<seq>.json           the B attempt records of that shard, size and sha256 of the
                                            tensor file
@@ -86,11 +87,11 @@ class AttemptStats:
 
     ids: list[str]
     counts: np.ndarray  # [B, N] unsigned/signed integer: positions where the gate was > 0
-    tokens: np.ndarray  # [B, H] int64: positions seen per hook point
+    tokens: np.ndarray  # [B, G] int64: positions seen per group (hook point; expert when routed)
     sums: np.ndarray | None = None  # [B, N] float32: sum of gate values
     sumsq: np.ndarray | None = None  # [B, N] float32: sum of squared gate values
     prompt_counts: np.ndarray | None = None  # [B, N]: the part of counts at prompt (prefill) positions
-    prompt_tokens: np.ndarray | None = None  # [B, H] int64: the part of tokens at prompt positions
+    prompt_tokens: np.ndarray | None = None  # [B, G] int64: the part of tokens at prompt positions
 
     def rows(self, which: Sequence[int]) -> AttemptStats:
         """The statistics of rows ``which`` only, in that order."""
@@ -132,8 +133,9 @@ def layout_from_dict(d: dict, where: str) -> Layout:
     try:
         hps = []
         for hp in d["hook_points"]:
-            stream, layer = HookPoint.parse(hp["name"])
-            hps.append(HookPoint(stream, layer, int(hp["width"]), module=""))
+            stream, layer, part = HookPoint.parse_name(hp["name"])
+            hps.append(HookPoint(stream, layer, int(hp["width"]), module="", part=part,
+                                 experts=int(hp.get("experts", 0)), top_k=int(hp.get("top_k", 0))))
         layout = Layout(hps)
         fingerprint = d["fingerprint"]
     except EsnError as exc:
@@ -218,8 +220,8 @@ class AttemptStore:
 
     def append(self, records: Iterable[AttemptRecord | dict], counts, tokens, sums=None, sumsq=None,
                *, prompt_counts=None, prompt_tokens=None, worker: str = "0") -> Path:
-        """Write one shard: ``records`` (B of them) with ``counts [B, N]``, ``tokens [B, H]``, optional
-        ``sums``/``sumsq [B, N]`` and optional ``prompt_counts [B, N]``/``prompt_tokens [B, H]`` (the part of
+        """Write one shard: ``records`` (B of them) with ``counts [B, N]``, ``tokens [B, G]``, optional
+        ``sums``/``sumsq [B, N]`` and optional ``prompt_counts [B, N]``/``prompt_tokens [B, G]`` (the part of
         counts/tokens at prompt positions). Returns the shard's sidecar path. Ids must be new to this store."""
         records = [AttemptRecord.from_dict(r.to_dict() if isinstance(r, AttemptRecord) else r, "append")
                    for r in records]
@@ -234,15 +236,16 @@ class AttemptStore:
         return self._write(records, stats, worker)
 
     def _check_stats(self, records, counts, tokens, sums, sumsq) -> AttemptStats:
-        b, n, h = len(records), self.layout.n_neurons, len(self.layout)
+        b, n, h = len(records), self.layout.n_neurons, self.layout.n_groups
         counts, tokens = as_numpy(counts), as_numpy(tokens)
         if counts.shape != (b, n) or not np.issubdtype(counts.dtype, np.integer):
             raise EsnError(f"counts must be an integer array [{b} attempts, {n} neurons], got {counts.dtype} {counts.shape}")
         if tokens.shape != (b, h) or not np.issubdtype(tokens.dtype, np.integer):
-            raise EsnError(f"tokens must be an integer array [{b} attempts, {h} hook points], got {tokens.dtype} {tokens.shape}")
+            raise EsnError(f"tokens must be an integer array [{b} attempts, {h} position groups], got {tokens.dtype} {tokens.shape}")
         if b and (counts.min() < 0 or tokens.min() < 0):
             raise EsnError("counts and tokens must be non-negative")
-        if b and np.any(np.maximum.reduceat(counts, self.layout.offsets[:-1], axis=1) > tokens):
+        starts = np.concatenate([[0], np.cumsum(self.layout.group_widths)[:-1]])
+        if b and np.any(np.maximum.reduceat(counts, starts, axis=1) > tokens):
             raise EsnError("a neuron's positive count exceeds the positions seen at its hook point")
         if counts.size and counts.max() > np.iinfo(np.int32).max:
             raise EsnError("a count exceeds int32")
@@ -332,7 +335,7 @@ class AttemptStore:
             t = safetensors.numpy.load(blob)
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise EsnError(f"{path}: not a readable safetensors file ({exc})") from None
-        b, n, h = len(shard.records), self.layout.n_neurons, len(self.layout)
+        b, n, h = len(shard.records), self.layout.n_neurons, self.layout.n_groups
         pairs = ({"sums", "sumsq"}, {"prompt_counts", "prompt_tokens"})  # optional, each all or nothing
         ok = ({"counts", "tokens"} <= set(t) and all(not (p & set(t)) or p <= set(t) for p in pairs)
               and set(t) <= {"counts", "tokens"}.union(*pairs)
@@ -341,7 +344,7 @@ class AttemptStore:
               and ("prompt_tokens" not in t or t["prompt_tokens"].shape == (b, h)))
         if not ok:
             shapes = {k: v.shape for k, v in t.items()}
-            raise EsnError(f"{path}: shard tensors {shapes} do not fit {b} attempts of {n} neurons / {h} hook points")
+            raise EsnError(f"{path}: shard tensors {shapes} do not fit {b} attempts of {n} neurons / {h} position groups")
         return AttemptStats([r.id for r in shard.records], t["counts"], t["tokens"], t.get("sums"), t.get("sumsq"),
                             t.get("prompt_counts"), t.get("prompt_tokens"))
 

@@ -23,13 +23,17 @@ The checks:
   and every parameter of the loaded model is finite and initialised: no NaN or inf, no subnormal value,
   nothing above ``MAX_PARAMETER`` in magnitude (what ``torch.empty`` memory looks like).
 - ``check_hook_points``: names ``{stream}.layers.{l}.mlp.gate`` with layers 0..L-1 per stream, ``lm``
-  before ``synth``; each module resolves, runs during generation and outputs ``[batch, pos, width]``.
+  before ``synth`` (plus ``...mlp.shared_expert.gate`` on some of those layers); the streams are among the
+  class's ``streams``; each module resolves, runs during generation and outputs ``[batch, pos, width]``
+  (flat: ``[rows, width]``; routed: ``[rows, width / experts]``, with its experts module and 3-D
+  ``down_proj``).
 - ``check_generation``: one result per request, in order, with text and non-empty finite float32
   mono audio at the declared rate; each result of a 2-request ``generate`` equals, bit for bit, the
   same request generated alone with the same seed (for ``batched = True`` adapters: a row does not
   depend on its batch mate, so padding and masks are right).
 - ``check_recording``: ``GateRecorder`` counts equal a plain-hook reference (``g > 0`` summed over every
-  position of a one-request generate) and its token counts equal the positions seen.
+  position of a one-request generate) and its token counts equal the positions seen (routed hook points:
+  summed over experts, against every row ``act_fn`` saw).
 - ``check_interventions``: per stream, ``deactivate`` on every gate makes the gates a later hook sees
   exactly 0; ``steer`` by 101x on every gate changes the text or audio; ``steer`` with ``alpha=0`` changes
   nothing; afterwards no hook is left and
@@ -118,8 +122,11 @@ def _generate_one(adapter: ModelAdapter, config: GenerationConfig | None) -> EVC
 
 
 def _esn_sites(adapter: ModelAdapter) -> list[torch.nn.Module]:
-    """Modules esn hooks: every hook point's module and every stream root."""
-    roots = [spec.root for spec in (adapter.stream_specs() or {}).values() if getattr(spec, "root", None)]
+    """Modules esn hooks: every hook point's module (and experts module), every stream root and substep."""
+    specs = (adapter.stream_specs() or {}).values()
+    roots = [spec.root for spec in specs if getattr(spec, "root", None)]
+    roots += [sub for spec in specs for sub in getattr(spec, "substeps", ())]
+    roots += [hp.router for hp in adapter.layout() if hp.routed]
     return [adapter.module(hp) for hp in adapter.layout()] + [adapter.model.get_submodule(r) for r in roots]
 
 
@@ -224,16 +231,27 @@ def check_hook_points(adapter: ModelAdapter, config: GenerationConfig | None = N
     points = list(layout)
     order = [STREAMS.index(hp.stream) for hp in points]
     _require(order == sorted(order), f"hook points must list lm before synth, got {layout.names}")
-    _require({hp.stream for hp in points} == set(adapter.streams),
-             f"hook point streams {layout.streams} differ from the declared streams {adapter.streams}")
+    _require({hp.stream for hp in points} <= set(type(adapter).streams),
+             f"hook point streams {layout.streams} are not among the declared streams {type(adapter).streams}")
     for stream in layout.streams:
-        layers = [hp.layer for hp in points if hp.stream == stream]
+        layers = [hp.layer for hp in points if hp.stream == stream and not hp.part]
         _require(layers == list(range(len(layers))), f"{stream} layers must be 0..{len(layers) - 1}, got {layers}")
+        shared = [hp.layer for hp in points if hp.stream == stream and hp.part]
+        _require(set(shared) <= set(layers), f"{stream}: shared-expert hook points on layers {shared} without "
+                                             "a layer hook point")
     for hp in points:
         HookPoint.parse(hp.name)
         module = adapter.module(hp)
         _require(isinstance(module, torch.nn.Module), f"{hp.name}: {hp.module!r} is not an nn.Module")
-        if hp.down_proj:
+        if hp.routed:
+            _require(isinstance(adapter.model.get_submodule(hp.router or ""), torch.nn.Module),
+                     f"{hp.name}: routed, but its experts module {hp.router!r} is not an nn.Module")
+        if hp.down_proj and hp.routed:
+            down = adapter.model.get_parameter(hp.down_proj)
+            _require(down.dim() == 3 and down.shape[0] == hp.experts and down.shape[2] == hp.unit_width,
+                     f"{hp.name}: {hp.down_proj} has shape {tuple(down.shape)}, expected "
+                     f"[{hp.experts}, hidden, {hp.unit_width}]")
+        elif hp.down_proj:
             down = adapter.model.get_submodule(hp.down_proj)
             _require(down.weight.shape[1] == hp.width,
                      f"{hp.name}: {hp.down_proj}.weight has {down.weight.shape[1]} input columns, width is {hp.width}")
@@ -244,8 +262,9 @@ def check_hook_points(adapter: ModelAdapter, config: GenerationConfig | None = N
     for hp in points:
         seen = shapes[hp.name]
         _require(bool(seen), f"{hp.name} ({hp.module}) never ran during generation")
-        bad = [s for s in seen if len(s) != 3 or s[-1] != hp.width]
-        _require(not bad, f"{hp.name}: output shapes {bad[:3]} are not [batch, pos, {hp.width}]")
+        dims, last, what = (2, hp.unit_width, "rows") if (hp.routed or hp.flat) else (3, hp.width, "batch, pos")
+        bad = [s for s in seen if len(s) != dims or s[-1] != last]
+        _require(not bad, f"{hp.name}: output shapes {bad[:3]} are not [{what}, {last}]")
     _require(_hooks(adapter) == before, "hooks were left on the gate modules after generation")
 
 
@@ -287,25 +306,32 @@ def check_recording(adapter: ModelAdapter, config: GenerationConfig | None = Non
     tokens = dict.fromkeys(layout.names, 0)
     before = _hooks(adapter)
 
-    def reference(hp: HookPoint, g: torch.Tensor) -> None:  # g [batch=1, pos, width]
+    def reference(hp: HookPoint, g: torch.Tensor) -> None:  # g [batch=1, pos, width] or [rows, d] (routed)
         flat = g.detach().reshape(-1, g.shape[-1])
-        counts[hp.name] += (flat > 0).sum(0).cpu()
-        sums[hp.name] += flat.double().sum(0).cpu()
+        counts[hp.name][: flat.shape[1]] += (flat > 0).sum(0).cpu()
+        sums[hp.name][: flat.shape[1]] += flat.double().sum(0).cpu()
         tokens[hp.name] += flat.shape[0]
 
     with GateRecorder(adapter) as recorder, installed(_observe(adapter, list(layout), reference)):
         _generate_one(adapter, config)
     stats = recorder.stats()
     _require(stats.batch_size == 1, f"one request recorded as {stats.batch_size} rows")
-    for i, hp in enumerate(layout):
-        got = stats.counts[0, layout.slice(hp.name)].to(torch.int64)
-        _require(torch.equal(got, counts[hp.name]),
+    for hp in layout:
+        # routed: [experts, d] summed over experts (each row act_fn saw is one (position, expert))
+        def units(t: torch.Tensor, hp: HookPoint = hp) -> torch.Tensor:
+            t = t[0, layout.slice(hp.name)]
+            return t.reshape(hp.groups, hp.unit_width).sum(0) if hp.routed else t
+
+        got = units(stats.counts).to(torch.int64)
+        want = counts[hp.name][: got.numel()]
+        _require(torch.equal(got, want),
                  f"{hp.name}: recorded counts differ from the plain-hook reference in "
-                 f"{int((got != counts[hp.name]).sum())} of {hp.width} neurons")
-        _require(int(stats.tokens[0, i]) == tokens[hp.name],
-                 f"{hp.name}: recorded {int(stats.tokens[0, i])} positions, the reference saw {tokens[hp.name]}")
+                 f"{int((got != want).sum())} of {got.numel()} units")
+        seen = int(stats.tokens[0, layout.group_slice(hp.name)].sum())
+        _require(seen == tokens[hp.name],
+                 f"{hp.name}: recorded {seen} positions, the reference saw {tokens[hp.name]}")
         if stats.sums is not None:
-            _require(torch.allclose(stats.sums[0, layout.slice(hp.name)], sums[hp.name], rtol=1e-6, atol=1e-6),
+            _require(torch.allclose(units(stats.sums), sums[hp.name][: got.numel()], rtol=1e-6, atol=1e-6),
                      f"{hp.name}: recorded gate sums differ from the reference")
     _require(_hooks(adapter) == before, "the recorder left hooks on the model")
 

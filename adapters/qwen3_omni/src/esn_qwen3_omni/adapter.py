@@ -1,0 +1,269 @@
+"""``Qwen3OmniAdapter``: Qwen3-Omni's mixture-of-experts thinker and talker, and EVC generation.
+
+Hook points (``act_fn`` outputs; ``esn.hooks.mlp_hook_points``), for Qwen3-Omni-30B-A3B:
+
+- ``lm.layers.{l}.mlp.gate`` -> ``thinker.model.language_model.layers.{l}.mlp.experts.act_fn``: routed,
+  128 experts x 768 units, top 8, 48 layers (a dense layer, if a checkpoint has one, is a dense hook point);
+- ``synth.layers.{l}.mlp.gate`` -> ``talker.model.layers.{l}.mlp.experts.act_fn``: routed, 128 x 384, top 6,
+  layers 0-19; ``synth.layers.{l}.mlp.shared_expert.gate`` -> its shared expert (768 units, every position);
+- ``synth.layers.{20 + l}.mlp.gate`` -> ``talker.code_predictor.model.layers.{l}.mlp.act_fn`` (dense, 3072
+  units, 5 layers): the code predictor continues the talker's depth, once per talker step.
+
+Streams for recording: the thinker gets ``input_ids``/``attention_mask`` on every text step; the talker
+gets ``inputs_embeds`` in its prefill (with the mask when a row is padded) and the fed codec id after;
+the code predictor is a substep of the talker (``esn.substeps``): it runs inside each talker decode step.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from esn.adapters import (
+    CONVERSION_SYSTEM_PROMPT,
+    EVCRequest,
+    EVCResult,
+    GenerationConfig,
+    ModelAdapter,
+    StreamSpec,
+    check_dtype,
+    parse_options,
+)
+from esn.errors import EsnError
+from esn.hookpoints import HookPoint
+
+THINKER_LAYERS = "thinker.model.language_model.layers"
+TALKER_LAYERS = "talker.model.layers"
+CODE_PREDICTOR = "talker.code_predictor"
+CODE_PREDICTOR_LAYERS = "talker.code_predictor.model.layers"
+DEFAULT_SPEAKER = "Ethan"
+IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")  # experts implementations esn can follow
+
+# Settings a user may pass in GenerationConfig.options, with their types.
+OPTIONS: dict[str, Any] = {
+    "thinker_min_new_tokens": int,  # force text length (benchmarks)
+    "talker_min_new_tokens": int,  # default 1: code2wav needs at least one code
+    "talker_repetition_penalty": float,  # Qwen's default 1.05 (deterministic with greedy decoding)
+    "experts_implementation": str,  # grouped_mm (default) | batched_mm | eager, for this call
+}
+SYSTEM_PROMPTS = {"conversion": CONVERSION_SYSTEM_PROMPT}
+
+
+def _is_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
+
+
+def _placement(device: str) -> dict[str, Any]:
+    """Load straight onto an accelerator when accelerate is installed; otherwise load, then move."""
+    import importlib.util
+
+    if str(device) == "cpu" or importlib.util.find_spec("accelerate") is None:
+        return {}
+    return {"device_map": str(device)}
+
+
+def system_prompt(value: str | None) -> str:
+    """``None`` -> the conversion prompt; a preset name (``conversion``) or literal text."""
+    return CONVERSION_SYSTEM_PROMPT if value is None else SYSTEM_PROMPTS.get(value, value)
+
+
+class Qwen3OmniAdapter(ModelAdapter):
+    name = "qwen3_omni"
+    architectures = ("Qwen3OmniMoeForConditionalGeneration",)
+    model_name = "Qwen3-Omni"
+    description = ("Qwen3-Omni (MoE): thinker routed-expert gates (lm), talker experts, shared experts and code "
+                   "predictor gates (synth); transformers' native class")
+    batched = True
+    sample_rate = 24_000
+
+    def __init__(self, model: Any, source: str | Path, tokenizer: Any, features: Any):
+        super().__init__(model, source)
+        from esn_qwen3_omni.prompt import PromptBuilder
+
+        if not getattr(model, "has_talker", False):
+            raise EsnError(f"{source}: the checkpoint has no talker (enable_audio_output is false, e.g. the "
+                           "Thinking or Captioner model); EVC needs speech output: use Qwen3-Omni-30B-A3B-Instruct")
+        self.tokenizer = tokenizer
+        self.prompts = PromptBuilder(tokenizer, features, model.config)
+
+    # -- loading -----------------------------------------------------------------------------------
+    @classmethod
+    def read_config(cls, source: str | Path) -> dict:
+        source = str(source)
+        local = Path(source)
+        if not local.exists() and not _is_hub_id(source):
+            raise EsnError(f"model {source!r} not found: give a checkpoint directory or a hub id like "
+                           "Qwen/Qwen3-Omni-30B-A3B-Instruct")
+        if local.exists() and not local.is_dir():
+            raise EsnError(f"model {source!r} is a file; give the checkpoint directory")
+        if local.is_dir():
+            path = local / "config.json"
+        else:
+            from transformers.utils import cached_file
+
+            try:
+                found = cached_file(source, "config.json", _raise_exceptions_for_missing_entries=False)
+            except Exception:  # offline, no such repository, no access
+                found = None
+            path = Path(found) if found else local / "config.json"
+        if not path.is_file():
+            raise EsnError(f"{source}: no config.json (not a transformers checkpoint, or the hub is unreachable)")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise EsnError(f"{path}: unreadable config.json ({exc})") from None
+        cls.check_architectures(config, source)
+        return config
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str = "cpu",
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,  # native class: nothing remote to trust
+    ) -> Qwen3OmniAdapter:
+        import torch
+        from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration, WhisperFeatureExtractor
+        from transformers.utils import logging as hf_logging
+
+        from esn_qwen3_omni.checks import check_finite
+
+        check_dtype(dtype)
+        cls.read_config(source)
+        source = str(source)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # config warnings about mrope keys and tiny vocabularies
+        hf_logging.disable_progress_bar()
+        try:
+            model, info = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+                source,
+                dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                attn_implementation=attn_implementation,
+                output_loading_info=True,
+                **_placement(device),
+            )
+            tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+            features = WhisperFeatureExtractor.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as exc:
+            raise EsnError(f"cannot load Qwen3-Omni from {source}: {type(exc).__name__}: {exc}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+        # transformers fills missing weights with random (talker experts: uninitialised) values and only
+        # logs it: refuse instead
+        bad = list(info.get("missing_keys", [])) + [str(k[0] if isinstance(k, tuple) else k)
+                                                    for k in info.get("mismatched_keys", [])]
+        if bad:
+            raise EsnError(f"{source}: {len(bad)} weights are missing or of another shape (e.g. {', '.join(sorted(bad)[:3])}); "
+                           "the weights do not match config.json")
+        if not _placement(device):
+            model.to(device)
+        model.eval()
+        check_finite(model, source)
+        return cls(model, source, tokenizer, features)
+
+    @classmethod
+    def write_tiny(cls, directory: str | Path, *, seed: int = 0) -> Path:
+        from esn_qwen3_omni.tiny import write_tiny
+
+        return write_tiny(directory, seed=seed)
+
+    # -- hook points -------------------------------------------------------------------------------
+    def hook_points(self) -> list[HookPoint]:
+        from esn.hooks import mlp_hook_points
+
+        talker = mlp_hook_points(self.model, TALKER_LAYERS, "synth")
+        n_talker = len(self.model.get_submodule(TALKER_LAYERS))
+        return (mlp_hook_points(self.model, THINKER_LAYERS, "lm") + talker
+                + mlp_hook_points(self.model, CODE_PREDICTOR_LAYERS, "synth", first_layer=n_talker))
+
+    @property
+    def talker_stop_ids(self) -> tuple[int, ...]:
+        """``codec_eos``: it ends speech, and rows that finished early are fed it (the talker's pad)."""
+        return (int(self.model.config.talker_config.codec_eos_token_id),)
+
+    def stream_specs(self) -> dict[str, StreamSpec]:
+        return {
+            "lm": StreamSpec(root="thinker", stop_token_ids=self.prompts.stop_ids),
+            "synth": StreamSpec(root="talker", stop_token_ids=self.talker_stop_ids, substeps=(CODE_PREDICTOR,)),
+        }
+
+    # -- generation --------------------------------------------------------------------------------
+    @property
+    def speakers(self) -> list[str]:
+        return sorted(self.model.config.talker_config.speaker_id or {})
+
+    def _options(self, options: dict[str, Any]) -> dict[str, Any]:
+        out = {"talker_min_new_tokens": 1, **parse_options(self.name, options, OPTIONS)}
+        impl = out.get("experts_implementation")
+        if impl is not None and impl not in IMPLEMENTATIONS:
+            raise EsnError(f"qwen3_omni option experts_implementation={impl!r} must be one of {', '.join(IMPLEMENTATIONS)}")
+        return out
+
+    def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
+        """All requests as rows of one left-padded batch (transformers 5.24's Qwen3-Omni generates batches
+        and decodes each row's codes up to its own end). Text, codec and residual codes are greedy, so the
+        result does not depend on the seed; the global RNG is forked and seeded anyway."""
+        import torch
+
+        if not requests:
+            return []
+        speaker = (config.speaker or DEFAULT_SPEAKER).lower()
+        if speaker not in self.speakers:
+            raise EsnError(f"unknown speaker {config.speaker!r} for {self.source}; available: {', '.join(self.speakers)}")
+        options = self._options(config.options)
+        impl = options.pop("experts_implementation", None)
+        batch = self.prompts.batch([r.audio for r in requests], system_prompt(config.system_prompt),
+                                   [self.instruction(r, config) for r in requests], [r.id for r in requests])
+        device = self.device
+        inputs = {k: v.to(device) for k, v in batch.tensors.items()}
+        inputs["input_features"] = inputs["input_features"].to(self.model.thinker.dtype)
+        talker = self.model.config.talker_config
+        before = self.model.get_experts_implementation() if impl else None
+        fork = [device] if device.type == "cuda" else []
+        try:
+            if impl:
+                self.model.set_experts_implementation(impl)
+            with torch.random.fork_rng(devices=fork), warnings.catch_warnings():
+                # repetition_penalty with inputs_embeds only warns that the prompt is not penalised
+                warnings.filterwarnings("ignore", message=".*repetition_penalty.*")
+                torch.manual_seed(config.seed)
+                sequences, waves = self.model.generate(
+                    **inputs,
+                    speaker=speaker,
+                    thinker_do_sample=False,
+                    thinker_max_new_tokens=config.max_new_tokens,
+                    thinker_eos_token_id=list(self.prompts.stop_ids),
+                    thinker_pad_token_id=self.prompts.pad,
+                    talker_do_sample=False,
+                    talker_top_k=None,
+                    talker_top_p=None,
+                    talker_temperature=None,
+                    talker_max_new_tokens=config.max_audio_tokens,
+                    talker_pad_token_id=int(talker.codec_eos_token_id),
+                    **options,
+                )
+        finally:
+            if before is not None:
+                self.model.set_experts_implementation(before)
+        if isinstance(waves, torch.Tensor):  # one row: [1, 1, samples]
+            waves = [waves.reshape(-1)]
+        width = inputs["input_ids"].shape[1]
+        results = []
+        for i, request in enumerate(requests):
+            text, n_text = self.prompts.decode(sequences[i, width:].tolist())
+            wave = waves[i].detach().float().cpu().numpy().reshape(-1)
+            info: dict[str, Any] = {"prompt_tokens": batch.prompt_lengths[i], "text_tokens": n_text,
+                                    "audio_samples": int(wave.size), "speaker": speaker}
+            if wave.size == 0:
+                info["error"] = "the talker produced no speech codes"
+                warnings.warn(f"request {request.id or i}: Qwen3-Omni produced no audio", stacklevel=2)
+            results.append(EVCResult(id=request.id, text=text, waveform=wave, sample_rate=self.sample_rate, info=info))
+        return results

@@ -1,0 +1,371 @@
+"""Routed (mixture-of-experts) hook points: gate rows mapped back to (batch, position, expert).
+
+transformers 5.x fuses the ``E`` experts of a MoE layer into one module with 3-D parameters
+(``gate_up_proj [E, 2d, h]``, ``down_proj [E, h, d]``) and one ``act_fn``. Its forward receives the
+layer's tokens flattened, ``hidden [T, h]`` with ``T = batch * pos`` (token ``t`` is row ``t // pos``,
+position ``t % pos``), and the routing ``top_k_index [T, k]``. *Routing entry* ``n = t * k + j`` sends
+token ``t`` to expert ``top_k_index[t, j]``. ``act_fn`` then sees one row of ``d`` units per entry, in an
+order set by ``config._experts_implementation``:
+
+* ``grouped_mm`` (the default): once, ``[T * k, d]``, rows sorted by expert:
+  ``expert, entry = torch.sort(top_k_index.reshape(-1))``; the same call on the same tensor gives the
+  same order, ties included (sorting has no atomics), so esn repeats it exactly;
+* ``batched_mm``: once, ``[T * k, d]``, rows in entry order;
+* ``eager``: once per routed-to expert, in increasing expert order, each with that expert's entries in
+  ``torch.where(one_hot(top_k_index).permute(2, 1, 0)[e])`` order, i.e. by slot ``j`` then token ``t``.
+
+A forward pre-hook on the experts module computes, per row, the expert and the entry (:func:`row_order`);
+the ``act_fn`` hook then maps its rows to groups ``b * E + e``. Recording (:class:`RoutedPoint`) keeps
+``counts [B, E, d]``, sums and the per-expert position counts ``tokens [B, E]`` on the device: a
+routed neuron's denominator is the number of positions routed to its expert. Steering (:func:`steer_hooks`)
+gathers each row's edit by expert (uniform masks, ``[E, d]``) or by group (per-row conditions,
+``[B * E, d]``). Folding (:func:`fold`) writes into slices of the 3-D ``down_proj``. Other experts
+implementations (``deepgemm``, ``sonicmoe``, ...) do not call ``act_fn`` as a module: refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from esn.errors import EsnError
+from esn.hookpoints import HookPoint
+
+IMPLEMENTATIONS: tuple[str, ...] = ("grouped_mm", "batched_mm", "eager")
+_SLICE_BYTES = 64 * 2**20  # float64 copies of prefill rows are summed in slices this small
+
+
+def implementation(experts: Any, hp: HookPoint) -> str:
+    """The experts implementation ``experts`` runs with; EsnError for one esn cannot follow."""
+    config = getattr(experts, "config", None)
+    impl = getattr(config, "_experts_implementation", None) or "eager"  # None: the class's own eager forward
+    if impl not in IMPLEMENTATIONS:
+        raise EsnError(
+            f"hook point {hp.name}: experts implementation {impl!r} is not supported for routed neurons "
+            f"(supported: {', '.join(IMPLEMENTATIONS)}); load the model with experts_implementation='grouped_mm'"
+        )
+    return impl
+
+
+def routing_of(args: tuple, kwargs: dict, hp: HookPoint) -> torch.Tensor:
+    """``top_k_index [T, k]`` from the arguments of an experts module's forward."""
+    index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+    if not isinstance(index, torch.Tensor) or index.dim() != 2 or index.shape[1] != hp.top_k:
+        shape = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
+        raise EsnError(f"hook point {hp.name}: its experts module {hp.router!r} got routing {shape}, expected "
+                       f"top_k_index [tokens, {hp.top_k}]")
+    return index
+
+
+def row_order(index: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(expert [T*k], entry [T*k])`` of each row ``act_fn`` sees, in its order (all calls of one forward
+    concatenated for ``eager``). ``index`` is ``top_k_index [T, k]``."""
+    ids = index.reshape(-1)
+    if impl == "grouped_mm":
+        return torch.sort(ids)  # exactly the model's call (same input, same order, ties included)
+    if impl == "batched_mm":
+        return ids, torch.arange(ids.numel(), device=ids.device)
+    t, k = index.shape  # eager: by expert, then slot j, then token t; keys are unique, so any sort agrees
+    entry = torch.arange(t * k, device=ids.device)
+    key = ids * (t * k) + (entry % k) * t + entry // k
+    order = torch.argsort(key)
+    return ids[order], order
+
+
+def _gate_rows(g: torch.Tensor, hp: HookPoint) -> None:
+    if g.dim() != 2 or g.shape[1] != hp.unit_width:
+        raise EsnError(f"hook point {hp.name}: routed gate of shape {tuple(g.shape)}, expected "
+                       f"[rows, {hp.unit_width}] ({hp.experts} experts x {hp.unit_width} units)")
+
+
+# -- recording ---------------------------------------------------------------------------------------
+
+
+class RoutedPoint:
+    """Recorder state of one routed hook point; ``root`` is the recorder's stream root (``esn.recording``).
+
+    Statistics ``counts [B, E, d]`` int32, ``sums``/``sumsq`` float64 and ``tokens [B, E]`` int64 stay on
+    the device. A decode step of the chunk strategy costs one copy of the gate rows and one of the
+    routing (batch 1: ``top_k_index``, ordered at the flush, no ties possible with one token) or one
+    ``sort`` into the chunk buffer (batch > 1); the chunk is reduced with ``index_add_`` at once.
+    """
+
+    def __init__(self, hp: HookPoint, root: Any, moments: bool, strategy: str):
+        if root.implicit:
+            raise EsnError(f"hook point {hp.name} is routed: its stream {hp.stream!r} needs a StreamSpec "
+                           "(the recorder maps routed rows back to batch rows through the stream root)")
+        self.hp = hp
+        self.root = root
+        self.moments = moments
+        self.chunked = strategy != "step"  # "ref" keeps no references for routed points: it copies
+        self.calls = 0
+        self.forwards = 0
+        self.counts: torch.Tensor | None = None  # [B, E, d] int32
+        self.tokens: torch.Tensor | None = None  # [B, E] int64
+        self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # (counts, tokens) right after the prefill
+        self.sums: torch.Tensor | None = None  # [B, E, d] float64
+        self.sumsq: torch.Tensor | None = None
+        self.impl = ""
+        self.row = 0  # rows of this forward already seen by act_fn (eager calls it once per expert)
+        self.mode = "skip"
+        # this forward, dense mode: per row group b*E + e and validity
+        self.group: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        # chunk buffers: gate rows [S, R, d]; routing ids [S, R] (batch 1) or expert/entry [S, R]
+        self.gbuf: torch.Tensor | None = None
+        self.ebuf: torch.Tensor | None = None
+        self.nbuf: torch.Tensor | None = None
+        self.pending = 0
+        self.pending_impl = ""
+
+    # one forward of the experts module: (hidden [T, h], top_k_index [T, k], top_k_weights [T, k])
+    def pre_hook(self, module, args, kwargs) -> None:
+        root = self.root
+        self.forwards += 1
+        self.row = 0
+        self.mode = root.mode
+        if self.prompt is None and root.calls > 1:
+            self._snapshot()  # the prefill is over: keep what the prompt counted (device copies, once)
+        if self.mode == "skip":
+            return
+        index = routing_of(args, kwargs, self.hp)
+        impl = implementation(module, self.hp)
+        b, p = root.batch, root.pos
+        if index.shape[0] != b * p:
+            raise EsnError(f"hook point {self.hp.name}: {index.shape[0]} routed tokens, but its stream root "
+                           f"{root.path!r} runs batch {b} x {p} positions")
+        self._allocate(index.device)
+        if self.mode == "slot" and self.chunked:
+            if self.pending and impl != self.pending_impl:
+                self.flush()
+            self.pending_impl = impl
+            if b == 1:  # one token: its k experts differ, so the order can be made at the flush
+                self.ebuf[root.slot].copy_(index.reshape(-1))
+            elif impl == "grouped_mm":
+                torch.sort(index.reshape(-1), out=(self.ebuf[root.slot], self.nbuf[root.slot]))
+            else:
+                expert, entry = row_order(index, impl)
+                self.ebuf[root.slot].copy_(expert)
+                self.nbuf[root.slot].copy_(entry)
+            return
+        self.mode = "dense"
+        expert, entry = row_order(index, impl)
+        token = entry // self.hp.top_k
+        row = token // p
+        self.group = row * self.hp.experts + expert
+        valid = root.valid
+        self.valid = None if valid is None else valid.reshape(-1)[token]  # [B, pos] -> per row
+
+    def hook(self, module, args, g: torch.Tensor) -> None:
+        # g: [rows, d], rows of this forward in the order of row_order (eager: one expert's rows per call)
+        self.calls += 1
+        if self.mode == "skip":
+            return
+        _gate_rows(g, self.hp)
+        n, start = g.shape[0], self.row
+        self.row += n
+        if self.mode == "slot":
+            if self.gbuf is None:  # [chunk, B * k, d] in the gate's dtype
+                self.gbuf = torch.empty((self.root.chunk, self.ebuf.shape[1], g.shape[1]), dtype=g.dtype, device=g.device)
+            self.gbuf[self.root.slot, start:start + n].copy_(g)
+            if self.row == self.gbuf.shape[1]:  # the step's last rows
+                self.pending = self.root.slot + 1
+                if self.pending == self.root.chunk:
+                    self.flush()
+            return
+        valid = None if self.valid is None else self.valid[start:start + n]
+        self._reduce(g, self.group[start:start + n], valid)
+
+    def _allocate(self, device) -> None:
+        if self.counts is not None:
+            return
+        b, e, d = self.root.batch, self.hp.experts, self.hp.unit_width
+        self.counts = torch.zeros((b, e, d), dtype=torch.int32, device=device)
+        self.tokens = torch.zeros((b, e), dtype=torch.int64, device=device)
+        if self.moments:
+            self.sums = torch.zeros((b, e, d), dtype=torch.float64, device=device)
+            self.sumsq = torch.zeros((b, e, d), dtype=torch.float64, device=device)
+        if self.chunked and self.root.chunk:
+            rows = b * self.hp.top_k
+            self.ebuf = torch.empty((self.root.chunk, rows), dtype=torch.int64, device=device)
+            self.nbuf = torch.empty((self.root.chunk, rows), dtype=torch.int64, device=device) if b > 1 else None
+
+    def _reduce(self, g: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Add rows ``g [R, d]`` of groups ``group [R]`` (``b * E + e``) where ``valid [R]`` (None: all)."""
+        d = self.hp.unit_width
+        counts, tokens = self.counts.view(-1, d), self.tokens.view(-1)
+        pos = g > 0
+        if valid is not None:
+            pos &= valid.unsqueeze(-1)
+        counts.index_add_(0, group, pos.to(torch.int32))
+        tokens.index_add_(0, group, torch.ones_like(group) if valid is None else valid.to(torch.int64))
+        if not self.moments:
+            return
+        step = max(1, _SLICE_BYTES // (d * 8))
+        for start in range(0, g.shape[0], step):
+            x = g[start:start + step].double()
+            if valid is not None:
+                x = torch.where(valid[start:start + step].unsqueeze(-1), x, 0.0)
+            idx = group[start:start + step]
+            self.sums.view(-1, d).index_add_(0, idx, x)
+            self.sumsq.view(-1, d).index_add_(0, idx, x.square_())
+
+    def flush(self) -> None:
+        n = self.pending
+        if not n:
+            return
+        self.pending = 0
+        k, e = self.hp.top_k, self.hp.experts
+        if self.nbuf is None:  # batch 1: order each step's k distinct experts now
+            ids = self.ebuf[:n]
+            expert = ids if self.pending_impl == "batched_mm" else torch.sort(ids, dim=-1).values
+            group, valid = expert, None
+        else:
+            expert, entry = self.ebuf[:n], self.nbuf[:n]
+            row = entry // k  # decode: one position, so token = batch row
+            group = row * e + expert
+            vb = self.root.valid_buf
+            valid = None if vb is None else vb[:n].gather(1, row)
+        self._reduce(self.gbuf[:n].reshape(-1, self.hp.unit_width), group.reshape(-1),
+                     None if valid is None else valid.reshape(-1))
+
+    def _snapshot(self) -> None:
+        if self.counts is None:  # the prefill was skipped (positions="generated") or never ran
+            return
+        self.prompt = (self.counts.clone(), self.tokens.clone())
+
+    def result(self, batch: int) -> tuple[torch.Tensor | None, ...]:
+        """``(counts [B, E*d] int32, tokens [B, E] int64, sums, sumsq, prompt_counts [B, E*d], prompt_tokens
+        [B, E])`` on CPU (sums and sumsq None without moments)."""
+        if self.forwards != self.root.calls:
+            raise EsnError(f"hook point {self.hp.name}: its experts module ran in {self.forwards} of the "
+                           f"{self.root.calls} calls of its stream root {self.root.path!r}: the stream spec "
+                           "does not match the model")
+        w, g = self.hp.width, self.hp.groups
+        zero_counts, zero_tokens = torch.zeros((batch, w), dtype=torch.int32), torch.zeros((batch, g), dtype=torch.int64)
+        if self.counts is None:
+            zeros = torch.zeros((batch, w), dtype=torch.float64) if self.moments else None
+            return zero_counts, zero_tokens, zeros, zeros, zero_counts, zero_tokens
+        if self.prompt is None and self.root.calls == 1:
+            self._snapshot()  # a generation of the prefill alone
+        prompt = (zero_counts, zero_tokens) if self.prompt is None else (
+            self.prompt[0].reshape(batch, w).cpu(), self.prompt[1].cpu())
+        moments = (self.sums.reshape(batch, w).cpu(), self.sumsq.reshape(batch, w).cpu()) if self.moments else (None, None)
+        return self.counts.reshape(batch, w).cpu(), self.tokens.cpu(), *moments, *prompt
+
+
+def recorder_hooks(point: RoutedPoint, model: Any) -> tuple[tuple[Any, Callable], tuple[Any, Callable]]:
+    """``((experts module, pre-hook with kwargs), (act_fn module, forward hook))`` of a routed point."""
+    hp = point.hp
+    return (_module(model, hp.router, hp), point.pre_hook), (_module(model, hp.module, hp), point.hook)
+
+
+def _module(model: Any, path: str | None, hp: HookPoint) -> Any:
+    try:
+        return model.get_submodule(path or "")
+    except AttributeError:
+        raise EsnError(f"hook point {hp.name}: module {path!r} not found in the model") from None
+
+
+# -- steering ----------------------------------------------------------------------------------------
+
+
+class _Rows:
+    """Per forward of the experts module: each row's index into the edit tensors viewed ``[-1, d]``:
+    the expert (uniform masks, ``[E, d]``) or ``b * E + e`` (per-row conditions, ``[B * E, d]``)."""
+
+    def __init__(self, hp: HookPoint, rows: int | None):
+        self.hp = hp
+        self.rows = rows
+        self.index: torch.Tensor | None = None
+        self.start = 0
+        self.skip = False
+
+    def pre_hook(self, module, args, kwargs) -> None:
+        self.start = 0
+        if self.skip:
+            return
+        index = routing_of(args, kwargs, self.hp)
+        expert, entry = row_order(index, implementation(module, self.hp))
+        if self.rows is None:
+            self.index = expert
+            return
+        t = index.shape[0]
+        if t % self.rows:
+            raise EsnError(f"steer_rows got {self.rows} conditions but {self.hp.name} routed {t} tokens; give "
+                           "exactly one condition (or None) per row of the generate call")
+        per_row = self.hp.top_k * (t // self.rows)  # routing entries of one batch row
+        self.index = (entry // per_row) * self.hp.experts + expert
+
+    def take(self, n: int) -> torch.Tensor:
+        idx = self.index[self.start:self.start + n]
+        self.start += n
+        return idx
+
+
+def steer_hooks(target: Any, hp: HookPoint, edit: Any, skip: Callable[[], bool] | None) -> tuple[list, list]:
+    """``(pre-hooks, forward hooks)`` that apply ``edit`` (``esn.steering._Edit``, dense tensors ``[E*d]``
+    or ``[B, 1, E*d]``) to routed rows, each row getting its expert's (and batch row's) values.
+    ``skip()`` says whether the current forward is a prefill to leave alone (``positions="generated"``)."""
+    if edit.extra:
+        raise EsnError(f"hook point {hp.name} is routed: only interventions with an affine form "
+                       f"(steer, add, clamp, deactivate, or a plugin's affine()) can be applied to it")
+    rows = _Rows(hp, edit.rows)
+    d = hp.unit_width
+
+    def pre(module, args, kwargs):
+        rows.skip = skip is not None and skip()
+        rows.pre_hook(module, args, kwargs)
+
+    def hook(module, args, g):  # g: [rows, d] in row_order
+        if rows.skip:
+            return None
+        _gate_rows(g, hp)
+        idx = rows.take(g.shape[0])
+        if g.dtype is not edit.dtype or g.device != edit.device:
+            edit._place(g.dtype, g.device)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.view(-1, d).index_select(0, idx)
+
+        scale, shift, floor = pick(edit.scale), pick(edit.shift), pick(edit.floor)
+        if scale is not None and shift is not None:
+            y = torch.addcmul(shift, g, scale)
+        elif scale is not None:
+            y = g * scale
+        elif shift is not None:
+            y = g + shift
+        else:
+            y = g
+        return y if floor is None else torch.maximum(y, floor)
+
+    model = target.model
+    return [(_module(model, hp.router, hp), pre)], [(_module(model, hp.module, hp), hook)]
+
+
+# -- folding -----------------------------------------------------------------------------------------
+
+
+def fold(target: Any, hp: HookPoint, local, scale: float, saved: list) -> None:
+    """Scale ``down_proj[e, :, u]`` of the 3-D experts parameter for local neurons ``e * d + u``; the
+    original slices are appended to ``saved`` as ``(weight, (experts, units), values)``."""
+    try:
+        weight = target.model.get_parameter(hp.down_proj or "")
+    except AttributeError:
+        raise EsnError(f"{hp.name}: experts down_proj parameter {hp.down_proj!r} not found") from None
+    d = hp.unit_width
+    if weight.dim() != 3 or tuple(weight.shape[::2]) != (hp.experts, d) or weight.device.type == "meta":
+        raise EsnError(f"{hp.name}: {hp.down_proj} has shape {tuple(weight.shape)} on {weight.device}; folding "
+                       f"needs a materialised [{hp.experts}, hidden, {d}] parameter")
+    local = torch.as_tensor(local, dtype=torch.long)
+    index = (local // d).to(weight.device), (local % d).to(weight.device)
+    values = weight[index[0], :, index[1]]  # [n, hidden], a copy
+    saved.append((weight, index, values))
+    weight[index[0], :, index[1]] = values * scale
+
+
+def unfold(saved: list) -> None:
+    for weight, index, values in reversed(saved):
+        weight[index[0], :, index[1]] = values
