@@ -280,7 +280,7 @@ def test_routed_layout_names_artifacts_and_mismatch(model, tmp_path):
     # the same widths with another expert count: refused, naming the expert counts
     other = Layout([HookPoint("lm", 0, E * D, "x", experts=E // 2, top_k=K, router="r"),
                     HookPoint("lm", 1, 40, "y"), HookPoint("lm", 2, E * D, "z", experts=E, top_k=K, router="r")])
-    with pytest.raises(LayoutMismatchError, match=f"has lm.layers.0.mlp.gate .width 48, {E} experts top-{K}., "
+    with pytest.raises(LayoutMismatchError, match=f"has lm.layers.0.mlp.gate .width 48, {E} experts top-{K}.; "
                                                   f"model has lm.layers.0.mlp.gate .width 48, {E // 2} experts"):
         artifacts.load_masks(tmp_path / "m.safetensors", other)
     with pytest.raises(LayoutMismatchError, match="experts"):

@@ -108,3 +108,56 @@ def compare(a: dict[str, Mask | np.ndarray], b: dict[str, Mask | np.ndarray], la
     rows["average"] = Similarity(*(float(np.mean([getattr(r, f) for r in rows.values()]))
                                    for f in ("jaccard", "direct_match", "jsd")))
     return rows
+
+
+def expert_counts(masks: dict[str, Mask | np.ndarray], layout: Layout) -> tuple[list[str], np.ndarray]:
+    """The layer x expert view of masks: routed hook points (rows, ``"lm 3"``) x experts (columns), per
+    emotion: ``(names, counts [E, R, X])`` float, X the largest expert count (NaN where a layer has fewer
+    experts). Selected neurons of expert ``x`` at a routed hook point are its local indices ``x*d ..``."""
+    routed = [(i, hp) for i, hp in enumerate(layout.hook_points) if hp.routed]
+    if not routed:
+        raise EsnError("the layout has no routed (mixture-of-experts) hook point")
+    width = max(hp.experts for _, hp in routed)
+    out = np.full((len(masks), len(routed), width), np.nan)
+    for e, mask in enumerate(masks.values()):
+        idx = _indices(mask)
+        for r, (i, hp) in enumerate(routed):
+            local = idx[(idx >= layout.offsets[i]) & (idx < layout.offsets[i + 1])] - layout.offsets[i]
+            out[e, r, :hp.experts] = np.bincount(local // hp.unit_width, minlength=hp.experts)
+    names = [f"{hp.stream} {hp.layer}" for _, hp in routed]
+    return names, out
+
+
+@dataclass(frozen=True)
+class RoutingRow:
+    """One emotion's routing: its most over-routed experts (vs. the mean over emotions) and how far its
+    routing distribution is from the other emotions' (JSD, base 2, averaged over routed hook points)."""
+
+    emotion: str
+    positions: int  # positions of its success set at the first routed hook point
+    top: list[tuple[str, int, float, float]]  # (hook point, expert, frequency, mean frequency of all emotions)
+    jsd: float
+
+
+def routing_table(stats, top: int = 3) -> list[RoutingRow]:
+    """Per emotion of ``stats`` (``esn.statistics.ActivationStats``), its routing as a table row."""
+    freq = stats.routing()  # {hook point: [E, experts]}
+    if not freq:
+        raise EsnError("the statistics have no routed (mixture-of-experts) hook point")
+    positions = stats.hook_point_positions()
+    first = stats.layout.index(next(iter(freq)))
+    rows = []
+    for e, emotion in enumerate(stats.emotions):
+        ratios, jsds = [], []
+        for name, f in freq.items():
+            mean = f.mean(axis=0)
+            others = np.delete(f, e, axis=0).mean(axis=0) if f.shape[0] > 1 else mean
+            if f[e].sum() > 0 and others.sum() > 0:
+                jsds.append(jensen_shannon(f[e], others))
+            for x in range(f.shape[1]):
+                if mean[x] > 0:
+                    ratios.append((f[e, x] / mean[x], name, x, float(f[e, x]), float(mean[x])))
+        ratios.sort(key=lambda r: (-r[0], r[1], r[2]))
+        rows.append(RoutingRow(emotion, int(positions[e, first]), [(n, x, fx, m) for _, n, x, fx, m in ratios[:top]],
+                               float(np.mean(jsds)) if jsds else float("nan")))
+    return rows

@@ -255,7 +255,7 @@ def describe_difference(theirs: Layout, mine: Layout, what: str = "artifact") ->
         if first >= len(d):
             return "ends there"
         hp = d[first]
-        routed = f", {hp['experts']} experts top-{hp['top_k']}" if "experts" in hp else ", dense"
+        routed = f", {hp['experts']} experts top-{hp['top_k']}" if "experts" in hp else ""
         return f"has {hp['name']} (width {hp['width']}{routed})"
 
-    return f"hook point {first}: {what} {say(a)}, model {say(b)}"
+    return f"hook point {first}: {what} {say(a)}; model {say(b)}"

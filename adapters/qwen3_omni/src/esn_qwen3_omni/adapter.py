@@ -16,6 +16,7 @@ the code predictor is a substep of the talker (``esn.substeps``): it runs inside
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Sequence
@@ -64,6 +65,50 @@ def _placement(device: str) -> dict[str, Any]:
     if str(device) == "cpu" or importlib.util.find_spec("accelerate") is None:
         return {}
     return {"device_map": str(device)}
+
+
+class _Code2WavCatcher:
+    """Stands in for ``model.code2wav`` during ``generate``: keeps the codes ``[B, groups, n]``, decodes
+    nothing. transformers decodes a batch in one pass; the adapter decodes each row alone afterwards, so
+    a row's audio equals its solo run bit for bit (batched convolutions round differently)."""
+
+    def __init__(self, real: Any):
+        self.real = real
+        self.codes = None
+        self.chunking = (300, 25)
+
+    @property
+    def total_upsample(self):
+        return self.real.total_upsample
+
+    def chunked_decode(self, codes, chunk_size: int = 300, left_context_size: int = 25):
+        import torch
+
+        self.codes = codes
+        self.chunking = (chunk_size, left_context_size)
+        return torch.zeros((codes.shape[0], 1, codes.shape[-1] * int(self.real.total_upsample)), device=codes.device)
+
+
+@contextlib.contextmanager
+def _caught(model: Any):
+    """``model.code2wav`` replaced by a catcher, ``model.talker.generate`` wrapped to keep its sequences."""
+    catcher, sequences = _Code2WavCatcher(model.code2wav), []
+    original = model._modules.pop("code2wav")
+    object.__setattr__(model, "code2wav", catcher)
+    talker_generate = model.talker.generate
+
+    def generate(*args, **kwargs):
+        out = talker_generate(*args, **kwargs)
+        sequences.append(out.sequences)
+        return out
+
+    model.talker.__dict__["generate"] = generate
+    try:
+        yield catcher, sequences
+    finally:
+        del model.talker.__dict__["generate"]
+        object.__delattr__(model, "code2wav")
+        model._modules["code2wav"] = original
 
 
 def system_prompt(value: str | None) -> str:
@@ -151,6 +196,9 @@ class Qwen3OmniAdapter(ModelAdapter):
             )
             tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
             features = WhisperFeatureExtractor.from_pretrained(source)
+        except RuntimeError as exc:  # transformers' loading report: tensors missing or of another shape
+            raise EsnError(f"cannot load Qwen3-Omni from {source}: weights are missing or of another shape than "
+                           f"config.json says ({str(exc).splitlines()[0]})") from None
         except (OSError, ValueError, KeyError) as exc:
             raise EsnError(f"cannot load Qwen3-Omni from {source}: {type(exc).__name__}: {exc}") from None
         finally:
@@ -207,10 +255,32 @@ class Qwen3OmniAdapter(ModelAdapter):
             raise EsnError(f"qwen3_omni option experts_implementation={impl!r} must be one of {', '.join(IMPLEMENTATIONS)}")
         return out
 
+    def _decode_rows(self, catcher: _Code2WavCatcher, talker_sequences: Any) -> list[Any]:
+        """code2wav on each row's own codes (up to its first codec eos, as transformers cuts them), alone."""
+        import torch
+
+        codes = catcher.codes  # [B, groups, n]: one column per fed codec token
+        if codes is None:
+            raise EsnError(f"{self.source}: generate produced no speech codes (talker did not run)")
+        n = codes.shape[-1]
+        eos = (talker_sequences[:, :n] == int(self.model.config.talker_config.codec_eos_token_id)).to(codes.device)
+        positions = torch.arange(n, device=codes.device)
+        lengths = torch.where(eos, positions, n).min(dim=-1).values.tolist()
+        waves = []
+        with torch.inference_mode():
+            for row, length in enumerate(lengths):
+                if length == 0:
+                    waves.append(torch.zeros(0))
+                    continue
+                wave = catcher.real.chunked_decode(codes[row:row + 1, :, :length], *catcher.chunking)
+                waves.append(wave.reshape(-1).float())
+        return waves
+
     def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
-        """All requests as rows of one left-padded batch (transformers 5.24's Qwen3-Omni generates batches
-        and decodes each row's codes up to its own end). Text, codec and residual codes are greedy, so the
-        result does not depend on the seed; the global RNG is forked and seeded anyway."""
+        """All requests as rows of one left-padded batch (transformers 5.24's Qwen3-Omni generates batches;
+        finished rows are fed the codec eos). Text, codec and residual codes are greedy, so the result does
+        not depend on the seed; the global RNG is forked and seeded anyway. code2wav then decodes each row
+        alone (bit-identical to the row's solo run; transformers' one batched pass rounds differently)."""
         import torch
 
         if not requests:
@@ -231,11 +301,11 @@ class Qwen3OmniAdapter(ModelAdapter):
         try:
             if impl:
                 self.model.set_experts_implementation(impl)
-            with torch.random.fork_rng(devices=fork), warnings.catch_warnings():
+            with torch.random.fork_rng(devices=fork), warnings.catch_warnings(), _caught(self.model) as (catcher, seqs):
                 # repetition_penalty with inputs_embeds only warns that the prompt is not penalised
                 warnings.filterwarnings("ignore", message=".*repetition_penalty.*")
                 torch.manual_seed(config.seed)
-                sequences, waves = self.model.generate(
+                sequences, _ = self.model.generate(
                     **inputs,
                     speaker=speaker,
                     thinker_do_sample=False,
@@ -250,11 +320,10 @@ class Qwen3OmniAdapter(ModelAdapter):
                     talker_pad_token_id=int(talker.codec_eos_token_id),
                     **options,
                 )
+                waves = self._decode_rows(catcher, seqs[-1])
         finally:
             if before is not None:
                 self.model.set_experts_implementation(before)
-        if isinstance(waves, torch.Tensor):  # one row: [1, 1, samples]
-            waves = [waves.reshape(-1)]
         width = inputs["input_ids"].shape[1]
         results = []
         for i, request in enumerate(requests):

@@ -68,7 +68,9 @@ class PromptBuilder:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def audio_tokens(self, frames) -> list[int]:
-        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+            _get_feat_extract_output_lengths,
+        )
 
         return [int(n) for n in _get_feat_extract_output_lengths(frames, self.n_window).tolist()]
 

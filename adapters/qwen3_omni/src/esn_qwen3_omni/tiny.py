@@ -12,6 +12,8 @@ Pitfalls handled here (transformers 5.24):
   router weight zeros): they are initialised here, and every parameter is checked finite before saving;
 * the talker suppresses ids ``vocab - 1024 .. vocab - 1`` except codec eos while it generates, so its
   vocabulary is the codebook plus 1024 special ids, as in the released model (2048 + 1024);
+* normal(0, 0.02) weights through code2wav's dozens of convolutions give ~1e-8 audio, which esn's judges
+  refuse as silence: its convolutions get PyTorch's default (fan-in scaled) init, peak ~0.1;
 * the talker config needs ``spatial_merge_size`` (read in ``__init__``, not a declared field);
 * role tokens: ``generate`` recognises the user turn by the id right after ``<|im_start|>``; with a
   byte tokenizer that is the first byte of the role name (``u``, ``s``, ``a``).
@@ -138,6 +140,17 @@ def initialise_talker_experts(model, *, seed: int) -> int:
     return n
 
 
+def audible_code2wav(model, *, seed: int) -> int:
+    """Re-initialise code2wav's convolutions with PyTorch's default init (see the module docstring)."""
+    import torch
+
+    torch.manual_seed(seed)
+    convs = [m for m in model.code2wav.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
+    for conv in convs:
+        conv.reset_parameters()
+    return len(convs)
+
+
 def write_tiny(directory: str | Path, *, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen3OmniMoeForConditionalGeneration, WhisperFeatureExtractor
@@ -153,6 +166,7 @@ def write_tiny(directory: str | Path, *, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = Qwen3OmniMoeForConditionalGeneration(tiny_config()).eval()
         initialise_talker_experts(model, seed=seed + 1)
+        audible_code2wav(model, seed=seed + 2)
         check_finite(model, str(directory))
         model.save_pretrained(directory)
     finally:

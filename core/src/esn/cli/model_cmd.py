@@ -72,16 +72,20 @@ def cmd_hookpoints(args: argparse.Namespace) -> int:
 
     adapter = load_adapter(args)
     layout = adapter.layout()
-    rows = [{"name": p.name, "width": p.width, "module": p.module} for p in layout]
+    rows = [{"name": p.name, "width": p.width, "module": p.module,
+             **({"experts": p.experts, "top_k": p.top_k} if p.routed else {})} for p in layout]
     if args.json:
         print(json.dumps({"adapter": args.adapter, "model": str(args.model), "fingerprint": layout.fingerprint,
                           "n_neurons": layout.n_neurons, "hook_points": rows}, indent=2))
         return 0
     table = Table(title=f"{args.adapter} hook points ({layout.n_neurons} neurons, layout {layout.fingerprint})")
-    for col, justify in (("name", "left"), ("width", "right"), ("module", "left")):
+    routed = layout.routed
+    for col, justify in (("name", "left"), ("width", "right"), *([("experts", "right")] if routed else []),
+                         ("module", "left")):
         table.add_column(col, justify=justify)
-    for r in rows:
-        table.add_row(r["name"], str(r["width"]), r["module"])
+    for r in rows:  # routed: width = experts x units, each token uses top_k of them
+        experts = [f"{r['experts']} x {r['width'] // r['experts']}, top {r['top_k']}" if "experts" in r else ""]
+        table.add_row(r["name"], str(r["width"]), *(experts if routed else []), r["module"])
     print_table(table)  # module paths are never cut, whatever the terminal width
     return 0
 

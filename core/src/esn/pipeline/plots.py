@@ -89,6 +89,30 @@ def layer_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Sequ
     return out
 
 
+def expert_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Sequence[str], path: Path, *,
+                   title: str) -> Path:
+    """The layer x expert view: one panel per emotion, routed layers (rows) x experts (columns), the
+    selected neurons of each expert (NaN, blank: a layer with fewer experts). ``counts [E, R, X]``."""
+    plt = _plt()
+    counts = np.asarray(counts, dtype=float)
+    n, rows, width = counts.shape
+    scale = max(float(np.nanmax(counts)) if np.isfinite(counts).any() else 0.0, 1.0)
+    fig, axes = plt.subplots(1, n, figsize=(min(2.2 + 0.05 * width, 6.0) * n + 1.0, 0.25 * rows + 1.6),
+                             squeeze=False)
+    im = None
+    for k, (ax, emotion) in enumerate(zip(axes[0], emotions, strict=True)):
+        im = ax.imshow(counts[k], cmap="viridis", aspect="auto", vmin=0, vmax=scale, interpolation="nearest")
+        ax.set_title(emotion.capitalize())
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(rows), layer_names if k == 0 else [""] * rows)
+    axes[0][0].set_ylabel("routed layer")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="selected neurons")
+    fig.suptitle(title, y=1.02)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
 def seen_unseen_bars(
     groups: dict[str, dict[str, float | None]],
     cis: dict[str, dict[str, list[float] | None]],

@@ -257,6 +257,8 @@ def build(run: Run) -> list[Block]:
                                   title=f"{anchor.label} ESNs per layer (r = {anchor.rate:g})")
         blocks += [Block("h2", "Figure 9 — layer distribution of the anchor mask"),
                    Block("img", ("ESNs per layer and emotion", png.relative_to(run.dir)))]
+        if loaded.layout.routed:
+            blocks += _expert_blocks(run, anchor, loaded, fig_dir)
 
     # Figure 10: seen vs unseen
     if len(splits) > 1:
@@ -334,6 +336,33 @@ def _judge_eval_blocks(run: Run) -> list[Block]:
                        f"(seed {data['seed']}); each judge hears the clip with its parallel neutral utterance as "
                        "the source. Per-emotion columns: % of that emotion's clips labelled correctly."),
             Block("table", {"head": ["judge", "accuracy", "clips", *[e.capitalize() for e in emotions]], "rows": rows})]
+
+
+def _expert_blocks(run: Run, anchor, loaded, fig_dir: Path) -> list[Block]:
+    """Mixture-of-experts models: where the anchor mask's neurons sit by layer and expert, and how each
+    emotion's successful attempts were routed (esn.routing, esn.analysis.routing_table)."""
+    from esn import analysis, artifacts
+
+    names, counts = analysis.expert_counts(loaded.masks, loaded.layout)
+    png = plots.expert_heatmap(counts, names, list(loaded.masks), fig_dir / "layers_experts.png",
+                               title=f"{anchor.label} ESNs per routed layer and expert (r = {anchor.rate:g})")
+    blocks = [Block("h3", "Layer × expert view (mixture-of-experts layers)"),
+              Block("img", ("ESNs per routed layer and expert", png.relative_to(run.dir)))]
+    stats_path = run.rundir.select / f"stats_{anchor.recipe.stats_key}.safetensors"
+    if stats_path.exists():
+        rows = analysis.routing_table(artifacts.load_stats(stats_path))
+        blocks += [
+            Block("h3", "Routing frequency per emotion"),
+            Block("p", "For each emotion's successful attempts (the anchor's success set): positions at the first "
+                       "routed layer, the experts routed to most above the mean over emotions (share of the "
+                       "emotion's positions vs. that mean), and the Jensen–Shannon divergence (base 2) of its "
+                       "routing from the other emotions', averaged over routed layers."),
+            Block("table", {"head": ["emotion", "positions", "most over-routed experts", "JSD vs others"],
+                            "rows": [[r.emotion.capitalize(), str(r.positions),
+                                      "; ".join(f"{n.split('.mlp')[0]} #{x}: {f:.2f} vs {m:.2f}" for n, x, f, m in r.top),
+                                      "n/a" if r.jsd != r.jsd else f"{r.jsd:.3f}"] for r in rows]}),
+        ]
+    return blocks
 
 
 def _human_blocks(run: Run, targets: list[str]) -> list[Block]:
