@@ -127,15 +127,16 @@ def initialise_talker_experts(model, *, seed: int) -> int:
     import torch
 
     std = model.config.talker_config.initializer_range
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    generators: dict = {}  # one per device, seeded: drawn where the weights live (GPU-sized models)
     n = 0
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.startswith("talker.model.layers.") and (
                 name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"))
             ):
-                values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
-                param.copy_(values.to(param.device, param.dtype))
+                if param.device not in generators:
+                    generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+                param.normal_(0.0, std, generator=generators[param.device])
                 n += 1
     return n
 
