@@ -317,3 +317,14 @@ def test_unsupported_implementation_and_missing_spec_are_refused(model):
         with GateRecorder(no_spec):
             pass
     assert not has_hooks(model)
+
+
+def test_nnsight_steering_refuses_routed_gates(model):
+    from esn.nnsight_support import TraceSteering
+
+    target = _target(model)
+    layout = target.layout()
+    with pytest.raises(EsnError, match="mixture-of-experts gate"):
+        TraceSteering(target, Mask(np.array([0]), layout), "steer", 1.0)
+    dense = layout.offsets[1]  # lm.layers.1 is dense: allowed
+    assert TraceSteering(target, Mask(np.array([dense]), layout), "steer", 1.0).hook_points == ("lm.layers.1.mlp.gate",)

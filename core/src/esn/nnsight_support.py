@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from esn.errors import EsnError
 from esn.hookpoints import HookPoint, Layout
 from esn.interventions import Method, resolve
 from esn.masks import Mask
@@ -63,6 +64,10 @@ class TraceSteering:
             layout = check_mask(target, mask)
             _edits = layout, _build(target, layout, [_Row(None, cls, alpha, cls.affine(alpha), mask.split())], None)
         self.layout, self.edits = _edits
+        routed = [n for n in self.edits if self.layout[n].routed or self.layout[n].flat]
+        if routed:  # their rows need the routing (esn.routing), which the envoy path does not see
+            raise EsnError(f"nnsight steering supports dense [batch, pos, d] gates only; {routed[0]} is a "
+                           "mixture-of-experts gate: use esn.steering.steer / steer_rows")
 
     @classmethod
     def rows(cls, target: Any, conditions: Sequence[Condition | None], *,
