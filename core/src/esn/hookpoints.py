@@ -162,6 +162,7 @@ class Layout:
 
     @property
     def routed(self) -> bool:
+        """Whether any hook point is routed (mixture-of-experts)."""
         return any(hp.routed for hp in self.hook_points)
 
     def group_slice(self, name: str) -> slice:

@@ -48,9 +48,11 @@ class SubstepRoot:
 
     @property
     def batch(self) -> int | None:
+        """The stream root's batch size (None before its first call)."""
         return self.parent.batch
 
     def pre_hook(self, module, args, kwargs) -> None:
+        """Forward pre-hook on the substep module: reserve buffer positions for this forward's inputs."""
         x = kwargs.get("inputs_embeds")
         if x is None:
             x = kwargs.get("input_ids", args[0] if args else None)
@@ -111,6 +113,7 @@ class SubstepRoot:
         self._reduce()
 
     def tokens(self, batch: int) -> torch.Tensor:
+        """``[B]`` int64 on CPU: the substep positions counted per row."""
         if self.tokens_dev is None:
             return torch.zeros(batch, dtype=torch.int64)
         return self.tokens_dev.cpu()
@@ -134,7 +137,7 @@ class SubstepPoint:
         root.points.append(self)
 
     def hook(self, module, args, g: torch.Tensor) -> None:
-        # g: [batch, pos, d_mlp], one forward of the substep module
+        """Forward hook on ``act_fn``: ``g [batch, pos, d_mlp]`` of one substep forward, one copy into the buffer."""
         root = self.root
         self.calls += 1
         b, pos = root.batch, root.q - root.start
@@ -150,6 +153,7 @@ class SubstepPoint:
         self.buf[root.start:root.q].copy_(g.transpose(0, 1))  # the one kernel per forward
 
     def grow(self, capacity: int, used: int) -> None:
+        """Re-allocate the buffer to ``capacity`` positions, keeping the first ``used``."""
         if self.buf is None:
             return
         buf = self.buf.new_empty((capacity, *self.buf.shape[1:]))
@@ -169,9 +173,11 @@ class SubstepPoint:
             self.sumsq.add_(x.square_().sum(0))
 
     def flush(self) -> None:
+        """At the end of recording: reduce everything still buffered (through the substep root)."""
         self.root.finish()
 
     def result(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """``(counts [B, d] int32, tokens [B, 1] int64, sums, sumsq)`` on CPU."""
         if self.calls != self.root.calls:
             raise EsnError(f"hook point {self.hp.name} ran in {self.calls} of the {self.root.calls} forwards of "
                            f"its substep {self.root.path!r}: the stream spec does not match the model")

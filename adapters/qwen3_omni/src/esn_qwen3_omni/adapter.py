@@ -117,6 +117,9 @@ def system_prompt(value: str | None) -> str:
 
 
 class Qwen3OmniAdapter(ModelAdapter):
+    """Qwen3-Omni: ``lm`` = thinker routed-expert gates (a neuron is (expert, unit)), ``synth`` = talker
+    routed and shared experts and the code predictor (a substep); batched greedy EVC, 24 kHz speech."""
+
     name = "qwen3_omni"
     architectures = ("Qwen3OmniMoeForConditionalGeneration",)
     model_name = "Qwen3-Omni"
@@ -138,6 +141,7 @@ class Qwen3OmniAdapter(ModelAdapter):
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
     def read_config(cls, source: str | Path) -> dict:
+        """``config.json`` of a local checkpoint or hub id, read before any weight (architecture check)."""
         source = str(source)
         local = Path(source)
         if not local.exists() and not _is_hub_id(source):
@@ -246,6 +250,7 @@ class Qwen3OmniAdapter(ModelAdapter):
     # -- generation --------------------------------------------------------------------------------
     @property
     def speakers(self) -> list[str]:
+        """The voices of the talker (its config's ``speaker_id``), sorted."""
         return sorted(self.model.config.talker_config.speaker_id or {})
 
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class PromptBuilder:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def audio_tokens(self, frames) -> list[int]:
+        """Audio tokens per request: the audio encoder's output length for its feature frames."""
         from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
             _get_feat_extract_output_lengths,
         )
@@ -75,10 +76,12 @@ class PromptBuilder:
         return [int(n) for n in _get_feat_extract_output_lengths(frames, self.n_window).tolist()]
 
     def prompt(self, system: str, instruction: str, n_audio: int) -> str:
+        """The ChatML prompt: system turn, user turn with ``n_audio`` audio pads and the instruction, assistant."""
         return (f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{AUDIO_START}{AUDIO_PAD * n_audio}{AUDIO_END}"
                 f"{instruction}{IM_END}\n{IM_START}assistant\n")
 
     def batch(self, audios: Sequence[np.ndarray], system: str, instructions: Sequence[str], ids: Sequence[str]) -> Batch:
+        """Left-padded model inputs for 16 kHz requests (audio features, ids, masks); too short audio is refused."""
         for audio, rid in zip(audios, ids, strict=True):
             if audio.shape[0] < MIN_SAMPLES:
                 raise EsnError(f"request {rid or '?'}: audio is too short ({audio.shape[0]} samples); give at least 0.05 s")

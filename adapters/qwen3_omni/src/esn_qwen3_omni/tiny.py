@@ -42,6 +42,8 @@ def role_id(role: str) -> int:
 
 
 def tiny_config(experts_implementation: str | None = None):
+    """A ``Qwen3OmniMoeConfig`` at tiny sizes (MoE and dense thinker layers, talker experts with a shared
+    expert, a code predictor, a one-layer code2wav) with the tiny tokenizer's special-token ids."""
     from transformers import Qwen3OmniMoeConfig
 
     hidden, talker_hidden = 32, 24
@@ -153,6 +155,8 @@ def audible_code2wav(model, *, seed: int) -> int:
 
 
 def write_tiny(directory: str | Path, *, seed: int = 0) -> Path:
+    """Write the tiny random checkpoint (every parameter initialised and checked finite), its tokenizer
+    and feature extractor to ``directory``; returns it."""
     import torch
     from transformers import Qwen3OmniMoeForConditionalGeneration, WhisperFeatureExtractor
     from transformers.utils import logging as hf_logging
