@@ -211,6 +211,48 @@ def test_steering_one_expert_unit_changes_exactly_its_routed_positions(model, im
     assert not has_hooks(model)
 
 
+@pytest.mark.parametrize("method,alpha", [("steer", 0.5), ("add", 0.75), ("clamp", 0.3), ("deactivate", None)])
+def test_one_token_forward_gets_each_experts_edit(model, impl, method, alpha):
+    """A one-token forward (the shape of a batch-1 decode step, where eager calls act_fn once per routed
+    expert with one row): every routed expert's gate row gets that expert's edit, by hand."""
+    target = _target(model)
+    layout = target.layout()
+    ids = torch.tensor([[PROMPTS[1][0]]])
+    act = model.model.layers[0].mlp.experts.act_fn
+    gates: list[torch.Tensor] = []
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    def observed() -> torch.Tensor:  # the gate rows after every hook installed before this one
+        gates.clear()
+        handle = act.register_forward_hook(lambda m, a, out: gates.append(out.detach().clone()))
+        try:
+            forward()
+        finally:
+            handle.remove()
+        return torch.cat(gates)
+
+    _, index, _ = _experts_io(model, 0, forward)
+    plain = observed()  # [k, d], rows by increasing expert (one token, k distinct experts)
+    rng = np.random.default_rng(1)
+    units = rng.choice(E * D, 20, replace=False)  # neurons (e, u) of layer 0, routed or not
+    mask = Mask(np.sort(layout.offsets[0] + units), layout)
+    with steer(target, mask, method, alpha):
+        steered = observed()
+    assert len(gates) == (K if impl == "eager" else 1)
+    want = plain.clone()
+    for row, e in enumerate(sorted(index[0].tolist())):
+        for u in [int(x) % D for x in units if int(x) // D == e]:
+            g = plain[row, u]
+            want[row, u] = {"steer": g * (1 + 0.5), "add": g + 0.75, "clamp": torch.clamp(g, min=0.3),
+                            "deactivate": g * 0.0}[method]
+    assert not torch.equal(want, plain)  # some selected neuron is routed to
+    assert torch.allclose(steered, want, atol=1e-6, rtol=0)
+    assert not has_hooks(model)
+
+
 def test_alpha_zero_and_deactivate_rows(model, impl):
     target = _target(model)
     layout = target.layout()

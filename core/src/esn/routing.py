@@ -87,9 +87,11 @@ class RoutedPoint:
     """Recorder state of one routed hook point; ``root`` is the recorder's stream root (``esn.recording``).
 
     Statistics ``counts [B, E, d]`` int32, ``sums``/``sumsq`` float64 and ``tokens [B, E]`` int64 stay on
-    the device. A decode step of the chunk strategy costs one copy of the gate rows and one of the
-    routing (batch 1: ``top_k_index``, ordered at the flush, no ties possible with one token) or one
-    ``sort`` into the chunk buffer (batch > 1); the chunk is reduced with ``index_add_`` at once.
+    the device. A decode step of the chunk strategy costs two kernels: one copy of the gate rows and
+    one of the routing (batch 1: ``top_k_index`` as it is, ordered at the flush, no ties possible with
+    one token) or one ``sort`` into the chunk buffer (batch > 1), each into a slot view made once (on
+    the host, indexing a buffer costs about as much as the copy). The chunk is reduced with
+    ``index_add_`` at once, and nothing waits for the device.
     """
 
     def __init__(self, hp: HookPoint, root: Any, moments: bool, strategy: str):
@@ -117,11 +119,19 @@ class RoutedPoint:
         self.gbuf: torch.Tensor | None = None
         self.ebuf: torch.Tensor | None = None
         self.nbuf: torch.Tensor | None = None
+        # their per-slot views, made once: gate rows [R, d]; batch 1: routing [1, k] (top_k_index's
+        # shape, so the copy needs no reshape); batch > 1: expert and entry [R]
+        self.gslots: list[torch.Tensor] = []
+        self.grows: list[list[torch.Tensor]] = []  # each slot's rows as [1, d] views (eager, one token)
+        self.eslots: list[torch.Tensor] = []
+        self.nslots: list[torch.Tensor] = []
         self.pending = 0
         self.pending_impl = ""
 
     # one forward of the experts module: (hidden [T, h], top_k_index [T, k], top_k_weights [T, k])
     def pre_hook(self, module, args, kwargs) -> None:
+        """Forward pre-hook (with kwargs) on the experts module: read ``top_k_index [T, k]``, decide this
+        forward's mode (skip, dense, or a decode slot) and where each row ``act_fn`` sees will go."""
         root = self.root
         self.forwards += 1
         self.row = 0
@@ -141,14 +151,15 @@ class RoutedPoint:
             if self.pending and impl != self.pending_impl:
                 self.flush()
             self.pending_impl = impl
+            slot = root.slot
             if b == 1:  # one token: its k experts differ, so the order can be made at the flush
-                self.ebuf[root.slot].copy_(index.reshape(-1))
+                self.eslots[slot].copy_(index)
             elif impl == "grouped_mm":
-                torch.sort(index.reshape(-1), out=(self.ebuf[root.slot], self.nbuf[root.slot]))
+                torch.sort(index.reshape(-1), out=(self.eslots[slot], self.nslots[slot]))
             else:
                 expert, entry = row_order(index, impl)
-                self.ebuf[root.slot].copy_(expert)
-                self.nbuf[root.slot].copy_(entry)
+                self.eslots[slot].copy_(expert)
+                self.nslots[slot].copy_(entry)
             return
         self.mode = "dense"
         expert, entry = row_order(index, impl)
@@ -159,7 +170,8 @@ class RoutedPoint:
         self.valid = None if valid is None else valid.reshape(-1)[token]  # [B, pos] -> per row
 
     def hook(self, module, args, g: torch.Tensor) -> None:
-        # g: [rows, d], rows of this forward in the order of row_order (eager: one expert's rows per call)
+        """Forward hook on ``act_fn``: ``g [rows, d]``, this forward's rows in ``row_order``'s order (eager:
+        one expert's rows per call), copied into the chunk slot or reduced at once."""
         self.calls += 1
         if self.mode == "skip":
             return
@@ -168,8 +180,18 @@ class RoutedPoint:
         self.row += n
         if self.mode == "slot":
             if self.gbuf is None:  # [chunk, B * k, d] in the gate's dtype
-                self.gbuf = torch.empty((self.root.chunk, self.ebuf.shape[1], g.shape[1]), dtype=g.dtype, device=g.device)
-            self.gbuf[self.root.slot, start:start + n].copy_(g)
+                rows = self.root.batch * self.hp.top_k
+                self.gbuf = torch.empty((self.root.chunk, rows, g.shape[1]), dtype=g.dtype, device=g.device)
+                self.gslots = list(self.gbuf.unbind(0))
+            dst = self.gslots[self.root.slot]
+            if n == dst.shape[0]:
+                dst.copy_(g)
+            elif n == 1:  # eager, one token (batch-1 decode): one row per routed expert, into a view made once
+                if not self.grows:
+                    self.grows = [list(s.split(1)) for s in self.gslots]
+                self.grows[self.root.slot][start].copy_(g)
+            else:  # eager: one expert's rows per call
+                dst[start:start + n].copy_(g)
             if self.row == self.gbuf.shape[1]:  # the step's last rows
                 self.pending = self.root.slot + 1
                 if self.pending == self.root.chunk:
@@ -191,6 +213,8 @@ class RoutedPoint:
             rows = b * self.hp.top_k
             self.ebuf = torch.empty((self.root.chunk, rows), dtype=torch.int64, device=device)
             self.nbuf = torch.empty((self.root.chunk, rows), dtype=torch.int64, device=device) if b > 1 else None
+            self.eslots = list(self.ebuf.view(self.root.chunk, 1, rows).unbind(0) if b == 1 else self.ebuf.unbind(0))
+            self.nslots = [] if self.nbuf is None else list(self.nbuf.unbind(0))
 
     def _reduce(self, g: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Add rows ``g [R, d]`` of groups ``group [R]`` (``b * E + e``) where ``valid [R]`` (None: all)."""
@@ -213,6 +237,7 @@ class RoutedPoint:
             self.sumsq.view(-1, d).index_add_(0, idx, x.square_())
 
     def flush(self) -> None:
+        """Reduce the buffered decode steps into the statistics (on the device)."""
         n = self.pending
         if not n:
             return
@@ -280,15 +305,22 @@ class _Rows:
         self.hp = hp
         self.rows = rows
         self.index: torch.Tensor | None = None
+        self.impl = ""
         self.start = 0
         self.skip = False
+        self.calls: list[tuple] | None = None  # eager, one token: each act_fn call's (scale, shift, floor) rows
 
     def pre_hook(self, module, args, kwargs) -> None:
+        """On the experts module's forward: each row's index into the edit, in ``act_fn``'s row order."""
         self.start = 0
         if self.skip:
             return
         index = routing_of(args, kwargs, self.hp)
-        expert, entry = row_order(index, implementation(module, self.hp))
+        impl = self.impl = implementation(module, self.hp)
+        if self.rows is None and impl == "batched_mm":  # rows in entry order: the routing itself
+            self.index = index.reshape(-1)
+            return
+        expert, entry = row_order(index, impl)
         if self.rows is None:
             self.index = expert
             return
@@ -300,9 +332,9 @@ class _Rows:
         self.index = (entry // per_row) * self.hp.experts + expert
 
     def take(self, n: int) -> torch.Tensor:
-        idx = self.index[self.start:self.start + n]
-        self.start += n
-        return idx
+        """The indices of the next ``n`` rows (all of them in one call, except with ``eager``)."""
+        start, self.start = self.start, self.start + n
+        return self.index if start == 0 and n == self.index.shape[0] else self.index[start:start + n]
 
 
 def steer_hooks(target: Any, hp: HookPoint, edit: Any, skip: Callable[[], bool] | None) -> tuple[list, list]:
@@ -315,22 +347,36 @@ def steer_hooks(target: Any, hp: HookPoint, edit: Any, skip: Callable[[], bool] 
     rows = _Rows(hp, edit.rows)
     d = hp.unit_width
 
+    def tables() -> list[torch.Tensor | None]:  # the edit's tensors as [groups, d], made once per placement
+        return [None if t is None else t.view(-1, d) for t in (edit.scale, edit.shift, edit.floor)]
+
+    table = tables()
+
     def pre(module, args, kwargs):
         rows.skip = skip is not None and skip()
         rows.pre_hook(module, args, kwargs)
+        rows.calls = None
+        if not rows.skip and rows.impl == "eager" and rows.index.shape[0] == hp.top_k:
+            # One token (batch-1 decode): eager calls act_fn once per routed expert with one row. Gather
+            # all k rows' edits now (one kernel per edit tensor) instead of one gather per call.
+            picked = [[None] * hp.top_k if t is None else t.index_select(0, rows.index).unbind(0) for t in table]
+            rows.calls = list(zip(*picked, strict=True))
 
     def hook(module, args, g):  # g: [rows, d] in row_order
+        nonlocal table
         if rows.skip:
             return None
         _gate_rows(g, hp)
-        idx = rows.take(g.shape[0])
         if g.dtype is not edit.dtype or g.device != edit.device:
             edit._place(g.dtype, g.device)
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.view(-1, d).index_select(0, idx)
-
-        scale, shift, floor = pick(edit.scale), pick(edit.shift), pick(edit.floor)
+            table = tables()
+            rows.calls = None  # gathered from the old placement
+        if rows.calls is not None and g.shape[0] == 1:
+            scale, shift, floor = rows.calls[rows.start]  # [d] each: broadcast over the row
+            rows.start += 1
+        else:
+            idx = rows.take(g.shape[0])
+            scale, shift, floor = (None if t is None else t.index_select(0, idx) for t in table)
         if scale is not None and shift is not None:
             y = torch.addcmul(shift, g, scale)
         elif scale is not None:
@@ -367,5 +413,6 @@ def fold(target: Any, hp: HookPoint, local, scale: float, saved: list) -> None:
 
 
 def unfold(saved: list) -> None:
+    """Write back the ``down_proj`` slices :func:`fold` saved, last fold first."""
     for weight, index, values in reversed(saved):
         weight[index[0], :, index[1]] = values

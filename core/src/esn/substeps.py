@@ -131,6 +131,7 @@ class SubstepPoint:
         self.moments = moments
         self.calls = 0
         self.buf: torch.Tensor | None = None  # [Q, B, d], the gate's dtype
+        self.slots: list[torch.Tensor] = []  # its positions as [B, 1, d] views, made once (one-position forwards)
         self.counts: torch.Tensor | None = None
         self.sums: torch.Tensor | None = None
         self.sumsq: torch.Tensor | None = None
@@ -146,11 +147,15 @@ class SubstepPoint:
                            f"substep {root.path!r} (batch {b}, {pos} positions, width {self.hp.width})")
         if self.buf is None:
             self.buf = torch.empty((root.capacity, b, self.hp.width), dtype=g.dtype, device=g.device)
+            self._views()
             self.counts = torch.zeros((b, self.hp.width), dtype=torch.int32, device=g.device)
             if self.moments:
                 self.sums = torch.zeros((b, self.hp.width), dtype=torch.float64, device=g.device)
                 self.sumsq = torch.zeros_like(self.sums)
-        self.buf[root.start:root.q].copy_(g.transpose(0, 1))  # the one kernel per forward
+        if pos == 1:  # the hot path: a decode step of the substep, one copy into a view made once
+            self.slots[root.start].copy_(g)
+        else:
+            self.buf[root.start:root.q].copy_(g.transpose(0, 1))  # the one kernel per forward
 
     def grow(self, capacity: int, used: int) -> None:
         """Re-allocate the buffer to ``capacity`` positions, keeping the first ``used``."""
@@ -159,6 +164,10 @@ class SubstepPoint:
         buf = self.buf.new_empty((capacity, *self.buf.shape[1:]))
         buf[:used] = self.buf[:used]
         self.buf = buf
+        self._views()
+
+    def _views(self) -> None:
+        self.slots = list(self.buf.unsqueeze(2).unbind(0))  # [B, 1, d] each, g's shape in a decode step
 
     def reduce(self, n: int, valid: torch.Tensor) -> None:
         """Add the first ``n`` buffered positions, ``valid [n, B]``."""
