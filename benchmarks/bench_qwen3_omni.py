@@ -11,8 +11,11 @@ forced (``*_min_new_tokens``) so every variant does the same work.
 Variants, interleaved per repeat (plain, record, steer, ...): ``plain``; ``record`` (``GateRecorder`` on
 ``lm`` and ``synth``: routed, shared-expert and code-predictor hook points, moments on); ``steer`` (one
 random mask of rate r over both streams, steer alpha 1); ``steer_rows`` (batch > 1: a different mask and
-method per row). Wall time (CUDA synchronised) and peak allocated memory are reported as ratios to
-``plain`` of the same repeat. Before timing, ``check`` verifies on the device that the rows ``act_fn``
+method per row). Each repeat runs every variant once, in an order rotated by one per repeat. Reported as
+paired ratios to ``plain`` of the same repeat (median, bootstrap 95% interval over repeats, min, max):
+wall time (CUDA synchronised; the recorder's statistics brought to the host included), the median
+decode-step time of the thinker and of the talker (host timestamps of their forwards, see ``StepClock``),
+and peak allocated memory. ``--experts`` picks the experts implementation timed. Before timing, ``check`` verifies on the device that the rows ``act_fn``
 sees map to the (token, expert) esn computes: each row equals that expert's gate computed by hand.
 
     python benchmarks/bench_qwen3_omni.py --size tiny --device cpu               # smoke run
@@ -22,6 +25,7 @@ sees map to the (token, expert) esn computes: each row equals that expert's gate
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -173,16 +177,60 @@ def check_rows(adapter, requests, gen) -> dict:
     return out
 
 
-def peak_and_time(fn, device) -> tuple[float, int]:
+class StepClock:
+    """Host timestamps of every forward of the stream roots (``thinker``, ``talker``), installed in every
+    variant alike (plain too). Generation is host-bound at batch 1 (the device waits on Python), so the
+    interval between two root forwards is that decode step's cost; its median over dozens of steps is far
+    steadier than a whole generate call, whose prefill, audio encoder and code2wav dilute the hooks' share."""
+
+    def __init__(self, model, roots=("thinker", "talker")):
+        self.model = model
+        self.roots = roots
+        self.stamps: dict[str, list[float]] = {r: [] for r in roots}
+
+    def __enter__(self):
+        from esn.hooks import installed
+
+        self._cm = installed([(self.model.get_submodule(r), lambda m, a, box=self.stamps[r]: box.append(
+            time.perf_counter())) for r in self.roots], kind="pre")
+        self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+    def decode_steps(self) -> dict[str, list[float]]:
+        """Per root, the intervals between consecutive forwards after the prefill (one per decode step;
+        the talker's include its code predictor)."""
+        return {r: [b - a for a, b in itertools.pairwise(t[1:])] for r, t in self.stamps.items()}
+
+
+def timed(fn, device, model) -> tuple[float, int, dict[str, float]]:
+    """Wall time (device synchronised), peak allocated bytes, and the median decode-step time per root."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, (torch.cuda.max_memory_allocated() if cuda else 0)
+    with StepClock(model) as clock:
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    steps = {r: statistics.median(v) for r, v in clock.decode_steps().items() if v}
+    return wall, (torch.cuda.max_memory_allocated() if cuda else 0), steps
+
+
+def ratio_summary(values: list[float], base: list[float], seed: int = 0) -> dict:
+    """Paired ratios ``values[i] / base[i]`` (one per repeat): median, min, max and a bootstrap 95%
+    interval of the median (resampling repeats)."""
+    import random
+
+    ratios = [a / b for a, b in zip(values, base, strict=True)]
+    rng = random.Random(seed)
+    boots = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return {"median": statistics.median(ratios), "ci95": [boots[49], boots[1949]], "min": min(ratios),
+            "max": max(ratios), "n": len(ratios)}
 
 
 def main() -> None:
@@ -200,6 +248,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each source utterance")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate", type=float, default=0.005, help="steering mask rate r")
+    ap.add_argument("--experts", choices=("grouped_mm", "batched_mm", "eager"), default=None,
+                    help="experts implementation to time (default: the model's, grouped_mm)")
     ap.add_argument("--budget", type=float, default=1e9, help="stop starting new repeats after this many seconds")
     ap.add_argument("--check", nargs="*", default=["grouped_mm", "eager"], help="experts implementations whose "
                     "row mapping is checked against each expert's MLP by hand before timing")
@@ -217,6 +267,12 @@ def main() -> None:
                     "batches": {}}
     if torch.cuda.is_available() and torch.device(args.device).type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
+    try:
+        import transformers
+
+        result["transformers"] = transformers.__version__
+    except ImportError:
+        pass
 
     def save() -> None:
         if args.out:
@@ -248,6 +304,9 @@ def main() -> None:
             adapter.model.set_experts_implementation(before)
         log(f"row mapping check {impl}: {result['check'][impl]}")
         save()
+    if args.experts:
+        adapter.model.set_experts_implementation(args.experts)
+    result["timed_experts_implementation"] = adapter.model.get_experts_implementation()
     save()
     mask = random_mask(layout, args.rate, seed=1)
     for batch in args.batches:
@@ -262,7 +321,7 @@ def main() -> None:
         def record(reqs=reqs, box=stats_box):
             with GateRecorder(adapter, streams=["lm", "synth"]) as rec:
                 adapter.generate(reqs, gen)
-            box["stats"] = rec.stats()
+            box["stats"] = rec.stats()  # counted: the statistics reach the host
 
         def steered(reqs=reqs):
             with steer(adapter, mask, "steer", 1.0):
@@ -275,26 +334,34 @@ def main() -> None:
         variants = {"plain": plain, "record": record, "steer": steered}
         if batch > 1:
             variants["steer_rows"] = rows
-        plain()  # warm-up: kernels, allocator, lazy imports
-        record()
+        names = list(variants)
+        for fn in variants.values():  # warm-up: kernels, allocator, lazy imports
+            fn()
         log(f"batch {batch}: warmed up")
         times: dict[str, list[float]] = {k: [] for k in variants}
         peaks: dict[str, list[int]] = {k: [] for k in variants}
+        steps: dict[str, dict[str, list[float]]] = {k: {} for k in variants}
         entry = result["batches"][str(batch)] = {}
         for rep in range(args.repeats):
             if rep and time.perf_counter() - t_start > args.budget:
                 log(f"batch {batch}: budget reached after {rep} repeats")
                 break
-            for name, fn in variants.items():
-                t, peak = peak_and_time(fn, args.device)
+            order = names[rep % len(names):] + names[:rep % len(names)]  # rotated: no variant always first
+            for name in order:
+                t, peak, med = timed(variants[name], args.device, adapter.model)
                 times[name].append(t)
                 peaks[name].append(peak)
-            base_t = times["plain"][-1]
-            log(f"batch {batch} repeat {rep}: " + ", ".join(
-                f"{k} {times[k][-1]:.2f}s ({times[k][-1] / base_t:.3f}x)" for k in variants))
+                for root, v in med.items():
+                    steps[name].setdefault(root, []).append(v)
+            log(f"batch {batch} repeat {rep} ({', '.join(order)}): " + ", ".join(
+                f"{k} {times[k][-1]:.2f}s ({times[k][-1] / times['plain'][-1]:.3f}x; step "
+                + ", ".join(f"{r} {steps[k][r][-1] * 1e3:.1f}" for r in steps[k]) + " ms)" for k in names))
             entry.update({
-                "repeats": rep + 1,
-                "seconds": times, "peak_bytes": peaks,
+                "repeats": rep + 1, "orders_rotated": True,
+                "seconds": times, "peak_bytes": peaks, "decode_step_median_seconds": steps,
+                "time_ratio": {k: ratio_summary(v, times["plain"]) for k, v in times.items() if rep},
+                "step_ratio": {k: {r: ratio_summary(v, steps["plain"][r]) for r, v in per.items()}
+                               for k, per in steps.items() if rep},
                 "time_ratio_median": {k: statistics.median(a / b for a, b in zip(v, times["plain"], strict=True))
                                       for k, v in times.items()},
                 "peak_ratio": {k: (max(v) / max(peaks["plain"]) if max(peaks["plain"]) else None)
