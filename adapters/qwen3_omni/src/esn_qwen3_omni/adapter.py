@@ -35,6 +35,7 @@ from esn.adapters import (
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
+from esn.requirements import Requirement
 
 THINKER_LAYERS = "thinker.model.language_model.layers"
 TALKER_LAYERS = "talker.model.layers"
@@ -125,6 +126,12 @@ class Qwen3OmniAdapter(ModelAdapter):
     model_name = "Qwen3-Omni"
     description = ("Qwen3-Omni (MoE): thinker routed-expert gates (lm), talker experts, shared experts and code "
                    "predictor gates (synth); transformers' native class")
+    # What `esn adapters check qwen3_omni` reports (transformers' native class, as this adapter drives it).
+    requirements = (
+        Requirement("transformers", ">=5.24", why="the fused experts module (gate_up_proj [E, 2d, h]) whose rows "
+                    "esn.routing maps back to positions, with experts_implementation; tested with 5.24"),
+        Requirement("accelerate", optional=True, why="loads straight onto the GPU; without it, onto the CPU first"),
+    )
     batched = True
     sample_rate = 24_000
 
