@@ -154,6 +154,21 @@ def test_batched_rows_equal_solo_runs(model, impl):
         assert torch.equal(batch.counts[b], one.counts[0]) and torch.equal(batch.tokens[b], one.tokens[0])
 
 
+@pytest.mark.parametrize("strategy", ["chunk", "step"])
+def test_prompt_split_equals_a_generated_only_recording(model, impl, strategy):
+    """positions="all" keeps the prompt's share apart (per expert for T): all minus prompt equals a
+    positions="generated" recording of the same generation, exactly."""
+    target = _target(model)
+    with GateRecorder(target, strategy=strategy) as both:
+        _generate(model, PROMPTS)
+    with GateRecorder(target, strategy=strategy, positions="generated") as generated:
+        _generate(model, PROMPTS)
+    a, g = both.stats(), generated.stats()
+    assert a.has_prompt_split and a.prompt_tokens.shape == a.tokens.shape == (len(PROMPTS), target.layout().n_groups)
+    assert (a.prompt_tokens > 0).any() and (a.prompt_counts > 0).any()
+    assert torch.equal(a.generated().counts, g.counts) and torch.equal(a.generated().tokens, g.tokens)
+
+
 def test_generated_positions_only(model):
     target = _target(model)
     with GateRecorder(target, positions="generated") as rec:
