@@ -107,6 +107,7 @@ class RoutedPoint:
         self.counts: torch.Tensor | None = None  # [B, E, d] int32
         self.tokens: torch.Tensor | None = None  # [B, E] int64
         self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # (counts, tokens) right after the prefill
+        self.snapped = False  # the prompt snapshot was taken (None there: the prefill was not counted)
         self.sums: torch.Tensor | None = None  # [B, E, d] float64
         self.sumsq: torch.Tensor | None = None
         self.impl = ""
@@ -136,7 +137,7 @@ class RoutedPoint:
         self.forwards += 1
         self.row = 0
         self.mode = root.mode
-        if self.prompt is None and root.calls > 1:
+        if not self.snapped and root.calls > 1:
             self._snapshot()  # the prefill is over: keep what the prompt counted (device copies, once)
         if self.mode == "skip":
             return
@@ -257,6 +258,7 @@ class RoutedPoint:
                      None if valid is None else valid.reshape(-1))
 
     def _snapshot(self) -> None:
+        self.snapped = True
         if self.counts is None:  # the prefill was skipped (positions="generated") or never ran
             return
         self.prompt = (self.counts.clone(), self.tokens.clone())
@@ -273,7 +275,7 @@ class RoutedPoint:
         if self.counts is None:
             zeros = torch.zeros((batch, w), dtype=torch.float64) if self.moments else None
             return zero_counts, zero_tokens, zeros, zeros, zero_counts, zero_tokens
-        if self.prompt is None and self.root.calls == 1:
+        if not self.snapped and self.root.calls == 1:
             self._snapshot()  # a generation of the prefill alone
         prompt = (zero_counts, zero_tokens) if self.prompt is None else (
             self.prompt[0].reshape(batch, w).cpu(), self.prompt[1].cpu())
