@@ -13,12 +13,7 @@ import pytest
 pytest.importorskip("esn_qwen_omni")
 pytest.importorskip("esn_emotion2vec")
 
-from pipeline_study import CONFIG, ENV, files, kill_when, make_study
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    return make_study(tmp_path_factory.mktemp("study"))
+from pipeline_study import CONFIG, ENV, files, kill_when
 
 
 def esn(study: Path, run_dir: Path) -> list[str]:
@@ -30,11 +25,8 @@ def start(cmd: list[str]) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_killed_runs_resume_to_identical_artifacts(study, tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = subprocess.run(esn(study, whole), env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
+def test_killed_runs_resume_to_identical_artifacts(study, whole, tmp_path):
+    killed = tmp_path / "killed"
     # 1. killed after the first recording batch landed (of 4)
     kill_when(start(esn(study, killed)), lambda: len(list((killed / "record" / "shards").glob("b*.json"))) >= 1)
     recorded = len(list((killed / "record" / "shards").glob("b*.json")))
@@ -48,7 +40,7 @@ def test_killed_runs_resume_to_identical_artifacts(study, tmp_path):
     done = subprocess.run(esn(study, killed), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    a, b = files(whole), files(killed)
+    a, b = whole, files(killed)
     assert sorted(a) == sorted(b)
     different = [name for name in a if a[name] != b[name]]
     assert different == [], different

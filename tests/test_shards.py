@@ -1,6 +1,7 @@
-"""Record and evaluate as several processes over one run directory (`--shard K/N`, `--workers N`) end with
+"""Record and evaluate as static shards of a job array over one run directory (`--shard K/N`) end with
 exactly the files of one process (tiny random Qwen2.5-Omni, tiny random emotion2vec, synthetic ESD); the
-locks keep the same shard, an unsharded process, another N and another config out."""
+locks keep the same shard, an unsharded process, another N and another config out. Bad --shard, --workers
+and related arguments are refused before anything is touched. (torchrun and --workers: test_distributed.)"""
 
 from __future__ import annotations
 
@@ -13,12 +14,7 @@ import pytest
 pytest.importorskip("esn_qwen_omni")
 pytest.importorskip("esn_emotion2vec")
 
-from pipeline_study import CONFIG, ENV, files, kill_when, make_study
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    return make_study(tmp_path_factory.mktemp("study"))
+from pipeline_study import CONFIG, ENV, files, kill_when
 
 
 def esn(command: str, study: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -47,18 +43,6 @@ def assert_same(a: dict[str, bytes], b: dict[str, bytes]) -> None:
     assert [name for name in a if a[name] != b[name]] == []
 
 
-@pytest.fixture(scope="module")
-def whole(study, tmp_path_factory) -> dict[str, bytes]:
-    """One process, no interruption: the reference."""
-    run_dir = tmp_path_factory.mktemp("whole") / "run"
-    check(esn("run", study, run_dir))
-    out = files(run_dir)
-    assert len([n for n in out if n.startswith("record/shards/b") and n.endswith(".json")]) == 4
-    assert len([n for n in out if n.startswith("evaluate/batches/")]) == 9
-    assert "report.md" in out and "evaluate/results.json" in out
-    return out
-
-
 @pytest.mark.slow
 def test_shards_by_hand_with_kills_equal_one_process(study, whole, tmp_path):
     run_dir = tmp_path / "run"
@@ -84,14 +68,6 @@ def test_shards_by_hand_with_kills_equal_one_process(study, whole, tmp_path):
     assert_same(whole, files(run_dir))
 
 
-@pytest.mark.slow
-def test_workers_equal_one_process(study, whole, tmp_path):
-    run_dir = tmp_path / "run"
-    done = check(esn("run", study, run_dir, "--workers", "2"))
-    assert "record: 2 workers done" in done.stdout and "evaluate: 2 workers done" in done.stdout
-    assert_same(whole, files(run_dir))
-
-
 @pytest.mark.parametrize("argv, message", [
     (["record", "--shard", "2/2"], "--shard '2/2': need N >= 1 and 0 <= K < N"),
     (["record", "--shard=-1/2"], "--shard '-1/2': need N >= 1 and 0 <= K < N"),
@@ -106,6 +82,9 @@ def test_workers_equal_one_process(study, whole, tmp_path):
     (["report", "--workers", "2"], "--workers 2: report runs as one process"),
     (["record", "--devices", "0,1"], "--devices needs --workers"),
     (["record", "--workers", "2", "--devices", "0,,1"], "--devices '0,,1': expected a comma-separated list"),
+    (["record", "--max-restarts", "2"], "--max-restarts 2: needs --workers"),
+    (["record", "--workers", "2", "--max-restarts=-1"], "--max-restarts -1: needs --workers and R >= 0"),
+    (["record", "--ranks-per-gpu", "0"], "--ranks-per-gpu 0: need at least 1"),
 ])
 def test_bad_shard_and_workers_arguments(study, tmp_path, capsys, argv, message):
     from esn.cli import main
@@ -157,13 +136,3 @@ def test_locks_admit_shards_of_one_n_and_config_only(study, tmp_path):
             shard(None).open()
     with shard(None), pytest.raises(EsnError, match="an esn process without --shard is using"):
         shard(0).open()
-
-
-def test_workers_take_the_devices_in_turn():
-    from esn.cli.pipeline_cmd import worker_devices, worker_env
-
-    devices = worker_devices("0, 1")
-    envs = [worker_env(k, 4, devices, {"PATH": "/bin"}) for k in range(4)]
-    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0", "1"]  # two workers per GPU
-    assert [e["ESN_SHARD"] for e in envs] == ["0/4", "1/4", "2/4", "3/4"] and all(e["PATH"] == "/bin" for e in envs)
-    assert "CUDA_VISIBLE_DEVICES" not in worker_env(0, 2, None, {})  # no --devices: devices left as they are

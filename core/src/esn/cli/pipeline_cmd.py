@@ -19,14 +19,25 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parallel(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shard", metavar="K/N",
-                   help="record/evaluate only the batches k with k %% N == K; run K = 0..N-1 at once, on one GPU "
-                        "or several (CUDA_VISIBLE_DEVICES), to share the work; they write what one process would")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="run the record and evaluate stages as N processes (--shard 0/N .. N-1/N) and wait for them")
-    p.add_argument("--devices", metavar="LIST",
-                   help="with --workers: comma-separated CUDA devices the workers take in turn, e.g. 0,1 "
-                        "(worker k sees only device k mod len(LIST) through CUDA_VISIBLE_DEVICES)")
+    g = p.add_argument_group("several processes (record and evaluate share their batches; see docs/pipeline.md)")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="run as N processes on this machine through torch's launcher (torch.distributed.run "
+                        "--standalone --nproc-per-node N): ranks claim batches, rank 0 runs select and report")
+    g.add_argument("--devices", metavar="LIST",
+                   help="with --workers: the CUDA devices to use, e.g. 0,1 (CUDA_VISIBLE_DEVICES); more workers "
+                        "than devices share them")
+    g.add_argument("--max-restarts", type=int, metavar="R",
+                   help="with --workers: restart the group up to R times after a process fails; it resumes")
+    g.add_argument("--ranks-per-gpu", type=int, default=1, metavar="M",
+                   help="under torchrun, accelerate launch or srun: M ranks share each GPU (rank takes "
+                        "cuda:LOCAL_RANK // M; default 1)")
+    g.add_argument("--all-ranks", action="store_true",
+                   help="under a launcher: every rank reports its batches (default: rank 0's global bar only)")
+    g.add_argument("--resize", action="store_true",
+                   help="finish a stage left unfinished by another number of processes (refused otherwise)")
+    g.add_argument("--shard", metavar="K/N",
+                   help="for job arrays without a rendezvous: record/evaluate only the batches k with k %% N == K; "
+                        "run K = 0..N-1 on the same run directory; they write what one process would")
 
 
 def _positions(p: argparse.ArgumentParser) -> None:
@@ -72,7 +83,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--names", help="with --compare: comma-separated column names, one per RUN")
     report.add_argument("--out", type=Path, default=Path("compare.md"),
                         help="with --compare: the Markdown file to write (HTML next to it)")
-    report.set_defaults(func=cmd_report, stages="report", shard=None, workers=None, devices=None)
+    report.set_defaults(func=cmd_report, stages="report", shard=None, workers=None, devices=None, max_restarts=None,
+                        ranks_per_gpu=1, all_ranks=False, resize=False)
 
     jev = sub.add_parser("judge-eval", help="each emotion judge's accuracy on labelled ESD clips (paper section 4.1)")
     _common(jev)
@@ -123,8 +135,10 @@ def _threads(args) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``esn run`` and ``esn record|select|evaluate|report``: check the stage and parallelism flags, then run the stages."""
+    from rich.console import Console
+
     from esn.errors import EsnError
-    from esn.pipeline.parallel import SHARDED_STAGES, parse_shard
+    from esn.pipeline import parallel
     from esn.pipeline.run import load_run
     from esn.pipeline.stages import STAGES, run_stages
 
@@ -134,38 +148,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     if bad:
         raise EsnError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
     stages = sorted(stages, key=STAGES.index)
-    shard = None if args.shard is None else parse_shard(args.shard)
+    shard = None if args.shard is None else parallel.parse_shard(args.shard)
     workers = args.workers
     if workers is not None and workers < 1:
         raise EsnError(f"--workers {workers}: need at least 1 process")
-    once = [s for s in stages if s not in SHARDED_STAGES]
+    once = [s for s in stages if s not in parallel.SHARDED_STAGES]
     if shard is not None and workers is not None:
-        raise EsnError("--shard and --workers exclude each other: --workers N starts the N shards itself")
+        raise EsnError("--shard and --workers exclude each other: --workers N starts the N processes itself")
     if shard is not None and once:
         raise EsnError(f"--shard {args.shard}: {', '.join(once)} cannot run as a shard (only record and evaluate "
                        "split their batches); run it once without --shard, or give --stages record or evaluate")
-    devices = worker_devices(args.devices) if getattr(args, "devices", None) is not None else None
+    devices = worker_devices(args.devices) if args.devices is not None else None
     if devices is not None and workers is None:
-        raise EsnError("--devices needs --workers: it maps the workers to devices (with --shard, set "
-                       "CUDA_VISIBLE_DEVICES yourself)")
+        raise EsnError("--devices needs --workers: it gives the workers their GPUs (under torchrun or with "
+                       "--shard, set CUDA_VISIBLE_DEVICES yourself)")
+    if args.max_restarts is not None and (workers is None or args.max_restarts < 0):
+        raise EsnError(f"--max-restarts {args.max_restarts}: needs --workers and R >= 0 (under torchrun, give "
+                       "torchrun its own --max-restarts)")
     if workers is not None and len(once) == len(stages):
         raise EsnError(f"--workers {workers}: {', '.join(once)} runs as one process; only record and evaluate "
                        "take --workers")
-    run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console(), shard=shard)
-    if getattr(args, "positions", None):
-        run.cfg.record.positions = args.positions
-    for stage in stages:
-        ui.progress_console().rule(f"[bold]{stage}" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
-        if workers is not None and workers > 1 and stage in SHARDED_STAGES:
-            with run:  # check the config against the run directory once, not N times
-                pass
-            run_shards(stage, args, run.dir, workers, devices)
-        else:
-            with run:
+    if args.ranks_per_gpu < 1:
+        raise EsnError(f"--ranks-per-gpu {args.ranks_per_gpu}: need at least 1")
+    launch = parallel.detect_launch()
+    if launch is not None and workers is not None:
+        raise EsnError(f"--workers starts torch's launcher itself; this process already is rank {launch.rank} of "
+                       f"{launch.world_size} under {launch.launcher}: drop --workers")
+    positions = getattr(args, "positions", None)
+    if workers is not None and workers > 1:
+        run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console(), resize=args.resize)
+        if positions:
+            run.cfg.record.positions = positions
+        with run:
+            pass  # check the config against the run directory once, before starting N processes
+        return run_workers(args, stages, run.dir, workers, devices)
+
+    team = parallel.team(shard=shard, launch=launch, ranks_per_gpu=args.ranks_per_gpu, talkative=args.all_ranks)
+    try:
+        team.same_everywhere({"stages": stages, "--resize": args.resize, "--ranks-per-gpu": args.ranks_per_gpu,
+                              "--positions": positions})
+        # one terminal, one voice: rank 0 prints (its progress bars count every rank's batches)
+        out = ui.progress_console() if team.is_leader else Console(quiet=True)
+        run = load_run(args.config, run_dir=args.run_dir, console=out, team=team, resize=args.resize)
+        if positions:
+            run.cfg.record.positions = positions
+        with run:
+            for stage in stages:
+                out.rule(f"[bold]{stage}" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
                 run_stages(run, [stage])
-    if shard is None and ("evaluate" in stages or "report" in stages):
+    finally:
+        team.close()
+    if shard is None and team.is_leader and ("evaluate" in stages or "report" in stages):
         print_summary(run)
-    if "report" in stages:
+    if "report" in stages and team.is_leader:
         console.print(f"report: [bold]{run.dir / 'report.md'}[/]")
     return 0
 
@@ -236,48 +271,50 @@ def worker_devices(text: str) -> list[str]:
     return devices
 
 
-def worker_env(k: int, n: int, devices: list[str] | None, base: dict[str, str]) -> dict[str, str]:
-    """The environment of worker ``k`` of ``n``: ``ESN_SHARD=k/n``, and with ``devices`` its one device."""
-    env = {**base, "ESN_SHARD": f"{k}/{n}"}
+def workers_command(args: argparse.Namespace, stages: list[str], run_dir: Path, n: int,
+                    devices: list[str] | None, base_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The torch launcher command (and its environment) that ``--workers n`` stands for."""
+    ranks_per_gpu = args.ranks_per_gpu
+    env = dict(base_env)
     if devices:
-        env["CUDA_VISIBLE_DEVICES"] = devices[k % len(devices)]
-    return env
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        ranks_per_gpu = max(ranks_per_gpu, -(-n // len(devices)))  # more workers than GPUs: they share
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           f"--max-restarts={args.max_restarts or 0}", "-m", "esn", "run", str(args.config),
+           "--run-dir", str(run_dir), "--stages", ",".join(stages)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if ranks_per_gpu != 1:
+        cmd += ["--ranks-per-gpu", str(ranks_per_gpu)]
+    cmd += ["--all-ranks"] * args.all_ranks + ["--resize"] * args.resize
+    if getattr(args, "positions", None):
+        cmd += ["--positions", args.positions]
+    if ui.level != ui.NORMAL:
+        cmd.append("--quiet" if ui.level == ui.QUIET else "--verbose")
+    return cmd, env
 
 
-def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int,
-               devices: list[str] | None = None) -> None:
-    """Run ``esn <stage> --shard k/n`` for k < n as child processes and wait for all of them.
-
-    Children get ``ESN_SHARD=k/n`` in their environment and, with ``--devices``, one device each
-    (``CUDA_VISIBLE_DEVICES``; several workers may share one). A failed shard fails the stage; what the
-    others wrote stays (resume).
-    """
+def run_workers(args: argparse.Namespace, stages: list[str], run_dir: Path, n: int,
+                devices: list[str] | None) -> int:
+    """``--workers n``: the same command as n ranks under torch's own launcher (torch.distributed.run)."""
     from esn.errors import EsnError
 
-    procs: list[subprocess.Popen] = []
+    cmd, env = workers_command(args, stages, run_dir, n, devices, dict(os.environ))
+    shown = " ".join(cmd[2:]).replace("torch.distributed.run", "torchrun", 1)
+    console.print(f"{n} workers: [bold]{shown}[/]")
+    proc = subprocess.Popen(cmd, env=env)
     try:
-        for k in range(n):
-            cmd = [sys.executable, "-m", "esn", stage, str(args.config), "--run-dir", str(run_dir),
-                   "--shard", f"{k}/{n}"]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            if ui.level != ui.NORMAL:
-                cmd.append("--quiet" if ui.level == ui.QUIET else "--verbose")
-            # One progress bar on the terminal: shard 0 draws it; the others show only their errors.
-            procs.append(subprocess.Popen(cmd, env=worker_env(k, n, devices, os.environ),
-                                          stdout=None if k == 0 else subprocess.DEVNULL))
-        codes = [p.wait() for p in procs]
-    finally:  # interrupted: stop the children too (they resume like any killed run)
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
-    failed = [f"shard {k}/{n} " + (f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}")
-              for k, rc in enumerate(codes) if rc != 0]
-    if failed:
-        raise EsnError(f"{stage}: {'; '.join(failed)}; the batches every shard finished are kept: run the same "
-                       "command again to resume")
-    console.print(f"{stage}: {n} workers done")
+        rc = proc.wait()
+    finally:  # interrupted: torchrun stops its workers on SIGTERM (they resume like any killed run)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+    if rc != 0:
+        reason = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+        raise EsnError(f"the {n} workers failed (torch.distributed.run {reason}); the batches they finished are "
+                       "kept: run the same command again to resume")
+    console.print(f"{', '.join(stages)}: {n} workers done")
+    return 0
 
 
 def print_summary(run) -> None:

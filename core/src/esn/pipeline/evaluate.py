@@ -10,7 +10,6 @@ from esn.pipeline.batches import chunks
 from esn.pipeline.config import settings
 from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_json
 from esn.pipeline.grid import BASELINE, EvalAttempt, grid, summarize
-from esn.pipeline.parallel import progress_bar
 from esn.pipeline.run import Run
 
 
@@ -26,7 +25,7 @@ def attempts(run: Run) -> list[EvalAttempt]:
 def evaluate(run: Run) -> bool:
     """Run this process's batches of the grid; summarise into results.json once the whole grid is done.
 
-    Returns whether results.json was written (a shard that finishes before the others does not)."""
+    Returns whether results.json was written (a static shard that finishes before the others does not)."""
     from esn.wer import wer
 
     cfg = run.cfg
@@ -41,14 +40,23 @@ def evaluate(run: Run) -> bool:
         path = bdir / f"{k:06d}.json"
         return path.exists() and [r["id"] for r in read_json(path)] == [a.id for a in batch]
 
-    mine = [(k, b) for k, b in batches if run.mine(k)]
-    todo = [(k, b) for k, b in mine if not done(k, b)]
+    mine = [(k, b) for k, b in batches if run.team.mine(k)]
+
+    def plan() -> list[int]:
+        todo = [k for k, b in mine if not done(k, b)]
+        run.begin("evaluate", under_way=bool(todo))
+        return todo
+
+    todo = run.team.agree(plan)
     if todo:
         mask_cache = {key: select.masks(run, st.mask_key, run.adapter.layout([st.stream])).masks
                       for key, st in sts.items()}
-        with progress_bar(run.console) as bar:
-            task = bar.add_task(f"evaluate{run.tag}", total=len(mine), completed=len(mine) - len(todo))
-            for k, batch in todo:
+        run.load_judges()  # before the clock starts, and a bad judge fails before any work
+        conversions = sum(len(batches[k][1]) for k in todo)
+        with run.team.share("evaluate", todo, total=len(mine), conversions=conversions,
+                            console=run.console) as claims:
+            for k in claims:
+                batch = batches[k][1]
                 rows = [(a.id, by_id[a.source], a.target) for a in batch]
                 reqs = convert.requests(rows)
                 # A selector may keep no neuron for an emotion (CAS, LAPE): those cells run unsteered.
@@ -69,20 +77,27 @@ def evaluate(run: Run) -> bool:
                                     "wer": round(wer(ref, res.text), 6), "labels": lab, "quality": q,
                                     "audio": audio})
                 atomic_write_json(bdir / f"{k:06d}.json", records)
-                bar.advance(task)
+                claims.done()
+        run.team.settle([bdir / f"{k:06d}.json" for k in todo])
+    tag = run.team.tag
     if run.shard is not None:
         # Checked after this shard's last write: of shards finishing together, the last sees every batch.
         # Two that both see it write the same bytes (a seeded summary), each atomically.
         missing = sum(not done(k, b) for k, b in batches)
         if missing:
             run.console.print(
-                f"evaluate{run.tag}: this shard's {len(mine)} batches are done; {missing} of {len(batches)} "
+                f"evaluate{tag}: this shard's {len(mine)} batches are done; {missing} of {len(batches)} "
                 "batches of the grid are still missing. results.json will be written by the last shard to "
                 "finish, or by `esn evaluate` without --shard.")
             return False
-    write_results(run, grid_attempts)
+
+    def finish() -> None:
+        write_results(run, grid_attempts)
+        run.begin("evaluate", under_way=False)
+
+    run.team.on_leader(finish)
     if run.shard is not None:
-        run.console.print(f"evaluate{run.tag}: the grid is complete; wrote {out_dir / 'results.json'}")
+        run.console.print(f"evaluate{tag}: the grid is complete; wrote {out_dir / 'results.json'}")
     return True
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from esn.errors import EsnError
@@ -16,7 +17,6 @@ from esn.pipeline import convert
 from esn.pipeline.batches import chunks
 from esn.pipeline.data import Source
 from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_json
-from esn.pipeline.parallel import progress_bar
 from esn.pipeline.run import Run
 
 
@@ -66,10 +66,27 @@ def record(run: Run) -> None:
 
 def _owns(run: Run, stem: str) -> bool:
     """Whether this process writes the store shard ``stem`` ("b<batch>-<seq>")."""
-    if run.shard is None:
-        return True
     m = re.fullmatch(r"b(\d+)-\d+", stem)
-    return m is not None and run.mine(int(m[1]))
+    return run.shard is None or (m is not None and run.team.mine(int(m[1])))
+
+
+def _plan(run: Run, batches: list[tuple[int, Sequence[RecordAttempt]]]) -> list[tuple[int, list[int]]]:
+    """The batches still to record, each with the rows not recorded yet (the leader's view, handed to all).
+
+    A killed write can leave a tensor file without its sidecar: drop it so shard names stay
+    "b<batch>-000000" and a resumed run writes exactly the files of an uninterrupted one. A static shard
+    drops only its own batches' (another shard may be between its two renames); a group's leader plans
+    while the other ranks wait, so it drops them all.
+    """
+    done = store(run).done_ids() if (run.rundir.record / "layout.json").exists() else set()
+    todo = [(k, [i for i, a in enumerate(b) if a.id not in done]) for k, b in batches
+            if not all(a.id in done for a in b)]
+    if todo:
+        for orphan in (run.rundir.record / "shards").glob("*.safetensors"):
+            if not orphan.with_suffix(".json").exists() and _owns(run, orphan.stem):
+                orphan.unlink()
+    run.begin("record", under_way=bool(todo))
+    return todo
 
 
 def _record(run: Run) -> None:
@@ -77,13 +94,11 @@ def _record(run: Run) -> None:
     from esn.wer import wer
 
     cfg = run.cfg
-    batches = [(k, b) for k, b in chunks(attempts(run), cfg.record.batch_size) if run.mine(k)]
-    opened = (run.rundir.record / "layout.json").exists()
-    done = store(run).done_ids() if opened else set()
-    todo = [(k, b) for k, b in batches if not all(a.id in done for a in b)]
+    batches = [(k, b) for k, b in chunks(attempts(run), cfg.record.batch_size) if run.team.mine(k)]
+    todo = run.team.agree(lambda: _plan(run, batches))
     if not todo:
         n = sum(len(b) for _, b in batches)
-        run.console.print(f"record{run.tag}: all {n} attempts{' of this shard' if run.shard else ''} "
+        run.console.print(f"record{run.team.tag}: all {n} attempts{' of this shard' if run.shard else ''} "
                           "already recorded")
         return
     adapter = run.adapter
@@ -91,15 +106,12 @@ def _record(run: Run) -> None:
     st_store = store(run, adapter.layout(streams))
     atomic_write_json(run.rundir.record / "prompts.json", {"adapter": cfg.model.adapter,
                                                            **adapter.prompt_texts(cfg.generation)})
-    # A killed write can leave a tensor file without its sidecar: drop it so shard names stay
-    # "b<batch>-000000" and a resumed run writes exactly the files of an uninterrupted one. A shard
-    # drops only its own batches' (another shard may be between its two renames).
-    for orphan in st_store.shard_dir.glob("*.safetensors"):
-        if not orphan.with_suffix(".json").exists() and _owns(run, orphan.stem):
-            orphan.unlink()
-    with progress_bar(run.console) as bar:
-        task = bar.add_task(f"record{run.tag}", total=len(batches), completed=len(batches) - len(todo))
-        for k, batch in todo:
+    by_k = dict(batches)
+    run.load_judges()  # before the clock starts, and a bad judge fails before any work
+    conversions = sum(len(by_k[k]) for k, _ in todo)
+    with run.team.share("record", todo, total=len(batches), conversions=conversions, console=run.console) as claims:
+        for k, keep in claims:
+            batch = by_k[k]
             reqs = convert.requests([(a.id, a.source, a.target) for a in batch])
             gen = convert.generation(run, "record", batch[0].id)
             if adapter.batched:
@@ -125,7 +137,8 @@ def _record(run: Run) -> None:
                         "label": lab[run.filter_judge], "audio": audio}
                 records.append({"id": a.id, "emotion": a.target, "transcript": a.source.transcript,
                                 "text": res.text, "meta": meta})
-            keep = [i for i, a in enumerate(batch) if a.id not in done]
             arrays = {name: a[keep] for name, a in st.numpy().items()}
             st_store.append([records[i] for i in keep], worker=f"b{k:06d}", **arrays)
-            bar.advance(task)
+            claims.done()
+    run.team.settle([run.rundir.record / "shards" / f"b{k:06d}-000000.json" for k, _ in todo])
+    run.team.on_leader(lambda: run.begin("record", under_way=False))

@@ -20,30 +20,35 @@ from rich.console import Console
 from esn.pipeline.batches import derive_seed
 from esn.pipeline.config import RunConfig
 from esn.pipeline.data import CSVDataset, ESDDataset, Source
-from esn.pipeline.parallel import in_shard, parse_shard, shard_tag
-from esn.pipeline.rundir import RunDir
+from esn.pipeline.parallel import Solo
+from esn.pipeline.parallel import team as _team
+from esn.pipeline.rundir import RunDir, fingerprint
 
 
 class Run:
     """One run directory and the config that made it, with the resources the stages share (loaded once)."""
 
-    def __init__(self, cfg: RunConfig, *, console: Console | None = None, shard: tuple[int, int] | None = None):
+    def __init__(self, cfg: RunConfig, *, console: Console | None = None, shard: tuple[int, int] | None = None,
+                 team: Solo | None = None, resize: bool = False):
         self.cfg = cfg
         self.rundir = RunDir(cfg.run_dir)
         self.dir: Path = self.rundir.root
         self.console = console or Console(quiet=True)
-        if shard is not None:
-            parse_shard(f"{shard[0]}/{shard[1]}")
-        self.shard = shard  # (K, N): record and evaluate do the batches k with k % N == K; None: all
-
-    def mine(self, k: int) -> bool:
-        """Whether this process runs batch ``k`` of a sharded stage."""
-        return in_shard(self.shard, k)
+        # the processes this one shares the run with (esn.pipeline.parallel): alone, a shard, or a rank
+        self.team = team if team is not None else _team(shard=shard)
+        self.resize = resize  # finish an unfinished stage with another number of processes (RunDir.begin)
 
     @property
-    def tag(self) -> str:
-        """`` K/N`` for a shard, empty otherwise: added to progress labels and messages."""
-        return shard_tag(self.shard)
+    def shard(self) -> tuple[int, int] | None:
+        return self.team.shard
+
+    def begin(self, stage: str, under_way: bool) -> None:
+        """The leader notes a sharded stage as under way (or complete); static shards leave the manifest alone."""
+        if self.team.shard is None:
+            if under_way:
+                self.rundir.begin(stage, self.team.world_size, resize=self.resize)
+            else:
+                self.rundir.end(stage)
 
     # -- the run directory ---------------------------------------------------------------------------
     def stage_config(self) -> dict[str, Any]:
@@ -58,8 +63,12 @@ class Run:
         return {"record": record, "select": select, "evaluate": evaluate}
 
     def open(self) -> Run:
-        """Create or reopen the run directory and take this process's locks (see ``RunDir.open``)."""
-        self.rundir.open(self.cfg.model_dump(mode="json"), self.stage_config(), self.shard)
+        """Create or reopen the run directory and take this process's locks (see ``RunDir.open``).
+
+        In a group, every rank must hold the same config; rank 0 alone opens the directory."""
+        config = self.cfg.model_dump(mode="json")
+        self.team.same_everywhere({f"config {k}": fingerprint(v) for k, v in config.items()})
+        self.team.on_leader(lambda: self.rundir.open(config, self.stage_config(), self.shard))
         return self
 
     def close(self) -> None:
@@ -73,6 +82,11 @@ class Run:
         self.close()
 
     # -- shared resources ----------------------------------------------------------------------------
+    @cached_property
+    def device(self) -> str:
+        """The configured device; ``cuda`` is this rank's own GPU in a group."""
+        return self.team.device(self.cfg.model.device)
+
     @cached_property
     def dataset(self) -> ESDDataset | CSVDataset:
         d = self.cfg.data
@@ -97,7 +111,7 @@ class Run:
         m = self.cfg.model
         cls = registry().adapter(m.adapter)
         self.console.print(f"loading [bold]{m.adapter}[/] from {m.source}")
-        return cls.load(m.source, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+        return cls.load(m.source, dtype=m.dtype, device=self.device, trust_remote_code=m.trust_remote_code)
 
     @cached_property
     def emotion_judges(self) -> dict[str, Any]:
@@ -108,6 +122,10 @@ class Run:
         spec = self.cfg.judges.quality
         return None if spec is None else self._load_judge(spec)
 
+    def load_judges(self) -> None:
+        """Load every judge now (they load on first use otherwise)."""
+        _ = self.emotion_judges, self.quality_judge
+
     @property
     def filter_judge(self) -> str:
         """The judge whose label decides success (the first emotion judge)."""
@@ -117,12 +135,11 @@ class Run:
         from esn.plugins import registry
 
         cls = registry().judge(spec.name)
-        return cls.load(spec.source, device=self.cfg.model.device, **spec.options)
+        return cls.load(spec.source, device=self.device, **spec.options)
 
 
 def load_run(config: str | Path, *, run_dir: str | Path | None = None, console: Console | None = None,
-             shard: tuple[int, int] | None = None) -> Run:
-    """A ``Run`` of the config file at ``config`` (``run_dir`` overrides the config's)."""
+             shard: tuple[int, int] | None = None, team: Solo | None = None, resize: bool = False) -> Run:
     from esn.pipeline.config import load_config
 
-    return Run(load_config(config, run_dir=run_dir), console=console, shard=shard)
+    return Run(load_config(config, run_dir=run_dir), console=console, shard=shard, team=team, resize=resize)

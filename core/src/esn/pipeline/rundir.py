@@ -94,6 +94,32 @@ class RunDir:
                 getattr(self, name).close()
                 setattr(self, name, None)
 
+    def begin(self, stage: str, processes: int, *, resize: bool = False) -> None:
+        """Note in the manifest that ``stage`` is under way with ``processes`` processes. A stage left
+        unfinished by another number of processes is refused unless ``resize``: torch's CPU results depend
+        on the threads per process, which launchers derive from the number of processes (torchrun sets
+        OMP_NUM_THREADS=1 for several), so one stage's batches come from one launch shape."""
+        data = read_json(self.manifest)
+        unfinished = data.setdefault("unfinished", {})
+        started = unfinished.get(stage)
+        if started not in (None, processes) and not resize:
+            raise EsnError(
+                f"{stage} in run directory {self.root} was started by {started} process(es) and is not finished; "
+                f"this launch has {processes}. Resume it with {started} (the same --nnodes x --nproc-per-node), "
+                f"or pass --resize to finish it with {processes}")
+        if started != processes:
+            unfinished[stage] = processes
+            atomic_write_json(self.manifest, data)
+
+    def end(self, stage: str) -> None:
+        """``stage`` is complete: any number of processes may run it (or the next ones) from now on."""
+        data = read_json(self.manifest)
+        if stage in data.get("unfinished", {}):
+            del data["unfinished"][stage]
+            if not data["unfinished"]:
+                del data["unfinished"]
+            atomic_write_json(self.manifest, data)
+
     def has_results(self, stage: str) -> bool:
         """True if the stage's folder exists and holds anything."""
         folder = self.root / stage
@@ -136,8 +162,10 @@ class RunDir:
     def _prepare(self, config: dict, fingerprints: dict[str, str]) -> None:
         """Alone in the directory: remove a killed run's temp files, check and write the manifest."""
         clean_temp(self.root)
+        fresh = manifest(config, fingerprints)
         if self.manifest.exists():
-            old = read_json(self.manifest).get("fingerprints", {})
+            before = read_json(self.manifest)
+            old = before.get("fingerprints", {})
             for stage in RESULT_STAGES:
                 if old.get(stage) not in (None, fingerprints[stage]) and self.has_results(stage):
                     raise EsnError(
@@ -145,7 +173,11 @@ class RunDir:
                         f"(the parts that changed: {', '.join(self._changed(config))}). Use a new run_dir, "
                         f"or delete {self.root / stage} to recompute that stage and the ones after it."
                     )
-        atomic_write_json(self.manifest, manifest(config, fingerprints))
+            # stages under way stay so (see ``begin``), unless their results were deleted
+            unfinished = {k: v for k, v in before.get("unfinished", {}).items() if self.has_results(k)}
+            if unfinished:
+                fresh["unfinished"] = unfinished
+        atomic_write_json(self.manifest, fresh)
 
     def _changed(self, config: dict) -> list[str]:
         old = read_json(self.manifest).get("config", {})

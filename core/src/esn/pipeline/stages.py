@@ -23,4 +23,7 @@ def run_stages(run: Run, stages: Sequence[str] = STAGES) -> None:
         raise EsnError(f"{', '.join(once)} cannot run as a shard: only {' and '.join(SHARDED_STAGES)} split "
                        "their batches across processes; run the others once, without --shard")
     for stage in stages:
-        RUNNERS[stage](run)
+        if stage in SHARDED_STAGES:
+            RUNNERS[stage](run)  # every process takes its share of the batches
+        else:
+            run.team.on_leader(lambda stage=stage: RUNNERS[stage](run))  # the others wait for rank 0
