@@ -5,6 +5,7 @@ srun-style launches work from Slurm's variables; bad launches are refused with o
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,9 +44,14 @@ def test_two_ranks_under_torchrun_equal_one_process(study, whole, tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same(whole, files(run_dir))
-    # one voice: rank 0 prints, with the group's bars; the other rank stays quiet
+    # one voice: rank 0 prints, with the group's bars (every rank's batches, the time left); the other rank
+    # stays quiet; at the end of a stage rank 0 says where each rank's time went
     out = " ".join(done.stdout.split())
-    assert out.count("loading qwen_omni") == 1 and "record (2 ranks)" in out and "evaluate (2 ranks)" in out
+    assert out.count("loading qwen_omni") == 1
+    for stage, n in (("record", 4), ("evaluate", 9)):
+        assert re.findall(rf"{stage} \(2 ranks\) \S+ (\d+)/(\d+) batches [\d:]+ ETA", out) == [(str(n), str(n))]
+        assert re.search(rf"{stage} \(2 ranks\): \d+ conversions in [\d.]+ s", out), out
+        assert out.count(f"{stage} rank 0: ") == out.count(f"{stage} rank 1: ") == 1
 
 
 # -- killed ranks, restarted group ----------------------------------------------------------------------

@@ -259,9 +259,10 @@ class AttemptStore:
             a = as_numpy(a)
             if a.shape != (b, n) or not np.all(np.isfinite(a)):
                 raise EsnError(f"{name} must be a finite array [{b}, {n}], got shape {a.shape}")
-            opt.append(a.astype(np.float32))
+            opt.append(a.astype(np.float32, copy=False))
         compact = np.uint16 if counts.size == 0 or counts.max() <= np.iinfo(np.uint16).max else np.int32
-        return AttemptStats([r.id for r in records], counts.astype(compact), tokens.astype(np.int64), *opt)
+        return AttemptStats([r.id for r in records], counts.astype(compact, copy=False),
+                            tokens.astype(np.int64, copy=False), *opt)
 
     def _check_prompt(self, stats: AttemptStats, prompt_counts, prompt_tokens) -> tuple:
         """The prompt share of counts/tokens: same shapes, integers, never more than the totals."""

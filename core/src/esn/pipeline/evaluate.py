@@ -4,6 +4,8 @@ the metrics in ``evaluate/results.json``."""
 
 from __future__ import annotations
 
+import time
+
 from esn.errors import EsnError
 from esn.pipeline import convert, select
 from esn.pipeline.batches import chunks
@@ -56,6 +58,7 @@ def evaluate(run: Run) -> bool:
         with run.team.share("evaluate", todo, total=len(mine), conversions=conversions,
                             console=run.console) as claims:
             for k in claims:
+                t0 = time.perf_counter()
                 batch = batches[k][1]
                 rows = [(a.id, by_id[a.source], a.target) for a in batch]
                 reqs = convert.requests(rows)
@@ -64,7 +67,9 @@ def evaluate(run: Run) -> bool:
                          else (mask_cache[a.setting][a.mask], sts[a.setting]) for a in batch]
                 results = steered_generate(run.adapter, reqs, conds, convert.generation(run, "evaluate", batch[0].id),
                                            positions=cfg.evaluate.positions)
+                t1 = time.perf_counter()
                 labels, quality = convert.judge(run, results, reqs)
+                t2 = time.perf_counter()
                 records = []
                 for a, res, lab, q in zip(batch, results, labels, quality, strict=True):
                     audio = None
@@ -77,7 +82,7 @@ def evaluate(run: Run) -> bool:
                                     "wer": round(wer(ref, res.text), 6), "labels": lab, "quality": q,
                                     "audio": audio})
                 atomic_write_json(bdir / f"{k:06d}.json", records)
-                claims.done()
+                claims.done(len(batch), generate=t1 - t0, judge=t2 - t1, store=time.perf_counter() - t2)
         run.team.settle([bdir / f"{k:06d}.json" for k in todo])
     tag = run.team.tag
     if run.shard is not None:

@@ -18,10 +18,13 @@ Batch files are named after the batch alone, so every team writes exactly the fi
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,6 +50,7 @@ SHARDED_STAGES = ("record", "evaluate")  # lists of independent batches; select 
 GROUP_TIMEOUT = timedelta(hours=6)
 SETTLE_SECONDS = 300.0
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -132,6 +136,7 @@ class Solo:
         return True
 
     def device(self, configured: str) -> str:
+        """The device this process uses for the config's ``model.device`` (alone: that device itself)."""
         return configured
 
     def same_everywhere(self, what: dict[str, Any]) -> None:
@@ -153,15 +158,16 @@ class Solo:
         is done, and the leader prints the throughput."""
         t0 = time.perf_counter()
         with _bar(console, f"{name}{self.tag}", total, total - len(todo)) as bar:
-            yield Claims(iter(todo), lambda: bar.advance(bar.task_ids[0]))
-        _throughput(console, f"{name}{self.tag}", conversions, time.perf_counter() - t0)
+            claims = Claims(iter(todo), lambda: bar.advance(bar.task_ids[0]), rank=0, t0=t0)
+            yield claims
+        _throughput(console, f"{name}{self.tag}", conversions, time.perf_counter() - t0, claims.times)
 
     def settle(self, paths: Sequence[Path]) -> None:
         """The leader waits until it sees every one of ``paths`` (files other ranks wrote); nothing to wait
         for alone."""
 
     def close(self) -> None:
-        pass
+        """Leave the team (alone: nothing to leave)."""
 
 
 class Shard(Solo):
@@ -191,14 +197,15 @@ class Group(Solo):
         self.tag = f" rank {launch.rank}/{launch.world_size}"
         self.ranks_per_gpu = ranks_per_gpu
         self.talkative = talkative  # non-leader ranks print a line per batch
-        # The store torchrun's agent (or rank 0 under srun) hosts; its keys outlive a restarted group, so
-        # every key carries the restart count.
+        # The store torchrun's agent (or rank 0 under srun) hosts; its keys outlive a restarted group
+        # (pytorch/pytorch#135712), so every key carries the restart count: our counters', and gloo's own
+        # (without it a restarted rank can read the address a killed rank published, and fail to connect).
         store, _, _ = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size,
                                            timeout=GROUP_TIMEOUT))
-        dist.init_process_group("gloo", store=store, rank=launch.rank, world_size=launch.world_size,
-                                timeout=GROUP_TIMEOUT)
-        self.store = store
         self.prefix = f"esn/{launch.run_id}/{launch.restart}"
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"{self.prefix}/group", store), rank=launch.rank,
+                                world_size=launch.world_size, timeout=GROUP_TIMEOUT)
+        self.store = store
         self._rounds = 0
 
     def device(self, configured: str) -> str:
@@ -269,24 +276,27 @@ class Group(Solo):
                 def finished() -> None:
                     bar.update(bar.task_ids[0], completed=done_before + store.add(f"{key}/done", 1))
 
-                yield Claims(claims(), finished)
+                mine = Claims(claims(), finished, rank=self.rank, t0=t0)
+                yield mine
                 while (n := store.add(f"{key}/done", 0)) < len(todo):  # the others' last batches
                     bar.update(bar.task_ids[0], completed=done_before + n)
                     time.sleep(0.2)
                 bar.update(bar.task_ids[0], completed=total)
         else:
-            mine = 0
-
             def finished() -> None:
-                nonlocal mine
-                mine += 1
                 store.add(f"{key}/done", 1)
                 if self.talkative:
-                    print(f"{name}{self.tag}: {mine} batches done", file=sys.stderr, flush=True)
+                    print(f"{name}{self.tag}: {len(mine.times)} batches done", file=sys.stderr, flush=True)
 
-            yield Claims(claims(), finished)
+            mine = Claims(claims(), finished, rank=self.rank, t0=t0)
+            yield mine
         dist.barrier()
-        _throughput(console, f"{name} ({self.world_size} ranks)", conversions, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        everyone: list[Any] = [None] * self.world_size
+        dist.gather_object(mine.times, everyone if self.is_leader else None, dst=0)  # a few numbers per batch
+        if self.is_leader:
+            _throughput(console, f"{name} ({self.world_size} ranks)", conversions, seconds,
+                        [t for times in everyone for t in times])
 
     def settle(self, paths: Sequence[Path], timeout: float = SETTLE_SECONDS) -> None:
         # A shared filesystem may show another machine's new files late (NFS caches directory lookups
@@ -302,20 +312,49 @@ class Group(Solo):
             time.sleep(0.5)
 
     def close(self) -> None:
+        """Leave the process group."""
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-class Claims(Iterator[T]):
-    """The batches a team member takes, one at a time; call ``done()`` after each one is written."""
+@dataclass(frozen=True)
+class BatchTime:
+    """When one batch was claimed and done (seconds since its stage's clock started) and where its time
+    went (``phases``: seconds per step, e.g. generate, judge, store)."""
 
-    def __init__(self, items: Iterator[T], done: Callable[[], None]):
-        self._items, self.done = items, done
+    rank: int
+    start: float
+    end: float
+    conversions: int
+    phases: dict[str, float]
+
+
+class Claims(Iterator[T]):
+    """The batches a team member takes, one at a time. Call ``done(conversions, **phases)`` once a batch's
+    files are written, in the order the batches were claimed (a background writer finishes them in that
+    order), with its number of conversions and the seconds of its steps: the stage's report uses them."""
+
+    def __init__(self, items: Iterator[T], finished: Callable[[], None], *, rank: int = 0,
+                 t0: float | None = None):
+        self._items, self._finished, self.rank = items, finished, rank
+        self._t0 = time.perf_counter() if t0 is None else t0
+        self._claimed: deque[float] = deque()
+        self.times: list[BatchTime] = []
 
     def __next__(self) -> T:
-        return next(self._items)
+        item = next(self._items)
+        self._claimed.append(time.perf_counter() - self._t0)
+        return item
+
+    def done(self, conversions: int, *, at: float | None = None, **phases: float) -> None:
+        """The oldest claimed batch not yet done is written (now, or at ``time.perf_counter()`` ``at``):
+        count it."""
+        start = self._claimed.popleft()
+        end = (time.perf_counter() if at is None else at) - self._t0
+        self.times.append(BatchTime(self.rank, start, end, conversions, {k: round(v, 4) for k, v in phases.items()}))
+        self._finished()
 
 
 def rank_device(local_rank: int, ranks_per_gpu: int, gpus: int) -> str:
@@ -342,10 +381,44 @@ def team(*, shard: tuple[int, int] | None = None, launch: Launch | None = None, 
     return Solo() if shard is None else Shard(*shard)
 
 
-def _throughput(console: Console, what: str, conversions: int, seconds: float) -> None:
-    """``record: 128 conversions in 51.2 s, 2.50 conversions/s`` (model loading not included)."""
-    console.print(f"{what}: {conversions} conversions in {seconds:.1f} s, {conversions / max(seconds, 1e-9):.2f} "
-                  "conversions/s")
+def steady_rate(times: Sequence[BatchTime], seconds: float) -> float | None:
+    """Conversions/s once every rank has finished its first batch (which carries the process's CUDA
+    warm-up: first kernels, allocator growth) until the stage's end at ``seconds``. A batch counts with
+    the part of its claim-to-done interval inside that window. None if a rank did fewer than 2 batches."""
+    per_rank: dict[int, list[BatchTime]] = {}
+    for t in times:
+        per_rank.setdefault(t.rank, []).append(t)
+    if not per_rank or any(len(ts) < 2 for ts in per_rank.values()):
+        return None
+    start = max(min(t.end for t in ts) for ts in per_rank.values())
+    if seconds <= start:
+        return None
+    inside = sum(t.conversions * max(0.0, min(t.end, seconds) - max(t.start, start)) / max(t.end - t.start, 1e-9)
+                 for t in times)
+    return inside / (seconds - start)
+
+
+def _throughput(console: Console, what: str, conversions: int, seconds: float,
+                times: Sequence[BatchTime] = ()) -> None:
+    """``record: 128 conversions in 51.2 s, 2.50 conversions/s`` (model loading not included), the rate
+    after every rank's first batch, and per rank the median seconds per batch of each step; each batch's
+    times go to the log (``esn -v``)."""
+    line = f"{what}: {conversions} conversions in {seconds:.1f} s, {conversions / max(seconds, 1e-9):.2f} conversions/s"
+    steady = steady_rate(times, seconds)
+    if steady is not None:
+        line += f"; after every rank's first batch {steady:.2f} conversions/s"
+    console.print(line, soft_wrap=True)
+    ranks = sorted({t.rank for t in times})
+    for rank in ranks:
+        mine = [t for t in times if t.rank == rank]
+        phases = {p: statistics.median(t.phases.get(p, 0.0) for t in mine) for p in mine[0].phases}
+        who = f"{what.split(' ')[0]} rank {rank}" if len(ranks) > 1 else what
+        steps = ", ".join(f"{p} {v:.2f}" for p, v in phases.items())
+        console.print(f"{who}: {len(mine)} batches; median s per batch: {steps}", soft_wrap=True)
+        for i, t in enumerate(mine):
+            steps = ", ".join(f"{p} {v:.3f}" for p, v in t.phases.items())
+            log.info("%s batch: rank %d #%d, claimed %.2f s, done %.2f s, %d conversions; %s",
+                     what.split(" ")[0], rank, i, t.start, t.end, t.conversions, steps)
 
 
 def progress_bar(console: Console) -> Progress:

@@ -7,7 +7,9 @@ again. ``record/prompts.json`` keeps the system prompt and instruction the adapt
 
 from __future__ import annotations
 
+import functools
 import re
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from esn.pipeline.batches import chunks
 from esn.pipeline.data import Source
 from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_json
 from esn.pipeline.run import Run
+from esn.pipeline.writer import BackgroundWriter
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ def record(run: Run) -> None:
     from esn.store import StoreWarning
 
     with warnings.catch_warnings():
-        if run.shard is not None:  # another shard's write in flight looks like an interrupted one
+        if run.shard is not None or run.team.world_size > 1:  # another process's write in flight looks
+            # like an interrupted one (the writer thread sees these filters too: they are process-wide)
             warnings.simplefilter("ignore", StoreWarning)
         _record(run)
 
@@ -109,36 +113,64 @@ def _record(run: Run) -> None:
     by_k = dict(batches)
     run.load_judges()  # before the clock starts, and a bad judge fails before any work
     conversions = sum(len(by_k[k]) for k, _ in todo)
-    with run.team.share("record", todo, total=len(batches), conversions=conversions, console=run.console) as claims:
+    with (run.team.share("record", todo, total=len(batches), conversions=conversions, console=run.console) as claims,
+          BackgroundWriter("esn-record-writer") as writer):
         for k, keep in claims:
+            t0 = time.perf_counter()
             batch = by_k[k]
             reqs = convert.requests([(a.id, a.source, a.target) for a in batch])
             gen = convert.generation(run, "record", batch[0].id)
+            collect = 0.0  # seconds spent bringing the statistics to the host
             if adapter.batched:
                 with GateRecorder(adapter, streams=streams) as rec:
                     results = adapter.generate(reqs, gen)
+                tc = time.perf_counter()
                 stats = [rec.stats()]
+                collect += time.perf_counter() - tc
             else:  # one request at a time, each with its own recorder
                 results, stats = [], []
                 for req in reqs:
                     with GateRecorder(adapter, streams=streams) as rec:
                         results += adapter.generate([req], gen)
+                    tc = time.perf_counter()
                     stats.append(rec.stats())
-            st = BatchStats.concat(stats)
+                    collect += time.perf_counter() - tc
+            tc = time.perf_counter()
+            st = stats[0] if len(stats) == 1 else BatchStats.concat(stats)  # one part: no copy of ~200 MB
+            t2 = time.perf_counter()
+            collect += t2 - tc
             labels, _ = convert.judge(run, results, reqs)
             records = []
             for a, res, lab in zip(batch, results, labels, strict=True):
-                audio = None
-                if cfg.record.save_audio and res.waveform.size:
-                    audio = convert.audio_name(a.id)
-                    atomic_write_wav(run.rundir.record / audio, res.waveform, res.sample_rate)
                 meta = {"source": a.source.id, "speaker": a.source.speaker, "index": a.source.index,
                         "wer": round(wer(a.source.transcript, res.text), 6), "labels": lab,
-                        "label": lab[run.filter_judge], "audio": audio}
+                        "label": lab[run.filter_judge], "audio": _audio_name(cfg, a, res)}
                 records.append({"id": a.id, "emotion": a.target, "transcript": a.source.transcript,
                                 "text": res.text, "meta": meta})
-            arrays = {name: a[keep] for name, a in st.numpy().items()}
-            st_store.append([records[i] for i in keep], worker=f"b{k:06d}", **arrays)
-            claims.done()
+            t3 = time.perf_counter()
+            times = {"generate": t2 - t0 - collect, "collect": collect, "judge": t3 - t2}
+            write = functools.partial(_write_batch, run, st_store, results, records, st, keep, k)
+            then = functools.partial(_written, claims, len(keep), times)
+            times["wait"] = writer.submit(write, then)  # the write overlaps the next batch's generate
     run.team.settle([run.rundir.record / "shards" / f"b{k:06d}-000000.json" for k, _ in todo])
     run.team.on_leader(lambda: run.begin("record", under_way=False))
+
+
+def _audio_name(cfg, attempt: RecordAttempt, result) -> str | None:
+    """Where the attempt's wav goes in ``record/`` (None when audio is not kept)."""
+    return convert.audio_name(attempt.id) if cfg.record.save_audio and result.waveform.size else None
+
+
+def _write_batch(run: Run, st_store, results, records: list[dict], st, keep: list[int], k: int) -> None:
+    """A batch's wavs, then its store shard ``b<k>-000000`` (sidecar last) of the rows in ``keep``."""
+    for res, rec in zip(results, records, strict=True):
+        if rec["meta"]["audio"] is not None:
+            atomic_write_wav(run.rundir.record / rec["meta"]["audio"], res.waveform, res.sample_rate)
+    rows = slice(None) if keep == list(range(len(records))) else keep  # every row: a view, not a copy
+    arrays = {name: a[rows] for name, a in st.numpy().items()}
+    st_store.append([records[i] for i in keep], worker=f"b{k:06d}", **arrays)
+
+
+def _written(claims, conversions: int, times: dict[str, float], seconds: float, finished: float) -> None:
+    """The writer finished a batch: it counts as done, with the time its write took."""
+    claims.done(conversions, at=finished, **times, store=seconds)

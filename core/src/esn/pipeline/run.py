@@ -40,6 +40,7 @@ class Run:
 
     @property
     def shard(self) -> tuple[int, int] | None:
+        """``(K, N)`` for a static shard ``--shard K/N``, else None."""
         return self.team.shard
 
     def begin(self, stage: str, under_way: bool) -> None:
@@ -140,6 +141,8 @@ class Run:
 
 def load_run(config: str | Path, *, run_dir: str | Path | None = None, console: Console | None = None,
              shard: tuple[int, int] | None = None, team: Solo | None = None, resize: bool = False) -> Run:
+    """A ``Run`` of the config file at ``config`` (``run_dir`` overrides the config's), in ``team`` (alone by
+    default); ``resize`` lets it finish a stage another number of processes left unfinished."""
     from esn.pipeline.config import load_config
 
     return Run(load_config(config, run_dir=run_dir), console=console, shard=shard, team=team, resize=resize)
