@@ -9,15 +9,20 @@ each rank's GPU (no checkpoint to read: its folder holds config.json, the tokeni
 and its emotion judge is the numpy `stand_in` (funasr is not on the GPU machines). Everything else is
 the product's own path: the pipeline, its batch claiming, recording, per-row steering, batched token2wav.
 
-The 7b study: synthetic 3 s neutral sources (esn.pipeline.synthetic), record 8 batches of 20
-conversions (40 sources x 4 targets), select (CAS, r = 0.5%; every attempt passes the filter: random
-weights), evaluate 8 batches of 20 (baseline and the anchor's 4 x 4 grid on 8 sources: different masks
+The 7b study: synthetic 3 s neutral sources (esn.pipeline.synthetic), record 16 batches of 20
+conversions (80 sources x 4 targets), select (CAS, r = 0.5%; every attempt passes the filter: random
+weights), evaluate 12 batches of 20 (baseline and the anchor's 4 x 4 grid on 12 sources: different masks
 per row). Fixed work per conversion: 16 text and 96 codec tokens (min = max), 10 ODE steps, token2wav
-batched by 20 with TF32. The same study runs first as one
-process on the first device, then as N ranks on N devices. Throughput is the stage's conversions over
-the time from its first claimed batch to the group's barrier after the last (model loading excluded),
-as the pipeline prints it. Reports both runs, the ratios, whether the masks are byte-identical, and
-which other files differ. Writes ``bench_distributed.json`` under --out after each run.
+batched by 20 with TF32. The same study runs first as one process on the first device, then as N ranks
+on N devices (torchrun's default OMP_NUM_THREADS=1 per rank, as users get it). Both runs go through
+`esn -v run`, and everything below is what the pipeline itself prints: a stage's conversions/s over the
+time from the group's start barrier (models loaded) to the barrier after the last batch; the same from
+the moment every rank has finished its first batch (which carries the process's CUDA warm-up); each
+rank's median seconds per batch of generate, collect (statistics to the host), judge, store (the
+shard's write, on the background writer in record) and wait (for the writer); and every batch's times
+(the -v log). Reports both runs, the ratios, whether the masks are byte-identical, which other files
+differ, and the progress bars rank 0 printed. Writes ``bench_distributed.json`` under --out after each
+run, the logs beside it.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ STAGES = ("record", "evaluate")
 # (baseline + the anchor's 4 x 4); batches of 20 cut both into an even number of equal batches.
 SIZES = {
     "tiny": dict(rate=0.05, record_speakers=2, per_speaker=5, eval_sources=4, batch=20, text=6, codec=12, seconds=0.5),
-    "7b": dict(rate=0.005, record_speakers=5, per_speaker=8, eval_sources=8, batch=20, text=16, codec=96, seconds=3.0),
+    "7b": dict(rate=0.005, record_speakers=5, per_speaker=16, eval_sources=12, batch=20, text=16, codec=96, seconds=3.0),
 }
 
 
@@ -103,12 +108,42 @@ def make_study(root: Path, size: str, device: str) -> Path:
     return root / "study.toml"
 
 
-RATE = re.compile(r"^(record|evaluate)(?: \((\d+) ranks\))?: (\d+) conversions in ([\d.]+) s, ([\d.]+) conversions/s")
+RATE = re.compile(r"^(record|evaluate)(?: \((\d+) ranks\))?: (\d+) conversions in ([\d.]+) s, ([\d.]+) conversions/s"
+                  r"(?:; after every rank's first batch ([\d.]+) conversions/s)?")
+STEPS = re.compile(r"^(record|evaluate)(?: rank (\d+))?: (\d+) batches; median s per batch: (.*)$")
+BATCH = re.compile(r"^esn\.pipeline\.parallel: (record|evaluate) batch: rank (\d+) #(\d+), claimed ([\d.]+) s, "
+                   r"done ([\d.]+) s, (\d+) conversions; (.*)$")
+BAR = re.compile(r"^(record|evaluate)\b.*\d+/\d+ batches.*ETA")
+
+
+def _steps(text: str) -> dict[str, float]:
+    """``generate 5.10, store 2.31`` -> {"generate": 5.1, "store": 2.31}."""
+    return {name: float(value) for name, value in (part.rsplit(" ", 1) for part in text.split(", "))}
+
+
+def parse(text: str) -> dict:
+    """Stage throughputs, each rank's median step times, every batch's times, and the progress bars, from
+    the output of one `esn -v run` (rank 0's, for a group)."""
+    out: dict = {"bars": []}
+    for line in text.splitlines():
+        line = line.strip()
+        if m := RATE.match(line):
+            out[m[1]] = {"conversions": int(m[3]), "seconds": float(m[4]), "conversions_per_s": float(m[5]),
+                         "after_first_batch_conversions_per_s": None if m[6] is None else float(m[6]),
+                         "ranks": {}, "batches": []}
+        elif (m := STEPS.match(line)) and m[1] in out:
+            out[m[1]]["ranks"][int(m[2] or 0)] = {"batches": int(m[3]), "median_s": _steps(m[4])}
+        elif (m := BATCH.match(line)) and m[1] in out:
+            out[m[1]]["batches"].append({"rank": int(m[2]), "claimed_s": float(m[4]), "done_s": float(m[5]),
+                                         "conversions": int(m[6]), "s": _steps(m[7])})
+        elif BAR.match(line):
+            out["bars"].append(line)
+    return out
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path, wanted: list[str]) -> dict:
     """Run one `esn run` with its output going to ``log`` as it comes (a run cut short keeps it there);
-    return its stage throughputs and wall time."""
+    return its stage throughputs, step and batch times, and wall time."""
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
@@ -116,25 +151,10 @@ def run(cmd: list[str], env: dict[str, str], log: Path, wanted: list[str]) -> di
     text = log.read_text()
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({rc}):\n{text[-3000:]}")
-    out = {"wall_s": round(wall, 1)}
-    for line in text.splitlines():
-        if m := RATE.match(line.strip()):
-            out[m[1]] = {"conversions": int(m[3]), "seconds": float(m[4]), "conversions_per_s": float(m[5])}
+    out = {"wall_s": round(wall, 1), **parse(text)}
     missing = [s for s in wanted if s not in out]
     if missing:
         raise SystemExit(f"no throughput line for {missing} in the output of {' '.join(cmd)} (see {log})")
-    return out
-
-
-def steady(run_dir: Path, ranks: int) -> dict[str, float | None]:
-    """Batches per second after each rank's first batch (which carries the process's CUDA warm-up), from
-    the times the batch files were written: (n - ranks) / (last - ranks-th completion)."""
-    out = {}
-    for stage, pattern in (("record", "record/shards/b*.json"), ("evaluate", "evaluate/batches/*.json")):
-        times = sorted(p.stat().st_mtime for p in run_dir.glob(pattern))
-        ok = len(times) > ranks and times[-1] > times[ranks - 1]
-        out[stage] = round((len(times) - ranks) / (times[-1] - times[ranks - 1]), 4) if ok else None
-        out[f"{stage}_written_s"] = [round(t - times[0], 2) for t in times]
     return out
 
 
@@ -176,33 +196,35 @@ def main() -> None:
     def save() -> None:
         result_path.write_text(json.dumps(result, indent=1) + "\n")
 
-    esn = [sys.executable, "-m", "esn"]
+    esn = [sys.executable, "-m", "esn", "-v"]  # -v: every batch's times in the log
     stages = [st for st in STAGES if st in args.stages.split(",")]
     common = [str(config), "--stages", args.stages] + ([] if cuda else ["--threads", "1"])
     one_env = {**env, "CUDA_VISIBLE_DEVICES": "0"} if cuda else env
     print(f"one process: {args.size} on {args.device}", file=sys.stderr, flush=True)
     result["one"] = run([*esn, "run", *common, "--run-dir", str(args.out / "one")], one_env, logs / "one.log", stages)
-    result["one"]["steady"] = steady(args.out / "one", 1)
     save()
-    print(json.dumps(result["one"]), file=sys.stderr, flush=True)
+    print(json.dumps({s: result["one"][s]["conversions_per_s"] for s in stages}), file=sys.stderr, flush=True)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}", "-m",
-                "esn"]
+                "esn", "-v"]
     many_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(args.ranks)))} if cuda else env
     print(f"{args.ranks} ranks under torchrun", file=sys.stderr, flush=True)
     result["ranks_run"] = run([*launcher, "run", *common, "--run-dir", str(args.out / "many")], many_env,
                               logs / "many.log", stages)
-    result["ranks_run"]["steady"] = steady(args.out / "many", args.ranks)
-    result["ratio"] = {s: round(result["ranks_run"][s]["conversions_per_s"] / result["one"][s]["conversions_per_s"], 3)
-                       for s in stages}
-    result["ratio_steady"] = {s: round(result["ranks_run"]["steady"][s] / result["one"]["steady"][s], 3)
-                              for s in stages if result["one"]["steady"].get(s) and result["ranks_run"]["steady"].get(s)}
+
+    def ratio(key: str) -> dict[str, float]:
+        one, many = result["one"], result["ranks_run"]
+        return {s: round(many[s][key] / one[s][key], 3) for s in stages if one[s][key] and many[s][key]}
+
+    result["ratio"] = ratio("conversions_per_s")
+    result["ratio_after_first_batch"] = ratio("after_first_batch_conversions_per_s")
     diff, compared = differing(args.out / "one", args.out / "many")
     result["files_compared"] = compared
     result["files_differing"] = diff
     result["masks_identical"] = not any(n.startswith("select/masks_") for n in diff) and any(
         (args.out / "one" / "select").glob("masks_*.safetensors"))
     save()
-    print(json.dumps({k: result[k] for k in ("ratio", "ratio_steady", "masks_identical", "files_differing")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("ratio", "ratio_after_first_batch", "masks_identical", "files_differing")},
+                     indent=1))
 
 
 if __name__ == "__main__":
