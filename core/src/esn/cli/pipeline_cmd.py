@@ -78,13 +78,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--run-dir", type=Path, help="override the config's run_dir")
     report.add_argument("--threads", type=int, help="torch CPU threads for this process (default: torch's choice)")
     _positions(report)
+    _parallel(report)  # report runs on rank 0 alone: under a launcher the others wait; --workers/--shard are refused
     report.add_argument("--compare", type=Path, nargs="+", metavar="RUN",
                         help="run directories (or their configs) of finished runs: Tables 2 and 3 side by side")
     report.add_argument("--names", help="with --compare: comma-separated column names, one per RUN")
     report.add_argument("--out", type=Path, default=Path("compare.md"),
                         help="with --compare: the Markdown file to write (HTML next to it)")
-    report.set_defaults(func=cmd_report, stages="report", shard=None, workers=None, devices=None, max_restarts=None,
-                        ranks_per_gpu=1, all_ranks=False, resize=False)
+    report.set_defaults(func=cmd_report, stages="report")
 
     jev = sub.add_parser("judge-eval", help="each emotion judge's accuracy on labelled ESD clips (paper section 4.1)")
     _common(jev)
