@@ -37,10 +37,10 @@ def test_the_queue_holds_one_write_behind_the_one_in_progress():
     release = threading.Event()
     writer = BackgroundWriter()
     writer.submit(lambda: release.wait(5), lambda s, t: None)  # in progress
-    time.sleep(0.05)
+    time.sleep(0.2)
     assert writer.submit(lambda: None, lambda s, t: None) < 0.5  # waits in the queue
-    threading.Timer(0.3, release.set).start()
-    assert writer.submit(lambda: None, lambda s, t: None) >= 0.2  # no room until the first one ends
+    threading.Timer(0.6, release.set).start()
+    assert writer.submit(lambda: None, lambda s, t: None) >= 0.3  # no room until the first one ends
     writer.close()
 
 
