@@ -884,10 +884,12 @@ class GateRecorder:
             root.decode_begin(state, points)
 
     def decode_step(self, done: int) -> None:
+        """``done`` decode steps have run: reduce the chunks they filled (on the side stream)."""
         for root in self._decoding:
             root.decode_step(done)
 
     def decode_end(self, done: int) -> None:
+        """Decoding stopped after ``done`` steps: reduce the part-filled chunk, count the hooks' calls."""
         decoding, self._decoding = self._decoding, []
         for root in decoding:
             root.decode_end(done)

@@ -46,6 +46,7 @@ class CausalLMDecoding:
         self.decoder = Decoder(model, self.step, batch=batch, vocab=vocab, greedy=greedy, device=device, capture=capture)
 
     def step(self, state: DecodeState) -> torch.Tensor:
+        """One decode step over the static cache: logits ``[B, V]`` for ``state.ids`` at ``state.step``."""
         cur = self.prompt_len + state.step  # [1]: the position this step writes
         mask = (self.kv_allowed & (self.kv_index <= cur)).view(state.batch, 1, 1, -1)
         out = self.model(

@@ -44,11 +44,13 @@ class ScopedHook:
 
     @property
     def key(self) -> Hashable:
+        """The hook's ``graph_key``, or its identity if it is not graph-aware."""
         key = getattr(self.hook, "graph_key", None)
         return ("foreign", id(self.hook)) if key is None else key
 
     @property
     def aware(self) -> bool:
+        """Whether the hook is graph-aware (has a ``graph_key``)."""
         return getattr(self.hook, "graph_key", None) is not None
 
 
