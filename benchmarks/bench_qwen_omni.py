@@ -15,7 +15,9 @@ Fixed work per conversion: a 3 s input, exactly 48 text tokens and 256 codec tok
 tokens), 10 token2wav ODE steps. A variant is ``DECODE/KIND[/bf16]``:
 
 - ``DECODE``: ``eager`` (transformers' generate) or ``graph`` (esn.decode, one CUDA-graph replay a step);
-- ``KIND``: ``plain``; ``record`` (GateRecorder, both streams); ``steer`` (one mask, r = 0.5% of all gate
+- ``KIND``: ``plain``; ``record`` (GateRecorder, both streams; its reductions on a side stream, the
+  default on CUDA); ``record_sync`` (the same with ``overlap=False``: reductions in order); ``record_torch``
+  (reductions in torch ops instead of esn.gate_reduce's Triton kernel, on the side stream); ``steer`` (one mask, r = 0.5% of all gate
   neurons, alpha 1); ``rows`` (a different mask per row); ``rows_mixed`` (per-row masks, methods cycling
   steer/add/clamp/deactivate); ``rows+record`` (per-row masks and recording: the record stage of a
   steered grid);
@@ -182,12 +184,13 @@ def fixed_config(options: dict):
 class Variants:
     """``DECODE/KIND[/bf16]`` -> a function running one generate of that variant on a batch."""
 
-    KINDS = ("plain", "record", "steer", "rows", "rows_mixed", "rows+record")
+    KINDS = ("plain", "record", "record_sync", "record_torch", "steer", "rows", "rows_mixed", "rows+record")
 
     def __init__(self, adapter, masks, base: dict):
         self.adapter, self.masks, self.base = adapter, masks, base
 
     def make(self, name: str, reqs):
+        from esn.gate_reduce import torch_ops_only
         from esn.recording import GateRecorder
         from esn.steering import Condition, steer, steer_rows
 
@@ -214,8 +217,13 @@ class Variants:
                     stack.enter_context(steer_rows(adapter, mixed))
                 if kind in ("record", "rows+record"):
                     rec = stack.enter_context(GateRecorder(adapter))
+                elif kind == "record_sync":
+                    rec = stack.enter_context(GateRecorder(adapter, overlap=False))
+                elif kind == "record_torch":
+                    stack.enter_context(torch_ops_only())
+                    rec = stack.enter_context(GateRecorder(adapter))
                 out = adapter.generate(reqs, config)
-            if rec is not None:
+            if rec is not None:  # (the recorder exits first, inside torch_ops_only)
                 rec.stats()  # the statistics reach the host: part of the work
             return out
 
@@ -391,28 +399,56 @@ def check_tiny(device: str) -> dict:
     layout = adapter.layout()
     conditions = [Condition(random_mask(layout, 0.05, seed=i), *STEER_METHODS[i]) for i in range(3)]
     runs = {}
-    for decode in ("eager", "graph", "graph"):  # the second graph run reuses the captured graphs
-        options = {"decode": decode, "token2wav_num_steps": 2, "talker_min_new_tokens": 2}
+    # the second graph run reuses the captured graphs; the last records with overlap=False (in order)
+    for decode, overlap in (("eager", None), ("graph", None), ("graph", None), ("sync", False)):
+        options = {"decode": "graph" if decode == "sync" else decode, "token2wav_num_steps": 2, "talker_min_new_tokens": 2}
         config = GenerationConfig(max_new_tokens=12, max_audio_tokens=24, options=options)
-        with steer_rows(adapter, conditions), GateRecorder(adapter) as rec:
+        with steer_rows(adapter, conditions), GateRecorder(adapter, overlap=overlap) as rec:
             out = adapter.generate(reqs, config)
         runs.setdefault(decode, []).append((out, rec.stats(), adapter.__dict__.get("last_decode_info")))
     (eager, es, _), = runs["eager"]
-    report = {}
+    (_, ss, _), = runs["sync"]
+    report = {"gate_kernel": gate_kernel_check(device)}
     for i, (graph, gs, info) in enumerate(runs["graph"]):
         report[f"graph_run{i + 1}"] = {
             "agreement": agreement(eager, graph),
             "counts_equal": bool(torch.equal(es.counts, gs.counts)),
             "tokens_equal": bool(torch.equal(es.tokens, gs.tokens)),
             "sums_max_abs_diff": float((es.sums - gs.sums).abs().max()),
+            # the same recording with its reductions in order on the current stream: every bit equal
+            "overlap_off_equal": all(bool(torch.equal(getattr(ss, k), getattr(gs, k)))
+                                     for k in ("counts", "tokens", "sums", "sumsq")),
             "decode_info": info,
         }
         ok = all(r.info["text_ids"] == s.info["text_ids"] and r.info["audio_codes"] == s.info["audio_codes"]
                  for r, s in zip(eager, graph, strict=True))
-        report[f"graph_run{i + 1}"]["ok"] = ok and report[f"graph_run{i + 1}"]["counts_equal"]
+        report[f"graph_run{i + 1}"]["ok"] = (ok and report[f"graph_run{i + 1}"]["counts_equal"]
+                                             and report[f"graph_run{i + 1}"]["overlap_off_equal"])
         if not report[f"graph_run{i + 1}"]["ok"]:
             log(f"CHECK_TINY FAILED: graph and eager decoding differ: {report}")  # the run goes on: say so loudly
     return report
+
+
+def gate_kernel_check(device: str) -> dict:
+    """esn.gate_reduce on the device (the Triton kernel there) against its torch ops on the CPU, same
+    gates: counts, float64 sums and sums of squares must be equal bit for bit."""
+    from esn import gate_reduce
+
+    out = {"kernel": gate_reduce.kernel_available() and torch.device(device).type == "cuda"}
+    gen = torch.Generator().manual_seed(0)
+    cases = {"prefill_bf16": ((16, 333, 1000), torch.bfloat16, 1), "chunk_bf16": ((9, 16, 1000), torch.bfloat16, 0),
+             "prefill_fp32": ((4, 77, 300), torch.float32, 1)}
+    for name, (shape, dtype, dim) in cases.items():
+        g = torch.nn.functional.silu(torch.randn(shape, generator=gen) * 3).to(dtype)
+        valid = torch.rand(shape[:2], generator=gen) > 0.2
+        got = []
+        for dev in (device, "cpu"):
+            c = torch.zeros((shape[1 - dim], shape[2]), dtype=torch.int32, device=dev)
+            s, q = c.double(), c.double()
+            gate_reduce.reduce_gates(g.to(dev), valid.to(dev), dim, c, s, q)
+            got.append([t.cpu() for t in (c, s, q)])
+        out[name] = all(bool(torch.equal(a, b)) for a, b in zip(*got, strict=True))
+    return out
 
 
 def profile(run, cuda: bool, rows: int = 30) -> dict:
