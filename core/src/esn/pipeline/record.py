@@ -15,7 +15,7 @@ from esn.errors import EsnError
 from esn.pipeline import convert
 from esn.pipeline.batches import chunks
 from esn.pipeline.data import Source
-from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_json
+from esn.pipeline.files import atomic_write_json, read_json
 from esn.pipeline.parallel import progress_bar
 from esn.pipeline.run import Run
 
@@ -66,9 +66,7 @@ def record(run: Run) -> None:
 
 def _owns(run: Run, stem: str) -> bool:
     """Whether this process writes the store shard ``stem`` ("b<batch>-<seq>")."""
-    if run.shard is None:
-        return True
-    m = re.fullmatch(r"b(\d+)-\d+", stem)
+    m = re.fullmatch(r"b(\d+)-\d+", stem)  # only files named like the ones this stage writes
     return m is not None and run.mine(int(m[1]))
 
 
@@ -94,7 +92,7 @@ def _record(run: Run) -> None:
     # A killed write can leave a tensor file without its sidecar: drop it so shard names stay
     # "b<batch>-000000" and a resumed run writes exactly the files of an uninterrupted one. A shard
     # drops only its own batches' (another shard may be between its two renames).
-    for orphan in st_store.shard_dir.glob("*.safetensors"):
+    for orphan in st_store.shard_dir.glob("b*-*.safetensors"):
         if not orphan.with_suffix(".json").exists() and _owns(run, orphan.stem):
             orphan.unlink()
     with progress_bar(run.console) as bar:
@@ -116,13 +114,10 @@ def _record(run: Run) -> None:
             labels, _ = convert.judge(run, results, reqs)
             records = []
             for a, res, lab in zip(batch, results, labels, strict=True):
-                audio = None
-                if cfg.record.save_audio and res.waveform.size:
-                    audio = convert.audio_name(a.id)
-                    atomic_write_wav(run.rundir.record / audio, res.waveform, res.sample_rate)
+                audio = convert.save_audio(run.rundir.record, a.id, res) if cfg.record.save_audio else {"audio": None}
                 meta = {"source": a.source.id, "speaker": a.source.speaker, "index": a.source.index,
                         "wer": round(wer(a.source.transcript, res.text), 6), "labels": lab,
-                        "label": lab[run.filter_judge], "audio": audio}
+                        "label": lab[run.filter_judge], **audio}
                 records.append({"id": a.id, "emotion": a.target, "transcript": a.source.transcript,
                                 "text": res.text, "meta": meta})
             keep = [i for i, a in enumerate(batch) if a.id not in done]
