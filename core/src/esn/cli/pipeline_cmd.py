@@ -8,21 +8,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rich.text import Text
+
 from esn.cli import ui
 from esn.cli.ui import console
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts such as --threads: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="run configuration (.toml, .json, or .yaml with PyYAML)")
     p.add_argument("--run-dir", type=Path, help="override the config's run_dir")
-    p.add_argument("--threads", type=int, help="torch CPU threads for this process (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads for this process (default: torch's choice)")
 
 
 def _parallel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", metavar="K/N",
                    help="record/evaluate only the batches k with k %% N == K; run K = 0..N-1 at once, on one GPU "
                         "or several (CUDA_VISIBLE_DEVICES), to share the work; they write what one process would")
-    p.add_argument("--workers", type=int, metavar="N",
+    p.add_argument("--workers", type=positive_int, metavar="N",
                    help="run the record and evaluate stages as N processes (--shard 0/N .. N-1/N) and wait for them")
     p.add_argument("--devices", metavar="LIST",
                    help="with --workers: comma-separated CUDA devices the workers take in turn, e.g. 0,1 "
@@ -65,7 +78,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="stage 4: report.md, report.html and figures; --compare: several models")
     report.add_argument("config", type=Path, nargs="?", help="run configuration (not with --compare)")
     report.add_argument("--run-dir", type=Path, help="override the config's run_dir")
-    report.add_argument("--threads", type=int, help="torch CPU threads for this process (default: torch's choice)")
+    report.add_argument("--threads", type=positive_int, help="torch CPU threads for this process (default: torch's choice)")
     _positions(report)
     report.add_argument("--compare", type=Path, nargs="+", metavar="RUN",
                         help="run directories (or their configs) of finished runs: Tables 2 and 3 side by side")
@@ -77,7 +90,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     jev = sub.add_parser("judge-eval", help="each emotion judge's accuracy on labelled ESD clips (paper section 4.1)")
     _common(jev)
     jev.add_argument("--split", default="development", help="ESD split the clips come from (default: development)")
-    jev.add_argument("--per-emotion", type=int, default=100, help="clips per emotion (default: 100, as in the paper)")
+    jev.add_argument("--per-emotion", type=positive_int, default=100, help="clips per emotion (default: 100, as in the paper)")
     jev.add_argument("--judge", action="append", help="only this emotion judge of the config (repeatable)")
     jev.set_defaults(func=cmd_judge_eval)
 
@@ -85,7 +98,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                        "that hears them: prints how many the selectors recover")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (report.md lands here)")
     # Tiny models are launch-bound: one thread is fastest, and immune to oversubscription on busy machines.
-    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    demo.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)")
     demo.set_defaults(func=cmd_demo)
 
     human = sub.add_parser("human", help="human listening study: export a blind kit, import responses")
@@ -94,7 +107,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _common(exp)
     exp.add_argument("--kind", choices=("ab", "labels"), default="ab",
                      help="ab: intervened vs baseline pairs (Figure 8); labels: recorded attempts to label (CAS-H)")
-    exp.add_argument("--per-emotion", type=int, default=None,
+    exp.add_argument("--per-emotion", type=positive_int, default=None,
                      help="trials per target emotion (default: 25 A/B pairs as in the paper; for labels, 2 c clips "
                           "drawn from the WER-passing attempts)")
     exp.add_argument("--out", type=Path, help="kit folder (default: <run_dir>/human/<kind>-kit)")
@@ -124,6 +137,7 @@ def _threads(args) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """``esn run`` and ``esn record|select|evaluate|report``: check the stage and parallelism flags, then run the stages."""
     from esn.errors import EsnError
+    from esn.pipeline import preflight
     from esn.pipeline.parallel import SHARDED_STAGES, parse_shard
     from esn.pipeline.run import load_run
     from esn.pipeline.stages import STAGES, run_stages
@@ -154,19 +168,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console(), shard=shard)
     if getattr(args, "positions", None):
         run.cfg.record.positions = args.positions
-    for stage in stages:
-        ui.progress_console().rule(f"[bold]{stage}" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
-        if workers is not None and workers > 1 and stage in SHARDED_STAGES:
-            with run:  # check the config against the run directory once, not N times
-                pass
-            run_shards(stage, args, run.dir, workers, devices)
-        else:
-            with run:
+    preflight.check(run)  # the whole config, before the first stage (not hours later)
+    with run:  # the run directory stays locked for the whole command, every stage
+        for stage in stages:
+            label = stage + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})")
+            ui.progress_console().rule(Text(label, style="bold"))
+            if workers is not None and workers > 1 and stage in SHARDED_STAGES:
+                with run.rundir.shared():  # the workers are shards of this run: let them in, and only them
+                    run_shards(stage, args, run.dir, workers, devices)
+            else:
                 run_stages(run, [stage])
-    if shard is None and ("evaluate" in stages or "report" in stages):
-        print_summary(run)
+        if shard is None and ("evaluate" in stages or "report" in stages):
+            print_summary(run)
     if "report" in stages:
-        console.print(f"report: [bold]{run.dir / 'report.md'}[/]")
+        console.print(Text.assemble("report: ", (str(run.dir / "report.md"), "bold")))
     return 0
 
 
@@ -190,7 +205,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     for block in compare.compare_blocks(runs):
         if block.kind == "table":
             ui.print_table(rich_table("", block.body))
-    console.print(f"comparison: [bold]{path}[/] (and {path.with_suffix('.html').name})")
+    console.print(Text.assemble("comparison: ", (str(path), "bold"), f" (and {path.with_suffix('.html').name})"))
     return 0
 
 
@@ -203,8 +218,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise EsnError(f"{args.out} exists; use --force to overwrite it")
     path = write_config(args.out, paper=args.paper, adapter=args.adapter, source=args.source,
                         data_root=args.data_root)
-    console.print(f"wrote [bold]{path}[/]{' (the paper preset)' if args.paper else ''}; check model.source and "
-                  f"data.root, then `esn run {path}`")
+    console.print(Text.assemble("wrote ", (str(path), "bold"), " (the paper preset)" if args.paper else "",
+                                f"; check model.source and data.root, then `esn run {path}`"))
     return 0
 
 
@@ -222,7 +237,7 @@ def cmd_judge_eval(args: argparse.Namespace) -> int:
             for name, r in result["judges"].items()]
     title = f"judge accuracy on {result['per_emotion']} labelled ESD clips per emotion ({result['split']})"
     ui.print_table(rich_table(title, {"head": ["judge", "accuracy", *emotions], "rows": rows}))
-    console.print(f"written to [bold]{run.dir / 'judge_eval.json'}[/]; `esn report` shows it")
+    console.print(Text.assemble("written to ", (str(run.dir / "judge_eval.json"), "bold"), "; `esn report` shows it"))
     return 0
 
 
@@ -244,6 +259,11 @@ def worker_env(k: int, n: int, devices: list[str] | None, base: dict[str, str]) 
     return env
 
 
+# The installed esn, whatever the working directory: -P keeps Python from putting the current folder first
+# on sys.path, where an unrelated esn/ package would be imported instead (python -m looks there first).
+ESN_COMMAND = (sys.executable, "-P", "-m", "esn")
+
+
 def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int,
                devices: list[str] | None = None) -> None:
     """Run ``esn <stage> --shard k/n`` for k < n as child processes and wait for all of them.
@@ -257,8 +277,7 @@ def run_shards(stage: str, args: argparse.Namespace, run_dir: Path, n: int,
     procs: list[subprocess.Popen] = []
     try:
         for k in range(n):
-            cmd = [sys.executable, "-m", "esn", stage, str(args.config), "--run-dir", str(run_dir),
-                   "--shard", f"{k}/{n}"]
+            cmd = [*ESN_COMMAND, stage, str(args.config), "--run-dir", str(run_dir), "--shard", f"{k}/{n}"]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             if ui.level != ui.NORMAL:
@@ -318,26 +337,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _threads(args)
     report = run_demo(args.out, console=ui.progress_console())
-    console.print(f"demo report: [bold]{report}[/]")
+    console.print(Text.assemble("demo report: ", (str(report), "bold")))
     return 0
 
 
 def cmd_human_export(args: argparse.Namespace) -> int:
     """``esn human export``: a blind listening kit from a finished run."""
-    from esn.errors import EsnError
     from esn.pipeline import human
     from esn.pipeline.run import load_run
 
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
     out = args.out or run.dir / "human" / f"{args.kind}-kit"
-    if args.per_emotion is not None and args.per_emotion < 1:
-        raise EsnError(f"--per-emotion {args.per_emotion}: need at least 1")
-    if args.kind == "ab":
-        n = human.export_ab(run, out, per_emotion=25 if args.per_emotion is None else args.per_emotion)
-    else:
-        n = human.export_labels(run, out, per_emotion=args.per_emotion)
-    console.print(f"wrote {n} trials to [bold]{out}[/]: raters open {out / 'index.html'} (or `esn human serve {out}`); "
-                  "keep key.csv away from them")
+    with run:  # nothing else writes the run directory meanwhile
+        if args.kind == "ab":
+            n = human.export_ab(run, out, per_emotion=25 if args.per_emotion is None else args.per_emotion)
+        else:
+            n = human.export_labels(run, out, per_emotion=args.per_emotion)
+    console.print(Text.assemble(f"wrote {n} trials to ", (str(out), "bold"), f": raters open {out / 'index.html'} "
+                                f"(or `esn human serve {out}`); keep key.csv away from them"))
     return 0
 
 
@@ -349,11 +366,17 @@ def _human_serve(args: argparse.Namespace) -> int:
 
 def cmd_human_import(args: argparse.Namespace) -> int:
     """``esn human import``: raters' responses back into the run (A/B rates, or labels for CAS-H)."""
-    from esn.pipeline import human
     from esn.pipeline.run import load_run
 
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
     kit = args.kit or run.dir / "human" / f"{args.kind}-kit"
+    with run:  # nothing else writes the run directory meanwhile
+        return _human_import(run, kit, args)
+
+
+def _human_import(run, kit: Path, args: argparse.Namespace) -> int:
+    from esn.pipeline import human
+
     if args.kind == "ab":
         from rich.table import Table
 
@@ -366,5 +389,6 @@ def cmd_human_import(args: argparse.Namespace) -> int:
         console.print(table)
     else:
         path = human.import_labels(run, kit, args.responses)
-        console.print(f"human labels written to [bold]{path}[/]; set filter.human_labels to it for CAS-H")
+        console.print(Text.assemble("human labels written to ", (str(path), "bold"),
+                                    "; set filter.human_labels to it for CAS-H"))
     return 0
