@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from esn.cli import main
 from esn.errors import EsnError
-from esn.files import MAX_NAME_BYTES, atomic_write_bytes, id_to_name, is_temp, name_to_id
+from esn.files import atomic_write_bytes
 from esn.hookpoints import HookPoint, Layout
 from esn.pipeline.config import parse_config
 from esn.pipeline.run import Run
@@ -79,13 +79,15 @@ def test_a_foreign_folder_is_refused_and_left_untouched(tmp_path):
 
 
 def test_reopening_deletes_only_esn_temp_files_in_its_layout(tmp_path):
+    from esn.pipeline.convert import audio_name
+
     run = make_run(tmp_path)
     with run:
         fill_record(run)
     d = run.dir
     keep = [d / ".notes.wav", d / ".scratch.tmp", d / "record" / "audio" / ".take1.wav",
             d / "record" / "shards" / ".b000000-000000.json.tmp", d / "mine" / ".x.json.abcdefgh.esn-tmp",
-            d / "record" / "audio" / (id_to_name(".hidden|happy", ".wav"))]
+            d / "record" / audio_name(".hidden|happy")]  # the wav of an id that starts with a dot
     gone = [d / "record" / "shards" / ".b000001-000000.json.k3j4h5g6.esn-tmp",
             d / "evaluate" / "audio" / ".x%7Chappy.wav.a1b2c3d4.esn-tmp"]
     for path in keep + gone:
@@ -94,8 +96,7 @@ def test_reopening_deletes_only_esn_temp_files_in_its_layout(tmp_path):
     changed = make_run(tmp_path, generation={"max_new_tokens": 5})
     with pytest.raises(EsnError, match="holds record results made with a different configuration"):
         changed.open()  # a refused open, too, touches no file that is not esn's temp file
-    assert all(p.exists() for p in keep) and not any(p.exists() for p in gone)
-    assert not id_to_name(".hidden|happy", ".wav").startswith(".")  # an id's wav is never a hidden file
+    assert [p for p in keep if not p.exists()] == [] and [p for p in gone if p.exists()] == []
 
 
 def test_the_demo_marks_its_folder_before_writing_inputs_into_it(tmp_path):
@@ -253,6 +254,8 @@ def test_esn_run_stops_on_a_bad_split_before_recording(study, capsys):
 @settings(max_examples=300, derandomize=True, deadline=None, database=None)
 @given(st.lists(st.text(min_size=1, max_size=30), min_size=2, max_size=6, unique=True))
 def test_id_to_name_is_injective_reversible_and_safe(ids):
+    from esn.files import id_to_name, is_temp, name_to_id
+
     names = [id_to_name(i, ".wav") for i in ids]
     assert len({n.casefold() for n in names}) == len(ids)  # distinct even on case-insensitive filesystems
     for i, n in zip(ids, names, strict=True):
@@ -261,6 +264,7 @@ def test_id_to_name_is_injective_reversible_and_safe(ids):
 
 
 def test_ids_that_used_to_collide_or_vanish(tmp_path):
+    from esn.files import MAX_NAME_BYTES, id_to_name
     from esn.pipeline.convert import audio_name
 
     assert audio_name("s/1|happy") != audio_name("s_1|happy")
@@ -391,17 +395,20 @@ def test_a_full_or_read_only_disk_is_one_clear_error(tmp_path, read_only, action
 
 
 # -- 9. --workers runs the installed esn, not one in the current folder -----------------------------
-def test_workers_never_import_an_esn_package_from_the_working_directory(tmp_path):
-    from esn import __version__
-    from esn.cli.pipeline_cmd import ESN_COMMAND
+def test_workers_never_import_an_esn_package_from_the_working_directory(tmp_path, monkeypatch):
+    import argparse
 
+    from esn.cli.pipeline_cmd import run_shards
+
+    marker = tmp_path / "impostor-ran"
     (tmp_path / "esn").mkdir()
     (tmp_path / "esn" / "__init__.py").write_text("")
-    (tmp_path / "esn" / "__main__.py").write_text("print('an impostor esn ran')")
-    impostor = subprocess.run([sys.executable, "-m", "esn", "--version"], cwd=tmp_path, capture_output=True, text=True)
-    assert "impostor" in impostor.stdout  # what plain `python -m esn` does in this folder
-    real = subprocess.run([*ESN_COMMAND, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert real.stdout.strip() == f"esn {__version__}", real.stdout + real.stderr
+    (tmp_path / "esn" / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')")
+    monkeypatch.chdir(tmp_path)  # where `python -m esn` would look first
+    args = argparse.Namespace(config=tmp_path / "missing.toml", threads=None)
+    with pytest.raises(EsnError, match="shard 0/1 exited with code 2"):  # the real esn: no such config
+        run_shards("record", args, tmp_path / "run", 1)
+    assert not marker.exists()
 
 
 # -- 10. permissions, checksums, the lock, fsync, strict booleans ------------------------------------
@@ -416,6 +423,7 @@ def test_files_get_the_permissions_the_umask_gives(tmp_path, umask, mode):
 
 
 def test_wav_csv_and_png_writes_are_fsynced(tmp_path, monkeypatch):
+    from esn.files import is_temp
     from esn.filtering import filter_attempts
     from esn.pipeline import plots
     from esn.pipeline.files import atomic_write_wav
@@ -464,23 +472,22 @@ def test_a_damaged_evaluation_batch_is_done_again_not_fatal(tmp_path):
     assert "is damaged and will be computed again" in str(caught[0].message)
 
 
-def test_the_run_lock_is_held_for_the_whole_command(tmp_path, monkeypatch):
-    from esn.pipeline import preflight, stages
+def test_the_run_lock_is_held_for_the_whole_command(study, monkeypatch):
+    from esn.pipeline import stages
 
     seen = []
 
-    def probe(run):
+    def probe(run):  # each stage: the same lock, and no other process gets in
         seen.append(run.rundir._lock)
         with pytest.raises(EsnError, match="another esn process is using run directory"):
-            make_run(tmp_path).open()
+            make_run(study, data=SPLITS).open()
 
-    monkeypatch.setattr(preflight, "check", lambda run: None)  # no model, no data: only the stages' order
-    monkeypatch.setattr(stages, "RUNNERS", dict.fromkeys(stages.STAGES, probe))
-    cfg = tmp_path / "study.json"
-    cfg.write_text(json.dumps(config(tmp_path)))
+    monkeypatch.setattr(stages, "RUNNERS", dict.fromkeys(stages.STAGES, probe))  # no model: the stages' frame only
+    cfg = study / "study.json"
+    cfg.write_text(json.dumps(config(study, data=SPLITS)))
     assert main(["run", str(cfg)]) == 0
     assert len(seen) == 4 and seen[0] is not None and all(lock is seen[0] for lock in seen)
-    make_run(tmp_path).open().close()  # released at the end
+    make_run(study, data=SPLITS).open().close()  # released at the end
 
 
 def test_worker_shards_get_in_while_the_parent_shares_the_lock(tmp_path):

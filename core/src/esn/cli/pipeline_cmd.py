@@ -35,7 +35,7 @@ def _parallel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", metavar="K/N",
                    help="record/evaluate only the batches k with k %% N == K; run K = 0..N-1 at once, on one GPU "
                         "or several (CUDA_VISIBLE_DEVICES), to share the work; they write what one process would")
-    p.add_argument("--workers", type=positive_int, metavar="N",
+    p.add_argument("--workers", type=int, metavar="N",
                    help="run the record and evaluate stages as N processes (--shard 0/N .. N-1/N) and wait for them")
     p.add_argument("--devices", metavar="LIST",
                    help="with --workers: comma-separated CUDA devices the workers take in turn, e.g. 0,1 "
