@@ -37,18 +37,6 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def check_device(device: str) -> str:
-    """``device`` if it names a torch device this machine has (a zero-size tensor is made on it), else EsnError."""
-    import torch
-
-    try:
-        torch.empty(0, device=torch.device(device))
-    except Exception as exc:  # RuntimeError (bad name, no such index), AssertionError (torch built without CUDA)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EsnError(f"device {device!r} cannot be used on this machine ({first})") from None
-    return device
-
-
 _FLAG_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 

@@ -114,6 +114,7 @@ def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:
 
 # -- checksums ----------------------------------------------------------------------------------------
 def sha256(data: bytes) -> str:
+    """The sha256 of ``data`` as 64 hex digits (what manifests, records and file metadata store)."""
     return hashlib.sha256(data).hexdigest()
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import pydantic
 
 from esn.emotions import EMOTIONS
 from esn.errors import EsnError
@@ -65,6 +64,8 @@ class Judge(abc.ABC):
         if unknown:
             raise EsnError(f"judge {cls.name!r}: unknown option(s) {', '.join(unknown)} "
                            f"(known: {', '.join(params) or 'none'})")
+        import pydantic  # here, not at the top: listing plugins imports this module
+
         try:
             hints = typing.get_type_hints(cls.load)
         except Exception:  # an annotation that does not resolve: leave the values to load()

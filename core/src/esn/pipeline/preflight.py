@@ -8,7 +8,7 @@ option found after hours of recording would waste them; found here it costs a se
 
 from __future__ import annotations
 
-from esn.adapters import check_device
+from esn.devices import check_device
 from esn.errors import EsnError
 from esn.pipeline.run import Run
 
