@@ -11,18 +11,8 @@ from pathlib import Path
 from rich.text import Text
 
 from esn.cli import ui
+from esn.cli.argtypes import positive_int
 from esn.cli.ui import console
-
-
-def positive_int(text: str) -> int:
-    """argparse type of counts such as --threads: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -168,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console(), shard=shard)
     if getattr(args, "positions", None):
         run.cfg.record.positions = args.positions
-    preflight.check(run)  # the whole config, before the first stage (not hours later)
+    preflight.check(run, stages)  # all these stages need, before the first one (not hours later)
     with run:  # the run directory stays locked for the whole command, every stage
         for stage in stages:
             label = stage + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})")

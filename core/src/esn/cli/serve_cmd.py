@@ -9,8 +9,8 @@ from pathlib import Path
 
 from rich.text import Text
 
+from esn.cli.argtypes import positive_int
 from esn.cli.model_cmd import _model_args, check_model_args, load_adapter
-from esn.cli.pipeline_cmd import positive_int
 from esn.cli.ui import note
 from esn.errors import EsnError
 
