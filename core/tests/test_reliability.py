@@ -234,6 +234,16 @@ def test_preflight_passes_a_good_config(study):
     preflight.check(make_run(study, data=SPLITS))
 
 
+def test_select_and_report_need_no_model_judge_or_device(study):
+    """A stage command checks what its stages use: select and report run where the GPU run's model is not."""
+    from esn.pipeline import preflight
+
+    run = make_run(study, data=SPLITS, model={"device": "cuda:7"}, judges={"emotion": [{"name": "sentiment9000"}]})
+    preflight.check(run, ["select", "report"])
+    with pytest.raises(EsnError, match=r"judges\.emotion\[0\]\.name: unknown judge"):
+        preflight.check(run, ["evaluate"])
+
+
 def test_selector_names_come_from_the_registry(tmp_path):
     with pytest.raises(EsnError, match=r"sweep.selectors: unknown selector 'lapee'"):
         parse_config(config(tmp_path, sweep={"selectors": ["cas", "lapee"]}))
