@@ -69,13 +69,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("config", type=Path, nargs="?", help="run configuration (not with --compare)")
     report.add_argument("--run-dir", type=Path, help="override the config's run_dir")
     report.add_argument("--threads", type=positive_int, help="torch CPU threads for this process (default: torch's choice)")
+    _parallel(report)  # refused with a clear message, as for select (it runs as one process)
     _positions(report)
     report.add_argument("--compare", type=Path, nargs="+", metavar="RUN",
                         help="run directories (or their configs) of finished runs: Tables 2 and 3 side by side")
     report.add_argument("--names", help="with --compare: comma-separated column names, one per RUN")
     report.add_argument("--out", type=Path, default=Path("compare.md"),
                         help="with --compare: the Markdown file to write (HTML next to it)")
-    report.set_defaults(func=cmd_report, stages="report", shard=None, workers=None, devices=None)
+    report.set_defaults(func=cmd_report, stages="report")
 
     jev = sub.add_parser("judge-eval", help="each emotion judge's accuracy on labelled ESD clips (paper section 4.1)")
     _common(jev)
@@ -184,6 +185,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.config is None:
             raise EsnError("esn report needs a run configuration, or --compare RUN RUN ...")
         return cmd_run(args)
+    if args.shard is not None or args.workers is not None:
+        raise EsnError("esn report --compare runs as one process: it takes no --shard or --workers")
     if args.config is not None:
         raise EsnError("esn report --compare takes run directories only: give the config's run directory to "
                        "--compare with the others")
