@@ -229,8 +229,8 @@ def test_workers_are_torchrun_ranks(tmp_path):
     args = build_parser().parse_args(["run", "s.toml", "--workers", "4", "--devices", "0,1", "--max-restarts", "3",
                                       "--threads", "2"])
     cmd, env = workers_command(args, ["record", "select"], tmp_path, 4, ["0", "1"], {"PATH": "/bin"})
-    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                   "--max-restarts=3", "-m", "esn", "run", "s.toml", "--run-dir", str(tmp_path), "--stages",
+    assert cmd == [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                   "--max-restarts=3", "--no-python", sys.executable, "-P", "-m", "esn", "run", "s.toml", "--run-dir", str(tmp_path), "--stages",
                    "record,select", "--threads", "2", "--ranks-per-gpu", "2"]  # four workers on two GPUs
     assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}
     args = build_parser().parse_args(["record", "s.toml", "--workers", "2", "--resize"])

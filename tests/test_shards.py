@@ -115,7 +115,7 @@ def test_locks_admit_shards_of_one_n_and_config_only(study, tmp_path):
         return load_run(config, run_dir=run_dir, shard=None if k is None else (k, n))
 
     first = shard(0).open()
-    leftover = run_dir / "evaluate" / "batches" / ".000001.json.x1.tmp"  # as if another shard were writing it
+    leftover = run_dir / "evaluate" / "batches" / ".000001.json.k2x9q0ab.esn-tmp"  # as if another shard were writing it
     leftover.parent.mkdir(parents=True)
     leftover.write_text("half")
     with pytest.raises(EsnError, match="shard 0/2 is already running"):

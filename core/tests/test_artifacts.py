@@ -126,9 +126,31 @@ def test_edited_metadata_is_caught(tmp_path):
     with pytest.raises(EsnError, match=r"emo.safetensors: tensors .* do not match the emotions"):
         load_masks(rewrite("emo.safetensors", emotions=["happy"]))
     bad = dict(tensors, **{"mask.happy": np.array([3, 99], np.int64)})
-    safetensors.numpy.save_file(bad, tmp_path / "range.safetensors", metadata={"esn": json.dumps(meta)})
+    safetensors.numpy.save_file(bad, tmp_path / "edited.safetensors", metadata={"esn": json.dumps(meta)})
+    with pytest.raises(EsnError, match=r"edited.safetensors: the tensors do not match the checksum"):
+        load_masks(tmp_path / "edited.safetensors")
+    # a file without a checksum (written by esn < 0.2) still gets every other check
+    old = {k: v for k, v in meta.items() if k != "sha256"}
+    safetensors.numpy.save_file(bad, tmp_path / "range.safetensors", metadata={"esn": json.dumps(old)})
     with pytest.raises(EsnError, match=r"range.safetensors: mask.happy: mask index out of range 0..15"):
         load_masks(tmp_path / "range.safetensors")
+
+
+def test_a_flipped_byte_in_the_tensor_data_is_caught(tmp_path):
+    """A bit flip in the data section leaves a parseable safetensors file: only the checksum sees it."""
+
+    stats = ActivationStats(["happy", "sad"], LAYOUT, np.array([[1, 2] * 8, [0, 1] * 8], np.int64),
+                            np.array([[4, 4], [2, 2]], np.int64), np.array([1, 1], np.int64))
+    for name, save, load, obj in (("m.safetensors", save_masks, load_masks, maskset()),
+                                  ("s.safetensors", save_stats, load_stats, stats)):
+        path = tmp_path / name
+        save(path, obj)
+        load(path)
+        blob = bytearray(path.read_bytes())
+        blob[-3] ^= 0x01  # inside the last tensor's bytes
+        path.write_bytes(bytes(blob))
+        with pytest.raises(EsnError, match=rf"{name}: the tensors do not match the checksum"):
+            load(path)
 
 
 def test_metadata_must_be_json(tmp_path):

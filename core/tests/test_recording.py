@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from esn.adapters import StreamSpec
@@ -105,6 +107,31 @@ def test_solo_run_equals_plain_hook_reference(model, strategy, chunk):
     assert stats.tokens[0, 0] == len(PROMPTS[1]) + NEW - 1  # the last token is never fed back
     torch.testing.assert_close(stats.sums[0], ref["sums"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(stats.sumsq[0], ref["sumsq"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bf16_gates_give_the_float64_reference(model, overlap):
+    """Low-precision gates, as on accelerators: padding zeroed in bf16, moments summed in float64."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ref = _reference(half, PROMPTS[1])
+    with GateRecorder(_target(half), chunk_steps=3, overlap=overlap) as rec:
+        _generate(half, [PROMPTS[1]])
+    stats = rec.stats()
+    assert torch.equal(stats.counts[0], ref["counts"]) and torch.equal(stats.tokens[0], ref["tokens"])
+    torch.testing.assert_close(stats.sums[0], ref["sums"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.sumsq[0], ref["sumsq"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["chunk", "ref"])
+def test_overlap_gives_the_same_statistics_bit_for_bit(model, strategy):
+    """overlap=True (on CPU: the two-half chunk buffers, no side stream) changes no bit of a padded batch."""
+    runs = []
+    for overlap in (False, True):
+        with GateRecorder(_target(model), strategy=strategy, chunk_steps=3, overlap=overlap) as rec:
+            _generate(model, PROMPTS)
+        runs.append(rec.stats())
+    for name in ("counts", "tokens", "sums", "sumsq"):
+        assert torch.equal(getattr(runs[0], name), getattr(runs[1], name)), name
 
 
 @pytest.mark.parametrize("strategy,chunk", STRATEGIES)
@@ -246,6 +273,7 @@ def test_batch_stats_concat_and_select_rows(model):
     assert arrays["counts"].dtype.name == "int32" and arrays["sums"].dtype.name == "float64"
     per_neuron = both.tokens_per_neuron()
     assert per_neuron.shape == both.counts.shape and (both.counts <= per_neuron).all()
+    assert BatchStats.concat([a]) is a  # one batch: no copy of its statistics
 
 
 def test_user_mistakes_give_clear_errors(model):
@@ -254,6 +282,8 @@ def test_user_mistakes_give_clear_errors(model):
         GateRecorder(target, positions="prompt")
     with pytest.raises(EsnError, match="strategy"):
         GateRecorder(target, strategy="fast")
+    with pytest.raises(EsnError, match="overlap"):
+        GateRecorder(target, overlap="yes")
     rec = GateRecorder(target)
     with pytest.raises(EsnError, match="after the with-block"):
         with rec:

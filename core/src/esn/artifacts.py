@@ -20,7 +20,7 @@ import numpy as np
 import safetensors.numpy
 
 from esn.errors import EsnError
-from esn.files import atomic_write_bytes
+from esn.files import atomic_write_bytes, read_bytes, tensor_digest
 from esn.hookpoints import Layout
 from esn.masks import Mask
 from esn.statistics import ActivationStats
@@ -63,12 +63,13 @@ class MaskSet:
             raise EsnError(f"no mask for emotion {emotion!r} (masks for: {', '.join(self.masks)})") from None
 
 
-def _header(kind: str, layout: Layout, meta: dict, extra: dict) -> dict[str, str]:
+def _header(kind: str, layout: Layout, meta: dict, extra: dict, tensors: dict[str, np.ndarray]) -> dict[str, str]:
     from esn import __version__
 
-    # esn's own fields win over same-named caller keys (e.g. meta read back from an older file)
+    # esn's own fields win over same-named caller keys (e.g. meta read back from an older file);
+    # sha256 covers the tensors (names, dtypes, shapes, bytes): damage to the data is caught on loading
     body = {**dict.fromkeys(PROVENANCE), **meta, "format": kind, "esn_version": __version__,
-            **layout_to_dict(layout), **extra}
+            **layout_to_dict(layout), **extra, "sha256": tensor_digest(tensors)}
     try:
         return {"esn": json.dumps(body, allow_nan=False)}
     except (TypeError, ValueError) as exc:
@@ -78,12 +79,7 @@ def _header(kind: str, layout: Layout, meta: dict, extra: dict) -> dict[str, str
 def _read(path: str | os.PathLike, *kinds: str) -> tuple[Path, dict, dict[str, np.ndarray]]:
     """Tensors and the esn metadata of ``path``; every kind of damage is an EsnError naming the file."""
     path = Path(path)
-    try:
-        blob = path.read_bytes()
-    except FileNotFoundError:
-        raise EsnError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise EsnError(f"{path}: cannot read ({exc})") from None
+    blob = read_bytes(path)
     try:
         (n,) = struct.unpack("<Q", blob[:8])
         header = json.loads(blob[8:8 + n]) if 8 + n <= len(blob) else None
@@ -98,6 +94,9 @@ def _read(path: str | os.PathLike, *kinds: str) -> tuple[Path, dict, dict[str, n
         raise EsnError(f"{path}: a safetensors file without esn metadata; not an esn artifact") from None
     if meta.get("format") not in kinds:
         raise EsnError(f"{path}: holds {meta.get('format')!r}, expected {' or '.join(map(repr, kinds))}")
+    if "sha256" in meta and meta["sha256"] != tensor_digest(tensors):  # files of esn < 0.2 carry none
+        raise EsnError(f"{path}: the tensors do not match the checksum in the file's metadata: the file is damaged "
+                       "or was edited (`esn select` writes statistics and masks again)")
     return path, meta, tensors
 
 
@@ -111,7 +110,7 @@ def _layout(path: Path, meta: dict, layout: Layout | None) -> Layout:
 
 def _provenance(meta: dict) -> dict:
     """The caller-facing metadata of a file: everything but what esn derives from the file itself."""
-    return {k: v for k, v in meta.items() if k not in {"format", "fingerprint", "hook_points", "emotions"}}
+    return {k: v for k, v in meta.items() if k not in {"format", "fingerprint", "hook_points", "emotions", "sha256"}}
 
 
 # --- masks -------------------------------------------------------------------------------------------
@@ -135,7 +134,7 @@ def save_masks(path: str | os.PathLike, masks: MaskSet | Mapping[str, np.ndarray
         if mask.layout != masks.layout:
             raise EsnError(f"the mask for {emotion!r} is over another layout than the mask set")
         tensors[f"mask.{emotion}"] = np.ascontiguousarray(mask.indices, dtype=np.int64)
-    header = _header(MASKS_FORMAT, masks.layout, masks.meta, {"emotions": list(masks.masks)})
+    header = _header(MASKS_FORMAT, masks.layout, masks.meta, {"emotions": list(masks.masks)}, tensors)
     atomic_write_bytes(Path(path), safetensors.numpy.save(tensors, metadata=header))
 
 
@@ -168,7 +167,8 @@ def save_stats(path: str | os.PathLike, stats: ActivationStats, *, meta: Mapping
                "n_attempts": stats.n_attempts.astype(np.int64)}
     if stats.S is not None:
         tensors |= {"S": stats.S.astype(np.float64), "SS": stats.SS.astype(np.float64)}
-    header = _header(STATS_FORMAT, stats.layout, {**stats.meta, **(meta or {})}, {"emotions": list(stats.emotions)})
+    header = _header(STATS_FORMAT, stats.layout, {**stats.meta, **(meta or {})}, {"emotions": list(stats.emotions)},
+                     tensors)
     atomic_write_bytes(Path(path), safetensors.numpy.save(tensors, metadata=header))
 
 

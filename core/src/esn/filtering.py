@@ -10,6 +10,7 @@ generating again.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 
 from esn.emotions import EMOTIONS, normalize_emotion
 from esn.errors import EsnError
+from esn.files import atomic_write_bytes
 from esn.selection import emotion_seed
 from esn.store import AttemptRecord
 from esn.wer import wer
@@ -59,12 +61,17 @@ class FilterResult:
             row[v.reason] += 1
         return out
 
+    def csv_text(self) -> str:
+        """The verdicts as CSV: a header, then one row per attempt."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(Verdict.__dataclass_fields__), lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(asdict(v) for v in self.verdicts)
+        return buf.getvalue()
+
     def write_csv(self, path: str | os.PathLike) -> None:
-        """Write one row per verdict (every ``Verdict`` field) to a CSV file."""
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(Verdict.__dataclass_fields__))
-            writer.writeheader()
-            writer.writerows(asdict(v) for v in self.verdicts)
+        """Write the verdicts CSV atomically (temp file, fsync, rename)."""
+        atomic_write_bytes(path, self.csv_text().encode("utf-8"))
 
 
 def cap_sample(ids: Iterable[str], cap: int | None, *, seed: int, emotion: str) -> list[str]:

@@ -19,18 +19,23 @@ in every later call (decode) the rows that have not yet *fed* one of ``stop_toke
 would have stopped, so those positions are padding. A batch of one row is never padded in decode (its
 generation stops when it stops). A stream without a spec counts every position.
 
-Statistics stay on the device; hooks never synchronise. Two strategies, same counts:
+Statistics stay on the device; hooks never synchronise. On CUDA every reduction runs on a side stream
+of the recorder's (``_Lane``), so it overlaps the model's next kernels instead of delaying them; the
+inputs it reads are protected (``record_stream``, events) until it has read them. Strategies, same counts:
 
 * ``"chunk"`` (default): each decode step costs one copy kernel per hook point, into a preallocated
-  ``[chunk_steps, batch, d_mlp]`` buffer in the gate's own dtype; a full chunk is reduced at once.
+  ``[chunk_steps, batch, d_mlp]`` buffer in the gate's own dtype; a full chunk is reduced at once. On
+  CUDA the buffer has two halves of ``chunk_steps``: inside ``esn.decode`` the steps fill one while the
+  side stream reduces the other.
 * ``"ref"``: no kernel at all per decode step: the hook keeps a reference to the gate tensor and the
   chunk is concatenated and reduced when full. Same memory as ``"chunk"``. The gate must not be modified
   in place after the hook (checked through the tensor's version counter, except under inference_mode).
 * ``"step"``: the straightforward per-step reduction (compare, mask, add; more with moments).
 
-Float accumulation order (sums only; counts and tokens are exact): every gate value is converted to
-float64 first; prefill positions are summed in slices of positions, decode steps one chunk (``"chunk"``)
-or one step (``"step"``) at a time, each partial sum added to the running float64 total.
+Float accumulation order (sums only; counts and tokens are exact): every gate value is exact in float64,
+and so is its square. A prefill's positions, or a chunk's decode steps (``"chunk"``, ``"ref"``), are added
+one after another to a partial sum, which is added to the running float64 total (``esn.gate_reduce``: a
+Triton kernel on CUDA, torch ops elsewhere, the same bits); ``"step"`` adds every step to the total.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from esn import gate_reduce
 from esn.errors import EsnError
+from esn.gate_reduce import reduce_gates
 from esn.hookpoints import HookPoint, Layout
 from esn.hooks import installed
 from esn.routing import RoutedPoint, recorder_hooks
@@ -55,8 +62,58 @@ STRATEGIES: tuple[str, ...] = ("chunk", "ref", "step")
 # Decode-chunk buffers of all hook points together stay under this many bytes (chunk_steps=None).
 CHUNK_BUDGET_BYTES = 256 * 2**20
 MAX_CHUNK_STEPS = 64
-# Prefill moments are summed over slices of positions so the float64 copy stays this small.
-_SLICE_BYTES = 64 * 2**20
+
+
+class _Lane:
+    """Where a recorder's reductions run: with ``overlap`` on CUDA a side stream, so they overlap the model's
+    own kernels; and how many chunks a decode-chunk buffer holds (``halves``: 2 with ``overlap``, so
+    decode steps fill one while the other is reduced).
+
+    ``run(*inputs)`` is a context: the side stream first waits for what the current stream has queued (so
+    it reads finished gates), then runs the block; ``inputs`` (tensors made on the current stream) are
+    marked as used by it, so the allocator does not hand their memory out before it has read them.
+    ``join()`` makes the current stream wait for every reduction issued so far. Without a stream (CPU, or
+    ``overlap=False``) both do nothing and reductions run in order on the current stream.
+    """
+
+    def __init__(self, overlap: bool | None) -> None:
+        self.overlap = overlap  # None: on CUDA
+        self.stream: torch.cuda.Stream | None = None
+        self.halves = 1
+
+    def attach(self, device: torch.device) -> None:
+        on = device.type == "cuda" if self.overlap is None else self.overlap
+        self.halves = 2 if on else 1
+        if on and device.type == "cuda" and self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+
+    @property
+    def overlaps(self) -> bool:
+        return self.stream is not None
+
+    @contextlib.contextmanager
+    def run(self, *inputs: torch.Tensor | None):
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            yield
+        for t in inputs:
+            if t is not None:
+                t.record_stream(self.stream)
+
+    def event(self) -> torch.cuda.Event | None:
+        """An event after the reductions issued so far (None on CPU)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
 
 @dataclass
@@ -125,6 +182,8 @@ class BatchStats:
         if not parts:
             raise EsnError("BatchStats.concat needs at least one batch")
         first = parts[0]
+        if len(parts) == 1:  # nothing to stack: no copy of a batch's (large) statistics
+            return first
         for p in parts[1:]:
             if p.layout != first.layout:
                 raise EsnError("cannot concatenate statistics recorded on different hook-point layouts")
@@ -180,14 +239,18 @@ class _Root:
         path: str,
         stop_ids: Sequence[int],
         positions: str,
-        chunk_fn: Callable[[int], int | None],
+        chunk_fn: Callable[[int, int], int | None],
         implicit: bool,
+        lane: _Lane,
     ):
         self.path = path
+        self.lane = lane  # the recorder's: where reductions run
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.positions = positions
-        self.chunk_fn = chunk_fn  # batch -> decode steps per chunk (chunk strategy), or None
+        self.chunk_fn = chunk_fn  # (batch, halves) -> decode steps per chunk (chunk strategy), or None
         self.chunk: int | None = None
+        self.halves = 1  # chunk buffers hold this many chunks: 2 with overlap (fill one, reduce the other)
+        self.freed: list[torch.cuda.Event | None] = []  # per half: its last reduction has read it
         self.implicit = implicit  # no spec: driven by the hook point itself, every position real
         self.calls = 0
         self.batch: int | None = None
@@ -195,7 +258,7 @@ class _Root:
         self.pos = 0  # positions in this call
         self.valid: torch.Tensor | None = None  # [B, pos] bool for "dense"; None = all real
         self.slot = -1  # chunk slot of this decode step
-        self.valid_buf: torch.Tensor | None = None  # [chunk, B] bool, per decode slot
+        self.valid_buf: torch.Tensor | None = None  # [halves * chunk, B] bool, per decode slot
         self.valid_slots: list[torch.Tensor] = []  # its [B] rows, made once
         self.finished: torch.Tensor | None = None  # [B] bool: row has fed a stop token
         self.stop: torch.Tensor | None = None
@@ -204,22 +267,35 @@ class _Root:
         self.tokens_all = 0  # positions counted in calls where every row was real
         self.prompt: tuple[int, torch.Tensor | None] = (0, None)  # (tokens_all, tokens_dev) after the prefill
         self.followers: list[Callable] = []  # substeps (esn.substeps): told each step's real rows [B]
+        # Graph-aware decode (esn.decode): set from decode_begin to decode_end.
+        self.engine: Any = None  # the decoder's DecodeState: its step counter and "running" flag
+        self.points: list[_Point] = []  # the hook points this root counts for
+        self.slot_dev: torch.Tensor | None = None  # [1] int64: this step's slot (step % (halves * chunk))
+        self.valid_col: torch.Tensor | None = None  # [B, 1] bool: this step's real rows ("step" strategy)
+        self.base_calls = 0
 
-    def tokens(self, batch: int, *, prompt: bool = False) -> torch.Tensor:
-        """``[batch]`` positions counted so far (``prompt=True``: in the prefill only)."""
+    def tokens(self, batch: int, device=None, *, prompt: bool = False) -> torch.Tensor:
+        """``[B]`` int64 on ``device`` (CPU by default): positions counted per row (``prompt=True``: in the
+        prefill only)."""
         every, dev = self.prompt if prompt else (self.tokens_all, self.tokens_dev)
-        out = torch.full((batch,), every, dtype=torch.int64)
-        if dev is not None:
-            out += dev.cpu()
-        return out
+        if dev is None:
+            return torch.full((batch,), every, dtype=torch.int64, device=device)
+        return dev.to(device) + every
 
     def begin(self, input_ids: torch.Tensor | None, mask: Any, pos: int, batch: int, device) -> None:
         """Decide this call's real positions. Only shapes are inspected on the host: no sync."""
+        if self.engine is not None:  # a step inside esn.decode: device-side bookkeeping only
+            self.pos = pos
+            self._step_on_device(input_ids)
+            return
         prefill = self.calls == 0
         self.calls += 1
         if prefill:
             self.batch = batch
-            self.chunk = self.chunk_fn(batch)
+            self.lane.attach(torch.device(device))
+            self.halves = self.lane.halves
+            self.freed = [None] * self.halves
+            self.chunk = self.chunk_fn(batch, self.halves)
             self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
             self.masked_decode = batch > 1 and bool(self.stop_ids) and not self.implicit
             if self.masked_decode:
@@ -247,8 +323,7 @@ class _Root:
                 self.mode = "slot"
                 self.slot = self.slot + 1 if self.slot + 1 < self.chunk else 0
                 if self.valid_buf is None:
-                    self.valid_buf = torch.empty((self.chunk, batch), dtype=torch.bool, device=device)
-                    self.valid_slots = list(self.valid_buf.unbind(0))
+                    self._allocate_valid(device)
                 torch.logical_or(self.finished, torch.isin(input_ids[:, -1], self.stop), out=self.finished)
                 self._count(torch.logical_not(self.finished, out=self.valid_slots[self.slot]))  # [B]
                 self._tell(self.valid_slots[self.slot])
@@ -278,6 +353,93 @@ class _Root:
         if self.tokens_dev is None:
             self.tokens_dev = torch.zeros(self.batch, dtype=torch.int64, device=n.device)
         self.tokens_dev.add_(n)
+
+    # -- graph-aware decode (esn.decode) ------------------------------------------------------------
+    # Inside a decoder every step may be a CUDA-graph replay, which runs no Python: the chunk slot, the
+    # "finished" flags and the token counts live on the device, written in place at static addresses;
+    # the host flushes full chunks between steps (decode_step) and the rest at the end (decode_end).
+    # A row is real at a step if it has not fed a stop token and the step is one generate would run
+    # (state.running): the few steps a decoder runs past the end count nowhere.
+
+    def decode_begin(self, state: Any, points: list[_Point]) -> None:
+        if self.calls == 0:
+            raise EsnError(f"stream root {self.path!r}: decoding began before its prefill ran through the root")
+        if state.batch != self.batch:
+            raise EsnError(f"stream root {self.path!r}: decoding batch {state.batch} after a prefill of batch {self.batch}")
+        device = state.device
+        self.engine, self.points, self.base_calls = state, points, self.calls
+        for p in points:
+            p.base_calls = p.calls
+        if self.stop is None and self.stop_ids and not self.implicit:  # tracked at batch 1 too: steps past the end
+            self.stop = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
+        if self.tokens_dev is None:
+            self.tokens_dev = torch.zeros(self.batch, dtype=torch.int64, device=device)
+        if self.chunk:
+            if self.valid_buf is None:
+                self._allocate_valid(device)
+            self.slot_dev = torch.zeros(1, dtype=torch.long, device=device)
+        else:
+            self.valid_col = torch.empty((self.batch, 1), dtype=torch.bool, device=device)
+            self.lane.join()  # "step" accumulates inside the step, on the current stream: after the prefill's
+
+    def _allocate_valid(self, device) -> None:
+        self.valid_buf = torch.empty((self.halves * self.chunk, self.batch), dtype=torch.bool, device=device)
+        self.valid_slots = list(self.valid_buf.unbind(0))
+
+    def _step_on_device(self, input_ids: torch.Tensor | None) -> None:
+        s = self.engine
+        if self.stop is not None and input_ids is not None:
+            torch.logical_or(self.finished, (input_ids[:, -1:] == self.stop).any(-1), out=self.finished)
+        valid = torch.logical_and(torch.logical_not(self.finished), s.running)  # [B]
+        if self.chunk:
+            self.mode = "slot"
+            torch.remainder(s.step, self.halves * self.chunk, out=self.slot_dev)
+            self.valid_buf.index_copy_(0, self.slot_dev, valid.unsqueeze(0))
+        else:
+            self.mode = "step"
+            self.valid_col.copy_(valid.unsqueeze(1))
+        self.tokens_dev.add_(valid)
+
+    def decode_step(self, done: int) -> None:
+        if not self.chunk or done % self.chunk:
+            return
+        half = (done // self.chunk - 1) % self.halves  # the half the last `chunk` steps filled
+        self._flush_half(half, self.chunk)
+        # The next steps overwrite the other half: not before its last reduction has read it (long done).
+        nxt = self.freed[(half + 1) % self.halves]
+        if nxt is not None and self.lane.stream is not None:
+            torch.cuda.current_stream(self.lane.stream.device).wait_event(nxt)
+
+    def _flush_half(self, half: int, steps: int) -> None:
+        for p in self.points:
+            p.pending = steps
+            p.flush(start=half * self.chunk)
+        self.freed[half] = self.lane.event()
+
+    def decode_end(self, done: int) -> None:
+        rest = done % self.chunk if self.chunk else 0
+        if rest:
+            self._flush_half((done // self.chunk) % self.halves, rest)
+        for p in self.points:
+            p.calls = p.base_calls + done  # the hooks ran once per capture, not once per replay
+        self.calls = self.base_calls + done
+        self.engine, self.points = None, []
+
+    @property
+    def graph_key(self) -> tuple:
+        return ("esn.recorder.root", self.batch, self.chunk, self.halves, 0 if self.stop is None else len(self.stop_ids))
+
+    def graph_state(self) -> tuple:
+        return (self.finished, self.stop, self.tokens_dev, self.valid_buf, self.slot_dev, self.valid_col)
+
+    def graph_adopt(self, state: tuple) -> None:
+        finished, stop, tokens_dev, self.valid_buf, self.slot_dev, self.valid_col = state
+        self.finished = finished.copy_(self.finished)
+        self.tokens_dev = tokens_dev.copy_(self.tokens_dev)
+        if stop is not None:
+            self.stop = stop.copy_(self.stop)
+        if self.valid_buf is not None:
+            self.valid_slots = list(self.valid_buf.unbind(0))
 
 
 def _prefill_valid(mask: Any, pos: int, root: str) -> torch.Tensor | None:
@@ -319,15 +481,17 @@ class _Point:
         self.sums: torch.Tensor | None = None  # [B, D] float64
         self.sumsq: torch.Tensor | None = None
         self.prompt_counts: torch.Tensor | None = None  # [B, D] int32: counts right after the prefill
-        self.buf: torch.Tensor | None = None  # [chunk, B, 1, D], gate dtype ("chunk")
+        self.buf: torch.Tensor | None = None  # [halves * chunk, B, 1, D], gate dtype ("chunk")
         self.slots: list[
             torch.Tensor
         ] = []  # buf's [B, 1, D] views, made once: indexing costs more than copying
         self.refs: list[torch.Tensor] = []  # the gates themselves, [B, 1, D] each ("ref")
         self.versions: list[int] | None = None  # their version counters, to detect in-place edits
         self.pending = 0  # filled chunk slots not yet reduced
+        self.base_calls = 0
+        self.decode_listener: Any = None  # the GateRecorder (esn.decode tells it about steps)
 
-    def hook(self, module, args, g: torch.Tensor) -> None:
+    def __call__(self, module, args, g: torch.Tensor) -> None:
         # g: [batch, pos, d_mlp], the post-SiLU gate.
         root = self.root
         if self.hp.flat:  # [batch * pos, d_mlp], tokens flattened inside a MoE block (a shared expert)
@@ -336,11 +500,17 @@ class _Point:
             _check_rank(self.hp, g)
             root.begin(None, None, g.shape[1], g.shape[0], g.device)
         self.calls += 1
-        if root.mode == "skip":
-            return
         if g.shape[1] != root.pos or self.counts is None:
             self._check(g)
-            self._allocate(g)
+            self._allocate(g)  # also when skipped: a graph-aware decode needs the buffers before its steps
+        if root.mode == "skip":
+            return
+        if root.engine is not None:  # a step inside esn.decode (maybe captured): no host-side state
+            if self.buf is not None:
+                self.buf.index_copy_(0, root.slot_dev, g.unsqueeze(0))  # [S, B, 1, D] <- [1, B, 1, D]
+            else:
+                self._reduce_step(g[:, 0], root.valid_col)
+            return
         if root.mode == "slot":
             if self.buf is not None:
                 self.slots[root.slot].copy_(g)  # the one kernel of a decode step
@@ -351,11 +521,25 @@ class _Point:
             self.pending = root.slot + 1
             if self.pending == root.chunk:
                 self.flush()
+                root.lane.join()  # the next step overwrites the slots just reduced
         elif self.strategy == "step" and g.shape[1] == 1:
+            root.lane.join()  # per-step sums on the current stream, after the lane's earlier ones
             self._reduce_step(g[:, 0], root.valid)
+        elif root.lane.overlaps and not gate_reduce.kernel_available():
+            # torch ops cost ~50 bytes per gate value: the lane reduces them in parallel, from a private copy
+            # (padding zeroed in g's dtype, exact) made here in stream order, so that an in-place edit of g
+            # by a later hook cannot race it. The kernel reads g once: it runs here, in order.
+            g = g.clone() if root.valid is None else torch.where(root.valid.unsqueeze(-1), g, 0)
+            with root.lane.run(g):
+                self._reduce_dense(g, None)
+                self._keep_prompt()  # in the lane's order, after its reduction
+            return
         else:
             self._reduce_dense(g, root.valid)
-        if root.calls == 1:  # the prefill: keep what the prompt counted (one copy per generation)
+        self._keep_prompt()
+
+    def _keep_prompt(self) -> None:
+        if self.root.calls == 1:  # the prefill: keep what the prompt counted (one copy per generation)
             self.prompt_counts = self.counts.clone()
 
     def _check(self, g: torch.Tensor) -> None:
@@ -376,7 +560,7 @@ class _Point:
             self.sums = torch.zeros((b, d), dtype=torch.float64, device=g.device)
             self.sumsq = torch.zeros((b, d), dtype=torch.float64, device=g.device)
         if self.root.chunk and self.strategy == "chunk":
-            self.buf = torch.empty((self.root.chunk, b, 1, d), dtype=g.dtype, device=g.device)
+            self.buf = torch.empty((self.root.halves * self.root.chunk, b, 1, d), dtype=g.dtype, device=g.device)
             self.slots = list(self.buf.unbind(0))
         if self.strategy == "ref" and not g.is_inference():  # inference tensors have no version counter
             self.versions = []
@@ -394,49 +578,40 @@ class _Point:
 
     def _reduce_dense(self, g: torch.Tensor, valid: torch.Tensor | None, dim: int = 1) -> None:
         # g: [B, P, D] with valid [B, P] (dim=1), or a chunk [S, B, D] with valid [S, B] (dim=0)
-        pos = g > 0
-        if valid is not None:
-            pos &= valid.unsqueeze(-1)
-        self.counts.add_(pos.sum(dim, dtype=torch.int32))
-        if not self.moments:
-            return
-        n = g.shape[dim]
-        step = max(1, _SLICE_BYTES // max(1, g.numel() // n * 8))
-        for start in range(0, n, step):
-            x = g.narrow(dim, start, min(step, n - start)).double()
-            if valid is not None:
-                x = torch.where(valid.narrow(dim, start, x.shape[dim]).unsqueeze(-1), x, 0.0)
-            self.sums.add_(x.sum(dim))
-            self.sumsq.add_(x.square_().sum(dim))
+        reduce_gates(g, valid, dim, self.counts, self.sums, self.sumsq)
 
     def result(self, batch: int) -> tuple[torch.Tensor | None, ...]:
         """``(counts [B, D] int32, tokens [B, 1] int64, sums, sumsq, prompt_counts [B, D], prompt_tokens
-        [B, 1])`` on CPU (sums and sumsq None without moments)."""
+        [B, 1])`` on the statistics' device (sums and sumsq None without moments); call after ``join``."""
         if self.calls != self.root.calls and not self.root.implicit:
             raise EsnError(
                 f"hook point {self.hp.name} ran in {self.calls} of the {self.root.calls} calls of its stream root "
                 f"{self.root.path!r}: the stream spec does not match the model"
             )
         d = self.hp.width
-        zero_counts = torch.zeros((batch, d), dtype=torch.int32)
-        counts = self.counts.cpu() if self.counts is not None else zero_counts
-        tokens = self.root.tokens(batch) if self.root.calls else torch.zeros(batch, dtype=torch.int64)
-        prompt_counts = self.prompt_counts.cpu() if self.prompt_counts is not None else zero_counts
-        prompt_tokens = self.root.tokens(batch, prompt=True)[:, None]
+        device = self.counts.device if self.counts is not None else None
+        zero_counts = torch.zeros((batch, d), dtype=torch.int32, device=device)
+        counts = self.counts if self.counts is not None else zero_counts
+        tokens = (self.root.tokens(batch, device) if self.root.calls
+                  else torch.zeros(batch, dtype=torch.int64, device=device))
+        prompt_counts = self.prompt_counts if self.prompt_counts is not None else zero_counts
+        prompt_tokens = self.root.tokens(batch, device, prompt=True)[:, None]
         if not self.moments:
             return counts, tokens[:, None], None, None, prompt_counts, prompt_tokens
-        zero = torch.zeros((batch, d), dtype=torch.float64)
-        sums = self.sums.cpu() if self.sums is not None else zero
-        sumsq = self.sumsq.cpu() if self.sumsq is not None else zero
+        zero = torch.zeros((batch, d), dtype=torch.float64, device=device)
+        sums = self.sums if self.sums is not None else zero
+        sumsq = self.sumsq if self.sumsq is not None else zero
         return counts, tokens[:, None], sums, sumsq, prompt_counts, prompt_tokens
 
-    def flush(self) -> None:
+    def flush(self, start: int = 0) -> None:
+        """Reduce the ``pending`` chunk slots from ``start`` (on the lane; the caller orders reuse)."""
         if not self.pending:
             return
         vb = self.root.valid_buf
-        valid = None if vb is None else vb[: self.pending]  # [S, B]
+        valid = None if vb is None else vb[start : start + self.pending]  # [S, B]
         if self.buf is not None:
-            self._reduce_dense(self.buf[: self.pending, :, 0], valid, dim=0)
+            with self.root.lane.run():
+                self._reduce_dense(self.buf[start : start + self.pending, :, 0], valid, dim=0)
         else:
             if self.versions is not None:
                 if any(g._version != v for g, v in zip(self.refs, self.versions, strict=True)):
@@ -445,9 +620,68 @@ class _Point:
                         "(by the model or a later hook); use strategy='chunk'"
                     )
                 self.versions.clear()
-            self._reduce_dense(torch.cat(self.refs, dim=1), None if valid is None else valid.T, dim=1)
+            with self.root.lane.run(*self.refs):
+                self._reduce_dense(torch.cat(self.refs, dim=1), None if valid is None else valid.T, dim=1)
             self.refs.clear()
         self.pending = 0
+
+    # -- graph-aware decode (esn.decode): see _Root ---------------------------------------------------
+    @property
+    def graph_key(self) -> tuple:
+        kind = ("chunk", tuple(self.buf.shape), str(self.buf.dtype)) if self.buf is not None else ("step", self.moments)
+        implicit = self.root.graph_key if self.root.implicit else None  # its per-step work runs in this hook
+        return ("esn.recorder.point", self.hp.width, kind, implicit)
+
+    def graph_state(self) -> tuple:
+        own = (self.buf,) if self.buf is not None else (self.counts, self.sums, self.sumsq)
+        return own, (self.root.graph_state() if self.root.implicit else None)
+
+    def graph_adopt(self, state: tuple) -> None:
+        own, root_state = state
+        if self.buf is not None:
+            (self.buf,) = own
+            self.slots = list(self.buf.unbind(0))
+        else:  # "step" accumulates inside the step: carry this recording's prefill totals over
+            counts, sums, sumsq = own
+            self.counts = counts.copy_(self.counts)
+            if sums is not None:
+                self.sums, self.sumsq = sums.copy_(self.sums), sumsq.copy_(self.sumsq)
+        if root_state is not None:
+            self.root.graph_adopt(root_state)
+
+
+class _RootHook:
+    """Forward pre-hook on a stream root: tells its ``_Root`` what this call feeds (shapes only, no sync)."""
+
+    def __init__(self, root: _Root, recorder: GateRecorder):
+        self.root = root
+        self.decode_listener = recorder
+
+    def __call__(self, module, args, kwargs) -> None:
+        root = self.root
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        embeds = kwargs.get("inputs_embeds")
+        x = ids if ids is not None else embeds
+        if x is None:
+            raise EsnError(f"stream root {root.path!r} received neither input_ids nor inputs_embeds")
+        if ids is None and root.calls > 0 and x.shape[0] > 1 and root.stop_ids:
+            raise EsnError(
+                f"stream root {root.path!r} decodes from inputs_embeds: stop tokens cannot be seen; "
+                "point the stream spec at a module that receives input_ids"
+            )
+        root.begin(ids, mask, x.shape[1], x.shape[0], x.device)
+
+    # graph-aware decode (esn.decode): the root's per-step work is captured with this hook
+    @property
+    def graph_key(self) -> tuple:
+        return self.root.graph_key
+
+    def graph_state(self) -> tuple:
+        return self.root.graph_state()
+
+    def graph_adopt(self, state: tuple) -> None:
+        self.root.graph_adopt(state)
 
 
 class GateRecorder:
@@ -458,6 +692,9 @@ class GateRecorder:
     and also keeps their share apart (``prompt_counts``/``prompt_tokens``). ``moments`` adds float64 sums
     and sums of squares. ``strategy`` is ``"chunk"``, ``"ref"`` or ``"step"`` (same counts; see the
     module docstring); ``chunk_steps`` sets the decode chunk length (default: fit a 256 MiB budget).
+    ``overlap`` (default: on CUDA) reduces on a side stream, overlapping the model, with decode-chunk
+    buffers of two halves (the budget covers both); ``False`` reduces in order on the current stream. The
+    statistics are the same either way, bit for bit.
 
     Use one recorder per ``generate`` call::
 
@@ -479,6 +716,7 @@ class GateRecorder:
         moments: bool = True,
         strategy: Strategy = "chunk",
         chunk_steps: int | None = None,
+        overlap: bool | None = None,
     ):
         if positions not in ("all", "generated"):
             raise EsnError(f"positions must be 'all' or 'generated', got {positions!r}")
@@ -486,6 +724,8 @@ class GateRecorder:
             raise EsnError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 1):
             raise EsnError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
+        if overlap not in (None, True, False):
+            raise EsnError(f"overlap must be True, False or None (on CUDA), got {overlap!r}")
         self.target = target
         self.layout: Layout = target.layout(streams)
         self.positions = positions
@@ -497,10 +737,12 @@ class GateRecorder:
         self._points: list[_Point | RoutedPoint | SubstepPoint] = []
         self._roots: dict[str, _Root] = {}
         self._substeps: dict[str, SubstepRoot] = {}
+        self._decoding: list[_Root] = []
+        self._lane = _Lane(overlap)  # where reductions run (a side stream on CUDA)
         self._done = False
         self._rows: list[BatchStats] | None = None  # one per request of a batched = False adapter
         self._options = {"streams": streams, "positions": positions, "moments": moments,
-                         "strategy": strategy, "chunk_steps": chunk_steps}
+                         "strategy": strategy, "chunk_steps": chunk_steps, "overlap": overlap}
 
     # -- context -----------------------------------------------------------------------------------
     def __enter__(self) -> GateRecorder:
@@ -525,16 +767,20 @@ class GateRecorder:
                 point = RoutedPoint(hp, root, self.moments, self.strategy)
                 routing, (module, _) = recorder_hooks(point, self.target.model)
                 pre.append(routing)
+                hook = point.hook
             elif isinstance(root, SubstepRoot):
                 point = SubstepPoint(hp, root, self.moments)
+                hook = point.hook
             else:
                 point = _Point(hp, root, self.moments, self.strategy)
+                point.decode_listener = self
+                hook = point  # the object itself: graph-aware (esn.decode reads its graph_key)
             self._points.append(point)
-            forward.append((module, point.hook))
+            forward.append((module, hook))
         stack = contextlib.ExitStack()
         try:
             model = self.target.model
-            roots = [(model.get_submodule(path), self._pre_hook(r)) for path, r in self._roots.items()]
+            roots = [(model.get_submodule(path), _RootHook(r, self)) for path, r in self._roots.items()]
             roots += [(model.get_submodule(path), sub.pre_hook) for path, sub in self._substeps.items()]
             stack.enter_context(installed(roots + pre, kind="pre", with_kwargs=True))
             stack.enter_context(installed(forward))
@@ -547,12 +793,16 @@ class GateRecorder:
     def __exit__(self, exc_type, exc, tb) -> None:
         stack, self._stack = self._stack, None
         self._done = True
-        stack.close()  # hooks off first, whatever happens below
-        if exc_type is None and self._rows is None:
-            # Buffers made under generate's inference_mode can only be updated in inference mode.
-            with torch.inference_mode():
-                for p in self._points:
-                    p.flush()
+        try:
+            stack.close()  # hooks off first, whatever happens below
+            if exc_type is None and self._rows is None:
+                # Buffers made under generate's inference_mode can only be updated in inference mode.
+                with torch.inference_mode():
+                    for p in self._points:
+                        p.flush()
+        finally:
+            # Later work on the current stream (which may reuse the statistics' memory) comes after the lane's.
+            self._lane.join()
 
     def _record_each(self, generate: Callable, requests: Sequence, *args: Any, **kwargs: Any) -> list:
         """The adapter's own ``generate``, one request at a time, each under a recorder of its own."""
@@ -567,7 +817,8 @@ class GateRecorder:
         spec = self._specs.get(hp.stream)
         if spec is None:  # no spec: this hook point is its own root, every position counts
             return _Root(
-                hp.name, (), self.positions, lambda b, w=hp.step_width: self._chunk_len(w, b), implicit=True
+                hp.name, (), self.positions, lambda b, h=1, w=hp.step_width: self._chunk_len(w, b, h), implicit=True,
+                lane=self._lane,
             )
         substep = next((s for s in getattr(spec, "substeps", ()) if hp.module.startswith(s + ".")), None)
         if spec.root not in self._roots:
@@ -578,9 +829,9 @@ class GateRecorder:
                     f"stream {hp.stream!r}: root module {spec.root!r} not found in the model"
                 ) from None
             width = sum(p.step_width for p in self.layout if self._specs.get(p.stream) == spec)
-            chunk_fn = lambda b, w=width: self._chunk_len(w, b)  # noqa: E731
+            chunk_fn = lambda b, h=1, w=width: self._chunk_len(w, b, h)  # noqa: E731
             self._roots[spec.root] = _Root(
-                spec.root, spec.stop_token_ids, self.positions, chunk_fn, implicit=False
+                spec.root, spec.stop_token_ids, self.positions, chunk_fn, implicit=False, lane=self._lane
             )
         root = self._roots[spec.root]
         if substep is None:
@@ -593,25 +844,9 @@ class GateRecorder:
             self._substeps[substep] = SubstepRoot(substep, root, root.chunk_fn)
         return self._substeps[substep]
 
-    def _pre_hook(self, root: _Root) -> Callable:
-        def pre(module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            embeds = kwargs.get("inputs_embeds")
-            x = ids if ids is not None else embeds
-            if x is None:
-                raise EsnError(f"stream root {root.path!r} received neither input_ids nor inputs_embeds")
-            if ids is None and root.calls > 0 and x.shape[0] > 1 and root.stop_ids:
-                raise EsnError(
-                    f"stream root {root.path!r} decodes from inputs_embeds: stop tokens cannot be seen; "
-                    "point the stream spec at a module that receives input_ids"
-                )
-            root.begin(ids, mask, x.shape[1], x.shape[0], x.device)
-
-        return pre
-
-    def _chunk_len(self, width: int, batch: int) -> int | None:
-        """Decode steps per chunk for hook points of total ``width`` at this batch size."""
+    def _chunk_len(self, width: int, batch: int, halves: int = 1) -> int | None:
+        """Decode steps per chunk for hook points of total ``width`` at this batch size (a buffer holds
+        ``halves`` chunks; the budget covers all of them)."""
         if self.strategy == "step":
             return None
         if self.chunk_steps is not None:
@@ -620,7 +855,44 @@ class GateRecorder:
             itemsize = next(self.target.model.parameters()).element_size()
         except (StopIteration, AttributeError):
             itemsize = 4
-        return max(1, min(MAX_CHUNK_STEPS, CHUNK_BUDGET_BYTES // max(1, batch * width * itemsize)))
+        halves = halves if self.strategy == "chunk" else 1
+        return max(1, min(MAX_CHUNK_STEPS, CHUNK_BUDGET_BYTES // max(1, halves * batch * width * itemsize)))
+
+    # -- graph-aware decode (esn.decode calls these; see _Root) ------------------------------------
+    def decode_begin(self, state: Any) -> None:
+        """A decoder starts stepping ``state.scope``: its roots switch to device-side bookkeeping."""
+        if self.strategy == "ref":
+            raise EsnError(
+                "GateRecorder strategy 'ref' keeps references to gate tensors, which a captured decode step "
+                "overwrites; use strategy 'chunk' or 'step' (or decode eagerly)"
+            )
+        inside = {id(m) for m in state.scope.modules()}
+        by_root: dict[int, tuple[_Root, list[_Point]]] = {}
+        for p in self._points:
+            module = self.target.module(p.hp) if p.root.implicit else self.target.model.get_submodule(p.root.path)
+            if id(module) not in inside:
+                continue
+            if not isinstance(p, _Point):
+                raise EsnError(f"hook point {p.hp.name} is {'routed' if p.hp.routed else 'in a substep'}: "
+                               "its recording needs host-side work per step; decode eagerly (decode='eager')")
+            by_root.setdefault(id(p.root), (p.root, []))[1].append(p)
+        self._decoding = [root for root, _ in by_root.values()]
+        for root, points in by_root.values():
+            for p in points:
+                if p.counts is None:
+                    raise EsnError(f"hook point {p.hp.name} did not run in the prefill of the decoded stream")
+            root.decode_begin(state, points)
+
+    def decode_step(self, done: int) -> None:
+        """``done`` decode steps have run: reduce the chunks they filled (on the side stream)."""
+        for root in self._decoding:
+            root.decode_step(done)
+
+    def decode_end(self, done: int) -> None:
+        """Decoding stopped after ``done`` steps: reduce the part-filled chunk, count the hooks' calls."""
+        decoding, self._decoding = self._decoding, []
+        for root in decoding:
+            root.decode_end(done)
 
     # -- results -----------------------------------------------------------------------------------
     def stats(self) -> BatchStats:
@@ -642,19 +914,33 @@ class GateRecorder:
         if len(batches) > 1:
             raise EsnError(f"hook points saw different batch sizes {sorted(batches)} in one recording")
         batch = batches.pop()
+        self._lane.join()  # the side stream's reductions are done (on the device) before anything reads them
         # per point: (counts [B, W], tokens [B, groups], sums, sumsq, prompt_counts [B, W], prompt_tokens [B, groups])
         parts = [p.result(batch) for p in self._points]
-        split = self.positions == "all"
-        return BatchStats(
-            self.layout,
-            torch.cat([part[0] for part in parts], dim=1),
-            torch.cat([part[1] for part in parts], dim=1),
-            torch.cat([part[2] for part in parts], dim=1) if self.moments else None,
-            torch.cat([part[3] for part in parts], dim=1) if self.moments else None,
-            self.positions,
-            torch.cat([part[4] for part in parts], dim=1) if split else None,
-            torch.cat([part[5] for part in parts], dim=1) if split else None,
-        )
+        names = ["counts", "tokens"] + (["sums", "sumsq"] if self.moments else [])
+        names += ["prompt_counts", "prompt_tokens"] if self.positions == "all" else []
+        index = {"counts": 0, "tokens": 1, "sums": 2, "sumsq": 3, "prompt_counts": 4, "prompt_tokens": 5}
+        columns = [[part[index[n]] for part in parts] for n in names]
+        devices = {t.device for column in columns for t in column}
+        if len(devices) > 1:  # e.g. routed points' results are on the CPU already: everything there
+            columns = [[t.cpu() for t in column] for column in columns]
+        # concatenated where they are, then one transfer per statistic (not one per hook point)
+        host = dict(zip(names, _to_host([torch.cat(column, dim=1) for column in columns]), strict=True))
+        return BatchStats(self.layout, host["counts"], host["tokens"], host.get("sums"), host.get("sumsq"),
+                          self.positions, host.get("prompt_counts"), host.get("prompt_tokens"))
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors on the CPU. From CUDA through page-locked memory, copied asynchronously, one wait for all:
+    a copy to ordinary (pageable) memory is staged by the driver and ran at ~1.3 GB/s on an H200 host,
+    0.24 s for a batch of 16's statistics. The page-locked blocks come from torch's caching host allocator,
+    so later batches reuse them once the earlier statistics are freed."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.cpu() for t in tensors]
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors, strict=True):
+        h.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return host
 
 
 def _one_request_at_a_time(target: Any) -> bool:

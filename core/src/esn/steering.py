@@ -155,6 +155,30 @@ class _Edit:
                 y = y.index_copy(0, ex.rows, ex.cls.apply(y.index_select(0, ex.rows), ex.indices, ex.alpha))
         return y
 
+    # graph-aware decode (esn.decode) ------------------------------------------------------------------
+    @property
+    def graph_key(self) -> tuple:
+        kinds = tuple(k for k in ("scale", "shift", "floor") if getattr(self, k) is not None)
+        # a third-party apply() may bake anything into its kernels: its class, alpha and index shapes
+        extra = tuple(
+            (id(ex.cls), ex.alpha, tuple(ex.indices.shape), None if ex.rows is None else tuple(ex.rows.shape))
+            for ex in self.extra
+        )
+        return ("esn.steer.edit", self._shape, str(self.dtype), str(self.device), kinds, extra)
+
+    def graph_state(self) -> tuple:
+        return (self.scale, self.shift, self.floor, [(ex.indices, ex.rows) for ex in self.extra])
+
+    def graph_adopt(self, state: tuple) -> None:
+        """Use the tensors of an edit with the same ``graph_key``, holding this edit's values."""
+        scale, shift, floor, extra = state
+        self.scale = None if scale is None else scale.copy_(self.scale)
+        self.shift = None if shift is None else shift.copy_(self.shift)
+        self.floor = None if floor is None else floor.copy_(self.floor)
+        for ex, (indices, rows) in zip(self.extra, extra, strict=True):
+            ex.indices = indices.copy_(ex.indices)
+            ex.rows = None if rows is None else rows.copy_(ex.rows)
+
 
 def _placement(target: Any, hp: HookPoint) -> tuple[torch.dtype, torch.device]:
     """The dtype and device the gate of ``hp`` will most likely have: those of its MLP's weights."""
@@ -248,7 +272,15 @@ class _Prefill:
         self.prefill = True
         self.tracked = False
 
-    def on_root(self, module, args, kwargs) -> None:
+    graph_key = ("esn.steer.prefill",)  # in a decode step: host-side only, nothing captured
+
+    def graph_state(self) -> tuple:
+        return ()
+
+    def graph_adopt(self, state: tuple) -> None:
+        pass
+
+    def __call__(self, module, args, kwargs) -> None:
         x = kwargs.get("input_ids")
         if x is None:
             x = kwargs.get("inputs_embeds")
@@ -262,19 +294,39 @@ class _Prefill:
         return self.prefill if self.tracked else g.shape[1] > 1
 
 
-def _hook(edit: _Edit, prefill: _Prefill | None, flat: bool = False):
-    if flat:  # [batch * pos, d_mlp] (a shared expert): per-row edits need [batch, pos, d_mlp]
-        def apply(out):
-            return edit(out) if edit.rows is None else edit(out.view(edit.rows, -1, out.shape[-1])).view(out.shape)
-    else:
-        apply = edit
-    if prefill is None:
-        def hook(module, args, out):  # out: [batch, pos, d_mlp]
-            return apply(out)
-    else:
-        def hook(module, args, out):  # out: [batch, pos, d_mlp]
-            return None if prefill.skip(out) else apply(out)
-    return hook
+class _EditHook:
+    """Forward hook on a gate module: ``out`` ``[batch, pos, d_mlp]`` -> the edited gate (None: unchanged).
+
+    ``flat``: the module outputs ``[batch * pos, d_mlp]`` (a shared expert); per-row edits view it as
+    ``[batch, pos, d_mlp]``.
+    """
+
+    def __init__(self, edit: _Edit, prefill: _Prefill | None, flat: bool = False):
+        self.edit = edit
+        self.prefill = prefill
+        self.flat = flat
+
+    def __call__(self, module, args, out):
+        if self.prefill is not None and self.prefill.skip(out):
+            return None
+        if self.flat and self.edit.rows is not None:
+            return self.edit(out.view(self.edit.rows, -1, out.shape[-1])).view(out.shape)
+        return self.edit(out)
+
+    # graph-aware decode (esn.decode): the edit's kernels read only its dense tensors, so another block
+    # with the same structure reuses a captured graph by copying its values into them.
+    @property
+    def graph_key(self) -> tuple:
+        """The edit's structure (kinds, shapes, dtypes): equal keys, one captured graph."""
+        return self.edit.graph_key if not self.flat else ("flat", self.edit.graph_key)
+
+    def graph_state(self) -> tuple:
+        """The tensors the edit's captured kernels read."""
+        return self.edit.graph_state()
+
+    def graph_adopt(self, state: tuple) -> None:
+        """Copy this edit's values into a captured graph's tensors and use those."""
+        self.edit.graph_adopt(state)
 
 
 def _in_substep(target: Any, hp: HookPoint) -> bool:
@@ -299,7 +351,7 @@ def _install(target: Any, layout: Layout, edits: dict[str, _Edit], positions: st
                 except AttributeError:
                     raise EsnError(f"stream spec {stream!r}: root module {spec.root!r} not found in the model") from None
                 state.tracked = True
-                roots.append((root, state.on_root))
+                roots.append((root, state))
     hooks, pre = [], []
     for name, edit in edits.items():
         hp = layout[name]
@@ -312,7 +364,7 @@ def _install(target: Any, layout: Layout, edits: dict[str, _Edit], positions: st
             pre += routing
             hooks += forward
         else:
-            hooks.append((target.module(hp), _hook(edit, state, hp.flat)))
+            hooks.append((target.module(hp), _EditHook(edit, state, hp.flat)))
     with installed(roots + pre, kind="pre", with_kwargs=True), installed(hooks):
         yield tuple(edits)
 

@@ -6,9 +6,15 @@ Hook points (``act_fn`` outputs, ``[batch, pos, d_mlp]``):
   older transformers: ``thinker.model.layers``). The vision tower's MLPs are not included.
 - ``synth.layers.{l}.mlp.gate`` -> ``talker.model.layers.{l}.mlp.act_fn`` (24 x 18944 in 7B).
 
-Streams for recording: the thinker's forward gets ``input_ids``/``attention_mask`` on every text step;
-the talker's forward gets ``attention_mask`` on every codec step (``input_ids`` is None in its prefill,
-which runs on thinker embeddings; the mask still marks the left padding) and the fed codec id after.
+Streams for recording: the thinker's ``model`` (text decoder with audio encoder) gets ``input_ids``/
+``attention_mask`` on every text step; the talker's forward gets ``attention_mask`` on every codec step
+(``input_ids`` is None in its prefill, which runs on thinker embeddings; the mask still marks the left
+padding) and the fed codec id after.
+
+Decoding: ``decode="graph"`` (the default on CUDA) runs thinker and talker through ``esn.decode``
+(``esn_qwen_omni.decode``: static steps over the same modules, each captured once as a CUDA graph);
+``decode="eager"`` (the default elsewhere) through transformers' ``generate``. Both give the same tokens
+(tested on CPU, where ``graph`` runs the same steps eagerly).
 """
 
 from __future__ import annotations
@@ -67,7 +73,20 @@ OPTIONS: dict[str, Any] = {
     # Let token2wav's float32 matmuls use TF32 tensor cores (CUDA; convolutions already do by default
     # in PyTorch). The DiT is compute-bound in float32: much faster, audio differs by ~1e-3 relative.
     "token2wav_tf32": flag,
+    # "float32" (default) or "bfloat16": run the DiT under bf16 autocast (the ODE state stays float32,
+    # the vocoder float32). Faster again; its deviation is measured in docs/performance.md.
+    "token2wav_dit_dtype": str,
+    # CUDA: capture one DiT evaluation per group shape as a CUDA graph and replay it for the ODE's
+    # evaluations (default true on CUDA). Same kernels, same audio; removes the launch overhead that
+    # dominates small groups (batch 1).
+    "token2wav_graph": flag,
+    # "graph": thinker and talker through esn.decode (CUDA graphs on CUDA, the same steps eagerly on
+    # CPU); "eager": transformers' generate. Default: graph on CUDA, eager elsewhere.
+    "decode": str,
 }
+DECODE_MODES = ("graph", "eager")
+DIT_GRAPHS = 2  # captured DiT evaluations kept (per group shape)
+DIT_DTYPES = ("float32", "bfloat16")
 
 
 def _is_hub_id(source: str) -> bool:
@@ -171,6 +190,79 @@ def _restore_talker_mask(module, args, kwargs):
     return args, kwargs
 
 
+@contextlib.contextmanager
+def _broadcast_block_mask(dit: Any):
+    """Let every DiT layer build its block attention mask at ``[1, 1, frames, frames]``.
+
+    transformers expands the block-distance matrix to ``[batch, heads, frames, frames]`` before each layer
+    compares it with its look-ahead/back limits, so every layer materialises a full-size boolean mask (and
+    attention a full-size bias from it): 134 MB per layer at 16 rows. The values do not depend on the
+    batch or the head, and attention broadcasts the small mask to the same result.
+    """
+    original = getattr(dit, "_create_block_diff", None)
+    if original is None:  # another transformers release: leave it alone
+        yield
+        return
+    dit._create_block_diff = lambda hidden_states: original(hidden_states)[:1, :1]
+    try:
+        yield
+    finally:
+        del dit._create_block_diff
+
+
+class _GraphedDiT:
+    """One guided DiT evaluation at fixed shapes, captured as a CUDA graph and replayed per ODE evaluation.
+
+    Small groups are launch-bound (a row's 36 evaluations issue ~40,000 kernels); replaying removes the
+    host from the loop. Inputs are copied into static buffers, the output is cloned out (RK4 keeps four).
+    """
+
+    def __init__(self, dit: Any, speaker: Any, ref_mel: Any, code: Any, guided: bool, autocast: bool):
+        import torch
+
+        self.dit, self.guided, self.autocast = dit, guided, autocast
+        self.speaker, self.ref_mel, self.code = speaker.clone(), ref_mel.clone(), code.clone()
+        self.x = torch.zeros(code.shape[0], code.shape[1] * dit.repeats, dit.mel_dim, device=code.device)
+        self.t = torch.zeros((), device=code.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()  # warm-up, as torch's docs ask before a capture
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._forward()
+
+    def _forward(self) -> Any:
+        import torch
+
+        # autocast's weight cache must stay off while capturing (torch's CUDA-graph notes)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.autocast else contextlib.nullcontext()
+        with ctx, _broadcast_block_mask(self.dit):
+            return _velocity(self.dit, self.t, self.x, self.speaker, self.ref_mel, self.code, self.guided)
+
+    def set_inputs(self, speaker: Any, ref_mel: Any, code: Any) -> None:
+        self.speaker.copy_(speaker)
+        self.ref_mel.copy_(ref_mel)
+        self.code.copy_(code)
+
+    def __call__(self, t: Any, x: Any) -> Any:
+        self.t.copy_(t)
+        self.x.copy_(x)
+        self.graph.replay()
+        return self.out.clone()
+
+
+def _velocity(dit: Any, t: Any, x: Any, speaker: Any, ref_mel: Any, code: Any, guided: bool) -> Any:
+    """One DiT forward as ``dit.sample``'s ``ode_function`` calls it: both guidance halves (``[2G, frames, M]``)
+    when ``guided``, else the conditioned one (``[G, frames, M]``)."""
+    if not guided:
+        return dit(hidden_states=x, speaker_embedding=speaker, condition_vector=ref_mel, quantized_code=code,
+                   time_step=t, drop_audio_conditioning=False, drop_code=False, apply_cfg=False)
+    return dit(hidden_states=x, quantized_code=code, speaker_embedding=speaker, condition_vector=ref_mel,
+               time_step=t, apply_cfg=True)
+
+
 def _dit_sample(
     dit: Any,
     cond: Any,
@@ -181,6 +273,8 @@ def _dit_sample(
     num_steps: int = 10,
     guidance_scale: float = 0.5,
     sway_coefficient: float | None = -1.0,
+    graphs: dict | None = None,
+    autocast: bool = False,
 ) -> Any:
     """``dit.sample`` for a batch whose every row starts from the noise of its solo run.
 
@@ -189,6 +283,9 @@ def _dit_sample(
     ``torch.manual_seed(seed)``, exactly what a row-by-row call draws, shared by the rows. The rest is
     ``sample``'s ODE: RK4 over ``num_steps`` sway-shifted time points with classifier-free guidance.
     Shapes: ``cond`` ``[G, C]``, ``ref_mel`` ``[G, T, M]``, ``code`` ``[G, n]``; returns ``[G, M, frames]``.
+
+    ``graphs`` (CUDA): a cache ``{shape key: _GraphedDiT}``; each evaluation is then a graph replay of the
+    same kernels. ``autocast``: the DiT's forwards under bf16 autocast (the ODE state stays float32).
     """
     import torch
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
@@ -203,29 +300,39 @@ def _dit_sample(
     noise = torch.randn([1, frames, dit.mel_dim], dtype=ref_mel.dtype, device=code.device)
     noise = noise.expand(code.shape[0], -1, -1).contiguous()
     speaker = cond.unsqueeze(1).repeat(1, frames, 1)
+    guided = guidance_scale >= 1e-5
+    forward = None
+    if graphs is not None and code.device.type == "cuda":
+        key = (tuple(code.shape), tuple(ref_mel.shape), guided, autocast)
+        forward = graphs.pop(key, None)  # re-inserted last: the cache keeps the most recent shapes
+        if forward is None:
+            try:
+                forward = _GraphedDiT(dit, speaker, ref_mel, code, guided, autocast)
+            except Exception as exc:  # a transformers change that syncs inside the DiT: decode eagerly
+                import warnings
+
+                warnings.warn(f"token2wav_graph: capturing the DiT failed ({type(exc).__name__}: {exc}); "
+                              "running it eagerly", RuntimeWarning, stacklevel=2)
+                forward = None
+        else:
+            forward.set_inputs(speaker, ref_mel, code)
+        if forward is not None:
+            graphs[key] = forward
+            while len(graphs) > DIT_GRAPHS:
+                graphs.pop(next(iter(graphs)))
+    if forward is None:
+
+        def forward(t, x):
+            ctx = torch.autocast(code.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+            with ctx, _broadcast_block_mask(dit):
+                return _velocity(dit, t, x, speaker, ref_mel, code, guided)
 
     def velocity(t, x):  # [G, frames, M]
-        if guidance_scale < 1e-5:
-            return dit(
-                hidden_states=x,
-                speaker_embedding=speaker,
-                condition_vector=ref_mel,
-                quantized_code=code,
-                time_step=t,
-                drop_audio_conditioning=False,
-                drop_code=False,
-                apply_cfg=False,
-            )
-        out = dit(
-            hidden_states=x,
-            quantized_code=code,
-            speaker_embedding=speaker,
-            condition_vector=ref_mel,
-            time_step=t,
-            apply_cfg=True,
-        )
-        guided, null = torch.chunk(out, 2, dim=0)
-        return guided + (guided - null) * guidance_scale
+        out = forward(t, x)
+        if not guided:
+            return out
+        cond_out, null = torch.chunk(out, 2, dim=0)
+        return cond_out + (cond_out - null) * guidance_scale
 
     t = torch.linspace(0, 1, num_steps, device=code.device, dtype=speaker.dtype)
     if sway_coefficient is not None:
@@ -247,6 +354,9 @@ class QwenOmniAdapter(ModelAdapter):
     )
     batched = True
     sample_rate = 24_000
+    # decode="graph": capture the steps as CUDA graphs (None: on CUDA). False runs the very same steps
+    # uncaptured, which is how benchmarks check that a replay computes what the steps compute.
+    capture_graphs: bool | None = None
 
     def __init__(self, model: Any, source: str | Path, tokenizer: Any, speakers: dict[str, dict] | None = None):
         super().__init__(model, source)
@@ -256,6 +366,8 @@ class QwenOmniAdapter(ModelAdapter):
             raise EsnError(f"{source}: the checkpoint has no talker (enable_audio_output is false); EVC needs speech output")
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, model.config.thinker_config)
+        self._sessions = None  # decode="graph": static caches and captured steps, made on first use
+        self._dit_graphs: dict = {}  # token2wav_graph: captured DiT evaluations per group shape
         model.speaker_map.update(speakers or {})
 
     # -- loading -----------------------------------------------------------------------------------
@@ -352,7 +464,7 @@ class QwenOmniAdapter(ModelAdapter):
 
     def stream_specs(self) -> dict[str, StreamSpec]:
         return {
-            "lm": StreamSpec(root="thinker", stop_token_ids=self.prompts.stop_ids),
+            "lm": StreamSpec(root="thinker.model", stop_token_ids=self.prompts.stop_ids),
             "synth": StreamSpec(root="talker", stop_token_ids=self.talker_stop_ids),
         }
 
@@ -367,12 +479,17 @@ class QwenOmniAdapter(ModelAdapter):
 
     @staticmethod
     @_inference_mode
-    def _decode_in_groups(token2wav: Any, calls: list[tuple], seed: int, max_rows: int) -> list[Any]:
+    def _decode_in_groups(
+        token2wav: Any, calls: list[tuple], seed: int, max_rows: int, dit_dtype: str = "float32",
+        graphs: dict | None = None,
+    ) -> list[Any]:
         """token2wav over rows grouped by code length: DiT and vocoder batched, <= max_rows a batch.
 
         ``calls`` are ``(code [1, n], conditioning [1, C], reference_mel [1, T, M], kwargs)`` per row.
         Every row starts its ODE from the noise its solo run draws (seeded with ``seed``), so a row's
-        audio does not depend on its batch mates beyond the rounding of batched kernels.
+        audio does not depend on its batch mates beyond the rounding of batched kernels. With
+        ``dit_dtype="bfloat16"`` the DiT's forwards run under bf16 autocast; with ``graphs`` (a cache,
+        CUDA) each DiT evaluation is a CUDA-graph replay.
         """
         import torch
 
@@ -391,8 +508,10 @@ class QwenOmniAdapter(ModelAdapter):
                 if k in ("num_steps", "guidance_scale", "sway_coefficient")
             }
             spectrograms = _dit_sample(
-                token2wav.code2wav_dit_model, cond, mel, code, seed, **ode
-            )  # [G, M, frames]
+                token2wav.code2wav_dit_model, cond, mel, code, seed, **ode, graphs=graphs,
+                autocast=dit_dtype == "bfloat16",
+            )
+            spectrograms = spectrograms.float()  # [G, M, frames]
             audio = token2wav.code2wav_bigvgan_model(
                 spectrograms
             )  # [G, samples] ([samples] if G = 1), on CPU
@@ -408,14 +527,15 @@ class QwenOmniAdapter(ModelAdapter):
     def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
         """All requests as rows of one left-padded batch; each row converts as in its solo run.
 
-        Text and codec tokens are greedy. After ``generate``, token2wav decodes rows whose codes have the
-        same length in batches of ``token2wav_batch`` (option; default 1 = row by row, bit-identical to
-        the solo run). Every row's ODE starts from the noise its solo run draws after seeding with
-        ``config.seed``, so with batches a row's audio depends on its batch mates only through the
-        rounding of batched kernels. The global RNG state is restored afterwards.
+        Text and codec tokens are greedy, decoded through ``esn.decode`` (option ``decode="graph"``, the
+        default on CUDA) or transformers' ``generate`` (``"eager"``); both give the same tokens. Then
+        token2wav decodes rows whose codes have the same length in batches of ``token2wav_batch``
+        (option; default 1 = row by row, bit-identical to the solo run). Every row's ODE starts from the
+        noise its solo run draws after seeding with ``config.seed``, so with batches a row's audio
+        depends on its batch mates only through the rounding of batched kernels. The global RNG state is
+        restored afterwards.
         """
         import torch
-        from esn.hooks import installed
 
         from esn_qwen_omni.prompt import system_prompt
 
@@ -425,62 +545,126 @@ class QwenOmniAdapter(ModelAdapter):
         if speaker not in self.model.speaker_map:
             raise EsnError(f"unknown speaker {speaker!r} for {self.source}; available: {', '.join(self.speakers)}")
         options = self._options(config.options)
+        device = self.device
+        decode = options.pop("decode", "graph" if device.type == "cuda" else "eager")
+        if decode not in DECODE_MODES:
+            raise EsnError(f"qwen_omni option decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        rows_per_batch = options.pop("token2wav_batch", 1)
+        if rows_per_batch < 1:
+            raise EsnError(f"qwen_omni option token2wav_batch must be >= 1, got {rows_per_batch}")
+        tf32 = options.pop("token2wav_tf32", False)
+        dit_dtype = options.pop("token2wav_dit_dtype", "float32")
+        dit_graphs = self._dit_graphs if options.pop("token2wav_graph", device.type == "cuda") else None
+        if dit_dtype not in DIT_DTYPES:
+            raise EsnError(f"qwen_omni option token2wav_dit_dtype must be one of {', '.join(DIT_DTYPES)}, got {dit_dtype!r}")
         batch = self.prompts.batch(
             [r.audio for r in requests],
             system_prompt(config.system_prompt),
             [self.instruction(r, config) for r in requests],
             [r.id for r in requests],
         )
-        device = self.device
         inputs = {k: v.to(device) for k, v in batch.tensors.items()}
         inputs["input_features"] = inputs["input_features"].to(self.model.thinker.dtype)
         fork = [device] if device.type == "cuda" else []
-        rows_per_batch = options.pop("token2wav_batch", 1)
-        if rows_per_batch < 1:
-            raise EsnError(f"qwen_omni option token2wav_batch must be >= 1, got {rows_per_batch}")
-        tf32 = options.pop("token2wav_tf32", False)
-        # generate hands each row's codes to the catcher; token2wav runs afterwards, in length groups.
-        catcher = _CodeCatcher(self.model.token2wav)
         with torch.random.fork_rng(devices=fork):
-            with installed([(self.model.talker, _restore_talker_mask)], kind="pre", with_kwargs=True), \
-                    _swapped(self.model, "token2wav", catcher):
-                sequences, _ = self.model.generate(
-                    **inputs,
-                    speaker=speaker,
-                    thinker_do_sample=False,
-                    thinker_max_new_tokens=config.max_new_tokens,
-                    thinker_eos_token_id=list(self.prompts.stop_ids),
-                    thinker_pad_token_id=self.prompts.pad,
-                    talker_do_sample=False,
-                    talker_top_k=None,
-                    talker_top_p=None,
-                    talker_temperature=None,
-                    talker_max_new_tokens=config.max_audio_tokens,
-                    talker_eos_token_id=list(self.talker_stop_ids),
-                    **options,
-                )
-            if len(catcher.calls) != len(requests):
-                raise EsnError(f"{self.source}: token2wav got {len(catcher.calls)} rows for {len(requests)} requests")
-            codes = [call[0].reshape(-1).cpu() for call in catcher.calls]
+            if decode == "eager":
+                text, calls = self._generate_eager(inputs, config, options, speaker)
+            else:
+                text, calls = self._generate_graph(inputs, config, options, speaker)
+            if len(calls) != len(requests):
+                raise EsnError(f"{self.source}: token2wav got {len(calls)} rows for {len(requests)} requests")
+            codes = [call[0].reshape(-1).cpu() for call in calls]
             with _tf32(tf32):
-                waves = self._decode_in_groups(self.model.token2wav, catcher.calls, config.seed, rows_per_batch)
-        width = inputs["input_ids"].shape[1]
+                waves = self._decode_in_groups(
+                    self.model.token2wav, calls, config.seed, rows_per_batch, dit_dtype,
+                    dit_graphs if device.type == "cuda" else None,
+                )
+        text = text.cpu()
         results = []
         for i, request in enumerate(requests):
-            text, n_text = self.prompts.decode(sequences[i, width:].tolist())
+            ids = text[i].tolist()
+            words, n_text = self.prompts.decode(ids)
             results.append(
                 EVCResult(
                     id=request.id,
-                    text=text,
+                    text=words,
                     waveform=waves[i].detach().float().cpu().numpy().reshape(-1),
                     sample_rate=self.sample_rate,
                     info={
                         "prompt_tokens": batch.prompt_lengths[i],
                         "text_tokens": n_text,
+                        "text_ids": ids[:n_text],
                         "audio_tokens": int(codes[i].numel()),
                         "audio_codes": codes[i].tolist(),
                         "speaker": speaker,
+                        "decode": decode,
                     },
                 )
             )
         return results
+
+    def _generate_eager(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str) -> tuple[Any, list]:
+        """transformers' generate: the generated text tokens ``[B, n]`` and token2wav's calls per row."""
+        from esn.hooks import installed
+
+        # generate hands each row's codes to the catcher; token2wav runs afterwards, in length groups.
+        catcher = _CodeCatcher(self.model.token2wav)
+        with installed([(self.model.talker, _restore_talker_mask)], kind="pre", with_kwargs=True), \
+                _swapped(self.model, "token2wav", catcher):
+            sequences, _ = self.model.generate(
+                **inputs,
+                speaker=speaker,
+                thinker_do_sample=False,
+                thinker_max_new_tokens=config.max_new_tokens,
+                thinker_eos_token_id=list(self.prompts.stop_ids),
+                thinker_pad_token_id=self.prompts.pad,
+                talker_do_sample=False,
+                talker_top_k=None,
+                talker_top_p=None,
+                talker_temperature=None,
+                talker_max_new_tokens=config.max_audio_tokens,
+                talker_eos_token_id=list(self.talker_stop_ids),
+                **options,
+            )
+        return sequences[:, inputs["input_ids"].shape[1] :], catcher.calls
+
+    def _generate_graph(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str) -> tuple[Any, list]:
+        """esn.decode: the same tokens as ``_generate_eager``, each decode step one CUDA-graph replay."""
+        from esn.decode import Greedy
+
+        from esn_qwen_omni.decode import Sessions, generate_codes
+
+        model, talker = self.model, self.model.talker
+        thinker = Greedy(
+            config.max_new_tokens,
+            tuple(self.prompts.stop_ids),
+            int(self.prompts.pad),
+            min_new_tokens=options.get("thinker_min_new_tokens", 0),
+            repetition_penalty=float(model.thinker.generation_config.repetition_penalty or 1.0),
+        )
+        codec = Greedy(
+            config.max_audio_tokens,
+            tuple(self.talker_stop_ids),
+            int(talker.codec_pad_token),
+            min_new_tokens=options["talker_min_new_tokens"],
+            repetition_penalty=options.get("talker_repetition_penalty", 1.05),  # Qwen's generate default
+            suppress_token_ids=(int(talker.codec_bos_token),),
+        )
+        if self._sessions is None:
+            self._sessions = Sessions()
+        params = model.speaker_map[speaker]
+        out = generate_codes(model, self._sessions, inputs, speaker_bos=int(params["bos_token"]), thinker=thinker,
+                             talker=codec, capture=self.device.type == "cuda" if self.capture_graphs is None
+                             else self.capture_graphs)
+        batch, device = len(out.codes), self.device
+        cond = params["cond"].to(device).float().expand(batch, -1)
+        mel = params["ref_mel"].to(device).float().expand(batch, -1, -1)
+        ode = {k[len("token2wav_"):]: v for k, v in options.items() if k.startswith("token2wav_")}
+        self.last_decode_info = out.info
+        return out.text, [(code, cond[i : i + 1], mel[i : i + 1], ode) for i, code in enumerate(out.codes)]
+
+    def release_decode_buffers(self) -> None:
+        """Free the static caches and CUDA graphs that ``decode="graph"`` and ``token2wav_graph`` keep."""
+        if self._sessions is not None:
+            self._sessions.clear()
+        self._dit_graphs.clear()

@@ -1,9 +1,12 @@
 """The ``esn`` command. Each command group lives in its own module with an ``add_commands(sub)``.
 
-User mistakes (``EsnError``) print one line on stderr and exit 2; no traceback (``--verbose`` adds it).
+User mistakes (``EsnError``) print one line on stderr and exit 2; an ``OSError`` esn did not turn into
+one (a full disk, a read-only folder) prints one line and exits 1; no traceback (``--verbose`` adds it).
 Command modules stay cheap to import (``esn --help`` imports them all): torch, transformers and the
 pipeline are imported inside the command functions, and output goes through :mod:`esn.cli.ui`.
-Every command accepts ``-q/--quiet`` and ``-v/--verbose``, before or after its name.
+Every command accepts ``-q/--quiet`` and ``-v/--verbose``, before or after its name. Messages carry user
+text (paths, ids, values), so every console prints plain text: ``[...]`` is shown as written, never read
+as rich markup.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import traceback
 import warnings
 
 from rich.console import Console
+from rich.text import Text
 
 from esn import __version__
 from esn.cli import ui
@@ -22,6 +26,7 @@ from esn.errors import EsnError
 
 # Modules under esn.cli that contribute commands, in help order.
 COMMAND_MODULES = ("plugins_cmd", "model_cmd", "judge_cmd", "pipeline_cmd", "serve_cmd")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``esn`` argument parser with every command module's commands."""
@@ -70,19 +75,26 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
         except EsnError as exc:
             if ui.level == ui.VERBOSE:
-                _errors.print(traceback.format_exc().rstrip(), highlight=False, markup=False)
-            _errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+                _errors.print(traceback.format_exc().rstrip())
+            _errors.print(Text.assemble(("error:", "bold red"), f" {exc}"))
             return 2
+        except OSError as exc:  # one esn did not name itself (it names the file, never a traceback)
+            from esn.files import os_error
+
+            if ui.level == ui.VERBOSE:
+                _errors.print(traceback.format_exc().rstrip())
+            _errors.print(Text.assemble(("error:", "bold red"), f" {os_error(exc, exc.filename or '?', 'use')}"))
+            return 1
         except KeyboardInterrupt:
-            _errors.print("[yellow]interrupted[/]")
+            _errors.print("interrupted", style="yellow")
             return 130
 
 
-_errors = Console(stderr=True, soft_wrap=True)  # never quieted
+_errors = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # never quieted; plain text
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    ui.err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    ui.err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"))
 
 
 if __name__ == "__main__":

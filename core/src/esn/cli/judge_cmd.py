@@ -58,6 +58,7 @@ def read_files(paths: list[Path]) -> list[Audio]:
 def cmd_judge(args: argparse.Namespace) -> int:
     """``esn judge``: label (or score) audio files with an installed judge."""
     from rich.table import Table
+    from rich.text import Text
 
     from esn.devices import check_device
     from esn.plugins import registry
@@ -65,6 +66,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     cls = registry().judge(args.judge)
     check_device(args.device)
     options = parse_options(args.option)
+    cls.check_options(options)  # before any file is read or model loaded
     if args.source is not None and len(args.source) != len(args.files):
         raise EsnError(f"--source takes one file per audio file: {len(args.files)} files, {len(args.source)} sources")
     audios = read_files(args.files)
@@ -86,7 +88,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
             table.add_row(r["file"], f"{r['scores'].get('mos', float('nan')):.3f}")
         else:
             top = sorted(r["scores"].items(), key=lambda kv: -kv[1])[:3]
-            table.add_row(r["file"], r["label"] or "[yellow]unparseable[/]",
+            table.add_row(r["file"], r["label"] or Text("unparseable", style="yellow"),
                           ", ".join(f"{k} {v:.2f}" for k, v in top), r["raw"][:40])
     console.print(table)
     return 0

@@ -8,14 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rich.text import Text
+
 from esn.cli import ui
+from esn.cli.argtypes import positive_int
 from esn.cli.ui import console
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="run configuration (.toml, .json, or .yaml with PyYAML)")
     p.add_argument("--run-dir", type=Path, help="override the config's run_dir")
-    p.add_argument("--threads", type=int, help="torch CPU threads for this process (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads for this process (default: torch's choice)")
 
 
 def _parallel(p: argparse.ArgumentParser) -> None:
@@ -76,9 +79,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="stage 4: report.md, report.html and figures; --compare: several models")
     report.add_argument("config", type=Path, nargs="?", help="run configuration (not with --compare)")
     report.add_argument("--run-dir", type=Path, help="override the config's run_dir")
-    report.add_argument("--threads", type=int, help="torch CPU threads for this process (default: torch's choice)")
-    _positions(report)
+    report.add_argument("--threads", type=positive_int, help="torch CPU threads for this process (default: torch's choice)")
     _parallel(report)  # report runs on rank 0 alone: under a launcher the others wait; --workers/--shard are refused
+    _positions(report)
     report.add_argument("--compare", type=Path, nargs="+", metavar="RUN",
                         help="run directories (or their configs) of finished runs: Tables 2 and 3 side by side")
     report.add_argument("--names", help="with --compare: comma-separated column names, one per RUN")
@@ -89,7 +92,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     jev = sub.add_parser("judge-eval", help="each emotion judge's accuracy on labelled ESD clips (paper section 4.1)")
     _common(jev)
     jev.add_argument("--split", default="development", help="ESD split the clips come from (default: development)")
-    jev.add_argument("--per-emotion", type=int, default=100, help="clips per emotion (default: 100, as in the paper)")
+    jev.add_argument("--per-emotion", type=positive_int, default=100, help="clips per emotion (default: 100, as in the paper)")
     jev.add_argument("--judge", action="append", help="only this emotion judge of the config (repeatable)")
     jev.set_defaults(func=cmd_judge_eval)
 
@@ -97,7 +100,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                        "that hears them: prints how many the selectors recover")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (report.md lands here)")
     # Tiny models are launch-bound: one thread is fastest, and immune to oversubscription on busy machines.
-    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    demo.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)")
     demo.set_defaults(func=cmd_demo)
 
     human = sub.add_parser("human", help="human listening study: export a blind kit, import responses")
@@ -106,7 +109,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _common(exp)
     exp.add_argument("--kind", choices=("ab", "labels"), default="ab",
                      help="ab: intervened vs baseline pairs (Figure 8); labels: recorded attempts to label (CAS-H)")
-    exp.add_argument("--per-emotion", type=int, default=None,
+    exp.add_argument("--per-emotion", type=positive_int, default=None,
                      help="trials per target emotion (default: 25 A/B pairs as in the paper; for labels, 2 c clips "
                           "drawn from the WER-passing attempts)")
     exp.add_argument("--out", type=Path, help="kit folder (default: <run_dir>/human/<kind>-kit)")
@@ -138,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from esn.errors import EsnError
-    from esn.pipeline import parallel
+    from esn.pipeline import parallel, preflight
     from esn.pipeline.run import load_run
     from esn.pipeline.stages import STAGES, run_stages
 
@@ -179,8 +182,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console(), resize=args.resize)
         if positions:
             run.cfg.record.positions = positions
+        preflight.check(run, stages)  # all these stages need, before N processes start
+        # Check the config against the run directory once; the workers' rank 0 then holds the directory's
+        # lock for the whole launch (an unsharded group opens it exclusively, so this process cannot keep it).
         with run:
-            pass  # check the config against the run directory once, before starting N processes
+            pass
         return run_workers(args, stages, run.dir, workers, devices)
 
     team = parallel.team(shard=shard, launch=launch, ranks_per_gpu=args.ranks_per_gpu, talkative=args.all_ranks)
@@ -192,16 +198,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = load_run(args.config, run_dir=args.run_dir, console=out, team=team, resize=args.resize)
         if positions:
             run.cfg.record.positions = positions
-        with run:
+        preflight.check(run, stages)  # all these stages need, before the first one (not hours later)
+        with run:  # the run directory stays locked for the whole command, every stage (by rank 0 in a group)
             for stage in stages:
-                out.rule(f"[bold]{stage}" + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})"))
+                label = stage + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})")
+                out.rule(Text(label, style="bold"))
                 run_stages(run, [stage])
+            if shard is None and team.is_leader and ("evaluate" in stages or "report" in stages):
+                print_summary(run)
     finally:
         team.close()
-    if shard is None and team.is_leader and ("evaluate" in stages or "report" in stages):
-        print_summary(run)
     if "report" in stages and team.is_leader:
-        console.print(f"report: [bold]{run.dir / 'report.md'}[/]")
+        console.print(Text.assemble("report: ", (str(run.dir / "report.md"), "bold")))
     return 0
 
 
@@ -214,6 +222,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.config is None:
             raise EsnError("esn report needs a run configuration, or --compare RUN RUN ...")
         return cmd_run(args)
+    if args.shard is not None or args.workers is not None:
+        raise EsnError("esn report --compare runs as one process: it takes no --shard or --workers")
     if args.config is not None:
         raise EsnError("esn report --compare takes run directories only: give the config's run directory to "
                        "--compare with the others")
@@ -225,7 +235,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     for block in compare.compare_blocks(runs):
         if block.kind == "table":
             ui.print_table(rich_table("", block.body))
-    console.print(f"comparison: [bold]{path}[/] (and {path.with_suffix('.html').name})")
+    console.print(Text.assemble("comparison: ", (str(path), "bold"), f" (and {path.with_suffix('.html').name})"))
     return 0
 
 
@@ -238,8 +248,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise EsnError(f"{args.out} exists; use --force to overwrite it")
     path = write_config(args.out, paper=args.paper, adapter=args.adapter, source=args.source,
                         data_root=args.data_root)
-    console.print(f"wrote [bold]{path}[/]{' (the paper preset)' if args.paper else ''}; check model.source and "
-                  f"data.root, then `esn run {path}`")
+    console.print(Text.assemble("wrote ", (str(path), "bold"), " (the paper preset)" if args.paper else "",
+                                f"; check model.source and data.root, then `esn run {path}`"))
     return 0
 
 
@@ -257,7 +267,7 @@ def cmd_judge_eval(args: argparse.Namespace) -> int:
             for name, r in result["judges"].items()]
     title = f"judge accuracy on {result['per_emotion']} labelled ESD clips per emotion ({result['split']})"
     ui.print_table(rich_table(title, {"head": ["judge", "accuracy", *emotions], "rows": rows}))
-    console.print(f"written to [bold]{run.dir / 'judge_eval.json'}[/]; `esn report` shows it")
+    console.print(Text.assemble("written to ", (str(run.dir / "judge_eval.json"), "bold"), "; `esn report` shows it"))
     return 0
 
 
@@ -271,6 +281,11 @@ def worker_devices(text: str) -> list[str]:
     return devices
 
 
+# The installed esn, whatever the working directory: -P keeps Python from putting the current folder first
+# on sys.path, where an unrelated esn/ package would be imported instead (python -m looks there first).
+ESN_COMMAND = (sys.executable, "-P", "-m", "esn")
+
+
 def workers_command(args: argparse.Namespace, stages: list[str], run_dir: Path, n: int,
                     devices: list[str] | None, base_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The torch launcher command (and its environment) that ``--workers n`` stands for."""
@@ -279,8 +294,9 @@ def workers_command(args: argparse.Namespace, stages: list[str], run_dir: Path, 
     if devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         ranks_per_gpu = max(ranks_per_gpu, -(-n // len(devices)))  # more workers than GPUs: they share
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           f"--max-restarts={args.max_restarts or 0}", "-m", "esn", "run", str(args.config),
+    # --no-python: torchrun starts ESN_COMMAND as it is (its own ``python -u -m`` would drop the -P)
+    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           f"--max-restarts={args.max_restarts or 0}", "--no-python", *ESN_COMMAND, "run", str(args.config),
            "--run-dir", str(run_dir), "--stages", ",".join(stages)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -300,8 +316,8 @@ def run_workers(args: argparse.Namespace, stages: list[str], run_dir: Path, n: i
     from esn.errors import EsnError
 
     cmd, env = workers_command(args, stages, run_dir, n, devices, dict(os.environ))
-    shown = " ".join(cmd[2:]).replace("torch.distributed.run", "torchrun", 1)
-    console.print(f"{n} workers: [bold]{shown}[/]")
+    shown = " ".join(cmd[3:]).replace("torch.distributed.run", "torchrun", 1)
+    console.print(Text.assemble(f"{n} workers: ", (shown, "bold")))
     proc = subprocess.Popen(cmd, env=env)
     try:
         rc = proc.wait()
@@ -355,26 +371,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _threads(args)
     report = run_demo(args.out, console=ui.progress_console())
-    console.print(f"demo report: [bold]{report}[/]")
+    console.print(Text.assemble("demo report: ", (str(report), "bold")))
     return 0
 
 
 def cmd_human_export(args: argparse.Namespace) -> int:
     """``esn human export``: a blind listening kit from a finished run."""
-    from esn.errors import EsnError
     from esn.pipeline import human
     from esn.pipeline.run import load_run
 
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
     out = args.out or run.dir / "human" / f"{args.kind}-kit"
-    if args.per_emotion is not None and args.per_emotion < 1:
-        raise EsnError(f"--per-emotion {args.per_emotion}: need at least 1")
-    if args.kind == "ab":
-        n = human.export_ab(run, out, per_emotion=25 if args.per_emotion is None else args.per_emotion)
-    else:
-        n = human.export_labels(run, out, per_emotion=args.per_emotion)
-    console.print(f"wrote {n} trials to [bold]{out}[/]: raters open {out / 'index.html'} (or `esn human serve {out}`); "
-                  "keep key.csv away from them")
+    with run:  # nothing else writes the run directory meanwhile
+        if args.kind == "ab":
+            n = human.export_ab(run, out, per_emotion=25 if args.per_emotion is None else args.per_emotion)
+        else:
+            n = human.export_labels(run, out, per_emotion=args.per_emotion)
+    console.print(Text.assemble(f"wrote {n} trials to ", (str(out), "bold"), f": raters open {out / 'index.html'} "
+                                f"(or `esn human serve {out}`); keep key.csv away from them"))
     return 0
 
 
@@ -386,11 +400,17 @@ def _human_serve(args: argparse.Namespace) -> int:
 
 def cmd_human_import(args: argparse.Namespace) -> int:
     """``esn human import``: raters' responses back into the run (A/B rates, or labels for CAS-H)."""
-    from esn.pipeline import human
     from esn.pipeline.run import load_run
 
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
     kit = args.kit or run.dir / "human" / f"{args.kind}-kit"
+    with run:  # nothing else writes the run directory meanwhile
+        return _human_import(run, kit, args)
+
+
+def _human_import(run, kit: Path, args: argparse.Namespace) -> int:
+    from esn.pipeline import human
+
     if args.kind == "ab":
         from rich.table import Table
 
@@ -403,5 +423,6 @@ def cmd_human_import(args: argparse.Namespace) -> int:
         console.print(table)
     else:
         path = human.import_labels(run, kit, args.responses)
-        console.print(f"human labels written to [bold]{path}[/]; set filter.human_labels to it for CAS-H")
+        console.print(Text.assemble("human labels written to ", (str(path), "bold"),
+                                    "; set filter.human_labels to it for CAS-H"))
     return 0

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from rich.text import Text
+
 from esn.cli.ui import console, print_table, status
 from esn.errors import EsnError
 from esn.plugins import registry
@@ -64,7 +66,8 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        console.print("No adapter is installed. Install one, e.g. [bold]esn-qwen-omni[/] (docs/install.md).")
+        console.print(Text.assemble("No adapter is installed. Install one, e.g. ", ("esn-qwen-omni", "bold"),
+                                    " (docs/install.md)."))
         return 0
     table = Table(title="esn adapters")
     for col in ("name", "distribution", "version", "architectures", "streams"):
@@ -81,7 +84,7 @@ def cmd_adapters_tiny(args: argparse.Namespace) -> int:
     check_checkpoint_folder(args.directory, force=args.force)
     with status(f"writing a tiny {args.adapter} checkpoint"):
         path = cls.write_tiny(args.directory, seed=args.seed)
-    console.print(f"wrote a tiny random {args.adapter} checkpoint to [bold]{path}[/]")
+    console.print(Text.assemble(f"wrote a tiny random {args.adapter} checkpoint to ", (str(path), "bold")))
     return 0
 
 
@@ -91,7 +94,6 @@ _STATUS_STYLE = {"ok": "green", "optional": "dim", "opt-in": "yellow", "missing"
 def cmd_adapters_check(args: argparse.Namespace) -> int:
     """``esn adapters check``: exit 0 when every named adapter's needs are met, 1 when something is missing
     (a report, not an error)."""
-    from rich.markup import escape
     from rich.table import Table
 
     from esn.requirements import check
@@ -108,16 +110,16 @@ def cmd_adapters_check(args: argparse.Namespace) -> int:
             table.add_column(col, overflow="fold")
         for f in report.findings:
             style = _STATUS_STYLE.get(f.status, "")
-            table.add_row(escape(f.need), escape(f.required), escape(f.found), f"[{style}]{f.status}[/]", escape(f.why))
+            table.add_row(f.need, f.required, f.found, Text(f.status, style=style), f.why)  # plain text, no markup
         console.print(table)
         if report.install:
-            console.print("install what is missing:", highlight=False)
-            console.print(report.install, markup=False, highlight=False, soft_wrap=True)
+            console.print("install what is missing:")
+            console.print(report.install, soft_wrap=True)
         else:
-            console.print(f"{report.adapter}: everything its model needs is installed", highlight=False)
+            console.print(f"{report.adapter}: everything its model needs is installed")
         if report.install_all and report.install_all != report.install:
-            console.print("the whole stack its model was written for:", highlight=False)
-            console.print(report.install_all, markup=False, highlight=False, soft_wrap=True)
+            console.print("the whole stack its model was written for:")
+            console.print(report.install_all, soft_wrap=True)
     return 0 if all(r.ok for r in reports) else 1
 
 

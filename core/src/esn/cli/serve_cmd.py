@@ -7,6 +7,9 @@ import argparse
 import os
 from pathlib import Path
 
+from rich.text import Text
+
+from esn.cli.argtypes import positive_int
 from esn.cli.model_cmd import _model_args, check_model_args, load_adapter
 from esn.cli.ui import note
 from esn.errors import EsnError
@@ -42,7 +45,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--max-alpha", type=float, default=10.0, help="largest |alpha| accepted (default 10)")
     p.add_argument("--token-file", type=Path,
                    help=f"require 'Authorization: Bearer <token>' with the token in this file (or set {TOKEN_ENV})")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
 
@@ -97,8 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         masks = load_masks(args.masks)
     if not is_loopback(args.host) and token is None:
-        note(f"[yellow]warning:[/] serving on {args.host} without a bearer token: anyone who can "
-             f"reach this address can use the model (--token-file or {TOKEN_ENV})")
+        note(Text.assemble(("warning:", "yellow"), f" serving on {args.host} without a bearer token: anyone who "
+                           f"can reach this address can use the model (--token-file or {TOKEN_ENV})"))
     if args.threads:
         import torch
 

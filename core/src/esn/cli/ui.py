@@ -4,7 +4,8 @@
 ``err_console`` (stderr) carries everything else: spinners, notes, warnings. ``--quiet`` silences
 ``err_console``, progress bars and warnings (results and errors still print); ``--verbose`` adds
 library log messages, every warning and a traceback under each error. A command module imports the
-consoles from here, never makes its own, so that both flags reach it.
+consoles from here, never makes its own, so that both flags reach it. Both print plain text: style
+goes through ``rich.text.Text``, never markup, so ``[...]`` in a path or an id is shown as written.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from rich.console import Console
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+# Plain text (markup=False): messages carry user text (paths, ids, values) that may hold [...] or [/].
+console = Console(markup=False, highlight=False)
+err_console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 _silent = Console(quiet=True)
 level = NORMAL
 # Under --quiet the libraries' own progress bars and notes go too (tqdm, huggingface_hub, transformers).
@@ -57,13 +59,16 @@ def status(text: str) -> Iterator[None]:
     if level == QUIET:
         yield
         return
-    with err_console.status(text):
+    from rich.text import Text
+
+    with err_console.status(Text(text)):  # a str would be read as markup by the spinner
         yield
 
 
-def note(text: str) -> None:
-    """One line of information on stderr (hidden under ``--quiet``)."""
-    err_console.print(text, highlight=False)
+def note(text) -> None:
+    """One line of information (a str, printed as written, or a styled ``rich.text.Text``) on stderr
+    (hidden under ``--quiet``)."""
+    err_console.print(text)
 
 
 def print_table(table) -> None:

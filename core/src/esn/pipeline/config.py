@@ -8,21 +8,44 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from esn.adapters import GenerationConfig
 from esn.emotions import TARGET_EMOTIONS, normalize_emotion
 from esn.errors import EsnError
+from esn.files import read_bytes
 from esn.pipeline.data import SplitRule
 
 SELECTORS = ("random", "lap", "lape", "mad", "cas")
 POSITIONS = ("all", "generated")
 Positions = Literal["all", "generated"]
+# A torch device name (cpu, cuda, cuda:1, mps, ...); whether it exists is checked before a run starts.
+_DEVICE = re.compile(r"[a-z][a-z_]*(:\d+)?")
+
+
+def _selector(name: str) -> str:
+    """A selector name the plugin registry knows (built-ins and installed selector plugins)."""
+    from esn.plugins import registry
+
+    try:
+        registry().selector(name)
+    except EsnError as exc:
+        raise ValueError(str(exc)) from None
+    return name
 
 
 class _Section(BaseModel):
@@ -37,7 +60,14 @@ class ModelSection(_Section):
     device: str = "cpu"
     streams: list[Literal["lm", "synth"]] = Field(default_factory=lambda: ["lm"], min_length=1)
     # Remote-code checkpoints (MiniCPM-o, Kimi-Audio) run their own Python: an explicit opt-in.
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a torch device name (cpu, cuda, cuda:1, mps, ...)")
+        return v
 
 
 class DataSection(_Section):
@@ -70,7 +100,7 @@ class RecordSection(_Section):
     split: str = "identification"
     targets: list[str] = Field(default_factory=lambda: list(TARGET_EMOTIONS), min_length=2)
     batch_size: int = Field(8, ge=1)
-    save_audio: bool = Field(False, description="keep every converted wav (needed for the human label kit)")
+    save_audio: StrictBool = Field(False, description="keep every converted wav (needed for the human label kit)")
     # Both parts are always stored (prompt and generated counts per attempt): this picks the one select uses.
     positions: Positions = Field("all", description="positions counted in P: all (prompt and generated) or "
                                                     "generated only")
@@ -90,7 +120,7 @@ class RecordSection(_Section):
 class FilterSection(_Section):
     """``[filter]``: what counts as a successful conversion (judge label, WER <= ``tau_wer``), human labels."""
     tau_wer: float = Field(0.15, ge=0, allow_inf_nan=False, description="max WER of decoded text vs transcript")
-    require_match: bool = Field(True, description="judge label must equal the target emotion")
+    require_match: StrictBool = Field(True, description="judge label must equal the target emotion")
     human_labels: Path | None = Field(None, description="CSV of human labels: adds CAS-H (human-filtered) masks")
 
 
@@ -135,6 +165,11 @@ class AnchorSection(_Section):
         self.alpha = spec.alpha
         return self
 
+    @field_validator("selector")
+    @classmethod
+    def _known_selector(cls, v: str) -> str:
+        return _selector(v)
+
 
 class SweepSection(_Section):
     """One factor at a time around the anchor (Table 3 selectors, Figures 4-7, Table 4 alphas)."""
@@ -146,6 +181,11 @@ class SweepSection(_Section):
     interventions: list[InterventionSpec] = Field(default_factory=list)
     # The ablation of record.positions: the anchor again with P counted over these positions.
     positions: list[Positions] = Field(default_factory=list)
+
+    @field_validator("selectors")
+    @classmethod
+    def _selectors(cls, v: list[str]) -> list[str]:
+        return [_selector(name) for name in v]
 
     @field_validator("rates")
     @classmethod
@@ -177,7 +217,7 @@ class EvaluateSection(_Section):
     splits: list[str] = Field(default_factory=lambda: ["test_seen", "test_unseen"], min_length=1)
     batch_size: int = Field(8, ge=1)
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% CIs (0: none)")
-    save_audio: bool = Field(True, description="keep converted wavs (needed for the human A/B kit)")
+    save_audio: StrictBool = Field(True, description="keep converted wavs (needed for the human A/B kit)")
     positions: Positions = Field("all", description="positions steered: every forward (prompt and generated) "
                                                     "or generated steps only")
 
@@ -345,9 +385,14 @@ def mask_recipes(cfg: RunConfig) -> list[Recipe]:
 
 # -- loading ------------------------------------------------------------------------------------------
 def _read(path: Path) -> dict:
+    if path.is_dir():
+        raise EsnError(f"config {path} is a folder, not a file")
     if not path.is_file():
         raise EsnError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = read_bytes(path).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise EsnError(f"{path}: a config must be UTF-8 text ({exc})") from None
     try:
         if path.suffix == ".toml":
             return tomllib.loads(text)
@@ -361,6 +406,8 @@ def _read(path: Path) -> dict:
             return yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise EsnError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    except RecursionError:
+        raise EsnError(f"{path}: nested too deeply to be a config") from None
     except Exception as exc:
         if type(exc).__module__.startswith("yaml"):
             raise EsnError(f"{path}: not valid YAML: {exc}") from None
@@ -388,7 +435,12 @@ def parse_config(data: dict, *, where: str = "config", base: Path | None = None,
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise EsnError(format_validation(exc, where)) from None
-    return cfg.resolve(base or Path.cwd(), stem)
+    except RecursionError:
+        raise EsnError(f"{where}: nested too deeply to be a config") from None
+    try:
+        return cfg.resolve(base or Path.cwd(), stem)
+    except (OSError, ValueError) as exc:  # a path with a NUL byte, or too long for the filesystem
+        raise EsnError(f"{where}: a path in the config cannot be used ({exc})") from None
 
 
 def load_config(path: str | Path, *, run_dir: str | Path | None = None) -> RunConfig:

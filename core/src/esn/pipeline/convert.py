@@ -4,6 +4,7 @@ and judge the outputs (emotion labels per judge, a quality score)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -74,5 +75,18 @@ def judge_input(wave: np.ndarray, rate: int, *, loudness_dbfs: float | None = No
 
 
 def audio_name(attempt_id: str) -> str:
-    """``audio/<id>.wav`` with the id made safe as a file name."""
-    return "audio/" + attempt_id.replace("|", "__").replace("/", "_") + ".wav"
+    """``audio/<id>.wav``, the id percent-encoded (``esn.files.id_to_name``): one file per id, never shared."""
+    from esn.files import id_to_name
+
+    return "audio/" + id_to_name(attempt_id, ".wav")
+
+
+def save_audio(folder: Path, attempt_id: str, result) -> dict[str, str | None]:
+    """Write a result's speech to ``folder/audio/``: ``{"audio": name, "audio_sha256": digest}`` for its record
+    (both None when the model produced no speech)."""
+    from esn.pipeline.files import atomic_write_wav
+
+    if not result.waveform.size:
+        return {"audio": None, "audio_sha256": None}
+    name = audio_name(attempt_id)
+    return {"audio": name, "audio_sha256": atomic_write_wav(folder / name, result.waveform, result.sample_rate)}

@@ -16,7 +16,9 @@ Ids are parallel across emotions: 1-350 Neutral, 351-700 Angry, 701-1050 Happy, 
 from __future__ import annotations
 
 import csv
+import io
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from esn.errors import EsnError
+from esn.files import read_bytes
 
 ESD_EMOTIONS: tuple[str, ...] = ("neutral", "angry", "happy", "sad", "surprise")  # id-block order
 PER_EMOTION = 350
@@ -102,13 +105,27 @@ def split_of(splits: dict[str, list[SplitRule]], speaker: str, index: int) -> st
 
 
 # -- transcripts --------------------------------------------------------------------------------------
-def read_text(path: Path) -> str:
+def check_id(sid: str, where: str) -> None:
+    """An utterance id must be printable text: a control character (a line break, a tab) is refused here,
+    before it could vanish from a CSV or a file name. File names come from ``esn.files.id_to_name``."""
+    bad = [c for c in sid if unicodedata.category(c) in ("Cc", "Cs")]
+    if bad:
+        raise EsnError(f"{where}: id {sid!r} contains the control character(s) {''.join(sorted(set(bad)))!r}; "
+                       "ids must be printable text")
+
+
+def read_text(path: Path, what: str = "transcript file") -> str:
     """Decode a transcript file whatever its encoding: UTF-16 (BOM), UTF-8 (BOM or not), GB18030, Latin-1."""
+    if path.is_dir():
+        raise EsnError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
-        raise EsnError(f"transcript file not found: {path}")
-    raw = path.read_bytes()
+        raise EsnError(f"{what} not found: {path}")
+    raw = read_bytes(path, what)
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return raw.decode("utf-16")
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise EsnError(f"{path}: starts like UTF-16 text but is not ({exc})") from None
     for encoding in ("utf-8-sig", "gb18030"):
         try:
             return raw.decode(encoding)
@@ -253,23 +270,34 @@ class CSVDataset:
         self.csv_path = Path(csv_path)
         if self.csv_path.is_dir():
             self.csv_path = self.csv_path / "metadata.csv"
-        text = read_text(self.csv_path)
-        reader = csv.DictReader(text.splitlines())
-        missing = [c for c in self.REQUIRED if c not in (reader.fieldnames or [])]
+        text = read_text(self.csv_path, "CSV file")
+        try:  # parsed from the text itself, so that a quoted field keeps its line breaks
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+            fields = list(rows[0]) if rows else next(csv.reader(io.StringIO(text, newline="")), [])
+        except csv.Error as exc:
+            raise EsnError(f"{self.csv_path}: not a readable CSV file ({exc})") from None
+        missing = [c for c in self.REQUIRED if c not in fields]
         if missing:
             raise EsnError(f"{self.csv_path}: missing column(s) {', '.join(missing)} (need {', '.join(self.REQUIRED)})")
         self.rows: dict[str, list[Source]] = {}
         seen: set[str] = set()
-        for number, row in enumerate(reader, start=2):
-            empty = [c for c in self.REQUIRED if not (row.get(c) or "").strip()]
+        for number, row in enumerate(rows, start=2):
+            where = f"{self.csv_path} line {number}"
+            empty = [c for c in self.REQUIRED if not isinstance(row.get(c), str) or not row[c].strip()]
             if empty:
-                raise EsnError(f"{self.csv_path} line {number}: empty field(s) {', '.join(empty)}")
-            path = (self.csv_path.parent / row["path"].strip()).resolve()
-            if not path.is_file():
-                raise EsnError(f"{self.csv_path} line {number}: audio file not found: {path}")
-            sid = (row.get("id") or "").strip() or path.stem
+                raise EsnError(f"{where}: empty field(s) {', '.join(empty)}")
+            try:
+                path = (self.csv_path.parent / row["path"].strip()).resolve()
+                found = path.is_file()
+            except (OSError, ValueError) as exc:
+                raise EsnError(f"{where}: unusable audio path {row['path'].strip()!r} ({exc})") from None
+            if not found:
+                raise EsnError(f"{where}: audio file not found: {path}")
+            given = row.get("id")
+            sid = (given.strip() if isinstance(given, str) else "") or path.stem
+            check_id(sid, where)
             if sid in seen:
-                raise EsnError(f"{self.csv_path} line {number}: duplicate id {sid!r}")
+                raise EsnError(f"{where}: duplicate id {sid!r}")
             seen.add(sid)
             src = Source(sid, row["speaker"].strip(), 0, path, row["transcript"].strip())
             self.rows.setdefault(row["split"].strip(), []).append(src)

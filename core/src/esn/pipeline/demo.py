@@ -198,26 +198,33 @@ def print_recall(found: dict, console: Console) -> None:
 
 def run_demo(out: str | Path, *, console: Console | None = None) -> Path:
     """Write the inputs, run every stage and the judge check into ``out``; return ``out/report.md``."""
+    from rich.text import Text
+
     from esn.pipeline.config import load_config
     from esn.pipeline.judge_eval import judge_eval
+    from esn.pipeline.preflight import check
     from esn.pipeline.report import write_report
     from esn.pipeline.run import Run
+    from esn.pipeline.rundir import RunDir
     from esn.pipeline.stages import run_stages
 
     console = console or Console(quiet=True)
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise EsnError(f"--out {out} exists and is not a folder")
+    RunDir(out).claim(mark=True)  # a new or empty folder, or an earlier demo's: never someone else's files
     config = write_inputs(out, console)
     cfg = load_config(config)
-    with Run(cfg, console=console) as run:
-        console.rule("[bold]judge check")
+    run = Run(cfg, console=console)
+    check(run)
+    with run:
+        console.rule(Text("judge check", style="bold"))
         judge_eval(run, split="development", per_emotion=12)
         for stage in ("record", "select", "evaluate"):
-            console.rule(f"[bold]{stage}")
+            console.rule(Text(stage, style="bold"))
             run_stages(run, [stage])
         found = recall(run)
-        console.rule("[bold]report")
+        console.rule(Text("report", style="bold"))
         path = write_report(run, extra=planted_blocks(found))
         print_recall(found, console)
         return path

@@ -5,12 +5,14 @@ the metrics in ``evaluate/results.json``."""
 from __future__ import annotations
 
 import time
+import warnings
+from pathlib import Path
 
 from esn.errors import EsnError
 from esn.pipeline import convert, select
 from esn.pipeline.batches import chunks
 from esn.pipeline.config import settings
-from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_json
+from esn.pipeline.files import atomic_write_json, read_json
 from esn.pipeline.grid import BASELINE, EvalAttempt, grid, summarize
 from esn.pipeline.run import Run
 
@@ -39,9 +41,9 @@ def evaluate(run: Run) -> bool:
     bdir = out_dir / "batches"
 
     def done(k: int, batch) -> bool:
-        path = bdir / f"{k:06d}.json"
-        return path.exists() and [r["id"] for r in read_json(path)] == [a.id for a in batch]
+        return finished(out_dir, bdir / f"{k:06d}.json", batch)
 
+    run.team.on_leader(lambda: check_masks(run, {st.mask_key for st in sts.values()}))  # one writer of masks.json
     mine = [(k, b) for k, b in batches if run.team.mine(k)]
 
     def plan() -> list[int]:
@@ -72,15 +74,11 @@ def evaluate(run: Run) -> bool:
                 t2 = time.perf_counter()
                 records = []
                 for a, res, lab, q in zip(batch, results, labels, quality, strict=True):
-                    audio = None
-                    if cfg.evaluate.save_audio and res.waveform.size:
-                        audio = convert.audio_name(a.id)
-                        atomic_write_wav(out_dir / audio, res.waveform, res.sample_rate)
+                    audio = convert.save_audio(out_dir, a.id, res) if cfg.evaluate.save_audio else {"audio": None}
                     ref = by_id[a.source].transcript
                     records.append({"id": a.id, "split": a.split, "setting": a.setting, "mask": a.mask,
                                     "source": a.source, "target": a.target, "reference": ref, "text": res.text,
-                                    "wer": round(wer(ref, res.text), 6), "labels": lab, "quality": q,
-                                    "audio": audio})
+                                    "wer": round(wer(ref, res.text), 6), "labels": lab, "quality": q, **audio})
                 atomic_write_json(bdir / f"{k:06d}.json", records)
                 claims.done(len(batch), generate=t1 - t0, judge=t2 - t1, store=time.perf_counter() - t2)
         run.team.settle([bdir / f"{k:06d}.json" for k in todo])
@@ -102,7 +100,7 @@ def evaluate(run: Run) -> bool:
 
     run.team.on_leader(finish)
     if run.shard is not None:
-        run.console.print(f"evaluate{tag}: the grid is complete; wrote {out_dir / 'results.json'}")
+        run.console.print(f"evaluate{tag}: the grid is complete; wrote {out_dir / 'results.json'}", markup=False)
     return True
 
 
@@ -137,6 +135,41 @@ def records(run: Run, grid_attempts: list[EvalAttempt] | None = None) -> list[di
             raise EsnError(f"evaluation batch {path} belongs to another grid: run `esn evaluate` to redo it")
         out += rows
     return out
+
+
+def finished(out_dir: Path, path: Path, batch) -> bool:
+    """Whether batch file ``path`` holds exactly ``batch``, with every wav it names. A damaged file or a
+    missing wav means the batch is done again (same seed, same result), never that the run stops."""
+    if not path.exists():
+        return False
+    try:
+        rows = read_json(path)
+        ids = [r["id"] for r in rows]
+        audio = [r.get("audio") for r in rows]
+    except (EsnError, TypeError, KeyError, AttributeError) as exc:
+        warnings.warn(f"{path} is damaged and will be computed again ({exc})", stacklevel=2)
+        return False
+    return ids == [a.id for a in batch] and all(a is None or (out_dir / a).is_file() for a in audio)
+
+
+def check_masks(run: Run, keys) -> None:
+    """The masks of ``keys`` must be the ones every evaluated batch so far was steered with.
+
+    ``evaluate/masks.json`` keeps their sha256 from the first batch on. When ``esn select`` has since
+    written different masks (new recordings, new human labels), the batches already there are stale:
+    refuse rather than mix conversions steered by two mask sets."""
+    current = select.mask_digests(run, sorted(keys))
+    path = run.rundir.evaluate / "masks.json"
+    if path.exists():
+        used = read_json(path)
+        changed = sorted(k for k in current if isinstance(used, dict) and k in used and used[k] != current[k])
+        if changed or not isinstance(used, dict):
+            raise EsnError(
+                f"evaluate/ holds conversions steered with other masks than select/ holds now ({', '.join(changed)}"
+                f" changed since; `esn select` ran again). Delete {run.rundir.evaluate} to evaluate the new "
+                "masks, or use a new run_dir.")
+        current = {**used, **current}
+    atomic_write_json(path, current)
 
 
 def steered_generate(adapter, reqs, conds, gen, *, positions: str = "all"):

@@ -1,10 +1,14 @@
-"""Crash-safe files: every artifact appears complete or not at all (write to a temp file, fsync, rename)."""
+"""Crash-safe files: every artifact appears complete or not at all (write to a temp file, fsync, rename).
+
+The mechanisms (temp names, checksums, OSError -> EsnError) live in ``esn.files``; these are the
+pipeline's JSON, text and wav forms of them.
+"""
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,7 @@ import numpy as np
 import soundfile as sf
 
 from esn.errors import EsnError
-from esn.files import atomic_write_bytes
+from esn.files import atomic_write_bytes, is_temp, os_error, read_bytes, sha256
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_write_wav", "read_json"]
 
@@ -32,36 +36,37 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def read_json(path: str | Path) -> Any:
-    """A JSON file's content; EsnError if it is missing or not valid JSON."""
+def read_json(path: str | Path, hint: str = "delete it to recompute it") -> Any:
+    """A JSON file esn wrote; damage (bad JSON, not UTF-8, a folder in its place) is an EsnError naming the
+    file, with ``hint`` saying what to do about it."""
     path = Path(path)
-    if not path.is_file():
-        raise EsnError(f"file not found: {path}")
+    raw = read_bytes(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EsnError(f"{path} is not valid JSON ({exc}); delete it to recompute it") from None
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EsnError(f"{path} is not valid UTF-8 JSON ({exc}); {hint}") from None
 
 
-def atomic_write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
-    """16-bit PCM wav, written atomically (the bytes depend only on the samples)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".wav")
-    os.close(fd)
-    try:
-        sf.write(tmp, np.asarray(wave, dtype=np.float32), int(sample_rate), subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:
+    """16-bit PCM wav bytes (they depend only on the samples and the rate)."""
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(wave, dtype=np.float32), int(sample_rate), subtype="PCM_16", format="WAV")
+    return buf.getvalue()
 
 
-def clean_temp(folder: Path) -> None:
-    """Remove temp files a killed run left behind."""
-    if folder.is_dir():
-        for tmp in folder.rglob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-        for tmp in folder.rglob(".*.wav"):
-            tmp.unlink(missing_ok=True)
+def atomic_write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> str:
+    """Write a 16-bit PCM wav atomically (fsynced); returns the sha256 of its bytes, for the record naming it."""
+    data = wav_bytes(wave, sample_rate)
+    atomic_write_bytes(path, data)
+    return sha256(data)
+
+
+def remove_temp(folders: Iterable[Path]) -> None:
+    """Remove the temp files a killed write left directly in ``folders``: esn's own temp-name pattern only."""
+    for folder in folders:
+        try:
+            leftovers = [p for p in folder.iterdir() if is_temp(p.name) and p.is_file()] if folder.is_dir() else []
+            for path in leftovers:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise os_error(exc, folder, "clean up") from None

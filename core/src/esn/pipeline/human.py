@@ -30,6 +30,7 @@ import numpy as np
 
 from esn.emotions import EMOTIONS, normalize_emotion
 from esn.errors import EsnError
+from esn.files import check_sha256, read_bytes
 from esn.pipeline import evaluate, record
 from esn.pipeline.batches import derive_seed
 from esn.pipeline.config import settings
@@ -51,9 +52,11 @@ def _csv(rows: list[dict], fields: Sequence[str]) -> str:
 
 
 def _read_csv(path: Path, need: Sequence[str]) -> list[dict]:
-    if not path.is_file():
-        raise EsnError(f"file not found: {path}")
-    rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
+    try:
+        text = read_bytes(path).decode("utf-8-sig")
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise EsnError(f"{path}: not a readable UTF-8 CSV file ({exc})") from None
     cols = set(rows[0]) if rows else set()
     missing = [c for c in need if c not in cols]
     if missing:
@@ -61,9 +64,13 @@ def _read_csv(path: Path, need: Sequence[str]) -> list[dict]:
     return rows
 
 
-def _clip(src: Path, dst: Path) -> None:
+def _clip(src: Path, dst: Path, sha: str | None, fix: str) -> None:
+    """A kit clip from a wav the run wrote, after checking it against its recorded ``sha`` (``fix``: what
+    the error tells users to do)."""
     from esn.audio import read_audio, resample, rms_normalize, to_mono
 
+    if sha is not None:  # runs of older esn versions recorded no checksum
+        check_sha256(src, sha, fix)
     data, rate = read_audio(src)
     atomic_write_wav(dst, rms_normalize(resample(to_mono(data), rate, KIT_RATE)), KIT_RATE)
 
@@ -92,8 +99,10 @@ def export_ab(run: Run, out: Path, *, per_emotion: int = 25) -> int:
         flip = bool(rng.integers(2))
         a_rec, b_rec = (i, b) if flip else (b, i)
         names = (f"clips/t{n:03d}_A.wav", f"clips/t{n:03d}_B.wav")
-        _clip(run.rundir.evaluate / a_rec["audio"], out / names[0])
-        _clip(run.rundir.evaluate / b_rec["audio"], out / names[1])
+        for rec, name in ((a_rec, names[0]), (b_rec, names[1])):
+            _clip(run.rundir.evaluate / rec["audio"], out / name, rec.get("audio_sha256"),
+                  f"delete the file in {run.rundir.evaluate / 'batches'} that holds {rec['id']!r} and run "
+                  "`esn evaluate` to convert that batch again")
         trials.append({"trial": n, "emotion": target, "clip_a": names[0], "clip_b": names[1],
                        "question": f"Which clip sounds more {target}? Answer A, B or tie."})
         key.append({"trial": n, "emotion": target, "a": "intervened" if flip else "baseline",
@@ -160,7 +169,8 @@ def export_labels(run: Run, out: Path, *, per_emotion: int | None = None) -> int
     for n, k in enumerate(rng.permutation(len(chosen)), start=1):
         rec = chosen[k]
         name = f"clips/c{n:04d}.wav"
-        _clip(run.rundir.record / rec.meta["audio"], out / name)
+        _clip(run.rundir.record / rec.meta["audio"], out / name, rec.meta.get("audio_sha256"),
+              f"attempt {rec.id!r} cannot go into the kit")
         clips.append({"clip": n, "file": name, "question": f"Which emotion do you hear? One of: {', '.join(EMOTIONS)}"})
         key.append({"clip": n, "id": rec.id, "target": rec.emotion})
     atomic_write_text(out / "clips.csv", _csv(clips, ["clip", "file", "question"]))

@@ -5,6 +5,7 @@ PNG bytes depend only on the data (no timestamps in the metadata), so reruns giv
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,11 +25,12 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata=_METADATA, format="png")
-    tmp.replace(path)
-    return path
+    """The figure as a PNG, written like every artifact (temp file, fsync, rename)."""
+    from esn.files import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, bbox_inches="tight", metadata=_METADATA, format="png")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _annotate(ax, values: np.ndarray, fmt: str, scale: float, *, dark_low: bool = False) -> None:

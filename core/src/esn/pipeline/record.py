@@ -70,8 +70,8 @@ def record(run: Run) -> None:
 
 def _owns(run: Run, stem: str) -> bool:
     """Whether this process writes the store shard ``stem`` ("b<batch>-<seq>")."""
-    m = re.fullmatch(r"b(\d+)-\d+", stem)
-    return run.shard is None or (m is not None and run.team.mine(int(m[1])))
+    m = re.fullmatch(r"b(\d+)-\d+", stem)  # only files named like the ones this stage writes
+    return m is not None and run.team.mine(int(m[1]))
 
 
 def _plan(run: Run, batches: list[tuple[int, Sequence[RecordAttempt]]]) -> list[tuple[int, list[int]]]:
@@ -86,7 +86,7 @@ def _plan(run: Run, batches: list[tuple[int, Sequence[RecordAttempt]]]) -> list[
     todo = [(k, [i for i, a in enumerate(b) if a.id not in done]) for k, b in batches
             if not all(a.id in done for a in b)]
     if todo:
-        for orphan in (run.rundir.record / "shards").glob("*.safetensors"):
+        for orphan in (run.rundir.record / "shards").glob("b*-*.safetensors"):
             if not orphan.with_suffix(".json").exists() and _owns(run, orphan.stem):
                 orphan.unlink()
     run.begin("record", under_way=bool(todo))
@@ -144,7 +144,7 @@ def _record(run: Run) -> None:
             for a, res, lab in zip(batch, results, labels, strict=True):
                 meta = {"source": a.source.id, "speaker": a.source.speaker, "index": a.source.index,
                         "wer": round(wer(a.source.transcript, res.text), 6), "labels": lab,
-                        "label": lab[run.filter_judge], "audio": _audio_name(cfg, a, res)}
+                        "label": lab[run.filter_judge], **_audio_entry(cfg, a, res)}
                 records.append({"id": a.id, "emotion": a.target, "transcript": a.source.transcript,
                                 "text": res.text, "meta": meta})
             t3 = time.perf_counter()
@@ -156,16 +156,21 @@ def _record(run: Run) -> None:
     run.team.on_leader(lambda: run.begin("record", under_way=False))
 
 
-def _audio_name(cfg, attempt: RecordAttempt, result) -> str | None:
-    """Where the attempt's wav goes in ``record/`` (None when audio is not kept)."""
-    return convert.audio_name(attempt.id) if cfg.record.save_audio and result.waveform.size else None
+def _audio_entry(cfg, attempt: RecordAttempt, result) -> dict[str, str | None]:
+    """The record's audio fields, as ``convert.save_audio`` gives them; the writer fills in the sha256 when it
+    writes the wav (``_write_batch``), before the sidecar that holds the record."""
+    if not cfg.record.save_audio:
+        return {"audio": None}
+    name = convert.audio_name(attempt.id) if result.waveform.size else None
+    return {"audio": name, "audio_sha256": None}
 
 
 def _write_batch(run: Run, st_store, results, records: list[dict], st, keep: list[int], k: int) -> None:
     """A batch's wavs, then its store shard ``b<k>-000000`` (sidecar last) of the rows in ``keep``."""
     for res, rec in zip(results, records, strict=True):
-        if rec["meta"]["audio"] is not None:
-            atomic_write_wav(run.rundir.record / rec["meta"]["audio"], res.waveform, res.sample_rate)
+        meta = rec["meta"]
+        if meta["audio"] is not None:
+            meta["audio_sha256"] = atomic_write_wav(run.rundir.record / meta["audio"], res.waveform, res.sample_rate)
     rows = slice(None) if keep == list(range(len(records))) else keep  # every row: a view, not a copy
     arrays = {name: a[rows] for name, a in st.numpy().items()}
     st_store.append([records[i] for i in keep], worker=f"b{k:06d}", **arrays)

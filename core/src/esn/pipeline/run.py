@@ -53,15 +53,26 @@ class Run:
 
     # -- the run directory ---------------------------------------------------------------------------
     def stage_config(self) -> dict[str, Any]:
-        """The config parts each stage's results depend on (a change invalidates that stage)."""
+        """The config parts each stage's results depend on (a change invalidates that stage). Input files
+        count by content: re-imported human labels at the same path change the select stage."""
         c = self.cfg.model_dump(mode="json")
         # record.positions only picks which stored counts select uses (both parts are always recorded).
         positions = c["record"].pop("positions")
         record = {k: c[k] for k in ("seed", "model", "data", "generation", "judges", "record")}
         select = {"record": record, "positions": positions,
                   **{k: c[k] for k in ("filter", "anchor", "sweep", "selectors")}}
+        files = {k: v for k, v in self.inputs().items() if v is not None}
+        if files:  # only when set, so that runs without input files keep the fingerprints they had
+            select["inputs"] = files
         evaluate = {"select": select, "evaluate": c["evaluate"]}
         return {"record": record, "select": select, "evaluate": evaluate}
+
+    def inputs(self) -> dict[str, str | None]:
+        """Digests of the input files the config names, by field (None: not set)."""
+        from esn.files import sha256_file
+
+        labels = self.cfg.filter.human_labels  # not there yet (about to be imported): no digest
+        return {"filter.human_labels": sha256_file(labels) if labels is not None and labels.is_file() else None}
 
     def open(self) -> Run:
         """Create or reopen the run directory and take this process's locks (see ``RunDir.open``).
@@ -69,7 +80,7 @@ class Run:
         In a group, every rank must hold the same config; rank 0 alone opens the directory."""
         config = self.cfg.model_dump(mode="json")
         self.team.same_everywhere({f"config {k}": fingerprint(v) for k, v in config.items()})
-        self.team.on_leader(lambda: self.rundir.open(config, self.stage_config(), self.shard))
+        self.team.on_leader(lambda: self.rundir.open(config, self.stage_config(), self.shard, self.inputs()))
         return self
 
     def close(self) -> None:
@@ -111,7 +122,7 @@ class Run:
 
         m = self.cfg.model
         cls = registry().adapter(m.adapter)
-        self.console.print(f"loading [bold]{m.adapter}[/] from {m.source}")
+        self.console.print(f"loading {m.adapter} from {m.source}", markup=False, highlight=False)
         return cls.load(m.source, dtype=m.dtype, device=self.device, trust_remote_code=m.trust_remote_code)
 
     @cached_property

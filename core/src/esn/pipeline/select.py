@@ -18,7 +18,7 @@ import numpy as np
 from esn.errors import EsnError
 from esn.pipeline import record
 from esn.pipeline.config import Recipe, mask_recipes, settings
-from esn.pipeline.files import atomic_write_json
+from esn.pipeline.files import atomic_write_json, read_json
 from esn.pipeline.run import Run
 
 
@@ -56,6 +56,7 @@ class _Stats:
         self.store = record.store(run)
         self.sets: dict[tuple[int, str], Any] = {}
         self.stats: dict[str, Any] = {}
+        self.written: list[Path] = []  # statistics and mask files this select wrote (summary.json lists them)
 
     def success(self, c: int, labels: str):
         if (c, labels) not in self.sets:
@@ -65,7 +66,7 @@ class _Stats:
         return self.sets[(c, labels)]
 
     def of(self, recipe: Recipe):
-        """``ActivationStats`` over every recorded stream, saved once as ``stats_<stats_key>.safetensors``."""
+        """``ActivationStats`` over every recorded stream, written to ``stats_<stats_key>.safetensors`` once per select."""
         from esn import artifacts
         from esn.statistics import aggregate
 
@@ -77,36 +78,43 @@ class _Stats:
             stats.meta = {"source_run": "record", "c": recipe.c, "labels": recipe.labels, "seed": cfg.seed,
                           "tau_wer": cfg.filter.tau_wer, "positions": recipe.positions}
             path = self.run.rundir.select / f"stats_{key}.safetensors"
-            if not path.exists():
-                artifacts.save_stats(path, stats)
+            artifacts.save_stats(path, stats)  # always: a file from an earlier select may be stale
+            self.written.append(path)
             self.stats[key] = stats
         return self.stats[key]
 
 
 def select(run: Run) -> None:
-    """Filter, aggregate and select: one statistics file per (c, labels, positions), one mask set per recipe."""
+    """Filter, aggregate and select: one statistics file per (c, labels, positions), one mask set per recipe.
+
+    Everything is recomputed from the recorded attempts every time (aggregation reads them anyway), so a
+    changed record store or label file can never leave stale statistics or masks behind. ``summary.json``
+    is written last, with the sha256 of every file it vouches for: evaluate uses masks only when they
+    are the ones a finished select wrote."""
     from esn import artifacts
+    from esn.files import sha256_file
 
     cfg = run.cfg
     out = run.rundir.select
     cache = _Stats(run)
-    summary: dict[str, Any] = {"success_sets": {}, "masks": {}}
+    summary: dict[str, Any] = {"success_sets": {}, "masks": {}, "files": {}}
     for recipe in mask_recipes(cfg):
         stats = cache.of(recipe)
         summary["success_sets"][f"c{recipe.c}_{recipe.labels}"] = cache.success(recipe.c, recipe.labels).success
         path = out / f"masks_{recipe.key}.safetensors"
-        if not path.exists():
-            chosen, options = choose(run, stats, recipe)
-            artifacts.save_masks(path, chosen, layout=stats.layout.select([recipe.stream]), meta={
-                "architecture": cache.store.architecture, "selector": recipe.selector, "r": recipe.rate,
-                "c": recipe.c, "tau_wer": cfg.filter.tau_wer,
-                "judge": "human" if recipe.labels == "human" else run.filter_judge, "seed": cfg.seed,
-                "source_run": "record", "stream": recipe.stream, "positions": recipe.positions,
-                "selector_options": options})
-        summary["masks"][recipe.key] = {e: len(m) for e, m in masks(run, recipe.key).masks.items()}
+        chosen, options = choose(run, stats, recipe)
+        artifacts.save_masks(path, chosen, layout=stats.layout.select([recipe.stream]), meta={
+            "architecture": cache.store.architecture, "selector": recipe.selector, "r": recipe.rate,
+            "c": recipe.c, "tau_wer": cfg.filter.tau_wer,
+            "judge": "human" if recipe.labels == "human" else run.filter_judge, "seed": cfg.seed,
+            "source_run": "record", "stream": recipe.stream, "positions": recipe.positions,
+            "selector_options": options})
+        cache.written.append(path)
+        summary["masks"][recipe.key] = {e: len(m) for e, m in chosen.items()}
     if cfg.filter.human_labels is not None:
         _human_similarity(run)
     _positions_ablation(run, cache)
+    summary["files"] = {p.name: sha256_file(p) for p in cache.written}
     atomic_write_json(out / "summary.json", summary)
 
 
@@ -119,6 +127,29 @@ def choose(run: Run, stats, recipe: Recipe) -> tuple[dict[str, np.ndarray], dict
     chosen = select_neurons(stream.probs(), recipe.selector, recipe.rate, emotions=stream.emotions,
                             seed=run.cfg.seed, **options)
     return {e: chosen[e] for e in run.cfg.record.targets}, options
+
+
+def mask_digests(run: Run, keys) -> dict[str, str]:
+    """``{mask key: sha256}`` of the mask files of ``keys``, checked against the ``summary.json`` of the
+    select that wrote them: a select killed half-way or a file changed since is an error, not a silent mix."""
+    from esn.files import sha256_file
+
+    path = run.rundir.select / "summary.json"
+    if not path.exists():
+        raise EsnError(f"{path} not found: run `esn select` first")
+    listed = read_json(path, "run `esn select` to write it again").get("files")
+    out = {}
+    for key in keys:
+        name = f"masks_{key}.safetensors"
+        file = run.rundir.select / name
+        if not file.exists():
+            raise EsnError(f"mask file not found: {file}; run `esn select` first")
+        digest = sha256_file(file)
+        if not isinstance(listed, dict) or listed.get(name) != digest:
+            raise EsnError(f"{file} is not the mask file the last finished `esn select` wrote (it was interrupted, "
+                           "or the file was changed): run `esn select` again")
+        out[key] = digest
+    return out
 
 
 def masks(run: Run, mask_key: str, layout=None):
@@ -173,7 +204,4 @@ def _positions_ablation(run: Run, cache: _Stats) -> None:
 
 
 def _write_verdicts(result, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    result.write_csv(tmp)
-    tmp.replace(path)
+    result.write_csv(path)
