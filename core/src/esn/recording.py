@@ -259,7 +259,7 @@ class _Root:
         self.valid: torch.Tensor | None = None  # [B, pos] bool for "dense"; None = all real
         self.slot = -1  # chunk slot of this decode step
         self.valid_buf: torch.Tensor | None = None  # [halves * chunk, B] bool, per decode slot
-        self.valid_slots: list[torch.Tensor] = []  # its [B] rows, made once
+        self._valid_slots: list[torch.Tensor] | None = None  # its [B] rows: made once, when eager decoding needs them
         self.finished: torch.Tensor | None = None  # [B] bool: row has fed a stop token
         self.stop: torch.Tensor | None = None
         self.masked_decode = False  # decode validity tracked on the device (B > 1 and stop ids)
@@ -273,6 +273,15 @@ class _Root:
         self.slot_dev: torch.Tensor | None = None  # [1] int64: this step's slot (step % (halves * chunk))
         self.valid_col: torch.Tensor | None = None  # [B, 1] bool: this step's real rows ("step" strategy)
         self.base_calls = 0
+        self._totals: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # stats(): per (batch, device)
+
+    @property
+    def valid_slots(self) -> list[torch.Tensor]:
+        """``valid_buf``'s rows as ``[B]`` views, for eager decode steps (indexing a step costs more than
+        writing into a view made once). Made on first use: graph decoding never needs them."""
+        if self._valid_slots is None:
+            self._valid_slots = list(self.valid_buf.unbind(0))
+        return self._valid_slots
 
     def tokens(self, batch: int, device=None, *, prompt: bool = False) -> torch.Tensor:
         """``[B]`` int64 on ``device`` (CPU by default): positions counted per row (``prompt=True``: in the
@@ -281,6 +290,16 @@ class _Root:
         if dev is None:
             return torch.full((batch,), every, dtype=torch.int64, device=device)
         return dev.to(device) + every
+
+    def totals(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens [B, 1], prompt_tokens [B, 1])`` int64 on ``device``, made once for all the root's hook
+        points (call when recording has ended: they are kept)."""
+        key = (batch, str(device))
+        if key not in self._totals:
+            tokens = (self.tokens(batch, device) if self.calls
+                      else torch.zeros(batch, dtype=torch.int64, device=device))
+            self._totals[key] = tokens[:, None], self.tokens(batch, device, prompt=True)[:, None]
+        return self._totals[key]
 
     def begin(self, input_ids: torch.Tensor | None, mask: Any, pos: int, batch: int, device) -> None:
         """Decide this call's real positions. Only shapes are inspected on the host: no sync."""
@@ -384,7 +403,7 @@ class _Root:
 
     def _allocate_valid(self, device) -> None:
         self.valid_buf = torch.empty((self.halves * self.chunk, self.batch), dtype=torch.bool, device=device)
-        self.valid_slots = list(self.valid_buf.unbind(0))
+        self._valid_slots = None
 
     def _step_on_device(self, input_ids: torch.Tensor | None) -> None:
         s = self.engine
@@ -411,9 +430,11 @@ class _Root:
             torch.cuda.current_stream(self.lane.stream.device).wait_event(nxt)
 
     def _flush_half(self, half: int, steps: int) -> None:
-        for p in self.points:
-            p.pending = steps
-            p.flush(start=half * self.chunk)
+        start = half * self.chunk
+        valid = self.valid_buf[start : start + steps]  # [S, B]
+        with self.lane.run():  # one wait for the reductions of every hook point
+            for p in self.points:
+                p.reduce_chunk(start, steps, valid)
         self.freed[half] = self.lane.event()
 
     def decode_end(self, done: int) -> None:
@@ -438,8 +459,7 @@ class _Root:
         self.tokens_dev = tokens_dev.copy_(self.tokens_dev)
         if stop is not None:
             self.stop = stop.copy_(self.stop)
-        if self.valid_buf is not None:
-            self.valid_slots = list(self.valid_buf.unbind(0))
+        self._valid_slots = None
 
 
 def _prefill_valid(mask: Any, pos: int, root: str) -> torch.Tensor | None:
@@ -481,10 +501,12 @@ class _Point:
         self.sums: torch.Tensor | None = None  # [B, D] float64
         self.sumsq: torch.Tensor | None = None
         self.prompt_counts: torch.Tensor | None = None  # [B, D] int32: counts right after the prefill
-        self.buf: torch.Tensor | None = None  # [halves * chunk, B, 1, D], gate dtype ("chunk")
-        self.slots: list[
-            torch.Tensor
-        ] = []  # buf's [B, 1, D] views, made once: indexing costs more than copying
+        # "chunk": decode steps go into buf [halves * chunk, B, 1, D] in the gate's dtype. It is made when a
+        # step first writes it: a graph replay writes the buffer of the graph it replays (graph_adopt).
+        self.chunked = False
+        self.buf_spec: tuple | None = None  # (shape, dtype, device) of buf
+        self.buf: torch.Tensor | None = None
+        self._slots: list[torch.Tensor] | None = None  # buf's [B, 1, D] views, for eager steps
         self.refs: list[torch.Tensor] = []  # the gates themselves, [B, 1, D] each ("ref")
         self.versions: list[int] | None = None  # their version counters, to detect in-place edits
         self.pending = 0  # filled chunk slots not yet reduced
@@ -506,13 +528,13 @@ class _Point:
         if root.mode == "skip":
             return
         if root.engine is not None:  # a step inside esn.decode (maybe captured): no host-side state
-            if self.buf is not None:
-                self.buf.index_copy_(0, root.slot_dev, g.unsqueeze(0))  # [S, B, 1, D] <- [1, B, 1, D]
+            if self.chunked:
+                self._buffer().index_copy_(0, root.slot_dev, g.unsqueeze(0))  # [S, B, 1, D] <- [1, B, 1, D]
             else:
                 self._reduce_step(g[:, 0], root.valid_col)
             return
         if root.mode == "slot":
-            if self.buf is not None:
+            if self.chunked:
                 self.slots[root.slot].copy_(g)  # the one kernel of a decode step
             else:
                 self.refs.append(g)  # no kernel: keep the tensor until the chunk is reduced
@@ -560,10 +582,25 @@ class _Point:
             self.sums = torch.zeros((b, d), dtype=torch.float64, device=g.device)
             self.sumsq = torch.zeros((b, d), dtype=torch.float64, device=g.device)
         if self.root.chunk and self.strategy == "chunk":
-            self.buf = torch.empty((self.root.halves * self.root.chunk, b, 1, d), dtype=g.dtype, device=g.device)
-            self.slots = list(self.buf.unbind(0))
+            self.chunked = True
+            self.buf_spec = ((self.root.halves * self.root.chunk, b, 1, d), g.dtype, g.device)
         if self.strategy == "ref" and not g.is_inference():  # inference tensors have no version counter
             self.versions = []
+
+    def _buffer(self) -> torch.Tensor:
+        """The decode-chunk buffer, made on first use."""
+        if self.buf is None:
+            shape, dtype, device = self.buf_spec
+            self.buf = torch.empty(shape, dtype=dtype, device=device)
+        return self.buf
+
+    @property
+    def slots(self) -> list[torch.Tensor]:
+        """The buffer's ``[B, 1, D]`` views, one per slot, made on first use (eager decoding): a step copies
+        into a view made once, which costs less than indexing. Graph decoding never needs them."""
+        if self._slots is None:
+            self._slots = list(self._buffer().unbind(0))
+        return self._slots
 
     def _reduce_step(self, g: torch.Tensor, valid: torch.Tensor | None) -> None:
         # g: [B, D] (one decode position); valid: [B, 1] or None
@@ -590,18 +627,18 @@ class _Point:
             )
         d = self.hp.width
         device = self.counts.device if self.counts is not None else None
-        zero_counts = torch.zeros((batch, d), dtype=torch.int32, device=device)
-        counts = self.counts if self.counts is not None else zero_counts
-        tokens = (self.root.tokens(batch, device) if self.root.calls
-                  else torch.zeros(batch, dtype=torch.int64, device=device))
-        prompt_counts = self.prompt_counts if self.prompt_counts is not None else zero_counts
-        prompt_tokens = self.root.tokens(batch, device, prompt=True)[:, None]
+
+        def zeros(dtype: torch.dtype) -> torch.Tensor:  # a hook point that never ran counted nothing
+            return torch.zeros((batch, d), dtype=dtype, device=device)
+
+        tokens, prompt_tokens = self.root.totals(batch, device)
+        counts = self.counts if self.counts is not None else zeros(torch.int32)
+        prompt_counts = self.prompt_counts if self.prompt_counts is not None else zeros(torch.int32)
         if not self.moments:
-            return counts, tokens[:, None], None, None, prompt_counts, prompt_tokens
-        zero = torch.zeros((batch, d), dtype=torch.float64, device=device)
-        sums = self.sums if self.sums is not None else zero
-        sumsq = self.sumsq if self.sumsq is not None else zero
-        return counts, tokens[:, None], sums, sumsq, prompt_counts, prompt_tokens
+            return counts, tokens, None, None, prompt_counts, prompt_tokens
+        sums = self.sums if self.sums is not None else zeros(torch.float64)
+        sumsq = self.sumsq if self.sumsq is not None else zeros(torch.float64)
+        return counts, tokens, sums, sumsq, prompt_counts, prompt_tokens
 
     def flush(self, start: int = 0) -> None:
         """Reduce the ``pending`` chunk slots from ``start`` (on the lane; the caller orders reuse)."""
@@ -609,9 +646,9 @@ class _Point:
             return
         vb = self.root.valid_buf
         valid = None if vb is None else vb[start : start + self.pending]  # [S, B]
-        if self.buf is not None:
+        if self.chunked:
             with self.root.lane.run():
-                self._reduce_dense(self.buf[start : start + self.pending, :, 0], valid, dim=0)
+                self.reduce_chunk(start, self.pending, valid)
         else:
             if self.versions is not None:
                 if any(g._version != v for g, v in zip(self.refs, self.versions, strict=True)):
@@ -625,22 +662,26 @@ class _Point:
             self.refs.clear()
         self.pending = 0
 
+    def reduce_chunk(self, start: int, steps: int, valid: torch.Tensor | None) -> None:
+        """Reduce chunk slots ``start`` to ``start + steps`` (``valid`` ``[steps, B]``), where the caller runs it."""
+        self._reduce_dense(self._buffer()[start : start + steps, :, 0], valid, dim=0)
+
     # -- graph-aware decode (esn.decode): see _Root ---------------------------------------------------
     @property
     def graph_key(self) -> tuple:
-        kind = ("chunk", tuple(self.buf.shape), str(self.buf.dtype)) if self.buf is not None else ("step", self.moments)
+        kind = ("chunk", self.buf_spec[0], str(self.buf_spec[1])) if self.chunked else ("step", self.moments)
         implicit = self.root.graph_key if self.root.implicit else None  # its per-step work runs in this hook
         return ("esn.recorder.point", self.hp.width, kind, implicit)
 
     def graph_state(self) -> tuple:
-        own = (self.buf,) if self.buf is not None else (self.counts, self.sums, self.sumsq)
+        own = (self._buffer(),) if self.chunked else (self.counts, self.sums, self.sumsq)
         return own, (self.root.graph_state() if self.root.implicit else None)
 
     def graph_adopt(self, state: tuple) -> None:
         own, root_state = state
-        if self.buf is not None:
+        if self.chunked:  # the captured graph's buffer: this recording's was never made
             (self.buf,) = own
-            self.slots = list(self.buf.unbind(0))
+            self._slots = None
         else:  # "step" accumulates inside the step: carry this recording's prefill totals over
             counts, sums, sumsq = own
             self.counts = counts.copy_(self.counts)
@@ -735,6 +776,7 @@ class GateRecorder:
         self._specs = dict(target.stream_specs() or {})
         self._stack: contextlib.ExitStack | None = None
         self._points: list[_Point | RoutedPoint | SubstepPoint] = []
+        self._homes: list[Any] = []  # per point: the module whose presence in a decoded scope decode_begin checks
         self._roots: dict[str, _Root] = {}
         self._substeps: dict[str, SubstepRoot] = {}
         self._decoding: list[_Root] = []
@@ -753,7 +795,7 @@ class GateRecorder:
             self._stack = contextlib.ExitStack()
             self._stack.enter_context(_generate_wrapped(self.target, self._record_each))
             return self
-        self._points, self._roots, self._substeps = [], {}, {}
+        self._points, self._homes, self._roots, self._substeps = [], [], {}, {}
         forward, pre, seen = [], [], set()
         for hp in self.layout:
             module = self.target.module(hp)
@@ -762,6 +804,7 @@ class GateRecorder:
                     f"hook point {hp.name}: module {hp.module!r} is shared with another hook point"
                 )
             seen.add(id(module))
+            home = module
             root = self._root_for(hp)
             if hp.routed:  # esn.routing: rows mapped to (batch, position, expert) by a pre-hook on the experts
                 point = RoutedPoint(hp, root, self.moments, self.strategy)
@@ -776,12 +819,15 @@ class GateRecorder:
                 point.decode_listener = self
                 hook = point  # the object itself: graph-aware (esn.decode reads its graph_key)
             self._points.append(point)
+            self._homes.append(home if root.implicit else root.path)
             forward.append((module, hook))
         stack = contextlib.ExitStack()
         try:
             model = self.target.model
-            roots = [(model.get_submodule(path), _RootHook(r, self)) for path, r in self._roots.items()]
-            roots += [(model.get_submodule(path), sub.pre_hook) for path, sub in self._substeps.items()]
+            modules = {path: model.get_submodule(path) for path in [*self._roots, *self._substeps]}
+            self._homes = [modules[h] if isinstance(h, str) else h for h in self._homes]
+            roots = [(modules[path], _RootHook(r, self)) for path, r in self._roots.items()]
+            roots += [(modules[path], sub.pre_hook) for path, sub in self._substeps.items()]
             stack.enter_context(installed(roots + pre, kind="pre", with_kwargs=True))
             stack.enter_context(installed(forward))
         except BaseException:
@@ -866,11 +912,9 @@ class GateRecorder:
                 "GateRecorder strategy 'ref' keeps references to gate tensors, which a captured decode step "
                 "overwrites; use strategy 'chunk' or 'step' (or decode eagerly)"
             )
-        inside = {id(m) for m in state.scope.modules()}
         by_root: dict[int, tuple[_Root, list[_Point]]] = {}
-        for p in self._points:
-            module = self.target.module(p.hp) if p.root.implicit else self.target.model.get_submodule(p.root.path)
-            if id(module) not in inside:
+        for p, home in zip(self._points, self._homes, strict=True):
+            if not state.holds(home):
                 continue
             if not isinstance(p, _Point):
                 raise EsnError(f"hook point {p.hp.name} is {'routed' if p.hp.routed else 'in a substep'}: "

@@ -79,6 +79,9 @@ class DecodeState:
     - ``running`` ``[]`` bool: some row was unfinished before this step (false only in steps past the end,
       which ``generate`` would not have run);
     - ``tokens`` ``[B, max_new_tokens]`` long: generated tokens, column 0 from the prefill.
+
+    ``modules`` lists the scope's module tree once: a decoder serves one fixed tree (its captured graphs
+    replay that tree's kernels), so each run finds the hooks in it without walking the model again.
     """
 
     def __init__(self, scope: nn.Module, batch: int, vocab: int, greedy: Greedy, device: torch.device):
@@ -102,6 +105,22 @@ class DecodeState:
         if greedy.min_new_tokens > 0 and self.eos is not None:
             self.eos_column = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.eos_column[self.eos] = True
+        self._tree: tuple[list[tuple[str, nn.Module]], frozenset[int]] | None = None
+
+    def _listed(self) -> tuple[list[tuple[str, nn.Module]], frozenset[int]]:
+        if self._tree is None:
+            modules = list(self.scope.named_modules())
+            self._tree = modules, frozenset(id(m) for _, m in modules)
+        return self._tree
+
+    @property
+    def modules(self) -> list[tuple[str, nn.Module]]:
+        """``scope.named_modules()`` as a list, made on first use and kept."""
+        return self._listed()[0]
+
+    def holds(self, module: nn.Module) -> bool:
+        """Whether ``module`` is the scope or one of its submodules (a hook on it runs in every step)."""
+        return id(module) in self._listed()[1]
 
 
 @dataclass
@@ -255,7 +274,7 @@ class Decoder:
                 s.seen.scatter_(1, prompt_ids.to(s.device), True)
         self._choose(first_logits.float(), torch.zeros(1, dtype=torch.long, device=s.device))
 
-        hooks = graphs.scoped_hooks(self.scope)
+        hooks = graphs.scoped_hooks(self.scope, s.modules)
         listeners = graphs.listeners(hooks)
         total = g.max_new_tokens - 1
         info: dict[str, Any] = {"decode": "graph" if self.capture else "eager", "captured": False, "reused": False}

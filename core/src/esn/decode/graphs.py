@@ -27,7 +27,7 @@ decoder calls each distinct listener once per event.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,13 +54,15 @@ class ScopedHook:
         return getattr(self.hook, "graph_key", None) is not None
 
 
-def scoped_hooks(scope: nn.Module) -> list[ScopedHook]:
-    """Every forward pre-hook and forward hook that a forward of ``scope`` can run, in a fixed order."""
+def scoped_hooks(scope: nn.Module, modules: Sequence[tuple[str, nn.Module]] | None = None) -> list[ScopedHook]:
+    """Every forward pre-hook and forward hook that a forward of ``scope`` can run, in a fixed order.
+
+    ``modules``: ``scope.named_modules()`` listed already (``DecodeState.modules``), to skip the walk."""
     from torch.nn.modules import module as torch_module
 
     out = [ScopedHook("", "global-pre", h) for h in torch_module._global_forward_pre_hooks.values()]
     out += [ScopedHook("", "global-forward", h) for h in torch_module._global_forward_hooks.values()]
-    for path, m in scope.named_modules():
+    for path, m in scope.named_modules() if modules is None else modules:
         out += [ScopedHook(path, "pre", h) for h in m._forward_pre_hooks.values()]
         out += [ScopedHook(path, "forward", h) for h in m._forward_hooks.values()]
     return out
