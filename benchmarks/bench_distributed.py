@@ -176,6 +176,8 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True, help="study, run directories, logs and the JSON")
     ap.add_argument("--stages", default="record,select,evaluate", help="the stages to time (record alone: record)")
+    ap.add_argument("--threads-share", action="store_true", help="give each rank OMP_NUM_THREADS = cores / ranks "
+                    "(as `esn run --workers` does) instead of torchrun's 1")
     ap.add_argument("--json", type=Path, help="where to write the JSON (default: --out/bench_distributed.json)")
     args = ap.parse_args()
 
@@ -191,6 +193,7 @@ def main() -> None:
         "size": args.size, "device": args.device, "ranks": args.ranks, "study": study_toml(args.size, args.device),
         "torch": torch.__version__, "python": sys.version.split()[0],
         "card": torch.cuda.get_device_name(0) if cuda else "cpu", "gpus": torch.cuda.device_count() if cuda else 0,
+        "rank_omp_threads": (max(1, (os.cpu_count() or 1) // args.ranks) if args.threads_share else 1) if cuda else None,
     }
 
     def save() -> None:
@@ -207,6 +210,8 @@ def main() -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}", "-m",
                 "esn", "-v"]
     many_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(args.ranks)))} if cuda else env
+    if cuda and args.threads_share:  # what `esn run --workers N` sets: each rank its share of the cores
+        many_env = {**many_env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.ranks))}
     print(f"{args.ranks} ranks under torchrun", file=sys.stderr, flush=True)
     result["ranks_run"] = run([*launcher, "run", *common, "--run-dir", str(args.out / "many")], many_env,
                               logs / "many.log", stages)

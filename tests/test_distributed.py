@@ -232,10 +232,11 @@ def test_workers_are_torchrun_ranks(tmp_path):
     assert cmd == [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                    "--max-restarts=3", "--no-python", sys.executable, "-P", "-m", "esn", "run", "s.toml", "--run-dir", str(tmp_path), "--stages",
                    "record,select", "--threads", "2", "--ranks-per-gpu", "2"]  # four workers on two GPUs
-    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}  # --threads given: torchrun's OMP default stays
     args = build_parser().parse_args(["record", "s.toml", "--workers", "2", "--resize"])
     cmd, env = workers_command(args, ["record"], tmp_path, 2, None, {})
-    assert cmd[-3:] == ["--stages", "record", "--resize"] and "--ranks-per-gpu" not in cmd and env == {}
+    assert cmd[-3:] == ["--stages", "record", "--resize"] and "--ranks-per-gpu" not in cmd
+    assert env == {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}  # each rank's share of the cores
 
 
 def test_an_unfinished_stage_keeps_its_number_of_processes(tmp_path):
