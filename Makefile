@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PACKAGES := core $(patsubst %/pyproject.toml,%,$(wildcard adapters/*/pyproject.toml plugins/*/pyproject.toml))
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 DEMO_OUT ?= demo-out
+# Test files run in parallel processes (pytest-xdist), each file whole in one process so that its
+# module fixtures are built once (the suite took 12 min so on the 2-core machine). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 DIST ?= dist
 SITE ?= site
 # Which torch, explicitly: PyPI's Linux torch wheels are CUDA builds (several GB), so a bare "torch"
@@ -31,7 +34,7 @@ torch:
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: setup
 	$(VENV)/bin/esn demo --out $(DEMO_OUT)
