@@ -144,3 +144,20 @@ def mlp_hook_points(model: nn.Module, layers_path: str, stream: str, *, first_la
         else:
             raise EsnError(f"{layers_path}.{i} has neither a SwiGLU mlp (act_fn, gate_proj) nor fused experts")
     return points
+
+
+def apply_affine(g: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                 floor: torch.Tensor | None) -> torch.Tensor:
+    """``max(g * scale + shift, floor)``, skipping the parts that are ``None``: the steering edit of a gate.
+
+    ``g`` is ``[..., d]`` and each part broadcasts to it; one fused kernel when both scale and shift are set.
+    """
+    if scale is not None and shift is not None:
+        y = torch.addcmul(shift, g, scale)
+    elif scale is not None:
+        y = g * scale
+    elif shift is not None:
+        y = g + shift
+    else:
+        y = g
+    return y if floor is None else torch.maximum(y, floor)

@@ -32,6 +32,7 @@ import torch
 
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
+from esn.hooks import apply_affine
 
 IMPLEMENTATIONS: tuple[str, ...] = ("grouped_mm", "batched_mm", "eager")
 _SLICE_BYTES = 64 * 2**20  # float64 copies of prefill rows are summed in slices this small
@@ -379,15 +380,7 @@ def steer_hooks(target: Any, hp: HookPoint, edit: Any, skip: Callable[[], bool] 
         else:
             idx = rows.take(g.shape[0])
             scale, shift, floor = (None if t is None else t.index_select(0, idx) for t in table)
-        if scale is not None and shift is not None:
-            y = torch.addcmul(shift, g, scale)
-        elif scale is not None:
-            y = g * scale
-        elif shift is not None:
-            y = g + shift
-        else:
-            y = g
-        return y if floor is None else torch.maximum(y, floor)
+        return apply_affine(g, scale, shift, floor)
 
     model = target.model
     return [(_module(model, hp.router, hp), pre)], [(_module(model, hp.module, hp), hook)]

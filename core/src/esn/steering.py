@@ -28,7 +28,7 @@ import torch
 
 from esn.errors import EsnError, LayoutMismatchError
 from esn.hookpoints import HookPoint, Layout, describe_difference
-from esn.hooks import installed
+from esn.hooks import apply_affine, installed
 from esn.interventions import Affine, Intervention, Method, resolve
 from esn.masks import Mask
 from esn.plugins import Registry
@@ -137,17 +137,7 @@ class _Edit:
             )
         if g.dtype is not self.dtype or g.device != self.device:
             self._place(g.dtype, g.device)
-        scale, shift = self.scale, self.shift
-        if scale is not None and shift is not None:
-            y = torch.addcmul(shift, g, scale)
-        elif scale is not None:
-            y = g * scale
-        elif shift is not None:
-            y = g + shift
-        else:
-            y = g
-        if self.floor is not None:
-            y = torch.maximum(y, self.floor)
+        y = apply_affine(g, self.scale, self.shift, self.floor)
         for ex in self.extra:
             if ex.rows is None:
                 y = ex.cls.apply(y, ex.indices, ex.alpha)
