@@ -212,3 +212,23 @@ def test_a_redone_attempt_in_one_store(tmp_path):
     _copy_shard(shards, "w1-000000", "w4-000000", other_text)  # ... and once differently: an error
     with pytest.raises(EsnError, match=r"'a' is stored twice with different content.*w1-000000.*w4-000000"):
         store.records()
+
+
+def test_each_sidecar_is_parsed_once_and_changes_are_seen(tmp_path, monkeypatch):
+    import esn.store
+
+    parsed = []
+    real = esn.store.read_json
+    monkeypatch.setattr(esn.store, "read_json", lambda path, what: parsed.append(path.name) or real(path, what))
+    store = AttemptStore(tmp_path, LAYOUT)
+    for i in range(20):  # a resumable run: every append checks its ids against everything stored
+        store.append(*batch([f"a{i}"], seed=i), worker=f"b{i:06d}")
+    assert len(store.done_ids()) == 20 and len(store.records()) == 20
+    assert sorted(parsed) == sorted(set(parsed)) and len(parsed) == 20  # each sidecar read once, not 20*21/2
+    shards = tmp_path / "shards"
+    _copy_shard(shards, "b000003-000000", "b000003-000000", lambda side: side["records"][0].update(text="redone"))
+    assert store.records()[3].text == "redone"  # a sidecar rewritten on disk is read again
+    (shards / "b000004-000000.json").unlink()
+    assert "a4" not in store.done_ids()  # ... and a removed one is forgotten
+    with pytest.raises(EsnError, match="already stored"):
+        store.append(*batch(["a7"]), worker="again")

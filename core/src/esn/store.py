@@ -212,6 +212,10 @@ class AttemptStore:
                     **layout_to_dict(layout)}
             atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
         self.shard_dir.mkdir(exist_ok=True)
+        # Parsed sidecars by file name, with the (size, mtime_ns, inode) they were parsed at: a sidecar is written
+        # once, atomically, so each is parsed once per store object instead of on every append/read
+        # (a paper-size study holds thousands; re-parsing them all per append outgrew a batch).
+        self._parsed: dict[str, tuple[tuple[int, int, int], _Shard]] = {}
 
     def __repr__(self) -> str:
         return f"AttemptStore({str(self.root)!r}, {self.layout.n_neurons} neurons)"
@@ -288,8 +292,8 @@ class AttemptStore:
             tensors |= {"prompt_counts": stats.prompt_counts, "prompt_tokens": stats.prompt_tokens}
         header = {"esn": json.dumps({"format": SHARD_FORMAT, "fingerprint": self.layout.fingerprint})}
         blob = safetensors.numpy.save(tensors, metadata=header)
-        seq = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in self.shard_dir.glob(f"{worker}-*.*")
-                       if p.stem.rsplit("-", 1)[1].isdigit()), default=-1)
+        stems = (n.rsplit(".", 1)[0] for n in self._names() if n.startswith(f"{worker}-"))
+        seq = 1 + max((int(t[len(worker) + 1:]) for t in stems if t[len(worker) + 1:].isdigit()), default=-1)
         while (self.shard_dir / f"{worker}-{seq:06d}.safetensors").exists():
             seq += 1
         stem = f"{worker}-{seq:06d}"
@@ -302,26 +306,47 @@ class AttemptStore:
 
     # --- reading ---
 
+    def _names(self) -> list[str]:
+        """File names in the shard folder, sorted (strings: sorting Path objects costs more than the rest)."""
+        with os.scandir(self.shard_dir) as entries:
+            return sorted(e.name for e in entries if not e.name.startswith("."))
+
     def _shards(self) -> list[_Shard]:
         shards = []
+        names = self._names()
+        folder = str(self.shard_dir)
         stems = set()
-        for path in sorted(self.shard_dir.glob("*.json")):
-            if path.name.startswith("."):
+        parsed: dict[str, tuple[tuple[int, int, int], _Shard]] = {}
+        for name in names:
+            if not name.endswith(".json"):
                 continue
-            side = read_json(path, "shard sidecar")
-            if side.get("format") != SHARD_FORMAT or side.get("tensors") != f"{path.stem}.safetensors":
-                raise EsnError(f"{path}: not an esn shard sidecar (format {side.get('format')!r})")
             try:
-                recs = [AttemptRecord.from_dict(d, f"{path} record {i}") for i, d in enumerate(side["records"])]
-                shards.append(_Shard(path.stem, recs, int(side["size"]), str(side["sha256"])))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise EsnError(f"{path}: damaged shard sidecar ({type(exc).__name__}: {exc})") from None
-            stems.add(path.stem)
-        orphans = [p.name for p in sorted(self.shard_dir.glob("*.safetensors")) if p.stem not in stems]
+                st = os.stat(os.path.join(folder, name))  # strings: a Path per file costs more than the stat
+            except OSError as exc:
+                raise EsnError(f"{self.shard_dir / name}: cannot read shard sidecar ({exc})") from None
+            key = (st.st_size, st.st_mtime_ns, st.st_ino)  # a rewrite is a rename: a new inode
+            cached = self._parsed.get(name)
+            shard = cached[1] if cached is not None and cached[0] == key else self._parse_sidecar(self.shard_dir / name)
+            parsed[name] = (key, shard)
+            shards.append(shard)
+            stems.add(name[:-len(".json")])
+        self._parsed = parsed  # sidecars removed from disk are forgotten too
+        orphans = [n for n in names if n.endswith(".safetensors") and n[:-len(".safetensors")] not in stems]
         if orphans:
             warnings.warn(f"{self.shard_dir}: ignoring {len(orphans)} shard(s) without a sidecar, left by an "
                           f"interrupted write: {', '.join(orphans[:5])}", StoreWarning, stacklevel=3)
         return shards
+
+    @staticmethod
+    def _parse_sidecar(path: Path) -> _Shard:
+        side = read_json(path, "shard sidecar")
+        if side.get("format") != SHARD_FORMAT or side.get("tensors") != f"{path.stem}.safetensors":
+            raise EsnError(f"{path}: not an esn shard sidecar (format {side.get('format')!r})")
+        try:
+            recs = [AttemptRecord.from_dict(d, f"{path} record {i}") for i, d in enumerate(side["records"])]
+            return _Shard(path.stem, recs, int(side["size"]), str(side["sha256"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EsnError(f"{path}: damaged shard sidecar ({type(exc).__name__}: {exc})") from None
 
     def _load(self, shard: _Shard) -> AttemptStats:
         path = self.shard_dir / f"{shard.name}.safetensors"
