@@ -139,14 +139,16 @@ def check_rows(adapter, requests, gen) -> dict:
     from esn.routing import implementation, row_order
 
     points = [next(h for h in adapter.layout() if h.routed and h.stream == s) for s in ("lm", "synth")]
-    seen: dict[str, list] = {hp.name: [] for hp in points}  # per forward: (hidden, top_k_index, [gates])
+    # per forward: (hidden, top_k_index, implementation, [gates]); the implementation is read in the forward:
+    # transformers' generate switches grouped_mm layers to batched_mm for its decode loop, and back after
+    seen: dict[str, list] = {hp.name: [] for hp in points}
     pre, fwd = [], []
     for hp in points:
-        def on_experts(m, a, k, box=seen[hp.name]):
-            box.append((a[0].detach(), a[1].detach(), []))
+        def on_experts(m, a, k, box=seen[hp.name], hp=hp):
+            box.append((a[0].detach(), a[1].detach(), implementation(m, hp), []))
 
         def on_gate(m, a, g, box=seen[hp.name]):  # eager: one call per routed-to expert
-            box[-1][2].append(g.detach())
+            box[-1][3].append(g.detach())
 
         pre.append((adapter.model.get_submodule(hp.router), on_experts))
         fwd.append((adapter.model.get_submodule(hp.module), on_gate))
@@ -155,9 +157,10 @@ def check_rows(adapter, requests, gen) -> dict:
     out = {}
     for hp in points:
         experts = adapter.model.get_submodule(hp.router)
-        impl, d = implementation(experts, hp), hp.unit_width
-        rows_total, wrong, permuted, per_forward = 0, 0, 0, []
-        for hidden, index, gates in seen[hp.name]:
+        d = hp.unit_width
+        rows_total, wrong, permuted, per_forward, impls = 0, 0, 0, [], []
+        for hidden, index, impl, gates in seen[hp.name]:
+            impls.append(impl)
             expert, entry = row_order(index, impl)
             g = torch.cat(gates).float()
             x = hidden[entry // hp.top_k].float()  # [rows, h]
@@ -171,9 +174,10 @@ def check_rows(adapter, requests, gen) -> dict:
                 permuted += int(((~match) & (cos.max(1).values > 0.99)).sum())  # another row's token
             rows_total += expert.numel()
             wrong += bad
-            per_forward.append([int(index.shape[0]), bad])
+            per_forward.append([int(index.shape[0]), bad, impl])
         out[hp.name] = {"rows": rows_total, "mismatched_rows": wrong, "of_them_another_rows_token": permuted,
-                        "forwards_tokens_mismatched": per_forward, "implementation": impl}
+                        "forwards_tokens_mismatched_implementation": per_forward,
+                        "implementations": {i: impls.count(i) for i in sorted(set(impls))}}
     return out
 
 
