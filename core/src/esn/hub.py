@@ -9,6 +9,7 @@ raises an :class:`~esn.errors.EsnError` that says so.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -99,3 +100,42 @@ def prepare_source(source: str | Path) -> None:
     if not in_cache(text):
         raise EsnError(f"model {text!r} is not a local folder and not in the hub cache ({cache_dir()}), and {why}: "
                        f"download it where the hub is reachable (huggingface-cli download {text}) and give its folder")
+
+
+def checkpoint_file(source: str | Path, name: str) -> Path | None:
+    """``name`` inside a local checkpoint folder, or inside hub repository ``source`` (from the cache, or
+    downloaded); None when it is not there or the hub cannot serve it."""
+    local = Path(source)
+    if local.is_dir():
+        path = local / name
+        return path if path.is_file() else None
+    if not is_hub_id(str(source)):
+        return None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(str(source), name, _raise_exceptions_for_missing_entries=False)
+    except Exception:  # offline, no such repository, no access
+        return None
+    return Path(found) if found else None
+
+
+def read_checkpoint_config(source: str | Path, example: str) -> dict:
+    """``config.json`` of a checkpoint folder or hub id, read before any weight; every failure is one
+    EsnError naming the source (``example``: a hub id to suggest, like ``Qwen/Qwen2.5-Omni-7B``)."""
+    text = str(source)
+    local = Path(text)
+    if local.exists() and not local.is_dir():
+        raise EsnError(f"model {text!r} is a file; give the checkpoint directory")
+    if not local.exists() and not is_hub_id(text):
+        raise EsnError(f"model {text!r} not found: give a checkpoint directory or a hub id like {example}")
+    path = checkpoint_file(text, "config.json")
+    if path is None:
+        raise EsnError(f"{text}: no config.json (not a transformers checkpoint, or the hub is unreachable)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EsnError(f"{path}: unreadable config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise EsnError(f"{path}: config.json is not a JSON object")
+    return config

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import re
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from esn.adapters import (
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
-from esn.hub import is_hub_id
+from esn.hub import is_hub_id, read_checkpoint_config
 from esn.requirements import Requirement, ensure, install_line
 
 LM_LAYERS = "llm.model.layers"
@@ -205,13 +204,7 @@ class MiniCPMOAdapter(ModelAdapter):
     @classmethod
     def read_config(cls, source: str | Path) -> dict:
         """The checkpoint directory's config.json, checked to be MiniCPM-o."""
-        path = Path(source)
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except FileNotFoundError:
-            raise EsnError(f"{source}: no config.json; not a MiniCPM-o checkpoint directory") from None
-        except (OSError, ValueError) as exc:
-            raise EsnError(f"{path / 'config.json'}: unreadable ({exc})") from None
+        config = read_checkpoint_config(source, "openbmb/MiniCPM-o-4_5")
         cls.check_architectures(config, source)
         return config
 

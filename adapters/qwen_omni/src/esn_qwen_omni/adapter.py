@@ -20,7 +20,6 @@ Decoding: ``decode="graph"`` (the default on CUDA) runs thinker and talker throu
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from esn.adapters import (
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
+from esn.hub import checkpoint_file, read_checkpoint_config
 from esn.requirements import Requirement
 
 THINKER_LAYERS = ("thinker.model.language_model.layers", "thinker.model.layers")
@@ -87,26 +87,6 @@ OPTIONS: dict[str, Any] = {
 DECODE_MODES = ("graph", "eager")
 DIT_GRAPHS = 2  # captured DiT evaluations kept (per group shape)
 DIT_DTYPES = ("float32", "bfloat16")
-
-
-def _is_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
-
-
-def _find_file(source: str, name: str) -> Path | None:
-    """``name`` inside a local checkpoint directory or a hub repository (downloaded to the cache)."""
-    local = Path(source)
-    if local.is_dir():
-        path = local / name
-        return path if path.is_file() else None
-    from transformers.utils import cached_file
-
-    try:
-        found = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
-    except Exception:  # offline, no such repository, no access
-        return None
-    return Path(found) if found else None
 
 
 def _placement(device: str) -> dict[str, Any]:
@@ -374,18 +354,7 @@ class QwenOmniAdapter(ModelAdapter):
     @classmethod
     def read_architectures(cls, source: str | Path) -> list[str]:
         """The checkpoint's config ``architectures`` (local folder or hub id), checked against this adapter's."""
-        source = str(source)
-        if not Path(source).exists() and not _is_hub_id(source):
-            raise EsnError(f"model {source!r} not found: give a checkpoint directory or a hub id like Qwen/Qwen2.5-Omni-7B")
-        if Path(source).exists() and not Path(source).is_dir():
-            raise EsnError(f"model {source!r} is a file; give the checkpoint directory")
-        path = _find_file(source, "config.json")
-        if path is None:
-            raise EsnError(f"{source}: no config.json (not a transformers checkpoint, or the hub is unreachable)")
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise EsnError(f"{path}: unreadable config.json ({exc})") from None
+        config = read_checkpoint_config(source, "Qwen/Qwen2.5-Omni-7B")
         return cls.check_architectures(config, source)
 
     @classmethod
@@ -407,7 +376,7 @@ class QwenOmniAdapter(ModelAdapter):
         check_dtype(dtype)
         cls.read_architectures(source)
         source = str(source)
-        speaker_file = _find_file(source, SAFETENSORS_NAME) or _find_file(source, TORCH_NAME)
+        speaker_file = checkpoint_file(source, SAFETENSORS_NAME) or checkpoint_file(source, TORCH_NAME)
         if speaker_file is None:
             raise EsnError(f"{source}: no speaker file ({SAFETENSORS_NAME} or {TORCH_NAME}); token2wav needs one")
         verbosity = hf_logging.get_verbosity()
