@@ -269,7 +269,7 @@ class _Root:
         self.followers: list[Callable] = []  # substeps (esn.substeps): told each step's real rows [B]
         # Graph-aware decode (esn.decode): set from decode_begin to decode_end.
         self.engine: Any = None  # the decoder's DecodeState: its step counter and "running" flag
-        self.points: list[_Point] = []  # the hook points this root counts for
+        self.points: list[Any] = []  # what this root flushes: its _Point, RoutedPoint and SubstepRoot objects
         self.slot_dev: torch.Tensor | None = None  # [1] int64: this step's slot (step % (halves * chunk))
         self.valid_col: torch.Tensor | None = None  # [B, 1] bool: this step's real rows ("step" strategy)
         self.base_calls = 0
@@ -380,7 +380,7 @@ class _Root:
     # A row is real at a step if it has not fed a stop token and the step is one generate would run
     # (state.running): the few steps a decoder runs past the end count nowhere.
 
-    def decode_begin(self, state: Any, points: list[_Point]) -> None:
+    def decode_begin(self, state: Any, points: list[Any]) -> None:
         if self.calls == 0:
             raise EsnError(f"stream root {self.path!r}: decoding began before its prefill ran through the root")
         if state.batch != self.batch:
@@ -388,7 +388,7 @@ class _Root:
         device = state.device
         self.engine, self.points, self.base_calls = state, points, self.calls
         for p in points:
-            p.base_calls = p.calls
+            p.decode_begin(state)
         if self.stop is None and self.stop_ids and not self.implicit:  # tracked at batch 1 too: steps past the end
             self.stop = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
         if self.tokens_dev is None:
@@ -442,7 +442,7 @@ class _Root:
         if rest:
             self._flush_half((done // self.chunk) % self.halves, rest)
         for p in self.points:
-            p.calls = p.base_calls + done  # the hooks ran once per capture, not once per replay
+            p.decode_end(done)  # the hooks ran once per capture, not once per replay
         self.calls = self.base_calls + done
         self.engine, self.points = None, []
 
@@ -666,6 +666,14 @@ class _Point:
         """Reduce chunk slots ``start`` to ``start + steps`` (``valid`` ``[steps, B]``), where the caller runs it."""
         self._reduce_dense(self._buffer()[start : start + steps, :, 0], valid, dim=0)
 
+    def decode_begin(self, state: Any) -> None:
+        """A decoder starts stepping (see _Root)."""
+        self.base_calls = self.calls
+
+    def decode_end(self, done: int) -> None:
+        """The decoder ran ``done`` steps; the hook ran once per step (a replay runs no Python)."""
+        self.calls = self.base_calls + done
+
     # -- graph-aware decode (esn.decode): see _Root ---------------------------------------------------
     @property
     def graph_key(self) -> tuple:
@@ -808,9 +816,8 @@ class GateRecorder:
             root = self._root_for(hp)
             if hp.routed:  # esn.routing: rows mapped to (batch, position, expert) by a pre-hook on the experts
                 point = RoutedPoint(hp, root, self.moments, self.strategy)
-                routing, (module, _) = recorder_hooks(point, self.target.model)
+                routing, (module, hook) = recorder_hooks(point, self.target.model)
                 pre.append(routing)
-                hook = point.hook
             elif isinstance(root, SubstepRoot):
                 point = SubstepPoint(hp, root, self.moments)
                 hook = point.hook
@@ -912,19 +919,21 @@ class GateRecorder:
                 "GateRecorder strategy 'ref' keeps references to gate tensors, which a captured decode step "
                 "overwrites; use strategy 'chunk' or 'step' (or decode eagerly)"
             )
-        by_root: dict[int, tuple[_Root, list[_Point]]] = {}
+        by_root: dict[int, tuple[_Root, list[Any]]] = {}
         for p, home in zip(self._points, self._homes, strict=True):
             if not state.holds(home):
                 continue
-            if not isinstance(p, _Point):
-                raise EsnError(f"hook point {p.hp.name} is {'routed' if p.hp.routed else 'in a substep'}: "
-                               "its recording needs host-side work per step; decode eagerly (decode='eager')")
-            by_root.setdefault(id(p.root), (p.root, []))[1].append(p)
-        self._decoding = [root for root, _ in by_root.values()]
-        for root, points in by_root.values():
-            for p in points:
+            if isinstance(p, SubstepPoint):  # runs in decode steps only: its substep root is flushed as one
+                root, item = p.root.parent, p.root
+            else:
                 if p.counts is None:
                     raise EsnError(f"hook point {p.hp.name} did not run in the prefill of the decoded stream")
+                root, item = p.root, p
+            points = by_root.setdefault(id(root), (root, []))[1]
+            if item not in points:
+                points.append(item)
+        self._decoding = [root for root, _ in by_root.values()]
+        for root, points in by_root.values():
             root.decode_begin(state, points)
 
     def decode_step(self, done: int) -> None:

@@ -50,6 +50,45 @@ def implementation(experts: Any, hp: HookPoint) -> str:
     return impl
 
 
+def capturable(experts: Any, hp: HookPoint) -> str:
+    """The experts implementation of ``experts`` if a CUDA graph can capture it (``esn.decode``); EsnError
+    for ``eager``, whose host loop over the routed-to experts (found with ``nonzero``) syncs with the host."""
+    impl = implementation(experts, hp)
+    if impl == "eager":
+        raise EsnError(f"hook point {hp.name}: experts implementation 'eager' loops over the experts on the host, "
+                       "which a CUDA graph cannot capture; load the model with experts_implementation='grouped_mm' "
+                       "(or 'batched_mm'), or decode with capture=False")
+    return impl
+
+
+class _Hook:
+    """A routed hook function with esn.decode's graph-aware protocol (``esn.decode.graphs``) for ``owner``:
+    the pre-hook on the experts module (``role="pre"``) adds the owner's key, the ``act_fn`` hook
+    (``"forward"``) also carries its tensors."""
+
+    def __init__(self, fn: Callable, owner: Any, role: str):
+        self.fn = fn
+        self.owner = owner
+        self.role = role
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    @property
+    def graph_key(self) -> tuple:
+        """The owner's structure (read only by a capturing decoder)."""
+        return (self.role, self.owner.graph_key)
+
+    def graph_state(self) -> Any:
+        """The tensors the owner's captured kernels use (on the forward hook only)."""
+        return self.owner.graph_state() if self.role == "forward" else None
+
+    def graph_adopt(self, state: Any) -> None:
+        """Let the owner take over a captured graph's tensors (on the forward hook only)."""
+        if self.role == "forward":
+            self.owner.graph_adopt(state)
+
+
 def routing_of(args: tuple, kwargs: dict, hp: HookPoint) -> torch.Tensor:
     """``top_k_index [T, k]`` from the arguments of an experts module's forward."""
     index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
@@ -93,6 +132,11 @@ class RoutedPoint:
     one token) or one ``sort`` into the chunk buffer (batch > 1), each into a slot view made once (on
     the host, indexing a buffer costs about as much as the copy). The chunk is reduced with
     ``index_add_`` at once, and nothing waits for the device.
+
+    Inside ``esn.decode`` (the root's ``engine`` is set) a step does device work only, so it can be
+    captured: the copies go to the slot ``state.step % S`` the root keeps on the device, each row's
+    validity is the root's per-step ``valid_buf``, and the root flushes filled halves between steps
+    (``reduce_chunk``). With the ``step`` strategy the rows are reduced inside the step.
     """
 
     def __init__(self, hp: HookPoint, root: Any, moments: bool, strategy: str):
@@ -103,8 +147,10 @@ class RoutedPoint:
         self.root = root
         self.moments = moments
         self.chunked = strategy != "step"  # "ref" keeps no references for routed points: it copies
+        self.experts: Any = None  # the experts module (set by recorder_hooks): its implementation
         self.calls = 0
         self.forwards = 0
+        self.base_forwards = 0  # forwards before esn.decode began (a replayed step runs no Python)
         self.counts: torch.Tensor | None = None  # [B, E, d] int32
         self.tokens: torch.Tensor | None = None  # [B, E] int64
         self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # (counts, tokens) right after the prefill
@@ -112,17 +158,19 @@ class RoutedPoint:
         self.sums: torch.Tensor | None = None  # [B, E, d] float64
         self.sumsq: torch.Tensor | None = None
         self.impl = ""
+        self.gate_dtype: torch.dtype | None = None  # the gate rows' dtype, seen in the prefill
         self.row = 0  # rows of this forward already seen by act_fn (eager calls it once per expert)
         self.mode = "skip"
         # this forward, dense mode: per row group b*E + e and validity
         self.group: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
-        # chunk buffers: gate rows [S, R, d]; routing ids [S, R] (batch 1) or expert/entry [S, R]
+        # chunk buffers of S = halves * chunk slots: gate rows [S, R, d]; routing ids [S, R] (batch 1 and
+        # batched_mm in decode: top_k_index as it is) or expert/entry [S, R] in act_fn's row order
         self.gbuf: torch.Tensor | None = None
         self.ebuf: torch.Tensor | None = None
         self.nbuf: torch.Tensor | None = None
-        # their per-slot views, made once: gate rows [R, d]; batch 1: routing [1, k] (top_k_index's
-        # shape, so the copy needs no reshape); batch > 1: expert and entry [R]
+        # their per-slot views for eager steps, made once: gate rows [R, d]; batch 1: routing [1, k]
+        # (top_k_index's shape, so the copy needs no reshape); batch > 1: expert and entry [R]
         self.gslots: list[torch.Tensor] = []
         self.grows: list[list[torch.Tensor]] = []  # each slot's rows as [1, d] views (eager, one token)
         self.eslots: list[torch.Tensor] = []
@@ -140,15 +188,18 @@ class RoutedPoint:
         self.mode = root.mode
         if not self.snapped and root.calls > 1:
             self._snapshot()  # the prefill is over: keep what the prompt counted (device copies, once)
-        if self.mode == "skip":
-            return
         index = routing_of(args, kwargs, self.hp)
-        impl = implementation(module, self.hp)
         b, p = root.batch, root.pos
         if index.shape[0] != b * p:
             raise EsnError(f"hook point {self.hp.name}: {index.shape[0]} routed tokens, but its stream root "
                            f"{root.path!r} runs batch {b} x {p} positions")
-        self._allocate(index.device)
+        self._allocate(index.device)  # also when skipped: a graph-aware decode needs them before its steps
+        if self.mode == "skip":
+            return
+        impl = implementation(module, self.hp)
+        if root.engine is not None:
+            self._decode_pre(index, impl)
+            return
         if self.mode == "slot" and self.chunked:
             if self.pending and impl != self.pending_impl:
                 self.flush()
@@ -164,27 +215,45 @@ class RoutedPoint:
                 self.nslots[slot].copy_(entry)
             return
         self.mode = "dense"
+        self._groups(index, impl, root.valid)
+
+    def _groups(self, index: torch.Tensor, impl: str, valid: torch.Tensor | None) -> None:
+        """Each row's group ``b * E + e`` and validity (from ``valid [B, pos]``) for a dense forward."""
         expert, entry = row_order(index, impl)
         token = entry // self.hp.top_k
-        row = token // p
+        row = token // self.root.pos
         self.group = row * self.hp.experts + expert
-        valid = root.valid
         self.valid = None if valid is None else valid.reshape(-1)[token]  # [B, pos] -> per row
+
+    def _decode_pre(self, index: torch.Tensor, impl: str) -> None:
+        """A step inside esn.decode: device work only (sort, copies at the device-side slot)."""
+        root = self.root
+        if self.mode == "step":  # reduced in the step, each row counted if its batch row is real
+            self.mode = "dense"
+            self._groups(index, impl, root.valid_col)  # [B, 1]: one position per row
+            return
+        if root.batch == 1 or impl == "batched_mm":  # rows in entry order, or ordered at the flush
+            self.ebuf.index_copy_(0, root.slot_dev, index.reshape(1, -1))
+            return
+        expert, entry = row_order(index, impl)  # grouped_mm: torch.sort, exactly the model's call
+        self.ebuf.index_copy_(0, root.slot_dev, expert.unsqueeze(0))
+        self.nbuf.index_copy_(0, root.slot_dev, entry.unsqueeze(0))
 
     def hook(self, module, args, g: torch.Tensor) -> None:
         """Forward hook on ``act_fn``: ``g [rows, d]``, this forward's rows in ``row_order``'s order (eager:
         one expert's rows per call), copied into the chunk slot or reduced at once."""
         self.calls += 1
+        self.gate_dtype = g.dtype
         if self.mode == "skip":
             return
         _gate_rows(g, self.hp)
         n, start = g.shape[0], self.row
         self.row += n
+        if self.mode == "slot" and self.root.engine is not None:  # [S, R, d] at the step's slot, on the device
+            self._gates(g).narrow(1, start, n).index_copy_(0, self.root.slot_dev, g.unsqueeze(0))
+            return
         if self.mode == "slot":
-            if self.gbuf is None:  # [chunk, B * k, d] in the gate's dtype
-                rows = self.root.batch * self.hp.top_k
-                self.gbuf = torch.empty((self.root.chunk, rows, g.shape[1]), dtype=g.dtype, device=g.device)
-                self.gslots = list(self.gbuf.unbind(0))
+            self._gates(g)
             dst = self.gslots[self.root.slot]
             if n == dst.shape[0]:
                 dst.copy_(g)
@@ -202,6 +271,18 @@ class RoutedPoint:
         valid = None if self.valid is None else self.valid[start:start + n]
         self._reduce(g, self.group[start:start + n], valid)
 
+    def _gates(self, g: torch.Tensor) -> torch.Tensor:
+        """The gate-row chunk buffer ``[S, B * k, d]`` in the gate's dtype, made on first use (a graph
+        replay writes the buffer of the graph it replays: graph_adopt)."""
+        if self.gbuf is None:
+            rows = self.root.batch * self.hp.top_k
+            self.gbuf = torch.empty((self._slots(), rows, g.shape[1]), dtype=g.dtype, device=g.device)
+            self.gslots = list(self.gbuf.unbind(0))
+        return self.gbuf
+
+    def _slots(self) -> int:
+        return self.root.halves * self.root.chunk
+
     def _allocate(self, device) -> None:
         if self.counts is not None:
             return
@@ -212,10 +293,10 @@ class RoutedPoint:
             self.sums = torch.zeros((b, e, d), dtype=torch.float64, device=device)
             self.sumsq = torch.zeros((b, e, d), dtype=torch.float64, device=device)
         if self.chunked and self.root.chunk:
-            rows = b * self.hp.top_k
-            self.ebuf = torch.empty((self.root.chunk, rows), dtype=torch.int64, device=device)
-            self.nbuf = torch.empty((self.root.chunk, rows), dtype=torch.int64, device=device) if b > 1 else None
-            self.eslots = list(self.ebuf.view(self.root.chunk, 1, rows).unbind(0) if b == 1 else self.ebuf.unbind(0))
+            rows, slots = b * self.hp.top_k, self._slots()
+            self.ebuf = torch.empty((slots, rows), dtype=torch.int64, device=device)
+            self.nbuf = torch.empty((slots, rows), dtype=torch.int64, device=device) if b > 1 else None
+            self.eslots = list(self.ebuf.view(slots, 1, rows).unbind(0) if b == 1 else self.ebuf.unbind(0))
             self.nslots = [] if self.nbuf is None else list(self.nbuf.unbind(0))
 
     def _reduce(self, g: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None) -> None:
@@ -258,6 +339,60 @@ class RoutedPoint:
         self._reduce(self.gbuf[:n].reshape(-1, self.hp.unit_width), group.reshape(-1),
                      None if valid is None else valid.reshape(-1))
 
+    # -- graph-aware decode (esn.decode; the root drives it, see esn.recording._Root) ---------------------
+    def decode_begin(self, state: Any) -> None:
+        """A decoder starts stepping: the prefill is over (keep the prompt's share)."""
+        if not self.snapped:
+            self._snapshot()
+        self.impl = implementation(self.experts, self.hp)
+        self.base_forwards = self.forwards
+
+    def reduce_chunk(self, start: int, steps: int, valid: torch.Tensor) -> None:
+        """Reduce decode slots ``start`` to ``start + steps``; ``valid [steps, B]`` says which batch rows
+        were real at each step (the root's ``valid_buf``)."""
+        if self.gbuf is None:  # no step wrote a slot
+            return
+        k, e = self.hp.top_k, self.hp.experts
+        ids = self.ebuf[start:start + steps]  # [steps, R]
+        if self.root.batch == 1:  # one token's k distinct experts, in act_fn's order
+            expert = ids if self.impl == "batched_mm" else torch.sort(ids, dim=-1).values
+            row = torch.zeros_like(expert)
+        elif self.impl == "batched_mm":  # entry order: row r is token r // k
+            expert = ids
+            row = (torch.arange(ids.shape[1], device=ids.device) // k).expand_as(ids)
+        else:
+            expert, row = ids, self.nbuf[start:start + steps] // k
+        self._reduce(self.gbuf[start:start + steps].reshape(-1, self.hp.unit_width), (row * e + expert).reshape(-1),
+                     valid.gather(1, row).reshape(-1))
+
+    def decode_end(self, done: int) -> None:
+        """The decoder ran ``done`` steps: the experts module ran once in each (replays run no hook)."""
+        self.forwards = self.base_forwards + done
+
+    @property
+    def graph_key(self) -> tuple:
+        """The kernels a decode step issues: shapes, dtypes, implementation, chunk (EsnError for ``eager``)."""
+        impl = capturable(self.experts, self.hp)
+        kind = ("chunk", self._slots(), str(self.gate_dtype)) if self.root.chunk else ("step", self.moments)
+        return ("esn.recorder.routed", self.hp.experts, self.hp.top_k, self.hp.unit_width, self.root.batch, impl, kind)
+
+    def graph_state(self) -> tuple:
+        """The tensors a captured step writes: the chunk buffers, or (step strategy) the statistics."""
+        if self.root.chunk:
+            return self.gbuf, self.ebuf, self.nbuf
+        return self.counts, self.tokens, self.sums, self.sumsq
+
+    def graph_adopt(self, state: tuple) -> None:
+        """Write into a captured graph's tensors from now on (``step``: carrying this recording's totals)."""
+        if self.root.chunk:
+            self.gbuf, self.ebuf, self.nbuf = state
+            self.gslots, self.grows, self.eslots, self.nslots = [], [], [], []  # eager views of the old buffers
+            return
+        counts, tokens, sums, sumsq = state
+        self.counts, self.tokens = counts.copy_(self.counts), tokens.copy_(self.tokens)
+        if sums is not None:
+            self.sums, self.sumsq = sums.copy_(self.sums), sumsq.copy_(self.sumsq)
+
     def _snapshot(self) -> None:
         self.snapped = True
         if self.counts is None:  # the prefill was skipped (positions="generated") or never ran
@@ -285,9 +420,11 @@ class RoutedPoint:
 
 
 def recorder_hooks(point: RoutedPoint, model: Any) -> tuple[tuple[Any, Callable], tuple[Any, Callable]]:
-    """``((experts module, pre-hook with kwargs), (act_fn module, forward hook))`` of a routed point."""
+    """``((experts module, pre-hook with kwargs), (act_fn module, forward hook))`` of a routed point, both
+    graph-aware (``esn.decode``)."""
     hp = point.hp
-    return (_module(model, hp.router, hp), point.pre_hook), (_module(model, hp.module, hp), point.hook)
+    point.experts = _module(model, hp.router, hp)
+    return (point.experts, _Hook(point.pre_hook, point, "pre")), (_module(model, hp.module, hp), _Hook(point.hook, point, "forward"))
 
 
 def _module(model: Any, path: str | None, hp: HookPoint) -> Any:
