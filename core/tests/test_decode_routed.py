@@ -11,10 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 from esn.adapters import StreamSpec
-from esn.decode import CausalLMDecoding, DecodeState, Greedy
+from esn.decode import CausalLMDecoding, DecodeState, Greedy, graphs
+from esn.errors import EsnError
 from esn.hooks import ModelTarget, has_hooks, mlp_hook_points
+from esn.masks import Mask
 from esn.recording import GateRecorder
-from esn.routing import IMPLEMENTATIONS
+from esn.routing import IMPLEMENTATIONS, capturable
+from esn.steering import Condition, steer, steer_rows
 
 PAD = 0
 NEW = 10
@@ -142,4 +145,146 @@ def test_routed_recording_in_the_decoder_equals_the_eager_recorder(model, eos, i
     a, b = hf.stats(), ours.stats()
     assert torch.equal(a.counts, b.counts) and torch.equal(a.tokens, b.tokens)
     torch.testing.assert_close(a.sums, b.sums, rtol=1e-6, atol=1e-6)
+    assert not has_hooks(model)
+
+
+def _masks(layout):
+    return [Mask(torch.arange(r, layout.n_neurons, 3 + r).numpy(), layout) for r in range(3)]
+
+
+METHODS = {"steer": ("steer", 8.0), "add": ("add", 2.0), "clamp": ("clamp", 1.0), "deactivate": ("deactivate", None)}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_routed_steering_and_recording_in_the_decoder_match_generate(model, eos, impl, method):
+    target = _target(model, eos)
+    mask = _masks(target.layout())[1]
+    name, alpha = METHODS[method]
+    dec = _decoding(model, eos, len(PROMPTS))
+    plain = _generate(model, PROMPTS, eos)
+    with steer(target, mask, name, alpha), GateRecorder(target) as hf:
+        ref = _generate(model, PROMPTS, eos)
+    assert not torch.equal(ref, plain), f"premise: {method} changes tokens"
+    with steer(target, mask, name, alpha), GateRecorder(target) as by_hand:
+        hand = _loop_by_hand(dec, PROMPTS, eos)
+    with steer(target, mask, name, alpha), GateRecorder(target) as ours:
+        out = _decode(dec, PROMPTS)
+    assert torch.equal(out.tokens, ref) and torch.equal(out.tokens, hand)
+    _equal(by_hand.stats(), ours.stats())
+    a, b = hf.stats(), ours.stats()
+    assert torch.equal(a.counts, b.counts) and torch.equal(a.tokens, b.tokens)
+    assert not has_hooks(model)
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_routed_steer_rows_in_the_decoder_reproduce_each_rows_solo_run(model, eos, impl, positions):
+    target = _target(model, eos)
+    masks = _masks(target.layout())
+    conditions = [Condition(masks[0], "steer", 2.5), None, Condition(masks[2], "clamp", 0.4)]
+    dec = _decoding(model, eos, len(PROMPTS))
+    with steer_rows(target, conditions, positions=positions):
+        out = _decode(dec, PROMPTS)
+        ref = _generate(model, PROMPTS, eos)
+    assert torch.equal(out.tokens, ref)
+    solo_dec = _decoding(model, eos, 1)
+    for b, (prompt, cond) in enumerate(zip(PROMPTS, conditions, strict=True)):
+        with steer_rows(target, [cond], positions=positions):
+            solo = _decode(solo_dec, [prompt]).tokens[0]
+        assert torch.equal(out.tokens[b, : solo.shape[0]], solo), b
+        assert (out.tokens[b, solo.shape[0]:] == PAD).all()
+    assert not torch.equal(out.tokens[0], _generate(model, PROMPTS, eos)[0]), "premise: row 0 is steered"
+    assert not has_hooks(model)
+
+
+def _routed_hooks(model):
+    return [h for h in graphs.scoped_hooks(model) if h.path.endswith("experts") or h.path.endswith("act_fn")]
+
+
+def test_graph_keys_are_structural_and_adopt_copies_values(model, eos):
+    """What lets a new steering block or recorder reuse a graph captured with an earlier one."""
+    target = _target(model, eos)
+    masks = _masks(target.layout())
+    first = [Condition(masks[0], "steer", 2.0), None, Condition(masks[1], "add", 0.5)]
+    second = [Condition(masks[1], "steer", 0.5), Condition(masks[2], "add", -1.0), None]
+    with steer_rows(target, first):
+        hooks = graphs.scoped_hooks(model)
+        key, captured = graphs.fingerprint(hooks), graphs.states(hooks)
+    with steer_rows(target, second):
+        hooks = graphs.scoped_hooks(model)
+        assert graphs.fingerprint(hooks) == key
+        routed = [h for h in hooks if h.path.endswith("experts.act_fn")]
+        assert routed and all(h.kind == "forward" for h in routed)
+        values = [h.hook.owner.edit.scale.clone() for h in routed]
+        graphs.adopt(hooks, captured)
+        for h, value in zip(routed, values, strict=True):
+            scale = h.hook.owner.edit.scale
+            assert any(s[0] is scale for s in captured if s) and torch.equal(scale, value)
+            assert h.hook.owner.table[0].data_ptr() == scale.data_ptr()  # the gathers read the adopted tensor
+    with steer(target, masks[1], "steer", 1.0):  # another structure: another graph
+        assert graphs.fingerprint(graphs.scoped_hooks(model)) != key
+    # recorders: equal structure, equal keys; the chunk length or the batch makes another structure
+    keys = []
+    for chunk, prompts in [(3, PROMPTS), (3, PROMPTS), (4, PROMPTS), (3, PROMPTS[:1])]:
+        dec = _decoding(model, eos, len(prompts))
+        with GateRecorder(target, chunk_steps=chunk) as rec, torch.inference_mode():
+            dec.prefill(*_batch(prompts))
+            rec.decode_begin(dec.decoder.state)
+            hooks = graphs.scoped_hooks(model)
+            keys.append(graphs.fingerprint(hooks))
+            rec.decode_end(0)
+    assert keys[0] == keys[1] and keys[2] != keys[0] and keys[3] != keys[0]
+
+
+def test_routed_recorder_adopts_a_captured_graphs_tensors(model, eos):
+    """A second recorder of the same structure takes over the first one's decode tensors (as a graph
+    replay would write them) and its step-strategy totals carry its own prefill."""
+    target = _target(model, eos)
+    dec = _decoding(model, eos, len(PROMPTS))
+    for strategy in ("chunk", "step"):
+        with GateRecorder(target, strategy=strategy, chunk_steps=3) as first:
+            _decode(dec, PROMPTS)
+        hooks = graphs.scoped_hooks(model)
+        assert not hooks
+        with GateRecorder(target, strategy=strategy, chunk_steps=3) as rec, torch.inference_mode():
+            dec.prefill(*_batch(PROMPTS))
+            rec.decode_begin(dec.decoder.state)
+            hooks = graphs.scoped_hooks(model)
+            point = next(h.hook.owner for h in hooks if h.path.endswith("experts.act_fn"))
+            other = next(p for p in first._points if p.hp.name == point.hp.name)
+            prefill = point.counts.clone()
+            graphs.adopt(hooks, graphs.states(hooks))  # adopting its own tensors changes nothing
+            if strategy == "chunk":
+                before = (point.gbuf, point.ebuf)
+                point.graph_adopt(other.graph_state())
+                assert point.gbuf is other.gbuf and point.ebuf is other.ebuf and before[1] is not other.ebuf
+            else:
+                point.graph_adopt(other.graph_state())
+                assert point.counts is other.counts and torch.equal(point.counts, prefill)
+            rec.decode_end(0)
+
+
+def test_eager_experts_are_refused_for_capture(model, eos):
+    target = _target(model, eos)
+    hp = target.layout()["lm.layers.0.mlp.gate"]
+    experts = model.get_submodule(hp.router)
+    before = model.config._experts_implementation
+    try:
+        for name in ("grouped_mm", "batched_mm"):
+            model.set_experts_implementation(name)
+            assert capturable(experts, hp) == name
+        model.set_experts_implementation("eager")
+        with pytest.raises(EsnError, match="experts_implementation='grouped_mm'"):
+            capturable(experts, hp)
+        # what a capturing decoder reads first: the hooks' graph keys
+        with GateRecorder(target) as rec, torch.inference_mode():
+            dec = _decoding(model, eos, 1)
+            dec.prefill(*_batch(PROMPTS[:1]))
+            rec.decode_begin(dec.decoder.state)
+            with pytest.raises(EsnError, match="a CUDA graph cannot capture"):
+                graphs.fingerprint(graphs.scoped_hooks(model))
+            rec.decode_end(0)
+        with steer(target, _masks(target.layout())[0]), pytest.raises(EsnError, match="a CUDA graph cannot capture"):
+            graphs.fingerprint(graphs.scoped_hooks(model))
+    finally:
+        model.set_experts_implementation(before)
     assert not has_hooks(model)

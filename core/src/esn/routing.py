@@ -477,50 +477,87 @@ class _Rows:
         return self.index if start == 0 and n == self.index.shape[0] else self.index[start:start + n]
 
 
-def steer_hooks(target: Any, hp: HookPoint, edit: Any, skip: Callable[[], bool] | None) -> tuple[list, list]:
-    """``(pre-hooks, forward hooks)`` that apply ``edit`` (``esn.steering._Edit``, dense tensors ``[E*d]``
-    or ``[B, 1, E*d]``) to routed rows, each row getting its expert's (and batch row's) values.
-    ``skip()`` says whether the current forward is a prefill to leave alone (``positions="generated"``)."""
-    if edit.extra:
-        raise EsnError(f"hook point {hp.name} is routed: only interventions with an affine form "
-                       f"(steer, add, clamp, deactivate, or a plugin's affine()) can be applied to it")
-    rows = _Rows(hp, edit.rows)
-    d = hp.unit_width
+class _RoutedEdit:
+    """Steering of one routed hook point: ``pre`` on the experts module finds each row's index into the
+    edit, ``hook`` on ``act_fn`` edits the rows ``g [rows, d]``. Graph-aware (``esn.decode``): a step
+    issues only device work (sort, gathers, the affine edit), reading the edit's dense tensors, so another
+    block with the same structure reuses a captured graph by copying its values into them."""
 
-    def tables() -> list[torch.Tensor | None]:  # the edit's tensors as [groups, d], made once per placement
-        return [None if t is None else t.view(-1, d) for t in (edit.scale, edit.shift, edit.floor)]
+    def __init__(self, hp: HookPoint, edit: Any, skip: Callable[[], bool] | None, experts: Any):
+        if edit.extra:
+            raise EsnError(f"hook point {hp.name} is routed: only interventions with an affine form "
+                           f"(steer, add, clamp, deactivate, or a plugin's affine()) can be applied to it")
+        self.hp = hp
+        self.edit = edit
+        self.skip = skip
+        self.experts = experts
+        self.rows = _Rows(hp, edit.rows)
+        self.table = self._tables()
 
-    table = tables()
+    def _tables(self) -> list[torch.Tensor | None]:
+        """The edit's tensors as ``[groups, d]`` views, made once per placement."""
+        return [None if t is None else t.view(-1, self.hp.unit_width)
+                for t in (self.edit.scale, self.edit.shift, self.edit.floor)]
 
-    def pre(module, args, kwargs):
-        rows.skip = skip is not None and skip()
+    def pre(self, module, args, kwargs) -> None:
+        """Forward pre-hook (with kwargs) on the experts module: ``top_k_index [T, k]`` -> each row's index."""
+        rows, k = self.rows, self.hp.top_k
+        rows.skip = self.skip is not None and self.skip()
         rows.pre_hook(module, args, kwargs)
         rows.calls = None
-        if not rows.skip and rows.impl == "eager" and rows.index.shape[0] == hp.top_k:
+        if not rows.skip and rows.impl == "eager" and rows.index.shape[0] == k:
             # One token (batch-1 decode): eager calls act_fn once per routed expert with one row. Gather
-            # all k rows' edits now (one kernel per edit tensor) instead of one gather per call.
-            picked = [[None] * hp.top_k if t is None else t.index_select(0, rows.index).unbind(0) for t in table]
+            # all k rows' edits now (one kernel per edit tensor) instead of one gather per call. A host-side
+            # path of the eager implementation only, which a decoder never captures (capturable()).
+            picked = [[None] * k if t is None else t.index_select(0, rows.index).unbind(0) for t in self.table]
             rows.calls = list(zip(*picked, strict=True))
 
-    def hook(module, args, g):  # g: [rows, d] in row_order
-        nonlocal table
+    def hook(self, module, args, g: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook on ``act_fn``: ``g [rows, d]`` in ``row_order`` -> the edited rows."""
+        rows, edit = self.rows, self.edit
         if rows.skip:
             return None
-        _gate_rows(g, hp)
+        _gate_rows(g, self.hp)
         if g.dtype is not edit.dtype or g.device != edit.device:
             edit._place(g.dtype, g.device)
-            table = tables()
+            self.table = self._tables()
             rows.calls = None  # gathered from the old placement
         if rows.calls is not None and g.shape[0] == 1:
             scale, shift, floor = rows.calls[rows.start]  # [d] each: broadcast over the row
             rows.start += 1
         else:
             idx = rows.take(g.shape[0])
-            scale, shift, floor = (None if t is None else t.index_select(0, idx) for t in table)
+            scale, shift, floor = (None if t is None else t.index_select(0, idx) for t in self.table)
         return apply_affine(g, scale, shift, floor)
 
+    # graph-aware decode (esn.decode)
+    @property
+    def graph_key(self) -> tuple:
+        """The edit's structure, the routing's shape and implementation (EsnError for ``eager``)."""
+        hp = self.hp
+        impl = capturable(self.experts, hp)
+        return ("esn.steer.routed", hp.experts, hp.top_k, hp.unit_width, self.rows.rows, impl, self.edit.graph_key)
+
+    def graph_state(self) -> tuple:
+        """The edit's dense tensors, which the captured gathers read."""
+        return self.edit.graph_state()
+
+    def graph_adopt(self, state: tuple) -> None:
+        """Copy this edit's values into a captured graph's tensors and use those."""
+        self.edit.graph_adopt(state)
+        self.table = self._tables()
+
+
+def steer_hooks(target: Any, hp: HookPoint, edit: Any, skip: Callable[[], bool] | None) -> tuple[list, list]:
+    """``(pre-hooks, forward hooks)`` that apply ``edit`` (``esn.steering._Edit``, dense tensors ``[E*d]``
+    or ``[B, 1, E*d]``) to routed rows, each row getting its expert's (and batch row's) values.
+    ``skip()`` says whether the current forward is a prefill to leave alone (``positions="generated"``).
+    Both hooks are graph-aware (``esn.decode``)."""
     model = target.model
-    return [(_module(model, hp.router, hp), pre)], [(_module(model, hp.module, hp), hook)]
+    experts = _module(model, hp.router, hp)
+    routed = _RoutedEdit(hp, edit, skip, experts)
+    return ([(experts, _Hook(routed.pre, routed, "pre"))],
+            [(_module(model, hp.module, hp), _Hook(routed.hook, routed, "forward"))])
 
 
 # -- folding -----------------------------------------------------------------------------------------
