@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from esn.adapters import StreamSpec
-from esn.decode import CausalLMDecoding, DecodeState, Greedy, graphs
+from esn.decode import CausalLMDecoding, Decoder, DecodeState, Greedy, graphs
 from esn.errors import EsnError
 from esn.hooks import ModelTarget, has_hooks, mlp_hook_points
 from esn.masks import Mask
@@ -288,3 +288,157 @@ def test_eager_experts_are_refused_for_capture(model, eos):
     finally:
         model.set_experts_implementation(before)
     assert not has_hooks(model)
+
+
+# -- substeps: a toy step that runs a small module 15 times (16 positions) before the stream root --------
+
+TV, TH, TW = 48, 16, 24  # toy vocab, hidden, gate width
+SUB_FORWARDS = (2,) + (1,) * 14  # as Qwen3-Omni's code predictor: a 2-position prefill, 14 one-position steps
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(TH, TW, bias=False)
+        self.up_proj = torch.nn.Linear(TH, TW, bias=False)
+        self.down_proj = torch.nn.Linear(TW, TH, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _MLP()
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Layer() for _ in range(n))
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class _Toy(torch.nn.Module):
+    """A stream root (``root``, fed input_ids) with a substep (``sub``) run before it in every decode step."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(TV, TH)
+        self.root = _Stack(2)
+        self.sub = _Stack(1)
+        self.head = torch.nn.Linear(TH, TV, bias=False)
+
+    def prefill(self, ids, mask):
+        return self.head(self.root(input_ids=ids, attention_mask=mask, inputs_embeds=self.embed(ids))[:, -1])
+
+    def step(self, state):
+        """One decode step: the substep's 15 forwards on this step's token, then the root."""
+        x = self.embed(state.ids)  # [B, 1, h]
+        h = self.sub(inputs_embeds=torch.cat([x, 0.5 * x], 1))[:, -1:]
+        acc = h
+        for _ in SUB_FORWARDS[1:]:
+            h = self.sub(inputs_embeds=torch.tanh(h))
+            acc = acc + h
+        return self.head(self.root(input_ids=state.ids, inputs_embeds=x + 0.1 * acc)[:, -1])
+
+
+TOY_PROMPTS = [[5, 17, 9, 3], [44, 8, 12, 7, 6, 2], [20, 6]]
+TOY_NEW = 9
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(1)
+    toy = _Toy().eval()
+    ids, mask = _batch(TOY_PROMPTS)
+    with torch.inference_mode():  # free run (no stop ids): pick stop ids that end rows at different steps
+        free = _toy_by_hand(toy, ids, mask, ())
+    stop = (int(free[0, 2]), int(free[1, 5]))
+    ends = [next((i for i, t in enumerate(row) if t in stop), TOY_NEW) for row in free.tolist()]
+    assert len(set(ends)) == 3 and max(ends) < TOY_NEW - 1, f"premise: rows stop at different steps: {ends}"
+    toy.stop = stop
+    return toy
+
+
+def _toy_by_hand(toy, ids, mask, stop):
+    """The loop over the toy's step in plain Python: every hook runs its eager path."""
+    greedy = Greedy(TOY_NEW, tuple(stop), PAD)
+    logits = toy.prefill(ids, mask)
+    state = DecodeState(toy, ids.shape[0], TV, greedy, logits.device)
+    nxt = logits.argmax(-1)
+    stops = torch.tensor(stop, dtype=torch.long)
+    finished = torch.isin(nxt, stops)
+    out = [nxt]
+    for k in range(TOY_NEW - 1):
+        if bool(finished.all()):
+            break
+        state.ids.copy_(nxt[:, None])
+        state.step.fill_(k)
+        nxt = torch.where(finished, PAD, toy.step(state).argmax(-1))
+        finished |= torch.isin(nxt, stops)
+        out.append(nxt)
+    return torch.stack(out, 1)
+
+
+def _toy_target(toy):
+    from esn.hookpoints import HookPoint
+
+    points = [HookPoint("synth", i, TW, f"root.layers.{i}.mlp.act_fn") for i in range(2)]
+    points.append(HookPoint("synth", 2, TW, "sub.layers.0.mlp.act_fn"))
+    return ModelTarget(toy, points, {"synth": StreamSpec("root", toy.stop, substeps=("sub",))})
+
+
+@pytest.mark.parametrize("prompts", [TOY_PROMPTS, TOY_PROMPTS[1:2]], ids=["batch3", "batch1"])
+@pytest.mark.parametrize("strategy,chunk,positions,overlap", [
+    ("chunk", None, "all", None), ("chunk", 2, "all", True), ("chunk", 3, "generated", None), ("step", None, "all", None),
+])
+def test_substep_recording_in_the_decoder_equals_the_eager_substep_path(toy, prompts, strategy, chunk, positions,
+                                                                       overlap):
+    target = _toy_target(toy)
+    options = {"strategy": strategy, "chunk_steps": chunk, "positions": positions, "overlap": overlap}
+    ids, mask = _batch(prompts)
+    with GateRecorder(target, **options) as eager, torch.inference_mode():
+        by_hand = _toy_by_hand(toy, ids, mask, toy.stop)
+    dec = Decoder(toy, toy.step, batch=len(prompts), vocab=TV, greedy=Greedy(TOY_NEW, toy.stop, PAD), capture=False)
+    dec.check_every = 2  # steps past the end: their substep positions count nowhere
+    with GateRecorder(target, **options) as ours, torch.inference_mode():
+        out = dec.run(toy.prefill(ids, mask))
+    assert torch.equal(out.tokens, by_hand) and out.steps > out.length - 1
+    a, b = eager.stats(), ours.stats()
+    _equal(a, b)
+    sub = target.layout().group_slice("synth.layers.2.mlp.gate")
+    root = target.layout().group_slice("synth.layers.0.mlp.gate")
+    generated = b.tokens[:, root] - (b.prompt_tokens[:, root] if b.has_prompt_split else 0)
+    assert torch.equal(b.tokens[:, sub], generated * sum(SUB_FORWARDS))  # 16 positions per real root step
+    if len(prompts) > 1:
+        assert len(set(b.tokens[:, sub].flatten().tolist())) == 3, "premise: rows stop at different steps"
+    assert not has_hooks(toy)
+
+
+def test_substep_forwards_must_be_fixed_per_step(toy):
+    target = _toy_target(toy)
+    ids, mask = _batch(TOY_PROMPTS)
+    calls = []
+
+    def step(state):  # one extra substep forward in the second step
+        calls.append(1)
+        if len(calls) == 2:
+            toy.sub(inputs_embeds=toy.embed(state.ids))
+        return toy.step(state)
+
+    dec = Decoder(toy, step, batch=3, vocab=TV, greedy=Greedy(TOY_NEW, toy.stop, PAD), capture=False)
+    with pytest.raises(EsnError, match="same forwards in every step"):
+        with GateRecorder(target), torch.inference_mode():
+            dec.run(toy.prefill(ids, mask))
+    assert not has_hooks(toy)

@@ -266,7 +266,7 @@ class _Root:
         self.tokens_dev: torch.Tensor | None = None  # [B] int64, positions counted under a mask
         self.tokens_all = 0  # positions counted in calls where every row was real
         self.prompt: tuple[int, torch.Tensor | None] = (0, None)  # (tokens_all, tokens_dev) after the prefill
-        self.followers: list[Callable] = []  # substeps (esn.substeps): told each step's real rows [B]
+        self.followers: list[SubstepRoot] = []  # substeps (esn.substeps): told each step's real rows [B]
         # Graph-aware decode (esn.decode): set from decode_begin to decode_end.
         self.engine: Any = None  # the decoder's DecodeState: its step counter and "running" flag
         self.points: list[Any] = []  # what this root flushes: its _Point, RoutedPoint and SubstepRoot objects
@@ -362,7 +362,7 @@ class _Root:
 
     def _tell(self, rows: torch.Tensor | None) -> None:
         for follow in self.followers:  # substeps that ran before this step belong to it
-            follow(rows)
+            follow.on_root_step(rows)
 
     def _count(self, valid: torch.Tensor | None) -> None:
         if valid is None:
@@ -410,6 +410,8 @@ class _Root:
         if self.stop is not None and input_ids is not None:
             torch.logical_or(self.finished, (input_ids[:, -1:] == self.stop).any(-1), out=self.finished)
         valid = torch.logical_and(torch.logical_not(self.finished), s.running)  # [B]
+        for follow in self.followers:  # substeps that ran in this step, before the root
+            follow.on_root_step_device(valid)
         if self.chunk:
             self.mode = "slot"
             torch.remainder(s.step, self.halves * self.chunk, out=self.slot_dev)
@@ -820,7 +822,7 @@ class GateRecorder:
                 pre.append(routing)
             elif isinstance(root, SubstepRoot):
                 point = SubstepPoint(hp, root, self.moments)
-                hook = point.hook
+                hook = point  # graph-aware (esn.decode)
             else:
                 point = _Point(hp, root, self.moments, self.strategy)
                 point.decode_listener = self
@@ -834,7 +836,7 @@ class GateRecorder:
             modules = {path: model.get_submodule(path) for path in [*self._roots, *self._substeps]}
             self._homes = [modules[h] if isinstance(h, str) else h for h in self._homes]
             roots = [(modules[path], _RootHook(r, self)) for path, r in self._roots.items()]
-            roots += [(modules[path], sub.pre_hook) for path, sub in self._substeps.items()]
+            roots += [(modules[path], sub) for path, sub in self._substeps.items()]  # graph-aware
             stack.enter_context(installed(roots + pre, kind="pre", with_kwargs=True))
             stack.enter_context(installed(forward))
         except BaseException:
