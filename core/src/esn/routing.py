@@ -228,6 +228,7 @@ class RoutedPoint:
     def _decode_pre(self, index: torch.Tensor, impl: str) -> None:
         """A step inside esn.decode: device work only (sort, copies at the device-side slot)."""
         root = self.root
+        self.impl = impl  # the flush orders rows as this forward ran (generate may switch it for decode)
         if self.mode == "step":  # reduced in the step, each row counted if its batch row is real
             self.mode = "dense"
             self._groups(index, impl, root.valid_col)  # [B, 1]: one position per row
