@@ -118,13 +118,19 @@ def _equal(a, b):
             assert torch.equal(x, y), f"{name}: {int((x != y).sum())} values differ"
 
 
-@pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[1:2]], ids=["batch3", "batch1"])
-@pytest.mark.parametrize("strategy,chunk,positions,overlap", [
-    ("chunk", None, "all", None), ("chunk", 3, "all", True), ("chunk", 2, "generated", None),
-    ("step", None, "all", None),
-])
-def test_routed_recording_in_the_decoder_equals_the_eager_recorder(model, eos, impl, prompts, strategy, chunk,
+RECORDING = [("chunk", None, "all", None), ("chunk", 3, "all", True), ("chunk", 2, "generated", None),
+             ("step", None, "all", None)]
+# every recording option with grouped_mm (the default), a spread of them with the other implementations
+CASES = [("grouped_mm", batch, *option) for batch in (3, 1) for option in RECORDING] + [
+    ("batched_mm", 3, *RECORDING[1]), ("batched_mm", 1, *RECORDING[0]), ("batched_mm", 3, *RECORDING[3]),
+    ("eager", 3, *RECORDING[0]), ("eager", 1, *RECORDING[1]), ("eager", 3, *RECORDING[2]), ("eager", 1, *RECORDING[3]),
+]
+
+
+@pytest.mark.parametrize("impl,batch,strategy,chunk,positions,overlap", CASES, indirect=["impl"])
+def test_routed_recording_in_the_decoder_equals_the_eager_recorder(model, eos, impl, batch, strategy, chunk,
                                                                    positions, overlap):
+    prompts = PROMPTS if batch == 3 else PROMPTS[1:2]
     target = _target(model, eos)
     assert target.layout()["lm.layers.0.mlp.gate"].routed and not target.layout()["lm.layers.1.mlp.gate"].routed
     options = {"strategy": strategy, "chunk_steps": chunk, "positions": positions, "overlap": overlap}
@@ -155,7 +161,8 @@ def _masks(layout):
 METHODS = {"steer": ("steer", 8.0), "add": ("add", 2.0), "clamp": ("clamp", 1.0), "deactivate": ("deactivate", None)}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("impl,method", [("grouped_mm", "steer"), ("batched_mm", "add"), ("eager", "clamp"),
+                                         ("grouped_mm", "deactivate"), ("eager", "steer")], indirect=["impl"])
 def test_routed_steering_and_recording_in_the_decoder_match_generate(model, eos, impl, method):
     target = _target(model, eos)
     mask = _masks(target.layout())[1]
@@ -176,7 +183,8 @@ def test_routed_steering_and_recording_in_the_decoder_match_generate(model, eos,
     assert not has_hooks(model)
 
 
-@pytest.mark.parametrize("positions", ["all", "generated"])
+@pytest.mark.parametrize("impl,positions", [("grouped_mm", "all"), ("grouped_mm", "generated"), ("batched_mm", "all"),
+                                             ("eager", "generated")], indirect=["impl"])
 def test_routed_steer_rows_in_the_decoder_reproduce_each_rows_solo_run(model, eos, impl, positions):
     target = _target(model, eos)
     masks = _masks(target.layout())
@@ -442,3 +450,94 @@ def test_substep_forwards_must_be_fixed_per_step(toy):
         with GateRecorder(target), torch.inference_mode():
             dec.run(toy.prefill(ids, mask))
     assert not has_hooks(toy)
+
+
+class _Reuse:
+    """A no-op hook whose decode listener does what a decoder reusing a captured graph does: the first run
+    keeps its graph-aware hooks' tensors (``graphs.states``), a later run adopts them (``graphs.adopt``)
+    before its first step. Its hooks keep running (``capture=False``), now writing the adopted tensors."""
+
+    def __init__(self, scope, first=None):
+        self.scope = scope
+        self.first = first
+        self.decode_listener = self
+        self.hooks = self.key = self.captured = None
+
+    def __call__(self, module, args, out):
+        return None
+
+    graph_key = ("test.reuse",)  # issues no kernel: the same in every run
+
+    def graph_state(self):
+        return None
+
+    def graph_adopt(self, state):
+        pass
+
+    def decode_begin(self, state):
+        self.hooks = graphs.scoped_hooks(self.scope, state.modules)
+        self.key = graphs.fingerprint(self.hooks)
+        if self.first is not None:
+            assert self.key == self.first.key  # the same structure: the graph would be reused
+            graphs.adopt(self.hooks, self.first.captured)
+
+    def decode_step(self, done):
+        pass
+
+    def decode_end(self, done):
+        self.captured = graphs.states(self.hooks)
+
+
+def _run_reusing(scope, last, run, first=None):
+    reuse = _Reuse(scope, first)
+    handle = last.register_forward_hook(reuse)  # after the recorder's hooks: its listener comes later
+    try:
+        run()
+    finally:
+        handle.remove()
+    return reuse
+
+
+@pytest.mark.parametrize("strategy,chunk,overlap", [("chunk", 3, True), ("step", None, None)])
+@pytest.mark.parametrize("impl", ["grouped_mm"], indirect=True)
+def test_a_recorder_that_adopts_an_earlier_ones_tensors_records_its_own_run(model, eos, impl, strategy, chunk,
+                                                                              overlap):
+    target = _target(model, eos)
+    options = {"strategy": strategy, "chunk_steps": chunk, "overlap": overlap}
+    dec = _decoding(model, eos, len(PROMPTS))
+    with GateRecorder(target, **options) as first:
+        reuse = _run_reusing(model, model.lm_head, lambda: _decode(dec, PROMPTS))
+    first.stats()
+    masks = _masks(target.layout())
+    with steer(target, masks[0], "steer", 8.0), GateRecorder(target, **options) as eager:
+        by_hand = _loop_by_hand(dec, PROMPTS, eos)
+    with steer(target, masks[0], "steer", 1.0):  # same structure, other values: the second run adopts these
+        with GateRecorder(target, **options):
+            steered = _run_reusing(model, model.lm_head, lambda: _decode(dec, PROMPTS))
+    with steer(target, masks[0], "steer", 8.0), GateRecorder(target, **options) as second:
+        out = {}
+        _run_reusing(model, model.lm_head, lambda: out.setdefault("d", _decode(dec, PROMPTS)), first=steered)
+    assert torch.equal(out["d"].tokens, by_hand)  # the adopted edit tensors hold this block's values
+    _equal(eager.stats(), second.stats())
+    assert reuse.key != steered.key  # recording alone vs recording and steering: another graph
+
+
+@pytest.mark.parametrize("strategy,chunk", [("chunk", 2), ("step", None)])
+def test_a_substep_recorder_that_adopts_an_earlier_ones_tensors_records_its_own_run(toy, strategy, chunk):
+    target = _toy_target(toy)
+    options = {"strategy": strategy, "chunk_steps": chunk}
+    ids, mask = _batch(TOY_PROMPTS)
+    dec = Decoder(toy, toy.step, batch=3, vocab=TV, greedy=Greedy(TOY_NEW, toy.stop, PAD), capture=False)
+
+    def run():
+        with torch.inference_mode():
+            return dec.run(toy.prefill(ids, mask))
+
+    with GateRecorder(target, **options) as first:
+        reuse = _run_reusing(toy, toy.head, run)
+    first.stats()
+    with GateRecorder(target, **options) as eager, torch.inference_mode():
+        _toy_by_hand(toy, ids, mask, toy.stop)
+    with GateRecorder(target, **options) as second:
+        _run_reusing(toy, toy.head, run, first=reuse)
+    _equal(eager.stats(), second.stats())
