@@ -50,7 +50,12 @@ OPTIONS: dict[str, Any] = {
     "talker_min_new_tokens": int,  # default 1: code2wav needs at least one code
     "talker_repetition_penalty": float,  # Qwen's default 1.05 (deterministic with greedy decoding)
     "experts_implementation": str,  # grouped_mm (default) | batched_mm | eager, for this call
+    # "graph": thinker and talker through esn.decode (CUDA graphs on CUDA, the same steps eagerly on
+    # CPU); "eager": transformers' generate. Default: graph on CUDA, eager elsewhere.
+    "decode": str,
+    "decode_experts": str,  # decode="graph": experts implementation of the decode steps (default: the call's)
 }
+DECODE_MODES = ("graph", "eager")
 SYSTEM_PROMPTS = {"conversion": CONVERSION_SYSTEM_PROMPT}
 
 
@@ -134,6 +139,9 @@ class Qwen3OmniAdapter(ModelAdapter):
     )
     batched = True
     sample_rate = 24_000
+    # decode="graph": capture the steps as CUDA graphs (None: on CUDA). False runs the very same steps
+    # uncaptured, which is how benchmarks check that a replay computes what the steps compute.
+    capture_graphs: bool | None = None
 
     def __init__(self, model: Any, source: str | Path, tokenizer: Any, features: Any):
         super().__init__(model, source)
@@ -144,6 +152,8 @@ class Qwen3OmniAdapter(ModelAdapter):
                            "Thinking or Captioner model); EVC needs speech output: use Qwen3-Omni-30B-A3B-Instruct")
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, features, model.config)
+        self._sessions = None  # decode="graph": static caches and captured steps, made on first use
+        self.last_decode_info: dict[str, Any] = {}  # decode="graph": how the last call's decoders ran
 
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -267,15 +277,14 @@ class Qwen3OmniAdapter(ModelAdapter):
             raise EsnError(f"qwen3_omni option experts_implementation={impl!r} must be one of {', '.join(IMPLEMENTATIONS)}")
         return out
 
-    def _decode_rows(self, catcher: _Code2WavCatcher, talker_sequences: Any) -> list[Any]:
-        """code2wav on each row's own codes (up to its first codec eos, as transformers cuts them), alone."""
+    def _decode_rows(self, codes: Any, sequences: Any, chunking: tuple[int, int]) -> tuple[list[Any], list[int]]:
+        """code2wav on each row's own codes ``[B, groups, n]`` (one column per fed codec token), up to the
+        row's first codec eos in ``sequences`` ``[B, >= n]`` (as transformers cuts them), each row alone.
+        Returns the waveforms and each row's number of codes."""
         import torch
 
-        codes = catcher.codes  # [B, groups, n]: one column per fed codec token
-        if codes is None:
-            raise EsnError(f"{self.source}: generate produced no speech codes (talker did not run)")
         n = codes.shape[-1]
-        eos = (talker_sequences[:, :n] == int(self.model.config.talker_config.codec_eos_token_id)).to(codes.device)
+        eos = (sequences[:, :n] == int(self.model.config.talker_config.codec_eos_token_id)).to(codes.device)
         positions = torch.arange(n, device=codes.device)
         lengths = torch.where(eos, positions, n).min(dim=-1).values.tolist()
         waves = []
@@ -284,9 +293,9 @@ class Qwen3OmniAdapter(ModelAdapter):
                 if length == 0:
                     waves.append(torch.zeros(0))
                     continue
-                wave = catcher.real.chunked_decode(codes[row:row + 1, :, :length], *catcher.chunking)
+                wave = self.model.code2wav.chunked_decode(codes[row:row + 1, :, :length], *chunking)
                 waves.append(wave.reshape(-1).float())
-        return waves
+        return waves, lengths
 
     def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
         """All requests as rows of one left-padded batch (transformers 5.24's Qwen3-Omni generates batches;
@@ -307,44 +316,107 @@ class Qwen3OmniAdapter(ModelAdapter):
         device = self.device
         inputs = {k: v.to(device) for k, v in batch.tensors.items()}
         inputs["input_features"] = inputs["input_features"].to(self.model.thinker.dtype)
-        talker = self.model.config.talker_config
+        device = self.device
+        decode = options.pop("decode", "graph" if device.type == "cuda" else "eager")
+        if decode not in DECODE_MODES:
+            raise EsnError(f"qwen3_omni option decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        step_experts = options.pop("decode_experts", None)
+        if step_experts is not None and step_experts not in IMPLEMENTATIONS:
+            raise EsnError(f"qwen3_omni option decode_experts={step_experts!r} must be one of {', '.join(IMPLEMENTATIONS)}")
         before = self.model.get_experts_implementation() if impl else None
         fork = [device] if device.type == "cuda" else []
         try:
             if impl:
                 self.model.set_experts_implementation(impl)
-            with torch.random.fork_rng(devices=fork), warnings.catch_warnings(), _caught(self.model) as (catcher, seqs):
-                # repetition_penalty with inputs_embeds only warns that the prompt is not penalised
-                warnings.filterwarnings("ignore", message=".*repetition_penalty.*")
+            with torch.random.fork_rng(devices=fork):
                 torch.manual_seed(config.seed)
-                sequences, _ = self.model.generate(
-                    **inputs,
-                    speaker=speaker,
-                    thinker_do_sample=False,
-                    thinker_max_new_tokens=config.max_new_tokens,
-                    thinker_eos_token_id=list(self.prompts.stop_ids),
-                    thinker_pad_token_id=self.prompts.pad,
-                    talker_do_sample=False,
-                    talker_top_k=None,
-                    talker_top_p=None,
-                    talker_temperature=None,
-                    talker_max_new_tokens=config.max_audio_tokens,
-                    talker_pad_token_id=int(talker.codec_eos_token_id),
-                    **options,
-                )
-                waves = self._decode_rows(catcher, seqs[-1])
+                if decode == "eager":
+                    text, tokens, codes, chunking = self._generate_eager(inputs, config, options, speaker)
+                else:
+                    text, tokens, codes, chunking = self._generate_graph(inputs, config, options, speaker, step_experts)
+            waves, lengths = self._decode_rows(codes, tokens, chunking)
         finally:
             if before is not None:
                 self.model.set_experts_implementation(before)
-        width = inputs["input_ids"].shape[1]
+        text = text.cpu()
         results = []
         for i, request in enumerate(requests):
-            text, n_text = self.prompts.decode(sequences[i, width:].tolist())
+            words, n_text = self.prompts.decode(text[i].tolist())
             wave = waves[i].detach().float().cpu().numpy().reshape(-1)
+            n_codes = lengths[i]
             info: dict[str, Any] = {"prompt_tokens": batch.prompt_lengths[i], "text_tokens": n_text,
-                                    "audio_samples": int(wave.size), "speaker": speaker}
+                                    "audio_samples": int(wave.size), "audio_tokens": n_codes,
+                                    "audio_codes": codes[i, :, :n_codes].tolist(),  # [groups][n]
+                                    "speaker": speaker, "decode": decode}
             if wave.size == 0:
                 info["error"] = "the talker produced no speech codes"
                 warnings.warn(f"request {request.id or i}: Qwen3-Omni produced no audio", stacklevel=2)
-            results.append(EVCResult(id=request.id, text=text, waveform=wave, sample_rate=self.sample_rate, info=info))
+            results.append(EVCResult(id=request.id, text=words, waveform=wave, sample_rate=self.sample_rate, info=info))
         return results
+
+    def _generate_eager(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str) -> tuple:
+        """transformers' generate: text ``[B, n]``, codec tokens ``[B, m]``, codes ``[B, groups, m']``, chunking."""
+        talker = self.model.config.talker_config
+        with warnings.catch_warnings(), _caught(self.model) as (catcher, seqs):
+            # repetition_penalty with inputs_embeds only warns that the prompt is not penalised
+            warnings.filterwarnings("ignore", message=".*repetition_penalty.*")
+            sequences, _ = self.model.generate(
+                **inputs,
+                speaker=speaker,
+                thinker_do_sample=False,
+                thinker_max_new_tokens=config.max_new_tokens,
+                thinker_eos_token_id=list(self.prompts.stop_ids),
+                thinker_pad_token_id=self.prompts.pad,
+                talker_do_sample=False,
+                talker_top_k=None,
+                talker_top_p=None,
+                talker_temperature=None,
+                talker_max_new_tokens=config.max_audio_tokens,
+                talker_pad_token_id=int(talker.codec_eos_token_id),
+                **options,
+            )
+        if catcher.codes is None:
+            raise EsnError(f"{self.source}: generate produced no speech codes (talker did not run)")
+        return sequences[:, inputs["input_ids"].shape[1]:], seqs[-1], catcher.codes, catcher.chunking
+
+    def _generate_graph(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str,
+                        step_experts: str | None) -> tuple:
+        """esn.decode: what ``_generate_eager`` returns, each decode step one CUDA-graph replay (on CUDA)."""
+        from esn.decode import Greedy
+
+        from esn_qwen3_omni.decode import CODE2WAV_CHUNKING, Sessions, generate_codes
+
+        model = self.model
+        talker = model.config.talker_config
+        gc = model.thinker.generation_config
+        thinker = Greedy(
+            config.max_new_tokens,
+            tuple(self.prompts.stop_ids),
+            int(self.prompts.pad),
+            min_new_tokens=options.get("thinker_min_new_tokens", 0),
+            repetition_penalty=float(gc.repetition_penalty or 1.0),
+            suppress_token_ids=tuple(int(i) for i in gc.suppress_tokens or ()),
+        )
+        vocab = int(talker.text_config.vocab_size)
+        eos = int(talker.codec_eos_token_id)
+        codec = Greedy(
+            config.max_audio_tokens,
+            (eos,),
+            eos,  # rows that finished are fed the codec eos, as the eager path's talker_pad_token_id
+            min_new_tokens=options["talker_min_new_tokens"],
+            repetition_penalty=options.get("talker_repetition_penalty", 1.05),  # Qwen's generate default
+            # generate suppresses the last 1024 ids (the specials) but codec eos
+            suppress_token_ids=tuple(i for i in range(max(vocab - 1024, 0), vocab) if i != eos),
+        )
+        if self._sessions is None:
+            self._sessions = Sessions()
+        capture = self.device.type == "cuda" if self.capture_graphs is None else self.capture_graphs
+        out = generate_codes(model, self._sessions, inputs, speaker_id=int(talker.speaker_id[speaker]),
+                             thinker=thinker, talker=codec, capture=capture, step_experts=step_experts)
+        self.last_decode_info = out.info
+        return out.text, out.tokens, out.codes, CODE2WAV_CHUNKING
+
+    def release_decode_buffers(self) -> None:
+        """Free the static caches and CUDA graphs that ``decode="graph"`` keeps between calls."""
+        if self._sessions is not None:
+            self._sessions.clear()
