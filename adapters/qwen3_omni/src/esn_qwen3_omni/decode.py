@@ -323,6 +323,11 @@ class Sessions:
             kept.clear()
 
 
+def _padding(mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` each row's left padding in ``mask`` ``[B, P]`` (generate's repetition-penalty ``prompt_ignore_length``)."""
+    return (mask != 0).int().argmax(dim=1)
+
+
 class _Experts:
     """The experts implementation of the decode steps (None: keep the model's), restored afterwards."""
 
@@ -356,7 +361,7 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
                      lambda: ThinkerDecoding(model.thinker, batch, length, thinker, capture))
     first, prompt_embeds, prompt_hidden = t.prefill(inputs, model.config.talker_config.accept_hidden_layer)
     with _Experts(model, step_experts):
-        text = t.decoder.run(first, prompt_ids=ids)
+        text = t.decoder.run(first, prompt_ids=ids, penalty_ignore=_padding(mask))
     made = talker_inputs(model, ids, mask, text.tokens, prompt_embeds, prompt_hidden, speaker_id,
                          thinker.eos_token_ids)
     length = _bucket(made["mask"].shape[1] + talker.max_new_tokens)
@@ -365,6 +370,8 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
                      lambda: TalkerDecoding(model.talker, batch, length, text_len, talker, capture))
     first = k.prefill(made, inputs["feature_attention_mask"].sum(-1))
     with _Experts(model, step_experts):
-        codec = k.decoder.run(first)  # generate's talker input_ids are empty: no prompt to penalise
+        # generate's talker input_ids are empty (no prompt to penalise), but its penalty still skips as many
+        # leading columns as the talker mask has padding: here those are generated tokens
+        codec = k.decoder.run(first, penalty_ignore=_padding(made["mask"]))
     codes = k.codes[:, : codec.length - 1].transpose(1, 2).clone()  # [B, groups, m - 1]
     return Generated(text.tokens, codec.tokens, codes, {"thinker": text.info, "talker": codec.info})

@@ -86,4 +86,6 @@ class CausalLMDecoding:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Decoded:
         """Prompt ``[B, P]`` (left-padded) -> new tokens ``Decoded.tokens`` ``[B, n]``, as ``generate``."""
-        return self.decoder.run(self.prefill(input_ids, attention_mask), prompt_ids=input_ids)
+        # generate's repetition penalty skips each row's left padding (prompt_ignore_length)
+        ignore = None if attention_mask is None else (attention_mask != 0).int().argmax(dim=1)
+        return self.decoder.run(self.prefill(input_ids, attention_mask), prompt_ids=input_ids, penalty_ignore=ignore)

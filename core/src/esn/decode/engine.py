@@ -101,6 +101,8 @@ class DecodeState:
         self.eos = ids_tensor(greedy.eos_token_ids)
         self.suppress = ids_tensor(greedy.suppress_token_ids)
         self.seen = torch.zeros((batch, vocab), dtype=torch.bool, device=device) if greedy.repetition_penalty != 1.0 else None
+        # [B] long: generated tokens before this index are not penalised (transformers' prompt_ignore_length)
+        self.penalty_from = torch.zeros(batch, dtype=torch.long, device=device)
         self.eos_column = None  # [V] bool: the ids min_new_tokens holds back
         if greedy.min_new_tokens > 0 and self.eos is not None:
             self.eos_column = torch.zeros(vocab, dtype=torch.bool, device=device)
@@ -238,7 +240,8 @@ class Decoder:
         if s.eos is not None:
             torch.logical_or(s.finished, _is_in(nxt, s.eos), out=s.finished)
         if s.seen is not None:
-            s.seen.scatter_(1, nxt.unsqueeze(1), True)
+            at = nxt.unsqueeze(1)
+            s.seen.scatter_(1, at, s.seen.gather(1, at) | (index >= s.penalty_from).unsqueeze(1))
         s.ids.copy_(nxt.unsqueeze(1))
 
     def _advance(self) -> None:
@@ -252,18 +255,26 @@ class Decoder:
         s.step.add_(1)
 
     # -- a run -------------------------------------------------------------------------------------
-    def run(self, first_logits: torch.Tensor, prompt_ids: torch.Tensor | None = None) -> Decoded:
+    def run(self, first_logits: torch.Tensor, prompt_ids: torch.Tensor | None = None,
+            penalty_ignore: torch.Tensor | None = None) -> Decoded:
         """Decode after a prefill whose last-position logits are ``first_logits`` ``[B, V]``.
 
         ``prompt_ids`` ``[B, P]`` seed the repetition penalty (transformers penalises prompt ids too).
+        ``penalty_ignore`` ``[B]``: per row, the leading columns of prompt + generated ids the penalty
+        ignores (transformers' ``prompt_ignore_length``: ``generate`` passes each row's left padding of the
+        attention mask, also when the prompt came as ``inputs_embeds`` and the columns are generated ones).
         """
         if first_logits.dim() != 2 or first_logits.shape[0] != self.batch:
             raise EsnError(f"first_logits must be [batch={self.batch}, vocab], got {tuple(first_logits.shape)}")
         with torch.inference_mode():
-            return self._run(first_logits, prompt_ids)
+            return self._run(first_logits, prompt_ids, penalty_ignore)
 
-    def _run(self, first_logits: torch.Tensor, prompt_ids: torch.Tensor | None) -> Decoded:
+    def _run(self, first_logits: torch.Tensor, prompt_ids: torch.Tensor | None,
+             penalty_ignore: torch.Tensor | None) -> Decoded:
         s, g = self.state, self.greedy
+        p = 0 if prompt_ids is None else prompt_ids.shape[1]
+        ignore = torch.zeros(s.batch, dtype=torch.long, device=s.device) if penalty_ignore is None else penalty_ignore.to(s.device)
+        s.penalty_from.copy_(ignore - p)
         s.finished.zero_()
         s.step.zero_()
         s.running.fill_(True)
@@ -271,7 +282,10 @@ class Decoder:
         if s.seen is not None:
             s.seen.zero_()
             if prompt_ids is not None:
-                s.seen.scatter_(1, prompt_ids.to(s.device), True)
+                ids = prompt_ids.to(s.device)
+                keep = torch.arange(p, device=s.device) >= ignore.unsqueeze(1)  # [B, P]
+                hits = torch.zeros(s.seen.shape, dtype=torch.int32, device=s.device).scatter_add_(1, ids, keep.int())
+                torch.logical_or(s.seen, hits > 0, out=s.seen)
         self._choose(first_logits.float(), torch.zeros(1, dtype=torch.long, device=s.device))
 
         hooks = graphs.scoped_hooks(self.scope, s.modules)

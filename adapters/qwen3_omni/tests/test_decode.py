@@ -1,0 +1,135 @@
+"""decode="graph" (esn.decode; on CPU the captured steps run eagerly) against decode="eager" (generate)."""
+
+import numpy as np
+import pytest
+from esn.adapters import EVCRequest, GenerationConfig
+from esn.errors import EsnError
+from esn.hooks import installed
+from esn.masks import Mask
+from esn.steering import Condition, steer, steer_rows
+from esn.testing import _hooks
+
+
+def _config(mode: str, **options) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=7, max_audio_tokens=9, system_prompt="EVC.", instruction="To {emotion}.",
+                            options={"talker_min_new_tokens": 2, **options, "decode": mode})
+
+
+def _requests(speech_fn, n=3):
+    return [EVCRequest(speech_fn(0.8 + 0.3 * i, i), ("happy", "sad", "angry")[i % 3], id=str(i)) for i in range(n)]
+
+
+def _end_rows_early(adapter):
+    """Random weights never stop by themselves: row 1 says <|im_end|> at text step 3 and row 2 at 5; the
+    talker says codec eos in row 1 at step 4 and in row 2 at step 6. Forward hooks on ``lm_head`` and
+    ``codec_head`` count their calls (one per forward on both paths; fine on CPU, where nothing is captured)."""
+    eos = adapter.talker_stop_ids[0]
+
+    def ender(stop: int, at: dict[int, int]):
+        calls = []
+
+        def hook(module, args, out):  # out: [B, pos, V]
+            calls.append(1)
+            out = out.clone()
+            for row, step in at.items():
+                if len(calls) == step and row < out.shape[0]:
+                    out[row, -1, stop] = 1e4
+            return out
+
+        return hook
+
+    return installed([(adapter.model.thinker.lm_head, ender(adapter.prompts.im_end, {1: 3, 2: 5})),
+                      (adapter.model.talker.codec_head, ender(eos, {1: 4, 2: 6}))])
+
+
+def _run(adapter, reqs, config, conditions=None):
+    with steer_rows(adapter, conditions) if conditions else installed([]), _end_rows_early(adapter):
+        return adapter.generate(reqs, config)
+
+
+def _same(eager, graph):
+    for x, y in zip(eager, graph, strict=True):
+        assert x.text == y.text and x.info["audio_codes"] == y.info["audio_codes"]
+        assert np.array_equal(x.waveform, y.waveform)  # same codes -> the same code2wav, bit for bit
+
+
+def _mixed_mask(layout, per_point=6, seed=0) -> Mask:
+    """Neurons of every hook point: thinker routed and dense, talker routed and shared, code predictor."""
+    rng = np.random.default_rng(seed)
+    picks = [layout.offsets[i] + rng.choice(hp.width, per_point, replace=False) for i, hp in enumerate(layout)]
+    return Mask(np.sort(np.concatenate(picks)), layout)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_graph_decode_gives_generates_text_codes_and_audio(adapter, speech_fn, n):
+    reqs = _requests(speech_fn, n)
+    adapter.generate(reqs[:1], _config("eager"))  # transformers installs its hidden-state hooks once
+    before = _hooks(adapter)
+    eager = _run(adapter, reqs, _config("eager"))
+    graph = _run(adapter, reqs, _config("graph"))
+    if n == 3:
+        texts = [r.info["text_tokens"] for r in eager]
+        codes = [r.info["audio_tokens"] for r in eager]
+        assert texts == [7, 2, 4] and codes == [8, 3, 5], f"premise: rows end at different steps {texts} {codes}"
+    assert all(len(r.info["audio_codes"]) == 4 for r in graph)  # every code group
+    assert [r.info["decode"] for r in graph] == ["graph"] * n and eager[0].info["decode"] == "eager"
+    _same(eager, graph)
+    info = adapter.last_decode_info
+    assert info["thinker"]["decode"] == "eager" and info["talker"]["decode"] == "eager"  # CPU: not captured
+    assert _hooks(adapter) == before
+
+
+def test_graph_decode_with_steering_per_row_and_for_all(adapter, speech_fn):
+    layout = adapter.layout()
+    masks = [_mixed_mask(layout, seed=s) for s in range(3)]
+    conditions = [Condition(masks[0], "steer", 8.0), Condition(masks[1], "add", 3.0), Condition(masks[2], "clamp", 0.5)]
+    reqs = _requests(speech_fn)
+    plain = _run(adapter, reqs, _config("eager"))
+    eager = _run(adapter, reqs, _config("eager"), conditions)
+    assert [r.info["audio_codes"] for r in eager] != [r.info["audio_codes"] for r in plain], "premise: steering shows"
+    _same(eager, _run(adapter, reqs, _config("graph"), conditions))
+    for method, alpha in (("steer", 8.0), ("deactivate", None)):  # one mask for every row
+        with steer(adapter, masks[2], method, alpha):
+            a = _run(adapter, reqs, _config("eager"))
+        with steer(adapter, masks[2], method, alpha):
+            b = _run(adapter, reqs, _config("graph"))
+        _same(a, b)
+
+
+def test_graph_decode_reuses_its_sessions_and_removes_hooks_on_error(adapter, speech_fn):
+    reqs = _requests(speech_fn, 2)
+    first = adapter.generate(reqs, _config("graph"))
+    sessions = adapter._sessions
+    used = [next(reversed(kept.values())) for kept in sessions._kept.values()]  # thinker's, talker's
+    before = _hooks(adapter)
+
+    def boom(module, args, out):
+        raise RuntimeError("a hook failed mid-decode")
+
+    mask = _mixed_mask(adapter.layout())
+    with pytest.raises(RuntimeError, match="mid-decode"):
+        with steer(adapter, mask, "steer", 2.0), installed([(adapter.model.talker.code_predictor.lm_head[1], boom)]):
+            adapter.generate(reqs, _config("graph"))
+    assert _hooks(adapter) == before
+    again = adapter.generate(reqs, _config("graph"))  # the same static sessions, after the failure
+    assert adapter._sessions is sessions and [next(reversed(k.values())) for k in sessions._kept.values()] == used
+    assert [r.info["audio_codes"] for r in again] == [r.info["audio_codes"] for r in first]
+    assert all(np.array_equal(a.waveform, b.waveform) for a, b in zip(again, first, strict=True))
+    adapter.release_decode_buffers()
+    assert [r.text for r in adapter.generate(reqs, _config("graph"))] == [r.text for r in first]
+
+
+def test_decode_options(adapter, speech_fn):
+    reqs = _requests(speech_fn, 2)
+    with pytest.raises(EsnError, match="decode must be one of graph, eager"):
+        adapter.generate(reqs, _config("fast"))
+    with pytest.raises(EsnError, match="decode_experts='fused' must be one of"):
+        adapter.generate(reqs, _config("graph", decode_experts="fused"))
+    cpu_default = GenerationConfig(max_new_tokens=3, max_audio_tokens=3, system_prompt="EVC.", instruction="To {emotion}.")
+    assert adapter.generate(reqs[:1], cpu_default)[0].info["decode"] == "eager"
+    # the decode steps' experts implementation: the same tokens and codes (eager vs grouped_mm on CPU)
+    before = adapter.model.get_experts_implementation()
+    grouped = adapter.generate(reqs, _config("graph"))
+    eager_steps = adapter.generate(reqs, _config("graph", decode_experts="eager"))
+    assert [r.info["audio_codes"] for r in grouped] == [r.info["audio_codes"] for r in eager_steps]
+    assert adapter.model.get_experts_implementation() == before
