@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
+import torch
 from esn.adapters import EVCRequest, GenerationConfig
 from esn.errors import EsnError
 from esn.hooks import installed
 from esn.masks import Mask
 from esn.steering import Condition, steer, steer_rows
 from esn.testing import _hooks
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _config(mode: str, **options) -> GenerationConfig:
@@ -133,3 +135,41 @@ def test_decode_options(adapter, speech_fn):
     eager_steps = adapter.generate(reqs, _config("graph", decode_experts="eager"))
     assert [r.info["audio_codes"] for r in grouped] == [r.info["audio_codes"] for r in eager_steps]
     assert adapter.model.get_experts_implementation() == before
+    adapter.capture_graphs = True  # what CUDA does: the eager experts cannot be captured, refused up front
+    try:
+        with pytest.raises(EsnError, match="decode_experts='grouped_mm'"):
+            adapter.generate(reqs, _config("graph", decode_experts="eager"))
+    finally:
+        adapter.capture_graphs = None
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device (``.item()``, ``bool()``, ``nonzero``): a CUDA
+    graph capture fails on them, so a captured step must issue none."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(s in str(func) for s in ("_local_scalar_dense", "nonzero")):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_decode_steps_never_wait_for_the_device(adapter, speech_fn, impl):
+    """What CUDA-graph capture needs, checked on CPU: the thinker's and the talker's steps (code predictor
+    unrolled inside) issue no host synchronisation with a capturable experts implementation."""
+    before = adapter.model.get_experts_implementation()
+    try:
+        for experts, syncs in ((impl, False), ("eager", True)):  # eager experts: the premise that syncs show
+            adapter.generate(_requests(speech_fn, 2), _config("graph", decode_experts=experts))
+            adapter.model.set_experts_implementation(experts)
+            for kept in adapter._sessions._kept.values():
+                session = next(reversed(kept.values()))  # one step more than the run: its caches have room
+                with torch.inference_mode(), _HostSyncs() as seen:
+                    session.step(session.decoder.state)
+                assert bool(seen.ops) == syncs, (experts, seen.ops[:3])
+    finally:
+        adapter.model.set_experts_implementation(before)

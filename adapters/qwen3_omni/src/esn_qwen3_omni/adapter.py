@@ -411,6 +411,10 @@ class Qwen3OmniAdapter(ModelAdapter):
         if self._sessions is None:
             self._sessions = Sessions()
         capture = self.device.type == "cuda" if self.capture_graphs is None else self.capture_graphs
+        impls = {step_experts} if step_experts else set(model.get_experts_implementation().values())
+        if capture and "eager" in impls:  # it loops over the routed experts with host-side indexing
+            raise EsnError("decode='graph' captures the decode steps as CUDA graphs, which the eager experts "
+                           "implementation cannot be part of: set decode_experts='grouped_mm' (or batched_mm)")
         out = generate_codes(model, self._sessions, inputs, speaker_id=int(talker.speaker_id[speaker]),
                              thinker=thinker, talker=codec, capture=capture, step_experts=step_experts)
         self.last_decode_info = out.info
