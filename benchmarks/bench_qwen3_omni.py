@@ -15,11 +15,14 @@ method per row). Each repeat runs every variant once, in an order rotated by one
 paired ratios to ``plain`` of the same repeat (median, bootstrap 95% interval over repeats, min, max):
 wall time (CUDA synchronised; the recorder's statistics brought to the host included), the median
 decode-step time of the thinker and of the talker (host timestamps of their forwards, see ``StepClock``),
-and peak allocated memory. ``--experts`` picks the experts implementation timed. Before timing, ``check`` verifies on the device that the rows ``act_fn``
+and peak allocated memory (with ``--decode graph`` a decode step is a CUDA-graph replay that runs no
+forward, so only the prefills are stamped: read the wall time). ``--experts`` picks the experts
+implementation timed, ``--decode``/``--decode-experts`` the adapter's decode options. Before timing, ``check`` verifies on the device that the rows ``act_fn``
 sees map to the (token, expert) esn computes: each row equals that expert's gate computed by hand.
 
     python benchmarks/bench_qwen3_omni.py --size tiny --device cpu               # smoke run
-    python benchmarks/bench_qwen3_omni.py --size 30b --device cuda --out r.json  # H200
+    python benchmarks/bench_qwen3_omni.py --size 30b --device cuda --out r.json  # H200, decode="graph"
+    python benchmarks/bench_qwen3_omni.py --size 30b --device cuda --decode eager  # transformers' generate
 """
 
 from __future__ import annotations
@@ -254,6 +257,12 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.005, help="steering mask rate r")
     ap.add_argument("--experts", choices=("grouped_mm", "batched_mm", "eager"), default=None,
                     help="experts implementation to time (default: the model's, grouped_mm)")
+    ap.add_argument("--decode", choices=("graph", "eager"), default=None,
+                    help="adapter option decode (default: the adapter's: graph on CUDA unless the experts are eager)")
+    ap.add_argument("--decode-experts", choices=("grouped_mm", "batched_mm"), default=None,
+                    help="adapter option decode_experts: experts implementation of graph decode steps")
+    ap.add_argument("--variants", nargs="+", choices=("record", "steer", "steer_rows"),
+                    default=["record", "steer", "steer_rows"], help="timed beside plain (steer_rows: batch > 1)")
     ap.add_argument("--budget", type=float, default=1e9, help="stop starting new repeats after this many seconds")
     ap.add_argument("--check", nargs="*", default=["grouped_mm", "eager"], help="experts implementations whose "
                     "row mapping is checked against each expert's MLP by hand before timing")
@@ -293,11 +302,14 @@ def main() -> None:
     if torch.device(args.device).type == "cuda":
         result["model"]["weights_gib"] = torch.cuda.memory_allocated() / 2**30
     log(f"built {args.size}: {result['model']}")
+    decoding = {k: v for k, v in (("decode", args.decode), ("decode_experts", args.decode_experts)) if v}
     gen = GenerationConfig(max_new_tokens=args.text_tokens, max_audio_tokens=args.audio_tokens, seed=0,
                            options={"thinker_min_new_tokens": args.text_tokens,
-                                    "talker_min_new_tokens": args.audio_tokens})
+                                    "talker_min_new_tokens": args.audio_tokens, **decoding})
+    # the row check keeps plain Python hooks on act_fn: transformers' generate runs them every step
     short = gen.model_copy(update={"max_new_tokens": 4, "max_audio_tokens": 4,
-                                   "options": {"thinker_min_new_tokens": 4, "talker_min_new_tokens": 4}})
+                                   "options": {"thinker_min_new_tokens": 4, "talker_min_new_tokens": 4,
+                                               "decode": "eager"}})
     result["check"] = {}
     for impl in args.check:  # the row mapping, per experts implementation, on this device
         before = adapter.model.get_experts_implementation()
@@ -320,7 +332,7 @@ def main() -> None:
         stats_box: dict = {}
 
         def plain(reqs=reqs):
-            adapter.generate(reqs, gen)
+            result["decode"] = adapter.generate(reqs, gen)[0].info["decode"]
 
         def record(reqs=reqs, box=stats_box):
             with GateRecorder(adapter, streams=["lm", "synth"]) as rec:
@@ -335,9 +347,8 @@ def main() -> None:
             with steer_rows(adapter, conds):
                 adapter.generate(reqs, gen)
 
-        variants = {"plain": plain, "record": record, "steer": steered}
-        if batch > 1:
-            variants["steer_rows"] = rows
+        variants = {"plain": plain} | {name: fn for name, fn in (("record", record), ("steer", steered), ("steer_rows", rows))
+                                       if name in args.variants and (name != "steer_rows" or batch > 1)}
         names = list(variants)
         for fn in variants.values():  # warm-up: kernels, allocator, lazy imports
             fn()
@@ -372,6 +383,8 @@ def main() -> None:
                                for k, v in peaks.items()},
             })
             save()
+        if "stats" not in stats_box:
+            continue
         st = stats_box["stats"]
         entry["recorded"] = {"counts_shape": list(st.counts.shape), "tokens_shape": list(st.tokens.shape),
                              "positions_lm0": st.tokens[:, layout.group_slice(layout.names[0])].sum(1).tolist()}

@@ -51,7 +51,8 @@ OPTIONS: dict[str, Any] = {
     "talker_repetition_penalty": float,  # Qwen's default 1.05 (deterministic with greedy decoding)
     "experts_implementation": str,  # grouped_mm (default) | batched_mm | eager, for this call
     # "graph": thinker and talker through esn.decode (CUDA graphs on CUDA, the same steps eagerly on
-    # CPU); "eager": transformers' generate. Default: graph on CUDA, eager elsewhere.
+    # CPU); "eager": transformers' generate. Default: graph on CUDA (eager if the decode steps would run
+    # the eager experts implementation, which cannot be captured), eager elsewhere.
     "decode": str,
     "decode_experts": str,  # decode="graph": experts implementation of the decode steps (default: the call's)
 }
@@ -311,18 +312,21 @@ class Qwen3OmniAdapter(ModelAdapter):
             raise EsnError(f"unknown speaker {config.speaker!r} for {self.source}; available: {', '.join(self.speakers)}")
         options = self._options(config.options)
         impl = options.pop("experts_implementation", None)
-        batch = self.prompts.batch([r.audio for r in requests], system_prompt(config.system_prompt),
-                                   [self.instruction(r, config) for r in requests], [r.id for r in requests])
-        device = self.device
-        inputs = {k: v.to(device) for k, v in batch.tensors.items()}
-        inputs["input_features"] = inputs["input_features"].to(self.model.thinker.dtype)
-        device = self.device
-        decode = options.pop("decode", "graph" if device.type == "cuda" else "eager")
-        if decode not in DECODE_MODES:
-            raise EsnError(f"qwen3_omni option decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         step_experts = options.pop("decode_experts", None)
         if step_experts is not None and step_experts not in IMPLEMENTATIONS:
             raise EsnError(f"qwen3_omni option decode_experts={step_experts!r} must be one of {', '.join(IMPLEMENTATIONS)}")
+        device = self.device
+        # default: graph on CUDA, unless the decode steps would run the eager experts (not capturable)
+        steps_impl = step_experts or impl
+        eager_steps = (steps_impl == "eager" if steps_impl
+                       else "eager" in self.model.get_experts_implementation().values())
+        decode = options.pop("decode", "graph" if device.type == "cuda" and not eager_steps else "eager")
+        if decode not in DECODE_MODES:
+            raise EsnError(f"qwen3_omni option decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        batch = self.prompts.batch([r.audio for r in requests], system_prompt(config.system_prompt),
+                                   [self.instruction(r, config) for r in requests], [r.id for r in requests])
+        inputs = {k: v.to(device) for k, v in batch.tensors.items()}
+        inputs["input_features"] = inputs["input_features"].to(self.model.thinker.dtype)
         before = self.model.get_experts_implementation() if impl else None
         fork = [device] if device.type == "cuda" else []
         try:
