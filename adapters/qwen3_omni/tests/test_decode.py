@@ -129,7 +129,11 @@ def test_decode_options(adapter, speech_fn):
         adapter.generate(reqs, _config("graph", decode_experts="fused"))
     cpu_default = GenerationConfig(max_new_tokens=3, max_audio_tokens=3, system_prompt="EVC.", instruction="To {emotion}.")
     assert adapter.generate(reqs[:1], cpu_default)[0].info["decode"] == "eager"
-    # the decode steps' experts implementation: the same tokens and codes (eager vs grouped_mm on CPU)
+    # the decode steps' experts implementation: as chosen, else generate's (on CPU: the model's own)
+    from esn_qwen3_omni.decode import step_experts
+
+    assert step_experts(adapter.model, "batched_mm") == "batched_mm" and step_experts(adapter.model, None) is None
+    # the same tokens and codes (eager vs grouped_mm on CPU)
     before = adapter.model.get_experts_implementation()
     grouped = adapter.generate(reqs, _config("graph"))
     eager_steps = adapter.generate(reqs, _config("graph", decode_experts="eager"))

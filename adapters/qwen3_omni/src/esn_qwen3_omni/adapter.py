@@ -312,12 +312,12 @@ class Qwen3OmniAdapter(ModelAdapter):
             raise EsnError(f"unknown speaker {config.speaker!r} for {self.source}; available: {', '.join(self.speakers)}")
         options = self._options(config.options)
         impl = options.pop("experts_implementation", None)
-        step_experts = options.pop("decode_experts", None)
-        if step_experts is not None and step_experts not in IMPLEMENTATIONS:
-            raise EsnError(f"qwen3_omni option decode_experts={step_experts!r} must be one of {', '.join(IMPLEMENTATIONS)}")
+        decode_experts = options.pop("decode_experts", None)
+        if decode_experts is not None and decode_experts not in IMPLEMENTATIONS:
+            raise EsnError(f"qwen3_omni option decode_experts={decode_experts!r} must be one of {', '.join(IMPLEMENTATIONS)}")
         device = self.device
         # default: graph on CUDA, unless the decode steps would run the eager experts (not capturable)
-        steps_impl = step_experts or impl
+        steps_impl = decode_experts or impl
         eager_steps = (steps_impl == "eager" if steps_impl
                        else "eager" in self.model.get_experts_implementation().values())
         decode = options.pop("decode", "graph" if device.type == "cuda" and not eager_steps else "eager")
@@ -337,7 +337,7 @@ class Qwen3OmniAdapter(ModelAdapter):
                 if decode == "eager":
                     text, tokens, codes, chunking = self._generate_eager(inputs, config, options, speaker)
                 else:
-                    text, tokens, codes, chunking = self._generate_graph(inputs, config, options, speaker, step_experts)
+                    text, tokens, codes, chunking = self._generate_graph(inputs, config, options, speaker, decode_experts)
             waves, lengths = self._decode_rows(codes, tokens, chunking)
         finally:
             if before is not None:
@@ -384,11 +384,11 @@ class Qwen3OmniAdapter(ModelAdapter):
         return sequences[:, inputs["input_ids"].shape[1]:], seqs[-1], catcher.codes, catcher.chunking
 
     def _generate_graph(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str,
-                        step_experts: str | None) -> tuple:
+                        chosen: str | None) -> tuple:
         """esn.decode: what ``_generate_eager`` returns, each decode step one CUDA-graph replay (on CUDA)."""
         from esn.decode import Greedy
 
-        from esn_qwen3_omni.decode import CODE2WAV_CHUNKING, Sessions, generate_codes
+        from esn_qwen3_omni.decode import CODE2WAV_CHUNKING, Sessions, generate_codes, step_experts
 
         model = self.model
         talker = model.config.talker_config
@@ -415,12 +415,15 @@ class Qwen3OmniAdapter(ModelAdapter):
         if self._sessions is None:
             self._sessions = Sessions()
         capture = self.device.type == "cuda" if self.capture_graphs is None else self.capture_graphs
-        impls = {step_experts} if step_experts else set(model.get_experts_implementation().values())
+        steps = step_experts(model, chosen)
+        if not steps:
+            steps = model.get_experts_implementation()
+        impls = set(steps.values()) if isinstance(steps, dict) else {steps}
         if capture and "eager" in impls:  # it loops over the routed experts with host-side indexing
             raise EsnError("decode='graph' captures the decode steps as CUDA graphs, which the eager experts "
                            "implementation cannot be part of: set decode_experts='grouped_mm' (or batched_mm)")
         out = generate_codes(model, self._sessions, inputs, speaker_id=int(talker.speaker_id[speaker]),
-                             thinker=thinker, talker=codec, capture=capture, step_experts=step_experts)
+                             thinker=thinker, talker=codec, capture=capture, experts=chosen)
         self.last_decode_info = out.info
         return out.text, out.tokens, out.codes, CODE2WAV_CHUNKING
 

@@ -328,10 +328,21 @@ def _padding(mask: torch.Tensor) -> torch.Tensor:
     return (mask != 0).int().argmax(dim=1)
 
 
-class _Experts:
-    """The experts implementation of the decode steps (None: keep the model's), restored afterwards."""
+def step_experts(model: Any, chosen: str | None) -> str | dict[str, str] | None:
+    """The experts implementation of the decode steps: ``chosen``, else ``generate``'s own switch (off the
+    CPU its decode loop runs ``batched_mm`` where the model has ``grouped_mm``), else None (unchanged)."""
+    if chosen:
+        return chosen
+    current = model.get_experts_implementation()
+    if model.device.type != "cpu" and "grouped_mm" in current.values():
+        return {k: "batched_mm" if v == "grouped_mm" else v for k, v in current.items()}
+    return None
 
-    def __init__(self, model: Any, impl: str | None):
+
+class _Experts:
+    """Sets the decode steps' experts implementation (None: keep the model's), restored afterwards."""
+
+    def __init__(self, model: Any, impl: str | dict[str, str] | None):
         self.model, self.impl, self.before = model, impl, None
 
     def __enter__(self):
@@ -346,30 +357,33 @@ class _Experts:
 
 @torch.inference_mode()
 def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tensor], *, speaker_id: int,
-                   thinker: Greedy, talker: Greedy, capture: bool, step_experts: str | None = None) -> Generated:
+                   thinker: Greedy, talker: Greedy, capture: bool, experts: str | None = None) -> Generated:
     """Thinker, then talker, through ``esn.decode``: text tokens, codec tokens and every group's codes.
 
-    ``step_experts``: the experts implementation of the decode steps (prefills keep the model's)."""
+    ``experts``: the experts implementation of the decode steps (see :func:`step_experts`; prefills keep
+    the model's)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    steps = step_experts(model, experts)
+    key = tuple(sorted(steps.items())) if isinstance(steps, dict) else steps
     batch, p = ids.shape
     check_generation_config(model.thinker.generation_config, "thinker")
     check_generation_config(model.talker.generation_config, "talker")
     check_generation_config(model.talker.code_predictor.generation_config, "code predictor",
                             ("repetition_penalty", "suppress_tokens", "min_new_tokens", "eos_token_id"))
     length = _bucket(p + thinker.max_new_tokens)
-    t = sessions.get("thinker", (batch, length, thinker, capture, step_experts),
+    t = sessions.get("thinker", (batch, length, thinker, capture, key),
                      lambda: ThinkerDecoding(model.thinker, batch, length, thinker, capture))
     first, prompt_embeds, prompt_hidden = t.prefill(inputs, model.config.talker_config.accept_hidden_layer)
-    with _Experts(model, step_experts):
+    with _Experts(model, steps):
         text = t.decoder.run(first, prompt_ids=ids, penalty_ignore=_padding(mask))
     made = talker_inputs(model, ids, mask, text.tokens, prompt_embeds, prompt_hidden, speaker_id,
                          thinker.eos_token_ids)
     length = _bucket(made["mask"].shape[1] + talker.max_new_tokens)
     text_len = _bucket(made["trailing"].shape[1] + 1)
-    k = sessions.get("talker", (batch, length, text_len, talker, capture, step_experts),
+    k = sessions.get("talker", (batch, length, text_len, talker, capture, key),
                      lambda: TalkerDecoding(model.talker, batch, length, text_len, talker, capture))
     first = k.prefill(made, inputs["feature_attention_mask"].sum(-1))
-    with _Experts(model, step_experts):
+    with _Experts(model, steps):
         # generate's talker input_ids are empty (no prompt to penalise), but its penalty still skips as many
         # leading columns as the talker mask has padding: here those are generated tokens
         codec = k.decoder.run(first, penalty_ignore=_padding(made["mask"]))
