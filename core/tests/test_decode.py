@@ -97,6 +97,23 @@ def test_tokens_equal_generate(model, eos, kw):
     assert out.info["decode"] == "eager"  # CPU: the same step, not captured
 
 
+def test_repetition_penalty_skips_each_rows_left_padding_as_generate(model, eos):
+    """generate's penalty ignores the padded columns (``prompt_ignore_length``): make the pad id win by 10%
+    at every step, so penalising it from the padding (or not) changes the first token of padded rows."""
+
+    def prefer_pad(module, args, out):  # out: [B, pos, V]
+        out = out.clone()
+        top = out[..., 1:].max(-1).values
+        out[..., PAD] = top + 0.1 * top.abs()
+        return out
+
+    with installed([(model.lm_head, prefer_pad)]):
+        ref = _generate(model, eos, repetition_penalty=1.3)
+        out = _decoding(model, eos, repetition_penalty=1.3).generate(IDS, MASK)
+    assert (ref[:, 0] == PAD).all(), "premise: unpenalised, the pad id wins"
+    assert torch.equal(out.tokens, ref), (out.tokens, ref)
+
+
 def test_rows_finish_early_and_steps_past_the_end_are_padding(model, eos):
     ref = _generate(model, eos)
     assert ref.shape[1] < NEW and (ref == PAD).any()  # premise: every row stops, some earlier than others

@@ -256,7 +256,8 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
     t = sessions.get("thinker", (batch, _bucket(p + thinker.max_new_tokens), thinker, capture),
                      lambda: ThinkerDecoding(model.thinker, batch, _bucket(p + thinker.max_new_tokens), thinker, capture))
     first, prompt_hidden = t.prefill(inputs)
-    text = t.decoder.run(first, prompt_ids=ids)
+    # generate's repetition penalty skips each row's left padding (prompt_ignore_length)
+    text = t.decoder.run(first, prompt_ids=ids, penalty_ignore=(inputs["attention_mask"] != 0).int().argmax(dim=1))
     n = text.length
     if n < 2:
         raise EsnError("the thinker ended its reply after one token; the talker needs at least two "
@@ -268,7 +269,7 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
                      lambda: TalkerDecoding(model.talker, batch, length, thinker.max_new_tokens, talker, capture))
     first = k.prefill(made["embeds"], made["text_ids"], made["reply"], made["mask"],
                       inputs["feature_attention_mask"].sum(-1))
-    codes = k.decoder.run(first, prompt_ids=made["codec_ids"])
+    codes = k.decoder.run(first, prompt_ids=made["codec_ids"], penalty_ignore=(made["mask"] != 0).int().argmax(dim=1))
     stop = torch.as_tensor(talker.eos_token_ids, device=codes.tokens.device)
     hit = (codes.tokens.unsqueeze(-1) == stop).any(-1)
     ends = torch.where(hit.any(1), hit.int().argmax(1), codes.length).tolist()  # codes before the first stop id
