@@ -188,16 +188,22 @@ class _HostSyncs(TorchDispatchMode):
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_decode_steps_never_wait_for_the_device(adapter, speech_fn, impl):
     """What CUDA-graph capture needs, checked on CPU: the thinker's and the talker's steps (code predictor
-    unrolled inside) issue no host synchronisation with a capturable experts implementation."""
+    unrolled inside) issue no host synchronisation with a capturable experts implementation, plain and
+    with per-row steering hooks (routed and code-predictor points) inside."""
+    mask = _mixed_mask(adapter.layout())
+    rows = [Condition(mask, "steer", 2.0), None]
     before = adapter.model.get_experts_implementation()
     try:
-        for experts, syncs in ((impl, False), ("eager", True)):  # eager experts: the premise that syncs show
-            adapter.generate(_requests(speech_fn, 2), _config("graph", decode_experts=experts))
-            adapter.model.set_experts_implementation(experts)
-            for kept in adapter._sessions._kept.values():
-                session = next(reversed(kept.values()))  # one step more than the run: its caches have room
-                with torch.inference_mode(), _HostSyncs() as seen:
-                    session.step(session.decoder.state)
-                assert bool(seen.ops) == syncs, (experts, seen.ops[:3])
+        # eager experts: the premise that host syncs show
+        for experts, conditions, syncs in ((impl, None, False), (impl, rows, False), ("eager", None, True)):
+            with steer_rows(adapter, conditions) if conditions else installed([]):
+                adapter.generate(_requests(speech_fn, 2), _config("graph", decode_experts=experts))
+                adapter.model.set_experts_implementation(experts)
+                for kept in adapter._sessions._kept.values():
+                    session = next(reversed(kept.values()))  # one step more than the run: its caches have room
+                    with torch.inference_mode(), _HostSyncs() as seen:
+                        session.step(session.decoder.state)
+                    assert bool(seen.ops) == syncs, (experts, conditions is not None, seen.ops[:3])
+                adapter.model.set_experts_implementation(before)
     finally:
         adapter.model.set_experts_implementation(before)
