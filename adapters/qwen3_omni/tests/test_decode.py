@@ -163,6 +163,20 @@ def test_decode_options(adapter, speech_fn):
     eager_steps = adapter.generate(reqs, _config("graph", decode_experts="eager"))
     assert [r.info["audio_codes"] for r in grouped] == [r.info["audio_codes"] for r in eager_steps]
     assert adapter.model.get_experts_implementation() == before
+    # generation settings the static steps do not reproduce are refused; an eos outside the codebook is moot
+    gc = adapter.model.talker.code_predictor.generation_config
+    for name, value, refused in (("repetition_penalty", 1.2, True), ("eos_token_id", 3, True),
+                                 ("eos_token_id", 10_000, False)):
+        old = getattr(gc, name)
+        setattr(gc, name, value)
+        try:
+            if refused:
+                with pytest.raises(EsnError, match=f"code predictor.*{name if name != 'eos_token_id' else 'stops'}"):
+                    adapter.generate(reqs[:1], _config("graph"))
+            else:
+                adapter.generate(reqs[:1], _config("graph"))
+        finally:
+            setattr(gc, name, old)
     adapter.capture_graphs = True  # what CUDA does: the eager experts cannot be captured, refused up front
     try:
         with pytest.raises(EsnError, match="decode_experts='grouped_mm'"):

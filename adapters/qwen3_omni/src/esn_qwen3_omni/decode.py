@@ -368,8 +368,13 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
     batch, p = ids.shape
     check_generation_config(model.thinker.generation_config, "thinker")
     check_generation_config(model.talker.generation_config, "talker")
-    check_generation_config(model.talker.code_predictor.generation_config, "code predictor",
-                            ("repetition_penalty", "suppress_tokens", "min_new_tokens", "eos_token_id"))
+    predictor = model.talker.code_predictor
+    check_generation_config(predictor.generation_config, "code predictor",
+                            ("repetition_penalty", "suppress_tokens", "min_new_tokens"))
+    stop = predictor.generation_config.eos_token_id  # the unrolled predictor never stops early
+    if any(0 <= int(i) < predictor.config.vocab_size for i in ([] if stop is None else torch.tensor(stop).flatten())):
+        raise EsnError(f"the code predictor's generation config stops at code {stop!r}, which decode='graph' does "
+                       "not reproduce; use decode='eager'")
     length = _bucket(p + thinker.max_new_tokens)
     t = sessions.get("thinker", (batch, length, thinker, capture, key),
                      lambda: ThinkerDecoding(model.thinker, batch, length, thinker, capture))
