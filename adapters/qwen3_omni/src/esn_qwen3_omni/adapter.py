@@ -12,6 +12,11 @@ Hook points (``act_fn`` outputs; ``esn.hooks.mlp_hook_points``), for Qwen3-Omni-
 Streams for recording: the thinker gets ``input_ids``/``attention_mask`` on every text step; the talker
 gets ``inputs_embeds`` in its prefill (with the mask when a row is padded) and the fed codec id after;
 the code predictor is a substep of the talker (``esn.substeps``): it runs inside each talker decode step.
+
+Decoding: ``decode="graph"`` (the default on CUDA) runs thinker and talker through ``esn.decode``
+(``esn_qwen3_omni.decode``: static steps over the same modules, the code predictor unrolled inside the
+talker's step, each step captured once as a CUDA graph); ``decode="eager"`` (the default elsewhere)
+through transformers' ``generate``. Both give the same text, codes and audio.
 """
 
 from __future__ import annotations
@@ -300,9 +305,11 @@ class Qwen3OmniAdapter(ModelAdapter):
 
     def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
         """All requests as rows of one left-padded batch (transformers 5.24's Qwen3-Omni generates batches;
-        finished rows are fed the codec eos). Text, codec and residual codes are greedy, so the result does
-        not depend on the seed; the global RNG is forked and seeded anyway. code2wav then decodes each row
-        alone (bit-identical to the row's solo run; transformers' one batched pass rounds differently)."""
+        finished rows are fed the codec eos), through ``esn.decode`` (option ``decode="graph"``, the default
+        on CUDA) or transformers' ``generate`` (``"eager"``); both give the same tokens and codes. Text,
+        codec and residual codes are greedy, so the result does not depend on the seed; the global RNG is
+        forked and seeded anyway. code2wav then decodes each row alone (bit-identical to the row's solo run;
+        transformers' one batched pass rounds differently)."""
         import torch
 
         if not requests:
