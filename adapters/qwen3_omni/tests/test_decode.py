@@ -91,6 +91,12 @@ def test_graph_decode_with_steering_per_row_and_for_all(adapter, speech_fn):
     eager = _run(adapter, reqs, _config("eager"), conditions)
     assert [r.info["audio_codes"] for r in eager] != [r.info["audio_codes"] for r in plain], "premise: steering shows"
     _same(eager, _run(adapter, reqs, _config("graph"), conditions))
+    stats = []
+    for mode in ("eager", "graph"):  # recording beside per-row steering, in the decoder's steps too
+        with GateRecorder(adapter) as rec:
+            _same(eager, _run(adapter, reqs, _config(mode), conditions))
+        stats.append(rec.stats())
+    assert torch.equal(stats[0].counts, stats[1].counts) and torch.equal(stats[0].tokens, stats[1].tokens)
     for method, alpha in (("steer", 8.0), ("deactivate", None)):  # one mask for every row
         with steer(adapter, masks[2], method, alpha):
             a = _run(adapter, reqs, _config("eager"))
@@ -100,21 +106,14 @@ def test_graph_decode_with_steering_per_row_and_for_all(adapter, speech_fn):
 
 
 def test_graph_decode_records_what_generate_records(adapter, speech_fn):
-    """Routed (thinker, talker) and substep (code predictor) points recorded inside the decoder's steps.
-    Until core's graph-aware routed/substep recording is on main, GateRecorder refuses them in a decoder:
-    then this test checks the refusal leaves no hook behind and is reported as an expected failure."""
+    """Routed (thinker, talker), shared-expert and substep (code predictor) points recorded inside the
+    decoder's steps give generate's statistics."""
     reqs = _requests(speech_fn)
     before = _hooks(adapter)
     with GateRecorder(adapter) as rec:
         eager = _run(adapter, reqs, _config("eager"))
-    try:
-        with GateRecorder(adapter) as rec_graph:
-            graph = _run(adapter, reqs, _config("graph"))
-    except EsnError as exc:
-        assert _hooks(adapter) == before
-        if "host-side work per step" in str(exc):
-            pytest.xfail("graph-aware routed and substep recording is not in core yet")
-        raise
+    with GateRecorder(adapter) as rec_graph:
+        graph = _run(adapter, reqs, _config("graph"))
     _same(eager, graph)
     a, b = rec.stats(), rec_graph.stats()
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.counts, b.counts)
