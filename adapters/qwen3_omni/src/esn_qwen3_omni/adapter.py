@@ -22,7 +22,6 @@ through transformers' ``generate``. Both give the same text, codes and audio.
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from esn.adapters import (
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
+from esn.hub import read_checkpoint_config
 from esn.requirements import Requirement
 
 THINKER_LAYERS = "thinker.model.language_model.layers"
@@ -63,11 +63,6 @@ OPTIONS: dict[str, Any] = {
 }
 DECODE_MODES = ("graph", "eager")
 SYSTEM_PROMPTS = {"conversion": CONVERSION_SYSTEM_PROMPT}
-
-
-def _is_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
 
 
 def _placement(device: str) -> dict[str, Any]:
@@ -165,29 +160,7 @@ class Qwen3OmniAdapter(ModelAdapter):
     @classmethod
     def read_config(cls, source: str | Path) -> dict:
         """``config.json`` of a local checkpoint or hub id, read before any weight (architecture check)."""
-        source = str(source)
-        local = Path(source)
-        if not local.exists() and not _is_hub_id(source):
-            raise EsnError(f"model {source!r} not found: give a checkpoint directory or a hub id like "
-                           "Qwen/Qwen3-Omni-30B-A3B-Instruct")
-        if local.exists() and not local.is_dir():
-            raise EsnError(f"model {source!r} is a file; give the checkpoint directory")
-        if local.is_dir():
-            path = local / "config.json"
-        else:
-            from transformers.utils import cached_file
-
-            try:
-                found = cached_file(source, "config.json", _raise_exceptions_for_missing_entries=False)
-            except Exception:  # offline, no such repository, no access
-                found = None
-            path = Path(found) if found else local / "config.json"
-        if not path.is_file():
-            raise EsnError(f"{source}: no config.json (not a transformers checkpoint, or the hub is unreachable)")
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise EsnError(f"{path}: unreadable config.json ({exc})") from None
+        config = read_checkpoint_config(source, "Qwen/Qwen3-Omni-30B-A3B-Instruct")
         cls.check_architectures(config, source)
         return config
 
