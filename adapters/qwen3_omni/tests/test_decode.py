@@ -82,6 +82,15 @@ def test_graph_decode_gives_generates_text_codes_and_audio(adapter, speech_fn, n
     assert _hooks(adapter) == before
 
 
+def test_graph_decode_gives_generates_results_in_bfloat16(tiny_dir, speech_fn):
+    """The dtype of the GPU runs: every sum and cast in the static steps happens as in generate."""
+    from esn_qwen3_omni import Qwen3OmniAdapter
+
+    bf16 = Qwen3OmniAdapter.load(tiny_dir, dtype="bfloat16")
+    reqs = _requests(speech_fn)
+    _same(_run(bf16, reqs, _config("eager")), _run(bf16, reqs, _config("graph")))
+
+
 def test_graph_decode_with_steering_per_row_and_for_all(adapter, speech_fn):
     layout = adapter.layout()
     masks = [_mixed_mask(layout, seed=s) for s in range(3)]

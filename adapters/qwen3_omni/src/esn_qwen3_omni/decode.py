@@ -197,11 +197,11 @@ class TalkerDecoding(_Static):
             cache=self.predictor_cache,
             use_cache=True,
         )
-        codes, total = [], last
+        codes, embeds = [], [last]
         for i in range(1, self.groups):
             code = out.logits[:, -1].float().argmax(-1, keepdim=True)  # [B, 1]
             codes.append(code)
-            total = total + embeddings[i - 1](code)  # [B, 1, H]
+            embeds.append(embeddings[i - 1](code))  # [B, 1, H]
             if i == self.groups - 1:
                 break
             out = self.predictor(
@@ -212,7 +212,8 @@ class TalkerDecoding(_Static):
                 cache=self.predictor_cache,
                 use_cache=True,
             )
-        return torch.cat(codes, dim=1), total
+        # one sum over the groups, as generate (in bf16 a chain of additions would round differently)
+        return torch.cat(codes, dim=1), torch.cat(embeds, dim=1).sum(1, keepdim=True)
 
     def step(self, state: DecodeState) -> torch.Tensor:
         """One talker step on the fed codec id ``state.ids`` ``[B, 1]``: residual codes, then codec logits ``[B, V]``."""
