@@ -228,6 +228,17 @@ def timed(fn, device, model) -> tuple[float, int, dict[str, float]]:
     return wall, (torch.cuda.max_memory_allocated() if cuda else 0), steps
 
 
+def _equal_fraction(a, b) -> float | None:
+    """Share of equal entries of two code arrays (up to the shorter length), None if either is missing."""
+    if a is None or b is None:
+        return None
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    n = min(a.shape[-1], b.shape[-1])
+    if n == 0 or a.shape[:-1] != b.shape[:-1]:
+        return None
+    return float((a[..., :n] == b[..., :n]).float().mean())
+
+
 def ratio_summary(values: list[float], base: list[float], seed: int = 0) -> dict:
     """Paired ratios ``values[i] / base[i]`` (one per repeat): median, min, max and a bootstrap 95%
     interval of the median (resampling repeats)."""
@@ -261,7 +272,7 @@ def main() -> None:
                     help="adapter option decode (default: the adapter's: graph on CUDA unless the experts are eager)")
     ap.add_argument("--decode-experts", choices=("grouped_mm", "batched_mm"), default=None,
                     help="adapter option decode_experts: experts implementation of graph decode steps")
-    ap.add_argument("--variants", nargs="+", choices=("record", "steer", "steer_rows"),
+    ap.add_argument("--variants", nargs="+", choices=("record", "steer", "steer_rows", "eager"),
                     default=["record", "steer", "steer_rows"], help="timed beside plain (steer_rows: batch > 1)")
     ap.add_argument("--budget", type=float, default=1e9, help="stop starting new repeats after this many seconds")
     ap.add_argument("--check", nargs="*", default=["grouped_mm", "eager"], help="experts implementations whose "
@@ -347,7 +358,20 @@ def main() -> None:
             with steer_rows(adapter, conds):
                 adapter.generate(reqs, gen)
 
-        variants = {"plain": plain} | {name: fn for name, fn in (("record", record), ("steer", steered), ("steer_rows", rows))
+        eager_gen = gen.model_copy(update={"options": {**gen.options, "decode": "eager"}})
+
+        def eager(reqs=reqs, eager_gen=eager_gen):  # transformers' generate, beside the graph path (decode="graph" runs)
+            adapter.generate(reqs, eager_gen)
+
+        if "eager" in args.variants and result.get("decode") != "eager":  # same tokens and codes both ways?
+            graph_out, eager_out = adapter.generate(reqs, gen), adapter.generate(reqs, eager_gen)
+            result.setdefault("graph_vs_eager", {})[str(batch)] = [
+                {"text_equal": a.text == b.text, "codes": [list(torch.as_tensor(r.info["audio_codes"]).shape)
+                                                            for r in (a, b)],
+                 "codes_equal_fraction": _equal_fraction(a.info.get("audio_codes"), b.info.get("audio_codes"))}
+                for a, b in zip(graph_out, eager_out, strict=True)]
+            log(f"batch {batch}: graph vs eager {result['graph_vs_eager'][str(batch)]}")
+        variants = {"plain": plain} | {name: fn for name, fn in (("record", record), ("steer", steered), ("steer_rows", rows), ("eager", eager))
                                        if name in args.variants and (name != "steer_rows" or batch > 1)}
         names = list(variants)
         for fn in variants.values():  # warm-up: kernels, allocator, lazy imports
