@@ -239,6 +239,24 @@ def _equal_fraction(a, b) -> float | None:
     return float((a[..., :n] == b[..., :n]).float().mean())
 
 
+def profiled(fn, device, top: int = 30) -> list[str]:
+    """One call of ``fn`` under cProfile (device synchronised at the end): its costliest functions by own
+    time, as pstats lines (where the host spends a call)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()]
+
+
 def ratio_summary(values: list[float], base: list[float], seed: int = 0) -> dict:
     """Paired ratios ``values[i] / base[i]`` (one per repeat): median, min, max and a bootstrap 95%
     interval of the median (resampling repeats)."""
@@ -277,6 +295,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9, help="stop starting new repeats after this many seconds")
     ap.add_argument("--check", nargs="*", default=["grouped_mm", "eager"], help="experts implementations whose "
                     "row mapping is checked against each expert's MLP by hand before timing")
+    ap.add_argument("--profile", action="store_true", help="after timing, run each variant once more under "
+                    "cProfile (device synchronised) and keep its 30 costliest functions (host time) in the JSON")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -406,6 +426,10 @@ def main() -> None:
                 "peak_ratio": {k: (max(v) / max(peaks["plain"]) if max(peaks["plain"]) else None)
                                for k, v in peaks.items()},
             })
+            save()
+        entry["decode_info"] = getattr(adapter, "last_decode_info", None)  # captured / reused, last call
+        if args.profile:
+            entry["profile"] = {name: profiled(variants[name], args.device) for name in names}
             save()
         if "stats" not in stats_box:
             continue

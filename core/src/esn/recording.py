@@ -977,8 +977,9 @@ class GateRecorder:
         index = {"counts": 0, "tokens": 1, "sums": 2, "sumsq": 3, "prompt_counts": 4, "prompt_tokens": 5}
         columns = [[part[index[n]] for part in parts] for n in names]
         devices = {t.device for column in columns for t in column}
-        if len(devices) > 1:  # e.g. routed points' results are on the CPU already: everything there
-            columns = [[t.cpu() for t in column] for column in columns]
+        if len(devices) > 1:  # a point that never ran gives CPU zeros: move those (small) to the device
+            device = next(d for d in devices if d.type != "cpu")
+            columns = [[t.to(device) for t in column] for column in columns]
         # concatenated where they are, then one transfer per statistic (not one per hook point)
         host = dict(zip(names, _to_host([torch.cat(column, dim=1) for column in columns]), strict=True))
         return BatchStats(self.layout, host["counts"], host["tokens"], host.get("sums"), host.get("sumsq"),

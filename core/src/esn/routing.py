@@ -402,22 +402,26 @@ class RoutedPoint:
 
     def result(self, batch: int) -> tuple[torch.Tensor | None, ...]:
         """``(counts [B, E*d] int32, tokens [B, E] int64, sums, sumsq, prompt_counts [B, E*d], prompt_tokens
-        [B, E])`` on CPU (sums and sumsq None without moments)."""
+        [B, E])`` on the statistics' device (sums and sumsq None without moments). The recorder brings all
+        points' statistics to the host at once through page-locked memory: a ``.cpu()`` per point and
+        tensor here cost ~0.2 s per call at Qwen3-Omni's 5.7 M neurons (pageable copies, one wait each)."""
         if self.forwards != self.root.calls:
             raise EsnError(f"hook point {self.hp.name}: its experts module ran in {self.forwards} of the "
                            f"{self.root.calls} calls of its stream root {self.root.path!r}: the stream spec "
                            "does not match the model")
         w, g = self.hp.width, self.hp.groups
-        zero_counts, zero_tokens = torch.zeros((batch, w), dtype=torch.int32), torch.zeros((batch, g), dtype=torch.int64)
+        device = None if self.counts is None else self.counts.device
+        zero_counts = torch.zeros((batch, w), dtype=torch.int32, device=device)
+        zero_tokens = torch.zeros((batch, g), dtype=torch.int64, device=device)
         if self.counts is None:
             zeros = torch.zeros((batch, w), dtype=torch.float64) if self.moments else None
             return zero_counts, zero_tokens, zeros, zeros, zero_counts, zero_tokens
         if not self.snapped and self.root.calls == 1:
             self._snapshot()  # a generation of the prefill alone
         prompt = (zero_counts, zero_tokens) if self.prompt is None else (
-            self.prompt[0].reshape(batch, w).cpu(), self.prompt[1].cpu())
-        moments = (self.sums.reshape(batch, w).cpu(), self.sumsq.reshape(batch, w).cpu()) if self.moments else (None, None)
-        return self.counts.reshape(batch, w).cpu(), self.tokens.cpu(), *moments, *prompt
+            self.prompt[0].reshape(batch, w), self.prompt[1])
+        moments = (self.sums.reshape(batch, w), self.sumsq.reshape(batch, w)) if self.moments else (None, None)
+        return self.counts.reshape(batch, w), self.tokens, *moments, *prompt
 
 
 def recorder_hooks(point: RoutedPoint, model: Any) -> tuple[tuple[Any, Callable], tuple[Any, Callable]]:

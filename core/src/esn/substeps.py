@@ -139,10 +139,10 @@ class SubstepRoot:
         self._reduce()
 
     def tokens(self, batch: int) -> torch.Tensor:
-        """``[B]`` int64 on CPU: the substep positions counted per row."""
+        """``[B]`` int64 on the statistics' device (CPU before any forward): the substep positions counted per row."""
         if self.tokens_dev is None:
             return torch.zeros(batch, dtype=torch.int64)
-        return self.tokens_dev.cpu()
+        return self.tokens_dev
 
     # -- esn.decode (driven by the stream root, esn.recording._Root) -----------------------------------
     def decode_begin(self, state: Any) -> None:
@@ -326,16 +326,19 @@ class SubstepPoint:
                 self.sums, self.sumsq = sums.copy_(self.sums), sumsq.copy_(self.sumsq)
 
     def result(self, batch: int) -> tuple[torch.Tensor, ...]:
-        """``(counts [B, d] int32, tokens [B, 1] int64, sums, sumsq)`` on CPU."""
+        """``(counts [B, d] int32, tokens [B, 1] int64, sums, sumsq, prompt_counts, prompt_tokens)`` on the
+        statistics' device (the recorder brings every point to the host at once, through page-locked memory)."""
         if self.calls != self.root.calls:
             raise EsnError(f"hook point {self.hp.name} ran in {self.calls} of the {self.root.calls} forwards of "
                            f"its substep {self.root.path!r}: the stream spec does not match the model")
         d = self.hp.width
         tokens = self.root.tokens(batch)[:, None]
+        device = tokens.device
         # a substep runs in decode steps only: its prompt share is zero
-        prompt = torch.zeros((batch, d), dtype=torch.int32), torch.zeros((batch, 1), dtype=torch.int64)
+        prompt = (torch.zeros((batch, d), dtype=torch.int32, device=device),
+                  torch.zeros((batch, 1), dtype=torch.int64, device=device))
         if self.counts is None:
-            zeros = torch.zeros((batch, d), dtype=torch.float64) if self.moments else None
-            return torch.zeros((batch, d), dtype=torch.int32), tokens, zeros, zeros, *prompt
-        moments = (self.sums.cpu(), self.sumsq.cpu()) if self.moments else (None, None)
-        return self.counts.cpu(), tokens, *moments, *prompt
+            zeros = torch.zeros((batch, d), dtype=torch.float64, device=device) if self.moments else None
+            return torch.zeros((batch, d), dtype=torch.int32, device=device), tokens, zeros, zeros, *prompt
+        moments = (self.sums, self.sumsq) if self.moments else (None, None)
+        return self.counts, tokens, *moments, *prompt
