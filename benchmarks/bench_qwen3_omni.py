@@ -28,6 +28,7 @@ sees map to the (token, expert) esn computes: each row equals that expert's gate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import platform
@@ -212,19 +213,23 @@ class StepClock:
         return {r: [b - a for a, b in itertools.pairwise(t[1:])] for r, t in self.stamps.items()}
 
 
-def timed(fn, device, model) -> tuple[float, int, dict[str, float]]:
-    """Wall time (device synchronised), peak allocated bytes, and the median decode-step time per root."""
+def timed(fn, device, model, clock: bool = True) -> tuple[float, int, dict[str, float]]:
+    """Wall time (device synchronised), peak allocated bytes, and the median decode-step time per root.
+
+    ``clock=False`` under graph decode: a replayed step runs no hook, so there is nothing to stamp, and the
+    clock's hooks (new ones per call, inside the decoded modules) would give every call a new hook
+    fingerprint, i.e. a fresh capture per call instead of a replay of the captured graph."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with StepClock(model) as clock:
+    with StepClock(model) if clock else contextlib.nullcontext() as stamps:
         t0 = time.perf_counter()
         fn()
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    steps = {r: statistics.median(v) for r, v in clock.decode_steps().items() if v}
+    steps = {r: statistics.median(v) for r, v in stamps.decode_steps().items() if v} if clock else {}
     return wall, (torch.cuda.max_memory_allocated() if cuda else 0), steps
 
 
@@ -400,6 +405,7 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in variants}
         peaks: dict[str, list[int]] = {k: [] for k in variants}
         steps: dict[str, dict[str, list[float]]] = {k: {} for k in variants}
+        captures = dict.fromkeys(variants, 0)  # graph captures during the timed calls (0: every call replayed)
         entry = result["batches"][str(batch)] = {}
         for rep in range(args.repeats):
             if rep and time.perf_counter() - t_start > args.budget:
@@ -407,7 +413,9 @@ def main() -> None:
                 break
             order = names[rep % len(names):] + names[:rep % len(names)]  # rotated: no variant always first
             for name in order:
-                t, peak, med = timed(variants[name], args.device, adapter.model)
+                t, peak, med = timed(variants[name], args.device, adapter.model, clock=result.get("decode") != "graph")
+                info = getattr(adapter, "last_decode_info", None) or {}
+                captures[name] += sum(bool(v.get("captured")) for v in info.values() if isinstance(v, dict))
                 times[name].append(t)
                 peaks[name].append(peak)
                 for root, v in med.items():
@@ -418,6 +426,7 @@ def main() -> None:
             entry.update({
                 "repeats": rep + 1, "orders_rotated": True,
                 "seconds": times, "peak_bytes": peaks, "decode_step_median_seconds": steps,
+                "captures_during_repeats": captures,
                 "time_ratio": {k: ratio_summary(v, times["plain"]) for k, v in times.items() if rep},
                 "step_ratio": {k: {r: ratio_summary(v, steps["plain"][r]) for r, v in per.items()}
                                for k, per in steps.items() if rep},
