@@ -541,3 +541,21 @@ def test_a_substep_recorder_that_adopts_an_earlier_ones_tensors_records_its_own_
     with GateRecorder(target, **options) as second:
         _run_reusing(toy, toy.head, run, first=reuse)
     _equal(eager.stats(), second.stats())
+
+
+def test_substep_positions_size_the_decode_buffers(toy, monkeypatch):
+    import esn.recording
+
+    target = _toy_target(toy)
+    per_step = 2 * TW + TW  # two root points, one substep point: gate values per row and step ...
+    step_bytes = (per_step + 15 * TW) * 4  # float32: the toy's dtype
+    monkeypatch.setattr(esn.recording, "CHUNK_BUDGET_BYTES", 8 * step_bytes)
+    chunks = {}
+    for positions in (1, 16):
+        spec = StreamSpec("root", toy.stop, substeps=("sub",), substep_positions=positions)
+        with GateRecorder(ModelTarget(toy, target.layout(), {"synth": spec})) as rec:
+            chunks[positions] = rec._roots["root"].chunk_fn(1)
+    # counted once, the substep point's 16 positions per step would overrun the budget 6 times over
+    assert chunks == {1: 8 * 18 // 3, 16: 8}
+    with pytest.raises(EsnError, match="substep_positions must be a positive integer"):
+        StreamSpec("root", substep_positions=0)

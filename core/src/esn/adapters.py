@@ -148,12 +148,20 @@ class StreamSpec:
     a row that has already fed one of ``stop_token_ids`` is finished (a solo run would have stopped).
     ``substeps`` are modules run inside each decode step of the root, before its forward, on that step's
     token (Qwen3-Omni's code predictor): their positions are real exactly when the root's step is
-    (``esn.substeps``).
+    (``esn.substeps``). ``substep_positions`` is how many positions they run per root decode step
+    (Qwen3-Omni: 16, a 2-position prefill and 14 steps): the recorder's decode buffers hold a whole step's
+    substep positions, so its chunk length is sized with it.
     """
 
     root: str
     stop_token_ids: tuple[int, ...] = ()
     substeps: tuple[str, ...] = ()
+    substep_positions: int = 1
+
+    def __post_init__(self) -> None:
+        n = self.substep_positions
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise EsnError(f"StreamSpec({self.root!r}): substep_positions must be a positive integer, got {n!r}")
 
 
 class ModelAdapter(abc.ABC):

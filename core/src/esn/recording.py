@@ -883,7 +883,10 @@ class GateRecorder:
                 raise EsnError(
                     f"stream {hp.stream!r}: root module {spec.root!r} not found in the model"
                 ) from None
-            width = sum(p.step_width for p in self.layout if self._specs.get(p.stream) == spec)
+            # gate values one decode step buffers: a substep point holds all its positions of the step
+            width = sum(p.step_width * (spec.substep_positions if any(
+                p.module.startswith(s + ".") for s in spec.substeps) else 1)
+                for p in self.layout if self._specs.get(p.stream) == spec)
             chunk_fn = lambda b, h=1, w=width: self._chunk_len(w, b, h)  # noqa: E731
             self._roots[spec.root] = _Root(
                 spec.root, spec.stop_token_ids, self.positions, chunk_fn, implicit=False, lane=self._lane

@@ -240,7 +240,8 @@ class Qwen3OmniAdapter(ModelAdapter):
     def stream_specs(self) -> dict[str, StreamSpec]:
         return {
             "lm": StreamSpec(root="thinker", stop_token_ids=self.prompts.stop_ids),
-            "synth": StreamSpec(root="talker", stop_token_ids=self.talker_stop_ids, substeps=(CODE_PREDICTOR,)),
+            "synth": StreamSpec(root="talker", stop_token_ids=self.talker_stop_ids, substeps=(CODE_PREDICTOR,),
+                                substep_positions=int(self.model.config.talker_config.num_code_groups)),
         }
 
     # -- generation --------------------------------------------------------------------------------
