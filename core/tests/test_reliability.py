@@ -99,6 +99,18 @@ def test_reopening_deletes_only_esn_temp_files_in_its_layout(tmp_path):
     assert [p for p in keep if not p.exists()] == [] and [p for p in gone if p.exists()] == []
 
 
+def test_a_folder_holding_only_an_esn_manifest_being_written_is_still_new(tmp_path):
+    # Two shards started at once: one checks the folder while the other writes its first manifest (seen in
+    # CI as "not an esn run directory ... not empty (.manifest.json.<8>.esn-tmp)"); or that write was killed.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".manifest.json.b8_8fnkt.esn-tmp").write_text("{")
+    RunDir(out).claim()
+    (out / ".notes.json.tmp").write_text("{")  # not esn's temp name: a foreign file still counts
+    with pytest.raises(EsnError, match=r"not empty \(.notes.json.tmp\)"):
+        RunDir(out).claim()
+
+
 def test_the_demo_marks_its_folder_before_writing_inputs_into_it(tmp_path):
     out = tmp_path / "demo"
     RunDir(out).claim(mark=True)

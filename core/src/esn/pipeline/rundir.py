@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from esn.errors import EsnError
-from esn.files import os_error
+from esn.files import is_temp, os_error
 from esn.pipeline.files import atomic_write_json, dumps, read_json, remove_temp
 
 RESULT_STAGES = ("record", "select", "evaluate")  # the stages whose folders hold results a config change voids
@@ -120,7 +120,9 @@ class RunDir:
             if self.manifest.exists() or self.manifest.is_symlink():
                 self._read_manifest()  # a damaged manifest is an error here, before anything else
                 return
-            found = sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".lock"))
+            # esn's own temp files do not make a folder foreign: a shard starting beside another sees the
+            # other's manifest being written (under the open lock), and a killed first write leaves one
+            found = sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".lock") and not is_temp(p.name))
         except OSError as exc:
             raise os_error(exc, self.root, "open run directory") from None
         results = [s for s in RESULT_STAGES if self.has_results(s)]
