@@ -229,6 +229,7 @@ def test_each_sidecar_is_parsed_once_and_changes_are_seen(tmp_path, monkeypatch)
     _copy_shard(shards, "b000003-000000", "b000003-000000", lambda side: side["records"][0].update(text="redone"))
     assert store.records()[3].text == "redone"  # a sidecar rewritten on disk is read again
     (shards / "b000004-000000.json").unlink()
-    assert "a4" not in store.done_ids()  # ... and a removed one is forgotten
-    with pytest.raises(EsnError, match="already stored"):
-        store.append(*batch(["a7"]), worker="again")
+    with pytest.warns(StoreWarning, match="without a sidecar"):
+        assert "a4" not in store.done_ids()  # ... and a removed one is forgotten
+        with pytest.raises(EsnError, match="already stored"):
+            store.append(*batch(["a7"]), worker="again")
