@@ -67,7 +67,20 @@ class ModelTarget:
     def module(self, hook_point) -> nn.Module:
         """The module of a hook point (its output is the gate ``[batch, pos, d_mlp]``)."""
         hp = self._layout[hook_point] if isinstance(hook_point, str) else hook_point
-        return self.model.get_submodule(hp.module)
+        return submodule(self.model, hp.module)
+
+
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)``, walking the child dicts directly: torch's version goes through
+    ``hasattr``/``getattr`` at every level, which cost ~13 ms of the 20 ms that entering ``steer()`` takes on
+    Qwen3-Omni's 93 hook points. A path that is not a chain of child modules gets torch's own error."""
+    module = model
+    for name in path.split(".") if path else ():
+        child = module._modules.get(name)
+        if child is None:
+            return model.get_submodule(path)  # torch's error (or whatever else it resolves)
+        module = child
+    return module
 
 
 def gate_hook_points(model: nn.Module, layers_path: str, stream: str) -> list:

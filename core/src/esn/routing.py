@@ -32,7 +32,7 @@ import torch
 
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
-from esn.hooks import apply_affine
+from esn.hooks import apply_affine, submodule
 
 IMPLEMENTATIONS: tuple[str, ...] = ("grouped_mm", "batched_mm", "eager")
 _SLICE_BYTES = 64 * 2**20  # float64 copies of prefill rows are summed in slices this small
@@ -434,7 +434,7 @@ def recorder_hooks(point: RoutedPoint, model: Any) -> tuple[tuple[Any, Callable]
 
 def _module(model: Any, path: str | None, hp: HookPoint) -> Any:
     try:
-        return model.get_submodule(path or "")
+        return submodule(model, path or "")
     except AttributeError:
         raise EsnError(f"hook point {hp.name}: module {path!r} not found in the model") from None
 

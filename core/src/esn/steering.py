@@ -28,7 +28,7 @@ import torch
 
 from esn.errors import EsnError, LayoutMismatchError
 from esn.hookpoints import HookPoint, Layout, describe_difference
-from esn.hooks import apply_affine, installed
+from esn.hooks import apply_affine, installed, submodule
 from esn.interventions import Affine, Intervention, Method, resolve
 from esn.masks import Mask
 from esn.plugins import Registry
@@ -173,11 +173,12 @@ class _Edit:
 def _placement(target: Any, hp: HookPoint) -> tuple[torch.dtype, torch.device]:
     """The dtype and device the gate of ``hp`` will most likely have: those of its MLP's weights."""
     model = target.model
-    for path in (hp.down_proj, hp.module.rpartition(".")[0]):
+    # a routed point's down_proj is a 3-D parameter, not a module: its experts module holds it
+    for path in (None if hp.routed else hp.down_proj, hp.module.rpartition(".")[0]):
         if not path:
             continue
         with contextlib.suppress(AttributeError):
-            p = next(model.get_submodule(path).parameters(), None)
+            p = next(submodule(model, path).parameters(), None)
             if p is not None and p.dtype.is_floating_point:
                 return p.dtype, p.device
     p = next((p for p in model.parameters() if p.dtype.is_floating_point), None)
@@ -319,9 +320,9 @@ class _EditHook:
         self.edit.graph_adopt(state)
 
 
-def _in_substep(target: Any, hp: HookPoint) -> bool:
+def _in_substep(specs: dict, hp: HookPoint) -> bool:
     """Inside a substep module (``StreamSpec.substeps``): only ever runs in the root's decode steps."""
-    spec = (target.stream_specs() or {}).get(hp.stream)
+    spec = specs.get(hp.stream)
     return any(hp.module.startswith(s + ".") for s in getattr(spec, "substeps", ()))
 
 
@@ -330,14 +331,14 @@ def _install(target: Any, layout: Layout, edits: dict[str, _Edit], positions: st
     _check_positions(positions)
     states: dict[str, _Prefill] = {}
     roots = []
+    specs = target.stream_specs() or {}  # once: adapters build them on every call
     if positions == "generated":
-        specs = target.stream_specs() or {}
         for stream in sorted({layout[n].stream for n in edits}):
             state = states[stream] = _Prefill()
             spec = specs.get(stream)
             if spec is not None and getattr(spec, "root", None):
                 try:
-                    root = target.model.get_submodule(spec.root)
+                    root = submodule(target.model, spec.root)
                 except AttributeError:
                     raise EsnError(f"stream spec {stream!r}: root module {spec.root!r} not found in the model") from None
                 state.tracked = True
@@ -345,7 +346,7 @@ def _install(target: Any, layout: Layout, edits: dict[str, _Edit], positions: st
     hooks, pre = [], []
     for name, edit in edits.items():
         hp = layout[name]
-        state = None if _in_substep(target, hp) else states.get(hp.stream)
+        state = None if _in_substep(specs, hp) else states.get(hp.stream)
         if hp.routed:  # esn.routing: each routed row gets its expert's edit
             if state is not None and not state.tracked:
                 raise EsnError(f"hook point {name} is routed: positions='generated' needs a stream spec root "
@@ -449,7 +450,7 @@ def folded(
                 if not hp.down_proj:
                     raise EsnError(f"hook point {name} has no down_proj path, so it cannot be folded; use steer()")
                 try:
-                    weight = target.model.get_submodule(hp.down_proj).weight  # [hidden, d_mlp]
+                    weight = submodule(target.model, hp.down_proj).weight  # [hidden, d_mlp]
                 except AttributeError:
                     raise EsnError(f"{name}: down_proj module {hp.down_proj!r} (with a weight) not found") from None
                 if weight.dim() != 2 or weight.shape[1] != hp.width or weight.device.type == "meta":
