@@ -22,64 +22,28 @@ captures it as one CUDA graph; on CPU the same steps run eagerly.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from esn.decode import Decoder, DecodeState, Greedy
+from esn.decode.static import Sessions, StaticKV, bucket, check_generation_config
 from esn.errors import EsnError
 
-LENGTH_BUCKET = 64  # cache lengths are rounded up to this, so prompts of similar length share graphs
-SESSIONS_PER_STREAM = 2  # static caches kept per stream (e.g. a full batch and the last, smaller one)
 CODE2WAV_CHUNKING = (300, 25)  # generate's chunked_decode(chunk_size, left_context_size)
-# generate settings this module does not reproduce: decoding through it with any of them set is refused
-_UNSUPPORTED = ("no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "begin_suppress_tokens",
-                "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
-                "encoder_repetition_penalty", "epsilon_cutoff", "eta_cutoff")
 
 
-def _bucket(n: int) -> int:
-    return -(-n // LENGTH_BUCKET) * LENGTH_BUCKET
-
-
-def check_generation_config(config: Any, what: str, extra: tuple[str, ...] = ()) -> None:
-    """EsnError if a sub-model's generation config asks for a processor ``decode='graph'`` lacks."""
-    for name in _UNSUPPORTED + extra:
-        value = getattr(config, name, None)
-        if value not in (None, 0, 1.0, [], ()):
-            raise EsnError(f"the {what}'s generation config sets {name}={value!r}, which decode='graph' does not "
-                           "reproduce; use decode='eager'")
-
-
-class _Static:
-    """A StaticCache and the key mask ``[B, L]`` of its positions (prompt padding masked)."""
+class _Static(StaticKV):
+    """``StaticKV`` plus the next text + 3D rope positions ``[4, B, 1]`` (decode continues the prompt's)."""
 
     def __init__(self, config: Any, batch: int, max_len: int, device: torch.device):
-        from transformers import StaticCache
-
-        self.batch, self.max_len = batch, max_len
-        self.cache = StaticCache(config=config, max_cache_len=max_len)
-        self.kv_index = torch.arange(max_len, device=device)  # [L]
-        self.kv_allowed = torch.ones((batch, max_len), dtype=torch.bool, device=device)  # [B, L]
-        self.prompt_len = torch.zeros(1, dtype=torch.long, device=device)
+        super().__init__(config, batch, max_len, device)
         self.next_position = torch.zeros((4, batch, 1), dtype=torch.long, device=device)  # text + 3D rope
 
     def start(self, mask: torch.Tensor, positions: torch.Tensor) -> None:
         """A new prompt: key mask ``[B, P]``, positions ``[4, B, P]``; decode continues them by one per step."""
-        p = mask.shape[1]
-        if p > self.max_len:
-            raise EsnError(f"prompt of {p} positions does not fit a cache of {self.max_len}")
-        self.cache.reset()
-        self.kv_allowed.fill_(True)
-        self.kv_allowed[:, :p] = mask.bool()
-        self.prompt_len.fill_(p)
+        super().start(mask)
         self.next_position.copy_(positions[..., -1:] + 1)  # generate: last position + 1, every row of the 4
-
-    def step_mask(self, state: DecodeState) -> torch.Tensor:
-        """``[B, 1, 1, L]`` bool: the prompt's real keys and every position up to this step's."""
-        cur = self.prompt_len + state.step
-        return (self.kv_allowed & (self.kv_index <= cur)).view(self.batch, 1, 1, self.max_len)
 
 
 class ThinkerDecoding(_Static):
@@ -302,28 +266,6 @@ class Generated:
     info: dict[str, Any]
 
 
-class Sessions:
-    """The adapter's static decoding sessions, a few per stream, reused across generate calls."""
-
-    def __init__(self) -> None:
-        self._kept: dict[str, OrderedDict] = {"thinker": OrderedDict(), "talker": OrderedDict()}
-
-    def get(self, stream: str, key: tuple, make) -> Any:
-        """The session of ``stream`` for ``key`` (made by ``make()`` if new; the oldest beyond two dropped)."""
-        kept = self._kept[stream]
-        if key not in kept:
-            kept[key] = make()
-            while len(kept) > SESSIONS_PER_STREAM:
-                kept.popitem(last=False)
-        kept.move_to_end(key)
-        return kept[key]
-
-    def clear(self) -> None:
-        """Drop every session (their caches and captured graphs)."""
-        for kept in self._kept.values():
-            kept.clear()
-
-
 def _padding(mask: torch.Tensor) -> torch.Tensor:
     """``[B]`` each row's left padding in ``mask`` ``[B, P]`` (generate's repetition-penalty ``prompt_ignore_length``)."""
     return (mask != 0).int().argmax(dim=1)
@@ -376,7 +318,7 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
     if any(0 <= int(i) < predictor.config.vocab_size for i in ([] if stop is None else torch.tensor(stop).flatten())):
         raise EsnError(f"the code predictor's generation config stops at code {stop!r}, which decode='graph' does "
                        "not reproduce; use decode='eager'")
-    length = _bucket(p + thinker.max_new_tokens)
+    length = bucket(p + thinker.max_new_tokens)
     t = sessions.get("thinker", (batch, length, thinker, capture, key),
                      lambda: ThinkerDecoding(model.thinker, batch, length, thinker, capture))
     first, prompt_embeds, prompt_hidden = t.prefill(inputs, model.config.talker_config.accept_hidden_layer)
@@ -384,8 +326,8 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
         text = t.decoder.run(first, prompt_ids=ids, penalty_ignore=_padding(mask))
     made = talker_inputs(model, ids, mask, text.tokens, prompt_embeds, prompt_hidden, speaker_id,
                          thinker.eos_token_ids)
-    length = _bucket(made["mask"].shape[1] + talker.max_new_tokens)
-    text_len = _bucket(made["trailing"].shape[1] + 1)
+    length = bucket(made["mask"].shape[1] + talker.max_new_tokens)
+    text_len = bucket(made["trailing"].shape[1] + 1)
     k = sessions.get("talker", (batch, length, text_len, talker, capture, key),
                      lambda: TalkerDecoding(model.talker, batch, length, text_len, talker, capture))
     first = k.prefill(made, inputs["feature_attention_mask"].sum(-1))

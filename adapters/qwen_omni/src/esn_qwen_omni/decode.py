@@ -21,64 +21,16 @@ talker adds its ``rope_deltas`` to the cache length.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from esn.decode import Decoder, DecodeState, Greedy, prompt_positions
+from esn.decode.static import Sessions, StaticKV, bucket, check_generation_config
 from esn.errors import EsnError
 
-LENGTH_BUCKET = 64  # cache lengths are rounded up to this, so prompts of similar length share graphs
-SESSIONS_PER_STREAM = 2  # static caches kept per stream (e.g. a full batch and the last, smaller one)
-# generate settings this module does not reproduce: decoding through it with any of them set is refused
-_UNSUPPORTED = ("no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "begin_suppress_tokens",
-                "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
-                "encoder_repetition_penalty", "epsilon_cutoff", "eta_cutoff")
 
-
-def _bucket(n: int) -> int:
-    return -(-n // LENGTH_BUCKET) * LENGTH_BUCKET
-
-
-def check_generation_config(config: Any, what: str) -> None:
-    """EsnError if a sub-model's generation config asks for a processor ``esn.decode`` lacks."""
-    for name in _UNSUPPORTED:
-        value = getattr(config, name, None)
-        if value not in (None, 0, 1.0, [], ()):
-            raise EsnError(f"the {what}'s generation config sets {name}={value!r}, which decode='graph' does not "
-                           "reproduce; use decode='eager'")
-
-
-class _Static:
-    """What both streams' sessions share: a StaticCache and the key mask ``[B, L]`` of its positions."""
-
-    def __init__(self, config: Any, batch: int, max_len: int, device: torch.device):
-        from transformers import StaticCache
-
-        self.batch, self.max_len = batch, max_len
-        self.cache = StaticCache(config=config, max_cache_len=max_len)
-        self.kv_index = torch.arange(max_len, device=device)  # [L]
-        self.kv_allowed = torch.ones((batch, max_len), dtype=torch.bool, device=device)  # [B, L]
-        self.prompt_len = torch.zeros(1, dtype=torch.long, device=device)
-
-    def start(self, mask: torch.Tensor) -> None:
-        """A new prompt with key mask ``[B, P]``: empty cache, padding masked, positions after it open."""
-        p = mask.shape[1]
-        if p > self.max_len:
-            raise EsnError(f"prompt of {p} positions does not fit a cache of {self.max_len}")
-        self.cache.reset()
-        self.kv_allowed.fill_(True)
-        self.kv_allowed[:, :p] = mask.bool()
-        self.prompt_len.fill_(p)
-
-    def step_mask(self, state: DecodeState) -> torch.Tensor:
-        """``[B, 1, 1, L]`` bool: the prompt's real keys and every position up to this step's."""
-        cur = self.prompt_len + state.step
-        return (self.kv_allowed & (self.kv_index <= cur)).view(self.batch, 1, 1, self.max_len)
-
-
-class ThinkerDecoding(_Static):
+class ThinkerDecoding(StaticKV):
     """The thinker at one batch size and cache length: prefill, decode step, and the reply buffer."""
 
     def __init__(self, thinker: Any, batch: int, max_len: int, greedy: Greedy, capture: bool):
@@ -129,7 +81,7 @@ class ThinkerDecoding(_Static):
         return self.thinker.lm_head(hidden)[:, -1]  # [B, V]
 
 
-class TalkerDecoding(_Static):
+class TalkerDecoding(StaticKV):
     """The talker at one batch size and cache length; its reply input is read from a static buffer."""
 
     def __init__(self, talker: Any, batch: int, max_len: int, reply_len: int, greedy: Greedy, capture: bool):
@@ -188,28 +140,6 @@ class Generated:
     info: dict[str, Any]
 
 
-class Sessions:
-    """The adapter's static decoding sessions, a few per stream, reused across generate calls."""
-
-    def __init__(self) -> None:
-        self._kept: dict[str, OrderedDict] = {"thinker": OrderedDict(), "talker": OrderedDict()}
-
-    def get(self, stream: str, key: tuple, make) -> Any:
-        """The session of ``stream`` for ``key`` (made by ``make()`` if new; the oldest beyond two dropped)."""
-        kept = self._kept[stream]
-        if key not in kept:
-            kept[key] = make()
-            while len(kept) > SESSIONS_PER_STREAM:
-                kept.popitem(last=False)
-        kept.move_to_end(key)
-        return kept[key]
-
-    def clear(self) -> None:
-        """Drop every session (their caches and captured graphs)."""
-        for kept in self._kept.values():
-            kept.clear()
-
-
 def talker_inputs(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_hidden: torch.Tensor,
                   reply: torch.Tensor, text: torch.Tensor, speaker_bos: int, eos_ids: tuple[int, ...]) -> dict:
     """``generate``'s talker inputs from the thinker's outputs (same formulas, same order of operations).
@@ -253,8 +183,8 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
     batch, p = ids.shape
     check_generation_config(model.thinker.generation_config, "thinker")
     check_generation_config(model.talker.generation_config, "talker")
-    t = sessions.get("thinker", (batch, _bucket(p + thinker.max_new_tokens), thinker, capture),
-                     lambda: ThinkerDecoding(model.thinker, batch, _bucket(p + thinker.max_new_tokens), thinker, capture))
+    t = sessions.get("thinker", (batch, bucket(p + thinker.max_new_tokens), thinker, capture),
+                     lambda: ThinkerDecoding(model.thinker, batch, bucket(p + thinker.max_new_tokens), thinker, capture))
     first, prompt_hidden = t.prefill(inputs)
     # generate's repetition penalty skips each row's left padding (prompt_ignore_length)
     text = t.decoder.run(first, prompt_ids=ids, penalty_ignore=(inputs["attention_mask"] != 0).int().argmax(dim=1))
@@ -264,7 +194,7 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
                        "(set thinker_min_new_tokens)")
     made = talker_inputs(model, ids, inputs["attention_mask"], prompt_hidden, t.reply[:, : n - 1], text.tokens,
                          speaker_bos, thinker.eos_token_ids)
-    length = _bucket(made["mask"].shape[1] + talker.max_new_tokens)
+    length = bucket(made["mask"].shape[1] + talker.max_new_tokens)
     k = sessions.get("talker", (batch, length, thinker.max_new_tokens, talker, capture),
                      lambda: TalkerDecoding(model.talker, batch, length, thinker.max_new_tokens, talker, capture))
     first = k.prefill(made["embeds"], made["text_ids"], made["reply"], made["mask"],

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from esn.decode.engine import Decoded, Decoder, DecodeState, Greedy
+from esn.decode.static import StaticKV
 from esn.errors import EsnError
 
 
@@ -30,30 +31,23 @@ class CausalLMDecoding:
     """
 
     def __init__(self, model: nn.Module, *, batch: int, max_len: int, greedy: Greedy, capture: bool | None = None):
-        from transformers import StaticCache
-
         self.model = model
         self.max_len = max_len
         self.greedy = greedy
         device = next(model.parameters()).device
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         with torch.inference_mode():
-            self.kv_index = torch.arange(max_len, device=device)  # [L]
-            self.kv_allowed = torch.ones((batch, max_len), dtype=torch.bool, device=device)  # [B, L]
-            self.prompt_len = torch.zeros(1, dtype=torch.long, device=device)
+            self.kv = StaticKV(model.config, batch, max_len, device)  # cache and key mask [B, L]
             self.next_position = torch.zeros((batch, 1), dtype=torch.long, device=device)  # [B, 1]
         vocab = model.get_output_embeddings().out_features
         self.decoder = Decoder(model, self.step, batch=batch, vocab=vocab, greedy=greedy, device=device, capture=capture)
 
     def step(self, state: DecodeState) -> torch.Tensor:
         """One decode step over the static cache: logits ``[B, V]`` for ``state.ids`` at ``state.step``."""
-        cur = self.prompt_len + state.step  # [1]: the position this step writes
-        mask = (self.kv_allowed & (self.kv_index <= cur)).view(state.batch, 1, 1, -1)
         out = self.model(
             input_ids=state.ids,  # [B, 1]
-            attention_mask=mask,  # [B, 1, 1, L] bool, True = attend
+            attention_mask=self.kv.step_mask(state),  # [B, 1, 1, L] bool, True = attend
             position_ids=self.next_position + state.step,  # [B, 1]
-            cache=self.cache,
+            cache=self.kv.cache,
             use_cache=True,
         )
         return out.logits[:, -1]  # [B, V]
@@ -68,17 +62,14 @@ class CausalLMDecoding:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with torch.inference_mode():
-            self.cache.reset()
-            self.kv_allowed.fill_(True)
-            self.kv_allowed[:, :p] = attention_mask.bool()
-            self.prompt_len.fill_(p)
+            self.kv.start(attention_mask)
             positions = prompt_positions(attention_mask)
             self.next_position.copy_(positions[:, -1:] + 1)
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,  # 2D: stream roots see the padding, as in generate
                 position_ids=positions,
-                cache=self.cache,
+                cache=self.kv.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
