@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decode_reference import greedy_by_hand
 from esn.adapters import StreamSpec
-from esn.decode import CausalLMDecoding, DecodeState, Greedy, graphs
+from esn.decode import CausalLMDecoding, Greedy, graphs
 from esn.errors import EsnError
 from esn.hooks import ModelTarget, gate_hook_points, has_hooks, installed
 from esn.masks import Mask
@@ -69,22 +70,7 @@ def _target(model, eos, spec=True):
 
 def _loop_by_hand(dec: CausalLMDecoding, eos) -> torch.Tensor:
     """generate's loop written out over the decoder's own static step: every hook runs its eager path."""
-    logits = dec.prefill(IDS, MASK)
-    state = DecodeState(dec.model, len(PROMPTS), logits.shape[-1], dec.greedy, logits.device)
-    stop = torch.tensor(eos)
-    nxt = logits.argmax(-1)
-    finished = torch.isin(nxt, stop)
-    out = [nxt]
-    with torch.inference_mode():
-        for k in range(NEW - 1):
-            if bool(finished.all()):
-                break
-            state.ids.copy_(nxt[:, None])
-            state.step.fill_(k)
-            nxt = torch.where(finished, PAD, dec.step(state).argmax(-1))
-            finished |= torch.isin(nxt, stop)
-            out.append(nxt)
-    return torch.stack(out, 1)
+    return greedy_by_hand(dec.model, dec.step, dec.prefill(IDS, MASK), dec.greedy, eos)
 
 
 @pytest.mark.parametrize("kw", [{}, {"repetition_penalty": 1.3}, {"min_new_tokens": 5}, {"suppress_tokens": [27]}])

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decode_reference import greedy_by_hand, tiny_moe
 from esn.adapters import StreamSpec
-from esn.decode import CausalLMDecoding, Decoder, DecodeState, Greedy, graphs
+from esn.decode import CausalLMDecoding, Decoder, Greedy, graphs
 from esn.errors import EsnError
 from esn.hooks import ModelTarget, has_hooks, mlp_hook_points
 from esn.masks import Mask
@@ -43,16 +44,7 @@ def _generate(model, prompts, eos):
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    config = Qwen3MoeConfig(
-        num_hidden_layers=3, hidden_size=32, intermediate_size=40, moe_intermediate_size=D, num_experts=E,
-        num_experts_per_tok=K, mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False, norm_topk_prob=True,
-    )
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(config).eval()
-    return model
+    return tiny_moe(E, K, D)
 
 
 @pytest.fixture(scope="module")
@@ -91,23 +83,7 @@ def _decode(dec, prompts):
 def _loop_by_hand(dec, prompts, eos) -> torch.Tensor:
     """generate's loop written out over the decoder's own static step: every hook runs its eager path
     (the reference for bit-identity: the static cache rounds attention differently from generate's)."""
-    ids, mask = _batch(prompts)
-    logits = dec.prefill(ids, mask)
-    state = DecodeState(dec.model, len(prompts), logits.shape[-1], dec.greedy, logits.device)
-    stop = torch.tensor(eos)
-    nxt = logits.argmax(-1)
-    finished = torch.isin(nxt, stop)
-    out = [nxt]
-    with torch.inference_mode():
-        for k in range(NEW - 1):
-            if bool(finished.all()):
-                break
-            state.ids.copy_(nxt[:, None])
-            state.step.fill_(k)
-            nxt = torch.where(finished, PAD, dec.step(state).argmax(-1))
-            finished |= torch.isin(nxt, stop)
-            out.append(nxt)
-    return torch.stack(out, 1)
+    return greedy_by_hand(dec.model, dec.step, dec.prefill(*_batch(prompts)), dec.greedy, eos)
 
 
 def _equal(a, b):
@@ -381,22 +357,7 @@ def toy():
 
 def _toy_by_hand(toy, ids, mask, stop):
     """The loop over the toy's step in plain Python: every hook runs its eager path."""
-    greedy = Greedy(TOY_NEW, tuple(stop), PAD)
-    logits = toy.prefill(ids, mask)
-    state = DecodeState(toy, ids.shape[0], TV, greedy, logits.device)
-    nxt = logits.argmax(-1)
-    stops = torch.tensor(stop, dtype=torch.long)
-    finished = torch.isin(nxt, stops)
-    out = [nxt]
-    for k in range(TOY_NEW - 1):
-        if bool(finished.all()):
-            break
-        state.ids.copy_(nxt[:, None])
-        state.step.fill_(k)
-        nxt = torch.where(finished, PAD, toy.step(state).argmax(-1))
-        finished |= torch.isin(nxt, stops)
-        out.append(nxt)
-    return torch.stack(out, 1)
+    return greedy_by_hand(toy, toy.step, toy.prefill(ids, mask), Greedy(TOY_NEW, tuple(stop), PAD), stop)
 
 
 def _toy_target(toy):

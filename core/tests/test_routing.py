@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from decode_reference import tiny_moe
 from esn.adapters import StreamSpec
 from esn.errors import EsnError, LayoutMismatchError
 from esn.hookpoints import HookPoint, Layout
@@ -27,15 +28,7 @@ E, K, D = 6, 2, 8  # experts, top-k, units per expert
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    config = Qwen3MoeConfig(
-        num_hidden_layers=3, hidden_size=32, intermediate_size=40, moe_intermediate_size=D, num_experts=E,
-        num_experts_per_tok=K, mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False, norm_topk_prob=True,
-    )
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(config).eval()
+    model = tiny_moe(E, K, D)
     free = [_generate(model, [p], eos=None)[0, len(p):].tolist() for p in PROMPTS]
     # an eos that row 0 generates early and row 1 never: finished rows keep being fed in a batch
     eos = next(t for t in free[0][2:] if t not in free[1] and t not in free[0][:2])
