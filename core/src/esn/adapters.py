@@ -163,6 +163,10 @@ class StreamSpec:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise EsnError(f"StreamSpec({self.root!r}): substep_positions must be a positive integer, got {n!r}")
 
+    def substep_of(self, module: str) -> str | None:
+        """The substep whose module holds ``module`` (a hook point's path), or None."""
+        return next((s for s in self.substeps if module.startswith(s + ".")), None)
+
 
 class ModelAdapter(abc.ABC):
     """Base class of every adapter. Subclasses set the class attributes and implement the methods.

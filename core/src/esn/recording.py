@@ -875,7 +875,7 @@ class GateRecorder:
                 hp.name, (), self.positions, lambda b, h=1, w=hp.step_width: self._chunk_len(w, b, h), implicit=True,
                 lane=self._lane,
             )
-        substep = next((s for s in getattr(spec, "substeps", ()) if hp.module.startswith(s + ".")), None)
+        substep = spec.substep_of(hp.module)
         if spec.root not in self._roots:
             try:
                 self.target.model.get_submodule(spec.root)
@@ -884,9 +884,8 @@ class GateRecorder:
                     f"stream {hp.stream!r}: root module {spec.root!r} not found in the model"
                 ) from None
             # gate values one decode step buffers: a substep point holds all its positions of the step
-            width = sum(p.step_width * (spec.substep_positions if any(
-                p.module.startswith(s + ".") for s in spec.substeps) else 1)
-                for p in self.layout if self._specs.get(p.stream) == spec)
+            width = sum(p.step_width * (spec.substep_positions if spec.substep_of(p.module) else 1)
+                        for p in self.layout if self._specs.get(p.stream) == spec)
             chunk_fn = lambda b, h=1, w=width: self._chunk_len(w, b, h)  # noqa: E731
             self._roots[spec.root] = _Root(
                 spec.root, spec.stop_token_ids, self.positions, chunk_fn, implicit=False, lane=self._lane

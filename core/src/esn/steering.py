@@ -323,7 +323,7 @@ class _EditHook:
 def _in_substep(specs: dict, hp: HookPoint) -> bool:
     """Inside a substep module (``StreamSpec.substeps``): only ever runs in the root's decode steps."""
     spec = specs.get(hp.stream)
-    return any(hp.module.startswith(s + ".") for s in getattr(spec, "substeps", ()))
+    return spec is not None and spec.substep_of(hp.module) is not None
 
 
 @contextlib.contextmanager
