@@ -439,3 +439,26 @@ def test_gate_dtype_other_than_weights_is_handled(model, target, ids):
             edited = _gates(model, 0, lambda: _logits(model, ids))[0]
     assert plain.dtype == edited.dtype == torch.bfloat16
     assert torch.equal(edited, apply_intervention(plain, sel, "add", 0.3))
+
+
+def test_edits_placed_together_equal_edits_placed_one_by_one(target):
+    """Entering a block places every hook point's dense tensors with one buffer per kind (one upload,
+    one indexed write); each edit's tensors equal those it would build alone, -0.0 shifts included."""
+    from esn.steering import _build, _row_items
+
+    first, second = _mask(target, {0: [1, 3], 2: [0, 63]}), _mask(target, {1: [2, 5], 2: [7]})
+    conditions = [Condition(first, "steer", 2.0), Condition(second, "clamp", 0.5), None,
+                  Condition(first, "add", -1.0), Condition(second, "deactivate")]
+    edits = _build(target, target.layout(), _row_items(target, conditions, None), len(conditions))
+    assert sorted(edits) == [f"lm.layers.{i}.mlp.gate" for i in range(LAYERS)]
+    storages = set()
+    for edit in edits.values():
+        for kind in ("scale", "shift", "floor"):
+            together, alone = getattr(edit, kind), edit._dense(kind)
+            assert (together is None) == (alone is None), (edit.name, kind)
+            if alone is None:
+                continue
+            assert together.shape == alone.shape == (len(conditions), 1, WIDTH)
+            assert torch.equal(together, alone) and torch.equal(together.signbit(), alone.signbit())
+            storages.add((kind, together.untyped_storage().data_ptr()))
+    assert len(storages) == 3  # one buffer per kind, shared by all hook points

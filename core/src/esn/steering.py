@@ -102,8 +102,8 @@ class _Edit:
 
     Dense tensors are ``[D]`` (uniform) or ``[B, 1, D]`` (per row), in the gate's dtype and device.
     They are built from a sparse spec ``{kind: (flat indices, float64 values)}`` (CPU): the neutral
-    value everywhere, then one indexed write, so building costs a few kernels per hook point and can
-    be redone if the gate turns out to have another dtype than expected.
+    value everywhere, then one indexed write. :func:`_place_all` builds those of all hook points at
+    once; ``_place`` rebuilds one edit's if its gate turns out to have another dtype than expected.
     """
 
     def __init__(self, name: str, shape: tuple[int, ...], spec: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -113,7 +113,8 @@ class _Edit:
         self.extra = extra
         self._shape = shape
         self._spec = spec
-        self._place(dtype, device)
+        self.dtype, self.device = dtype, device
+        self.scale = self.shift = self.floor = None  # placed by _place_all (or _place)
 
     def _dense(self, kind: str) -> torch.Tensor | None:
         if kind not in self._spec:
@@ -168,6 +169,28 @@ class _Edit:
         for ex, (indices, rows) in zip(self.extra, extra, strict=True):
             ex.indices = indices.copy_(ex.indices)
             ex.rows = None if rows is None else rows.copy_(ex.rows)
+
+
+def _place_all(edits: Sequence[_Edit]) -> None:
+    """Place the dense tensors of many edits with a few kernels in all, not a few per hook point: per
+    (dtype, device, kind), one neutral buffer, one upload of all indices and values, one indexed write;
+    each edit's tensor is a view of its stretch of the buffer (same values as ``_Edit._place``)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[_Edit]] = {}
+    for e in edits:
+        groups.setdefault((e.dtype, e.device), []).append(e)
+    for (dtype, device), group in groups.items():
+        for kind in ("scale", "shift", "floor"):
+            users = [e for e in group if kind in e._spec]
+            if not users:
+                continue
+            sizes = [math.prod(e._shape) for e in users]
+            starts = np.cumsum([0, *sizes[:-1]]).tolist()
+            flat = torch.cat([e._spec[kind][0] + start for e, start in zip(users, starts, strict=True)])
+            values = torch.cat([e._spec[kind][1] for e in users]).to(dtype=dtype)
+            buffer = torch.full((sum(sizes),), _NEUTRAL[kind], dtype=dtype, device=device)
+            buffer[flat.to(device)] = values.to(device)
+            for e, start, size in zip(users, starts, sizes, strict=True):
+                setattr(e, kind, buffer[start:start + size].view(e._shape))
 
 
 def _placement(target: Any, hp: HookPoint) -> tuple[torch.dtype, torch.device]:
@@ -225,6 +248,7 @@ def _build(target: Any, layout: Layout, items: list[_Row], n_rows: int | None) -
                 for k, (i, v) in sparse.items()}
         shape = (width,) if n_rows is None else (n_rows, 1, width)
         edits[name] = _Edit(name, shape, spec, n_rows, extra, dtype, device)
+    _place_all(list(edits.values()))
     return edits
 
 
