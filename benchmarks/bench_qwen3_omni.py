@@ -10,7 +10,9 @@ forced (``*_min_new_tokens``) so every variant does the same work.
 
 Variants, interleaved per repeat (plain, record, steer, ...): ``plain``; ``record`` (``GateRecorder`` on
 ``lm`` and ``synth``: routed, shared-expert and code-predictor hook points, moments on); ``steer`` (one
-random mask of rate r over both streams, steer alpha 1); ``steer_rows`` (batch > 1: a different mask and
+random mask of rate r over both streams, steer alpha 1); ``steer_generated`` (the same with
+``positions="generated"``: the prefills left alone, so its difference to ``steer`` is what steering the
+prompt costs); ``steer_rows`` (batch > 1: a different mask and
 method per row). Each repeat runs every variant once, in an order rotated by one per repeat. Reported as
 paired ratios to ``plain`` of the same repeat (median, bootstrap 95% interval over repeats, min, max):
 wall time (CUDA synchronised; the recorder's statistics brought to the host included), the median
@@ -244,9 +246,11 @@ def _equal_fraction(a, b) -> float | None:
     return float((a[..., :n] == b[..., :n]).float().mean())
 
 
-def profiled(fn, device, top: int = 30) -> list[str]:
+def profiled(fn, device, top: int = 30) -> dict:
     """One call of ``fn`` under cProfile (device synchronised at the end): its costliest functions by own
-    time, as pstats lines (where the host spends a call)."""
+    time, as pstats lines, and every function with at least 0.1 ms of own time as
+    ``{"file:line(name)": [calls, own seconds, cumulative seconds]}`` (where the host spends a call, and
+    what one variant adds to another)."""
     import cProfile
     import io
     import pstats
@@ -258,8 +262,30 @@ def profiled(fn, device, top: int = 30) -> list[str]:
         torch.cuda.synchronize()
     prof.disable()
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
-    return [line for line in text.getvalue().splitlines() if line.strip()]
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    functions = {f"{file}:{line}({name})": [calls, round(own, 6), round(cum, 6)]
+                 for (file, line, name), (_, calls, own, cum, _) in stats.stats.items() if own >= 1e-4}
+    return {"top": [line for line in text.getvalue().splitlines() if line.strip()], "functions": functions}
+
+
+def device_time(fn) -> dict:
+    """One call of ``fn`` under torch.profiler (CUDA activity only): the summed device time of its kernels
+    and memory copies, captured-graph replays included, and the 12 costliest kernels (what a variant adds
+    on the device, apart from the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    except Exception as exc:  # a profiler that cannot trace here must not lose the timings
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return {"device_seconds": sum(e.self_device_time_total for e in events) / 1e6,
+            "launches": sum(e.count for e in events),
+            "top": [[e.key[:120], e.count, e.self_device_time_total / 1e6] for e in events[:12]]}
 
 
 def ratio_summary(values: list[float], base: list[float], seed: int = 0) -> dict:
@@ -295,7 +321,7 @@ def main() -> None:
                     help="adapter option decode (default: the adapter's: graph on CUDA unless the experts are eager)")
     ap.add_argument("--decode-experts", choices=("grouped_mm", "batched_mm"), default=None,
                     help="adapter option decode_experts: experts implementation of graph decode steps")
-    ap.add_argument("--variants", nargs="+", choices=("record", "steer", "steer_rows", "eager"),
+    ap.add_argument("--variants", nargs="+", choices=("record", "steer", "steer_generated", "steer_rows", "eager"),
                     default=["record", "steer", "steer_rows"], help="timed beside plain (steer_rows: batch > 1)")
     ap.add_argument("--budget", type=float, default=1e9, help="stop starting new repeats after this many seconds")
     ap.add_argument("--check", nargs="*", default=["grouped_mm", "eager"], help="experts implementations whose "
@@ -379,6 +405,10 @@ def main() -> None:
             with steer(adapter, mask, "steer", 1.0):
                 adapter.generate(reqs, gen)
 
+        def steered_generated(reqs=reqs):  # the prompt (prefill) left alone: what steering the prefill costs
+            with steer(adapter, mask, "steer", 1.0, positions="generated"):
+                adapter.generate(reqs, gen)
+
         def rows(reqs=reqs, conds=conds):
             with steer_rows(adapter, conds):
                 adapter.generate(reqs, gen)
@@ -396,7 +426,9 @@ def main() -> None:
                  "codes_equal_fraction": _equal_fraction(a.info.get("audio_codes"), b.info.get("audio_codes"))}
                 for a, b in zip(graph_out, eager_out, strict=True)]
             log(f"batch {batch}: graph vs eager {result['graph_vs_eager'][str(batch)]}")
-        variants = {"plain": plain} | {name: fn for name, fn in (("record", record), ("steer", steered), ("steer_rows", rows), ("eager", eager))
+        variants = {"plain": plain} | {name: fn for name, fn in (("record", record), ("steer", steered),
+                                                                    ("steer_generated", steered_generated),
+                                                                    ("steer_rows", rows), ("eager", eager))
                                        if name in args.variants and (name != "steer_rows" or batch > 1)}
         names = list(variants)
         for fn in variants.values():  # warm-up: kernels, allocator, lazy imports
@@ -440,6 +472,9 @@ def main() -> None:
         if args.profile:
             entry["profile"] = {name: profiled(variants[name], args.device) for name in names}
             save()
+            if torch.device(args.device).type == "cuda":
+                entry["device_time"] = {name: device_time(variants[name]) for name in names}
+                save()
         if "stats" not in stats_box:
             continue
         st = stats_box["stats"]
