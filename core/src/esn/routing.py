@@ -465,17 +465,16 @@ class _Rows:
         if self.rows is None and impl == "batched_mm":  # rows in entry order: the routing itself
             self.index = index.reshape(-1)
             return
+        expert, entry = row_order(index, impl)
         if self.rows is None:
-            self.index = row_order(index, impl)[0]
+            self.index = expert
             return
         t = index.shape[0]
         if t % self.rows:
             raise EsnError(f"steer_rows got {self.rows} conditions but {self.hp.name} routed {t} tokens; give "
                            "exactly one condition (or None) per row of the generate call")
-        # b * E + e for every routing entry, in entry order: the tokens of batch row b come b-th
-        e = self.hp.experts
-        flat = (index.view(self.rows, -1) + torch.arange(0, self.rows * e, e, device=index.device)[:, None]).view(-1)
-        self.index = flat if impl == "batched_mm" else flat[row_order(index, impl)[1]]
+        per_row = self.hp.top_k * (t // self.rows)  # routing entries of one batch row
+        self.index = (entry // per_row) * self.hp.experts + expert
 
     def take(self, n: int) -> torch.Tensor:
         """The indices of the next ``n`` rows (all of them in one call, except with ``eager``)."""
@@ -486,9 +485,8 @@ class _Rows:
 class _RoutedEdit:
     """Steering of one routed hook point: ``pre`` on the experts module finds each row's index into the
     edit, ``hook`` on ``act_fn`` edits the rows ``g [rows, d]``. Graph-aware (``esn.decode``): a step
-    issues only device work (sort, one gather, the affine edit), reading the edit's dense tensors (or their
-    packed copy), so another block with the same structure reuses a captured graph by copying its values
-    into them."""
+    issues only device work (sort, gathers, the affine edit), reading the edit's dense tensors, so another
+    block with the same structure reuses a captured graph by copying its values into them."""
 
     def __init__(self, hp: HookPoint, edit: Any, skip: Callable[[], bool] | None, experts: Any):
         if edit.extra:
@@ -499,30 +497,12 @@ class _RoutedEdit:
         self.skip = skip
         self.experts = experts
         self.rows = _Rows(hp, edit.rows)
-        self.packed: torch.Tensor | None = None
-        self._tables()
+        self.table = self._tables()
 
-    def _tables(self, into: torch.Tensor | None = None) -> None:
-        """The edit's tensors as ``[groups, d]`` views (``table``), made once per placement; with two or
-        three of them (``steer_rows`` mixing methods) also stacked ``[groups, kinds, d]`` (``packed``),
-        so a forward gathers its rows once, not once per kind. ``into``: a captured graph's packed table,
-        which takes this edit's values."""
-        self.table = [None if t is None else t.view(-1, self.hp.unit_width)
-                      for t in (self.edit.scale, self.edit.shift, self.edit.floor)]
-        present = [t for t in self.table if t is not None]
-        if len(present) < 2:
-            self.packed = None
-        elif into is None:
-            self.packed = torch.stack(present, dim=1)
-        else:
-            self.packed = into.copy_(torch.stack(present, dim=1))
-
-    def _gather(self, idx: torch.Tensor) -> list[torch.Tensor | None]:
-        """``(scale, shift, floor)`` rows ``[n, d]`` for the indices ``idx [n]`` (None where not set)."""
-        if self.packed is None:
-            return [None if t is None else t.index_select(0, idx) for t in self.table]
-        parts = iter(self.packed.index_select(0, idx).unbind(1))  # one gather: [n, kinds, d]
-        return [None if t is None else next(parts) for t in self.table]
+    def _tables(self) -> list[torch.Tensor | None]:
+        """The edit's tensors as ``[groups, d]`` views, made once per placement."""
+        return [None if t is None else t.view(-1, self.hp.unit_width)
+                for t in (self.edit.scale, self.edit.shift, self.edit.floor)]
 
     def pre(self, module, args, kwargs) -> None:
         """Forward pre-hook (with kwargs) on the experts module: ``top_k_index [T, k]`` -> each row's index."""
@@ -534,7 +514,7 @@ class _RoutedEdit:
             # One token (batch-1 decode): eager calls act_fn once per routed expert with one row. Gather
             # all k rows' edits now (one kernel per edit tensor) instead of one gather per call. A host-side
             # path of the eager implementation only, which a decoder never captures (capturable()).
-            picked = [[None] * k if t is None else t.unbind(0) for t in self._gather(rows.index)]
+            picked = [[None] * k if t is None else t.index_select(0, rows.index).unbind(0) for t in self.table]
             rows.calls = list(zip(*picked, strict=True))
 
     def hook(self, module, args, g: torch.Tensor) -> torch.Tensor | None:
@@ -545,13 +525,14 @@ class _RoutedEdit:
         _gate_rows(g, self.hp)
         if g.dtype is not edit.dtype or g.device != edit.device:
             edit._place(g.dtype, g.device)
-            self._tables()
+            self.table = self._tables()
             rows.calls = None  # gathered from the old placement
         if rows.calls is not None and g.shape[0] == 1:
             scale, shift, floor = rows.calls[rows.start]  # [d] each: broadcast over the row
             rows.start += 1
         else:
-            scale, shift, floor = self._gather(rows.take(g.shape[0]))
+            idx = rows.take(g.shape[0])
+            scale, shift, floor = (None if t is None else t.index_select(0, idx) for t in self.table)
         return apply_affine(g, scale, shift, floor)
 
     # graph-aware decode (esn.decode)
@@ -563,14 +544,13 @@ class _RoutedEdit:
         return ("esn.steer.routed", hp.experts, hp.top_k, hp.unit_width, self.rows.rows, impl, self.edit.graph_key)
 
     def graph_state(self) -> tuple:
-        """The tensors the captured gathers read: the edit's dense tensors and the packed table."""
-        return self.edit.graph_state(), self.packed
+        """The edit's dense tensors, which the captured gathers read."""
+        return self.edit.graph_state()
 
     def graph_adopt(self, state: tuple) -> None:
         """Copy this edit's values into a captured graph's tensors and use those."""
-        edit, packed = state
-        self.edit.graph_adopt(edit)
-        self._tables(into=packed)
+        self.edit.graph_adopt(state)
+        self.table = self._tables()
 
 
 def steer_hooks(target: Any, hp: HookPoint, edit: Any, skip: Callable[[], bool] | None) -> tuple[list, list]:
