@@ -441,9 +441,22 @@ def test_gate_dtype_other_than_weights_is_handled(model, target, ids):
     assert torch.equal(edited, apply_intervention(plain, sel, "add", 0.3))
 
 
+def _alone(edit, kind: str) -> torch.Tensor | None:
+    """The dense tensor of one edit built by itself: neutral everywhere, then its spec's values."""
+    from esn.steering import _NEUTRAL
+
+    if kind not in edit._spec:
+        return None
+    flat, values = edit._spec[kind]
+    t = torch.full(edit._shape, _NEUTRAL[kind], dtype=edit.dtype, device=edit.device)
+    t.view(-1)[flat] = values.to(edit.dtype)
+    return t
+
+
 def test_edits_placed_together_equal_edits_placed_one_by_one(target):
     """Entering a block places every hook point's dense tensors with one buffer per kind (one upload,
-    one indexed write); each edit's tensors equal those it would build alone, -0.0 shifts included."""
+    one indexed write); each edit's tensors equal those built alone from its sparse spec, -0.0 shifts
+    included."""
     from esn.steering import _build, _row_items
 
     first, second = _mask(target, {0: [1, 3], 2: [0, 63]}), _mask(target, {1: [2, 5], 2: [7]})
@@ -454,7 +467,7 @@ def test_edits_placed_together_equal_edits_placed_one_by_one(target):
     storages = set()
     for edit in edits.values():
         for kind in ("scale", "shift", "floor"):
-            together, alone = getattr(edit, kind), edit._dense(kind)
+            together, alone = getattr(edit, kind), _alone(edit, kind)
             assert (together is None) == (alone is None), (edit.name, kind)
             if alone is None:
                 continue

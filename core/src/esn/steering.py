@@ -102,8 +102,8 @@ class _Edit:
 
     Dense tensors are ``[D]`` (uniform) or ``[B, 1, D]`` (per row), in the gate's dtype and device.
     They are built from a sparse spec ``{kind: (flat indices, float64 values)}`` (CPU): the neutral
-    value everywhere, then one indexed write. :func:`_place_all` builds those of all hook points at
-    once; ``_place`` rebuilds one edit's if its gate turns out to have another dtype than expected.
+    value everywhere, then one indexed write (:func:`_place_all`, for all hook points at once; ``_place``
+    rebuilds one edit's if its gate turns out to have another dtype than expected).
     """
 
     def __init__(self, name: str, shape: tuple[int, ...], spec: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -116,17 +116,9 @@ class _Edit:
         self.dtype, self.device = dtype, device
         self.scale = self.shift = self.floor = None  # placed by _place_all (or _place)
 
-    def _dense(self, kind: str) -> torch.Tensor | None:
-        if kind not in self._spec:
-            return None
-        flat, values = self._spec[kind]
-        t = torch.full(self._shape, _NEUTRAL[kind], dtype=self.dtype, device=self.device)
-        t.view(-1)[flat.to(self.device)] = values.to(dtype=self.dtype).to(self.device)
-        return t
-
     def _place(self, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype, self.device = dtype, device
-        self.scale, self.shift, self.floor = (self._dense(k) for k in ("scale", "shift", "floor"))
+        _place_all([self])
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
         """``g``: the gate ``[batch, pos, d_mlp]``; returns the edited gate (a new tensor)."""
@@ -174,7 +166,7 @@ class _Edit:
 def _place_all(edits: Sequence[_Edit]) -> None:
     """Place the dense tensors of many edits with a few kernels in all, not a few per hook point: per
     (dtype, device, kind), one neutral buffer, one upload of all indices and values, one indexed write;
-    each edit's tensor is a view of its stretch of the buffer (same values as ``_Edit._place``)."""
+    each edit's tensor is a view of its stretch of the buffer. Kinds absent from an edit's spec stay None."""
     groups: dict[tuple[torch.dtype, torch.device], list[_Edit]] = {}
     for e in edits:
         groups.setdefault((e.dtype, e.device), []).append(e)
