@@ -410,16 +410,17 @@ class RoutedPoint:
                            f"{self.root.calls} calls of its stream root {self.root.path!r}: the stream spec "
                            "does not match the model")
         w, g = self.hp.width, self.hp.groups
-        device = None if self.counts is None else self.counts.device
-        zero_counts = torch.zeros((batch, w), dtype=torch.int32, device=device)
-        zero_tokens = torch.zeros((batch, g), dtype=torch.int64, device=device)
+
+        def zero(device=None) -> tuple[torch.Tensor, torch.Tensor]:  # counts and tokens of no position
+            return (torch.zeros((batch, w), dtype=torch.int32, device=device),
+                    torch.zeros((batch, g), dtype=torch.int64, device=device))
+
         if self.counts is None:
             zeros = torch.zeros((batch, w), dtype=torch.float64) if self.moments else None
-            return zero_counts, zero_tokens, zeros, zeros, zero_counts, zero_tokens
+            return *zero(), zeros, zeros, *zero()
         if not self.snapped and self.root.calls == 1:
             self._snapshot()  # a generation of the prefill alone
-        prompt = (zero_counts, zero_tokens) if self.prompt is None else (
-            self.prompt[0].reshape(batch, w), self.prompt[1])
+        prompt = zero(self.counts.device) if self.prompt is None else (self.prompt[0].reshape(batch, w), self.prompt[1])
         moments = (self.sums.reshape(batch, w), self.sumsq.reshape(batch, w)) if self.moments else (None, None)
         return self.counts.reshape(batch, w), self.tokens, *moments, *prompt
 
