@@ -198,7 +198,7 @@ class SubstepRoot:
         per_step = len(self.forwards or ())
         self.calls = self.base_calls + done * per_step
         for p in self.points:
-            p.calls = p.base_calls + done * per_step
+            p.decode_end(done * per_step)
         self.engine, self.seen = None, []
 
     @property
@@ -306,6 +306,10 @@ class SubstepPoint:
         """A decoder starts: statistics exist before any step (a replayed step runs no hook)."""
         self._statistics(self.root.batch, state.device)
         self.base_calls = self.calls
+
+    def decode_end(self, forwards: int) -> None:
+        """The decoder's steps ran ``forwards`` substep forwards (a replayed step runs no hook)."""
+        self.calls = self.base_calls + forwards
 
     @property
     def graph_key(self) -> tuple:
