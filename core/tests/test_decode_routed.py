@@ -17,7 +17,7 @@ from esn.errors import EsnError
 from esn.hooks import ModelTarget, has_hooks, mlp_hook_points
 from esn.masks import Mask
 from esn.recording import GateRecorder
-from esn.routing import IMPLEMENTATIONS, capturable
+from esn.routing import capturable
 from esn.steering import Condition, steer, steer_rows
 
 PAD = 0
@@ -58,14 +58,6 @@ def eos(model):
     ends = [next((i for i, t in enumerate(row) if t in stop), NEW) for row in free]
     assert len(set(ends)) == 3 and max(ends) < NEW - 2, f"premise: rows stop at different steps, early: {ends}"
     return stop
-
-
-@pytest.fixture(params=IMPLEMENTATIONS)
-def impl(request, model):
-    before = model.config._experts_implementation
-    model.set_experts_implementation(request.param)
-    yield request.param
-    model.set_experts_implementation(before)
 
 
 def _target(model, eos):

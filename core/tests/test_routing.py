@@ -16,7 +16,6 @@ from esn.hookpoints import HookPoint, Layout
 from esn.hooks import ModelTarget, has_hooks, mlp_hook_points
 from esn.masks import Mask
 from esn.recording import GateRecorder
-from esn.routing import IMPLEMENTATIONS
 from esn.statistics import ActivationStats
 from esn.steering import Condition, folded, steer, steer_rows
 
@@ -35,14 +34,6 @@ def model():
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = PAD
     return model
-
-
-@pytest.fixture(params=IMPLEMENTATIONS)
-def impl(request, model):
-    before = model.config._experts_implementation
-    model.set_experts_implementation(request.param)
-    yield request.param
-    model.set_experts_implementation(before)
 
 
 def _generate(model, prompts, eos="config", new=NEW):
