@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from esn.decode import Decoder, DecodeState, Greedy
+from esn.decode import Decoder, DecodeState, Greedy, left_padding
 from esn.decode.static import Sessions, StaticKV, bucket, check_generation_config
 from esn.errors import EsnError
 
@@ -266,11 +266,6 @@ class Generated:
     info: dict[str, Any]
 
 
-def _padding(mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` each row's left padding in ``mask`` ``[B, P]`` (generate's repetition-penalty ``prompt_ignore_length``)."""
-    return (mask != 0).int().argmax(dim=1)
-
-
 def step_experts(model: Any, chosen: str | None) -> str | dict[str, str] | None:
     """The experts implementation of the decode steps: ``chosen``, else ``generate``'s own switch (off the
     CPU its decode loop runs ``batched_mm`` where the model has ``grouped_mm``), else None (unchanged)."""
@@ -323,7 +318,7 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
                      lambda: ThinkerDecoding(model.thinker, batch, length, thinker, capture))
     first, prompt_embeds, prompt_hidden = t.prefill(inputs, model.config.talker_config.accept_hidden_layer)
     with _Experts(model, steps):
-        text = t.decoder.run(first, prompt_ids=ids, penalty_ignore=_padding(mask))
+        text = t.decoder.run(first, prompt_ids=ids, penalty_ignore=left_padding(mask))
     made = talker_inputs(model, ids, mask, text.tokens, prompt_embeds, prompt_hidden, speaker_id,
                          thinker.eos_token_ids)
     length = bucket(made["mask"].shape[1] + talker.max_new_tokens)
@@ -334,6 +329,6 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
     with _Experts(model, steps):
         # generate's talker input_ids are empty (no prompt to penalise), but its penalty still skips as many
         # leading columns as the talker mask has padding: here those are generated tokens
-        codec = k.decoder.run(first, penalty_ignore=_padding(made["mask"]))
+        codec = k.decoder.run(first, penalty_ignore=left_padding(made["mask"]))
     codes = k.codes[:, : codec.length - 1].transpose(1, 2).clone()  # [B, groups, m - 1]
     return Generated(text.tokens, codec.tokens, codes, {"thinker": text.info, "talker": codec.info})

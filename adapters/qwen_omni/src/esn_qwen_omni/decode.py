@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from esn.decode import Decoder, DecodeState, Greedy, prompt_positions
+from esn.decode import Decoder, DecodeState, Greedy, left_padding, prompt_positions
 from esn.decode.static import Sessions, StaticKV, bucket, check_generation_config
 from esn.errors import EsnError
 
@@ -186,8 +186,7 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
     t = sessions.get("thinker", (batch, bucket(p + thinker.max_new_tokens), thinker, capture),
                      lambda: ThinkerDecoding(model.thinker, batch, bucket(p + thinker.max_new_tokens), thinker, capture))
     first, prompt_hidden = t.prefill(inputs)
-    # generate's repetition penalty skips each row's left padding (prompt_ignore_length)
-    text = t.decoder.run(first, prompt_ids=ids, penalty_ignore=(inputs["attention_mask"] != 0).int().argmax(dim=1))
+    text = t.decoder.run(first, prompt_ids=ids, penalty_ignore=left_padding(inputs["attention_mask"]))
     n = text.length
     if n < 2:
         raise EsnError("the thinker ended its reply after one token; the talker needs at least two "
@@ -199,7 +198,7 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
                      lambda: TalkerDecoding(model.talker, batch, length, thinker.max_new_tokens, talker, capture))
     first = k.prefill(made["embeds"], made["text_ids"], made["reply"], made["mask"],
                       inputs["feature_attention_mask"].sum(-1))
-    codes = k.decoder.run(first, prompt_ids=made["codec_ids"], penalty_ignore=(made["mask"] != 0).int().argmax(dim=1))
+    codes = k.decoder.run(first, prompt_ids=made["codec_ids"], penalty_ignore=left_padding(made["mask"]))
     stop = torch.as_tensor(talker.eos_token_ids, device=codes.tokens.device)
     hit = (codes.tokens.unsqueeze(-1) == stop).any(-1)
     ends = torch.where(hit.any(1), hit.int().argmax(1), codes.length).tolist()  # codes before the first stop id

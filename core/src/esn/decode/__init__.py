@@ -5,7 +5,7 @@
 transformers causal LMs.
 """
 
-from esn.decode.causal_lm import CausalLMDecoding, prompt_positions
+from esn.decode.causal_lm import CausalLMDecoding, left_padding, prompt_positions
 from esn.decode.engine import Decoded, Decoder, DecodeState, Greedy
 
-__all__ = ["CausalLMDecoding", "DecodeState", "Decoded", "Decoder", "Greedy", "prompt_positions"]
+__all__ = ["CausalLMDecoding", "DecodeState", "Decoded", "Decoder", "Greedy", "left_padding", "prompt_positions"]

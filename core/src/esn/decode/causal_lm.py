@@ -21,6 +21,12 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
+def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` each row's left padding in ``attention_mask`` ``[B, P]``: what ``generate``'s repetition
+    penalty skips (``prompt_ignore_length``), :meth:`Decoder.run`'s ``penalty_ignore``."""
+    return (attention_mask != 0).int().argmax(dim=1)
+
+
 class CausalLMDecoding:
     """Greedy ``generate`` for a ``*ForCausalLM`` at a fixed batch size, through :class:`Decoder`.
 
@@ -77,6 +83,5 @@ class CausalLMDecoding:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Decoded:
         """Prompt ``[B, P]`` (left-padded) -> new tokens ``Decoded.tokens`` ``[B, n]``, as ``generate``."""
-        # generate's repetition penalty skips each row's left padding (prompt_ignore_length)
-        ignore = None if attention_mask is None else (attention_mask != 0).int().argmax(dim=1)
+        ignore = None if attention_mask is None else left_padding(attention_mask)
         return self.decoder.run(self.prefill(input_ids, attention_mask), prompt_ids=input_ids, penalty_ignore=ignore)
