@@ -369,7 +369,7 @@ class Qwen3OmniAdapter(ModelAdapter):
         """esn.decode: what ``_generate_eager`` returns, each decode step one CUDA-graph replay (on CUDA)."""
         from esn.decode import Greedy
 
-        from esn_qwen3_omni.decode import CODE2WAV_CHUNKING, Sessions, generate_codes, step_experts
+        from esn_qwen3_omni.decode import CODE2WAV_CHUNKING, Sessions, generate_codes
 
         model = self.model
         talker = model.config.talker_config
@@ -396,13 +396,6 @@ class Qwen3OmniAdapter(ModelAdapter):
         if self._sessions is None:
             self._sessions = Sessions()
         capture = self.device.type == "cuda" if self.capture_graphs is None else self.capture_graphs
-        steps = step_experts(model, chosen)
-        if not steps:
-            steps = model.get_experts_implementation()
-        impls = set(steps.values()) if isinstance(steps, dict) else {steps}
-        if capture and "eager" in impls:  # it loops over the routed experts with host-side indexing
-            raise EsnError("decode='graph' captures the decode steps as CUDA graphs, which the eager experts "
-                           "implementation cannot be part of: set decode_experts='grouped_mm' (or batched_mm)")
         out = generate_codes(model, self._sessions, inputs, speaker_id=int(talker.speaker_id[speaker]),
                              thinker=thinker, talker=codec, capture=capture, experts=chosen)
         self.last_decode_info = out.info

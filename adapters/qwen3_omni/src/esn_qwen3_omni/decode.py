@@ -302,6 +302,11 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
     the model's)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     steps = step_experts(model, experts)
+    impls = steps or model.get_experts_implementation()
+    if capture and "eager" in (set(impls.values()) if isinstance(impls, dict) else {impls}):
+        # it loops over the routed experts with host-side indexing
+        raise EsnError("decode='graph' captures the decode steps as CUDA graphs, which the eager experts "
+                       "implementation cannot be part of: set decode_experts='grouped_mm' (or batched_mm)")
     key = tuple(sorted(steps.items())) if isinstance(steps, dict) else steps
     batch, p = ids.shape
     check_generation_config(model.thinker.generation_config, "thinker")
