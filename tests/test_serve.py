@@ -386,7 +386,8 @@ def test_a_full_queue_answers_429(small_server):
     with ThreadPoolExecutor(12) as pool:
         responses = list(pool.map(client, range(12)))
     codes = sorted(r.status_code for r in responses)
-    assert set(codes) == {200, 429} and codes.count(200) >= 2, codes  # one running + one waiting, at least
+    # Usually one runs and one waits; if all twelve are parsed before the batcher takes the first, only it is in
+    assert set(codes) == {200, 429}, codes
     for response in responses:
         if response.status_code == 429:
             assert response.json()["error"] == "queue_full" and response.headers["retry-after"] == "1"
