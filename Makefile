@@ -58,7 +58,7 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_recording.py --size tiny
 	$(VENV)/bin/python benchmarks/bench_steering.py --size tiny
 	$(VENV)/bin/python benchmarks/bench_qwen_omni.py --size tiny --device cpu --work 8 16 2 --plan "2:eager/plain,graph/plain,graph/record,graph/rows+record" --repeats 1
-	$(VENV)/bin/python benchmarks/bench_qwen3_omni.py --size tiny --device cpu --batches 1 2 --text-tokens 4 --audio-tokens 6 --repeats 1 --seconds 1
+	$(VENV)/bin/python benchmarks/bench_qwen3_omni.py --size tiny --device cpu --batches 1 2 --text-tokens 4 --audio-tokens 6 --repeats 1 --seconds 1 --variants record steer steer_rows steer_rows_same
 	$(VENV)/bin/python benchmarks/bench_graph_decode.py --device cpu --size tiny --repeats 2 --steps 8
 	$(VENV)/bin/python benchmarks/bench_serve.py --requests 8 --concurrency 4 --time-limit 60
 

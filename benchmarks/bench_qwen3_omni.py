@@ -13,7 +13,9 @@ Variants, interleaved per repeat (plain, record, steer, ...): ``plain``; ``recor
 random mask of rate r over both streams, steer alpha 1); ``steer_generated`` (the same with
 ``positions="generated"``: the prefills left alone, so its difference to ``steer`` is what steering the
 prompt costs); ``steer_rows`` (batch > 1: a different mask and
-method per row). Each repeat runs every variant once, in an order rotated by one per repeat. Reported as
+method per row); ``steer_rows_same`` (batch > 1: a different mask per row, every row ``steer`` alpha 1,
+so its difference to ``steer_rows`` is what mixing methods costs: scale, shift and floor tensors instead
+of scale alone). Each repeat runs every variant once, in an order rotated by one per repeat. Reported as
 paired ratios to ``plain`` of the same repeat (median, bootstrap 95% interval over repeats, min, max):
 wall time (CUDA synchronised; the recorder's statistics brought to the host included), the median
 decode-step time of the thinker and of the talker (host timestamps of their forwards, see ``StepClock``),
@@ -321,8 +323,9 @@ def main() -> None:
                     help="adapter option decode (default: the adapter's: graph on CUDA unless the experts are eager)")
     ap.add_argument("--decode-experts", choices=("grouped_mm", "batched_mm"), default=None,
                     help="adapter option decode_experts: experts implementation of graph decode steps")
-    ap.add_argument("--variants", nargs="+", choices=("record", "steer", "steer_generated", "steer_rows", "eager"),
-                    default=["record", "steer", "steer_rows"], help="timed beside plain (steer_rows: batch > 1)")
+    ap.add_argument("--variants", nargs="+",
+                    choices=("record", "steer", "steer_generated", "steer_rows", "steer_rows_same", "eager"),
+                    default=["record", "steer", "steer_rows"], help="timed beside plain (steer_rows*: batch > 1)")
     ap.add_argument("--budget", type=float, default=1e9, help="stop starting new repeats after this many seconds")
     ap.add_argument("--check", nargs="*", default=["grouped_mm", "eager"], help="experts implementations whose "
                     "row mapping is checked against each expert's MLP by hand before timing")
@@ -391,6 +394,7 @@ def main() -> None:
         reqs = tiny_requests(batch, seconds=args.seconds)
         conds = [Condition(random_mask(layout, args.rate, seed=10 + b), *STEER_METHODS[b % len(STEER_METHODS)])
                  for b in range(batch)]
+        same = [Condition(c.mask, "steer", 1.0) for c in conds]  # per-row masks, one method
         stats_box: dict = {}
 
         def plain(reqs=reqs):
@@ -413,6 +417,10 @@ def main() -> None:
             with steer_rows(adapter, conds):
                 adapter.generate(reqs, gen)
 
+        def rows_same(reqs=reqs, same=same):
+            with steer_rows(adapter, same):
+                adapter.generate(reqs, gen)
+
         eager_gen = gen.model_copy(update={"options": {**gen.options, "decode": "eager"}})
 
         def eager(reqs=reqs, eager_gen=eager_gen):  # transformers' generate, beside the graph path (decode="graph" runs)
@@ -428,8 +436,9 @@ def main() -> None:
             log(f"batch {batch}: graph vs eager {result['graph_vs_eager'][str(batch)]}")
         variants = {"plain": plain} | {name: fn for name, fn in (("record", record), ("steer", steered),
                                                                     ("steer_generated", steered_generated),
-                                                                    ("steer_rows", rows), ("eager", eager))
-                                       if name in args.variants and (name != "steer_rows" or batch > 1)}
+                                                                    ("steer_rows", rows),
+                                                                    ("steer_rows_same", rows_same), ("eager", eager))
+                                       if name in args.variants and (not name.startswith("steer_rows") or batch > 1)}
         names = list(variants)
         for fn in variants.values():  # warm-up: kernels, allocator, lazy imports
             fn()
