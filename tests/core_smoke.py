@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEPENDENCIES = ("numpy", "packaging", "pydantic", "pluggy", "rich", "safetensors", "soundfile", "jiwer",
-                "whisper-normalizer")
+DEPENDENCIES = ("numpy", "packaging", "pydantic", "pluggy", "rich", "safetensors", "soundfile", "soxr",
+                "jiwer", "whisper-normalizer")
 
 
 def main() -> None:
@@ -84,7 +84,7 @@ def main() -> None:
 
     assert wer("Hello, world!", "hello world") == 0.0 and wer("good morning", "good") == 0.5
 
-    # soundfile: read, resample, write
+    # soundfile + soxr: read, resample, write
     from esn.audio import prepare_audio, write_audio
 
     write_audio(out / "a.wav", (0.1 * np.sin(np.arange(8_000) / 5)).astype(np.float32), 8_000)

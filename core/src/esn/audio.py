@@ -2,30 +2,52 @@
 
 from __future__ import annotations
 
+import errno
 import math
-from functools import lru_cache
+import os
+import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 
 from esn.errors import EsnError
-
-if TYPE_CHECKING:  # imported where needed: judges import this module from their (cheap) plugin entry points
-    import torch
+from esn.files import os_error
 
 MODEL_RATE = 16_000  # what the LALMs' audio encoders take
+# Accepted sample rates: below 8 kHz speech cannot be judged; above 384 kHz no audio interface records
+# (a rate is only a header field, so anything else is refused before any work).
+MIN_RATE, MAX_RATE = 8_000, 384_000
 MAX_SECONDS = 60.0  # longer input is refused: EVC prompts are single utterances
 TARGET_DBFS = -23.0  # RMS level (re full scale) of listening-kit clips
 PEAK_DBFS = -1.0  # the peak a normalised clip may reach
 
 
+def audio_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a sound file (missing, a symbolic link loop, a folder...), or None."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"audio file {path} is a symbolic link to a file that does not exist"
+        return f"audio file not found: {path}"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return (f"audio file {path} is a symbolic link loop (following its links leads back to itself): "
+                    "point it at a sound file")
+        return str(os_error(exc, path, "read audio file"))
+    if not stat.S_ISREG(st.st_mode):
+        return f"audio file {path} is {'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}"
+    return None
+
+
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """Read a sound file as float32 ``[samples, channels]`` and its rate; clear errors for bad files."""
     path = Path(path)
-    if not path.is_file():
-        raise EsnError(f"audio file not found: {path}")
+    problem = audio_file_problem(path)
+    if problem is not None:
+        raise EsnError(problem)
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
@@ -43,40 +65,42 @@ def to_mono(data: np.ndarray) -> np.ndarray:
     return data
 
 
-@lru_cache(maxsize=32)
-def _sinc_kernel(orig: int, new: int, width: int = 16, beta: float = 8.0) -> tuple[torch.Tensor, int]:
-    """Kaiser-windowed sinc polyphase filters ``[new, 1, taps]`` for rate ``orig`` -> ``new`` (reduced)."""
-    import torch
+def check_rate(rate: int, what: str = "audio") -> int:
+    """``rate`` as an int if it lies in ``[MIN_RATE, MAX_RATE]`` Hz; one clear EsnError line otherwise.
 
-    cutoff = min(orig, new) * 0.97  # a little below Nyquist of the slower rate
-    pad = math.ceil(width * orig / cutoff)
-    t = torch.arange(-pad, pad + orig, dtype=torch.float64)[None, :] / orig
-    t = t - torch.arange(0, -new, -1, dtype=torch.float64)[:, None] / new
-    t = t * cutoff
-    t = t.clamp(-width, width)
-    window = torch.special.i0(beta * torch.sqrt(1 - (t / width) ** 2)) / torch.special.i0(torch.tensor(beta))
-    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(math.pi * t) / (math.pi * t))
-    kernel = kernel * window * cutoff / orig
-    return kernel[:, None, :].to(torch.float32), pad
+    The range is refused from the header alone, before a sample is decoded or a filter is built."""
+    accepted = f"accepted: {MIN_RATE}-{MAX_RATE} Hz"
+    if isinstance(rate, float) and rate.is_integer():
+        rate = int(rate)
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)):
+        raise EsnError(f"{what}: sample rate {rate!r} is not a whole number of Hz ({accepted})")
+    if rate < MIN_RATE:
+        raise EsnError(f"{what}: sample rate {rate} Hz is below 8 kHz, where speech cannot be judged ({accepted})")
+    if rate > MAX_RATE:
+        raise EsnError(f"{what}: sample rate {rate} Hz is outside the accepted range ({accepted})")
+    return int(rate)
 
 
 def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Band-limited resampling of a mono float32 waveform."""
-    if orig_rate <= 0 or new_rate <= 0:
-        raise EsnError(f"sample rates must be positive, got {orig_rate} -> {new_rate}")
-    if orig_rate == new_rate:
-        return np.asarray(wave, dtype=np.float32)
-    import torch
+    """Band-limited resampling of a mono float32 waveform (libsoxr, "HQ" quality).
 
-    g = math.gcd(orig_rate, new_rate)
-    orig, new = orig_rate // g, new_rate // g
-    kernel, pad = _sinc_kernel(orig, new)
-    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None, None, :]
-    x = torch.nn.functional.pad(x, (pad, pad + orig))
-    y = torch.nn.functional.conv1d(x, kernel, stride=orig)  # [1, new, frames]
-    y = y.transpose(1, 2).reshape(-1)
-    n_out = math.ceil(new * wave.shape[0] / orig)
-    return y[:n_out].numpy().astype(np.float32)
+    libsoxr filters in a stream with a filter sized by the ratio's quality, not by the rates' common
+    factors, so time and memory grow with the audio's length only (see benchmarks/bench_resample.py);
+    it keeps no state between calls. Both rates must lie in ``[MIN_RATE, MAX_RATE]`` Hz.
+    Returns ``ceil(len * new_rate / orig_rate)`` samples."""
+    import soxr
+
+    orig_rate, new_rate = check_rate(orig_rate, "resample input"), check_rate(new_rate, "resample output")
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if wave.ndim != 1:
+        raise EsnError(f"resample takes mono audio [samples], got shape {wave.shape}")
+    if orig_rate == new_rate:
+        return wave
+    out = soxr.resample(wave, orig_rate, new_rate, quality="HQ")
+    n_out = math.ceil(new_rate * wave.shape[0] / orig_rate)
+    if out.shape[0] < n_out:  # libsoxr rounds the length to nearest: pad the last partial sample
+        out = np.pad(out, (0, n_out - out.shape[0]))
+    return np.asarray(out[:n_out], dtype=np.float32)
 
 
 def rms_normalize(wave: np.ndarray, dbfs: float = TARGET_DBFS, peak_dbfs: float = PEAK_DBFS) -> np.ndarray:
@@ -114,6 +138,7 @@ def prepare_audio(
         if sample_rate is None:
             raise EsnError(f"audio {name or 'array'}: a sample rate is needed with array input")
     label = name or "audio"
+    sample_rate = check_rate(sample_rate, label)
     if data.size == 0:
         raise EsnError(f"{label}: audio is empty")
     wave = to_mono(data)
@@ -124,8 +149,6 @@ def prepare_audio(
         raise EsnError(f"{label}: audio is {seconds:.1f} s long; at most {max_seconds:.0f} s is accepted")
     if float(np.max(np.abs(wave))) < 1e-6:
         raise EsnError(f"{label}: audio is silent (peak below 1e-6)")
-    if sample_rate < 8_000:
-        raise EsnError(f"{label}: sample rate {sample_rate} Hz is below 8 kHz; speech cannot be judged")
     return resample(wave, sample_rate, target_rate)
 
 

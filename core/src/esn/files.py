@@ -7,6 +7,10 @@
 * Files get the permissions the umask gives (as ``open`` would), not ``mkstemp``'s 0600.
 * An ``OSError`` (a full disk, a read-only folder, a folder where a file should be) becomes an
   ``EsnError`` that names the file (``os_error``).
+* Nothing is written through a symbolic link: a write replaces the link itself (the rename), lock files
+  are opened with ``O_NOFOLLOW`` and never truncated (``open_nofollow``), and a run directory holding a
+  link anywhere inside is refused before any work (``refuse_links``), so a link (or a hard link) to an
+  outside file can never make esn change that file.
 * Ids become file names through ``id_to_name``: injective, reversible (``name_to_id``) and safe on every
   filesystem, case-insensitive ones included.
 """
@@ -17,6 +21,7 @@ import errno
 import hashlib
 import os
 import re
+import stat
 import tempfile
 import urllib.parse
 from collections.abc import Mapping
@@ -75,6 +80,58 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# -- no writes through links ---------------------------------------------------------------------------
+def find_links(root: str | os.PathLike, limit: int = 5) -> list[Path]:
+    """Up to ``limit`` symbolic links inside ``root`` (``root`` itself may be one), found without following any."""
+    found: list[Path] = []
+    folders = [os.fspath(root)]
+    while folders and len(found) < limit:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    found.append(Path(entry.path))
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+    return sorted(found[:limit])
+
+
+def refuse_links(root: str | os.PathLike, what: str = "run directory") -> None:
+    """An EsnError if ``root`` holds a symbolic link anywhere inside: esn writes and locks files there, and a
+    link would carry a write (or a truncating lock) to a file outside it."""
+    try:
+        links = find_links(root)
+    except OSError as exc:
+        raise os_error(exc, root, f"check {what}") from None
+    if links:
+        shown = ", ".join(f"{p.relative_to(root)} -> {_target(p)}" for p in links)
+        raise EsnError(f"{what} {root} holds symbolic links ({shown}): esn never writes, reads back or locks "
+                       "through a link (it could change a file outside the run directory). Remove the links "
+                       "(put the files themselves there), or use a new run_dir")
+
+
+def _target(link: Path) -> str:
+    try:
+        return os.readlink(link)
+    except OSError:
+        return "?"
+
+
+def open_nofollow(path: str | os.PathLike, flags: int = os.O_WRONLY | os.O_CREAT) -> int:
+    """A file descriptor of ``path`` opened without following a symbolic link (``O_NOFOLLOW``) and never
+    truncated; a link, a folder or anything but a regular file there is an EsnError."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise EsnError(f"{path} is a symbolic link: esn does not write or lock through links (it could "
+                           f"change the file it points to, {_target(Path(path))}); remove the link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise EsnError(f"{path} is not a regular file: remove it and run again")
+    return fd
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

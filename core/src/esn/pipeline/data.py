@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from esn.audio import audio_file_problem
 from esn.errors import EsnError
 from esn.files import read_bytes
 
@@ -287,12 +288,13 @@ class CSVDataset:
             if empty:
                 raise EsnError(f"{where}: empty field(s) {', '.join(empty)}")
             try:
-                path = (self.csv_path.parent / row["path"].strip()).resolve()
-                found = path.is_file()
+                path = (self.csv_path.parent / row["path"].strip()).absolute()
+                problem = audio_file_problem(path)  # before resolve(), which fails on a link loop
+                path = path.resolve() if problem is None else path
             except (OSError, ValueError) as exc:
                 raise EsnError(f"{where}: unusable audio path {row['path'].strip()!r} ({exc})") from None
-            if not found:
-                raise EsnError(f"{where}: audio file not found: {path}")
+            if problem is not None:
+                raise EsnError(f"{where}: {problem}")
             given = row.get("id")
             sid = (given.strip() if isinstance(given, str) else "") or path.stem
             check_id(sid, where)

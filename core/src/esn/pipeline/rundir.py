@@ -13,6 +13,11 @@ What esn writes into: a folder that does not exist yet, an empty one, or one wit
 no fingerprint in the manifest (e.g. a deleted ``manifest.json``) is refused too: nothing could tell which
 config made them.
 
+What esn never does: write, lock or read back through a symbolic link. A run directory holding a link
+anywhere inside is refused before any work (the run directory itself may be a link); lock files are opened
+with ``O_NOFOLLOW`` and never truncated, and every other file is written by renaming a new file into place,
+so neither a link nor a hard link to an outside file can make esn change it.
+
 What esn deletes: only its own temp files (``esn.files.is_temp``: ``.<name>.<8 chars>.esn-tmp``) directly
 in the folders of the layout above (``LAYOUT``), which a write killed half-way leaves behind; nothing else.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import platform
 import re
 import subprocess
@@ -36,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from esn.errors import EsnError
-from esn.files import is_temp, os_error
+from esn.files import is_temp, open_nofollow, os_error, refuse_links
 from esn.pipeline.files import atomic_write_json, dumps, read_json, remove_temp
 
 RESULT_STAGES = ("record", "select", "evaluate")  # the stages whose folders hold results a config change voids
@@ -51,10 +57,15 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(dumps(obj).encode()).hexdigest()[:16]
 
 
+def _lock_file(path: Path):
+    """A lock file, opened without following a link and never truncated (``esn.files.open_nofollow``)."""
+    return os.fdopen(open_nofollow(path), "w")
+
+
 @contextlib.contextmanager
 def _flock(path: Path, mode: int) -> Iterator[None]:
     """Hold a blocking flock on ``path`` for the block."""
-    with open(path, "w") as fh:
+    with _lock_file(path) as fh:
         fcntl.flock(fh, mode)
         yield
 
@@ -117,6 +128,7 @@ class RunDir:
             if self.root.exists() and not self.root.is_dir():
                 raise EsnError(f"run directory {self.root} is a file, not a folder")
             self.root.mkdir(parents=True, exist_ok=True)
+            refuse_links(self.root)  # before any file in it is read, locked or written
             if self.manifest.exists() or self.manifest.is_symlink():
                 self._read_manifest()  # a damaged manifest is an error here, before anything else
                 return
@@ -182,7 +194,7 @@ class RunDir:
 
     def _take_locks(self, shard: tuple[int, int] | None) -> bool:
         """Take this process's locks; True when no other process is in the run directory."""
-        self._lock = open(self.root / ".lock", "w")
+        self._lock = _lock_file(self.root / ".lock")
         if shard is None:
             if not _try_lock(self._lock, fcntl.LOCK_EX):
                 raise EsnError(f"another esn process is using run directory {self.root}")
@@ -192,7 +204,7 @@ class RunDir:
             raise EsnError(f"an esn process without --shard is using run directory {self.root}; shards run only "
                            "beside other shards")
         k, n = shard
-        self._shard_lock = open(self.root / f".lock-shard-{k}-of-{n}", "w")
+        self._shard_lock = _lock_file(self.root / f".lock-shard-{k}-of-{n}")
         if not _try_lock(self._shard_lock, fcntl.LOCK_EX):
             raise EsnError(f"shard {k}/{n} is already running on run directory {self.root}")
         return alone
@@ -204,7 +216,7 @@ class RunDir:
             other = re.fullmatch(r"\.lock-shard-(\d+)-of-(\d+)", path.name)
             if other is None or int(other[2]) == n:
                 continue
-            with open(path, "w") as fh:
+            with _lock_file(path) as fh:
                 if not _try_lock(fh, fcntl.LOCK_EX):
                     raise EsnError(f"shard {other[1]}/{other[2]} is running on run directory {self.root}: every "
                                    f"shard running at once must use the same N (got --shard {k}/{n})")
