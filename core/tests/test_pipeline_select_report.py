@@ -20,7 +20,7 @@ from esn.errors import EsnError
 from esn.pipeline import compare, evaluate, select
 from esn.pipeline.batches import chunks
 from esn.pipeline.config import load_config, settings
-from esn.pipeline.files import atomic_write_json, read_json
+from esn.pipeline.files import atomic_write_json, read_json, seal
 from esn.pipeline.grid import BASELINE
 from esn.pipeline.report import write_report
 from esn.pipeline.run import Run
@@ -82,7 +82,7 @@ def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: 
     prompt = bed.counts // 3  # a third of each count came from the prompt
     store.append(records, bed.counts, bed.tokens, prompt_counts=prompt, prompt_tokens=bed.tokens // 3, worker="b0")
     atomic_write_json(run.rundir.record / "prompts.json",
-                      {"adapter": "x", "system_prompt": "Convert the emotion.", "instruction": "Sound {emotion}."})
+                      seal({"adapter": "x", "system_prompt": "Convert the emotion.", "instruction": "Sound {emotion}."}))
     run.bed = bed
     return run
 
@@ -101,7 +101,7 @@ def fake_evaluation(run: Run) -> None:
                          "target": a.target, "reference": by_id[a.source].transcript,
                          "text": "a b c" if (k + n) % 5 else "a b", "wer": 0.0, "labels": {"j": label},
                          "quality": None if (k + n) % 7 == 0 else 4.0, "audio": None})
-        atomic_write_json(run.rundir.evaluate / "batches" / f"{k:06d}.json", rows)
+        evaluate.write_batch(run.rundir.evaluate / "batches" / f"{k:06d}.json", rows)
     evaluate.write_results(run)
 
 

@@ -475,13 +475,14 @@ def test_a_damaged_or_missing_wav_is_caught_when_read_back(tmp_path):
 
 
 def test_a_damaged_evaluation_batch_is_done_again_not_fatal(tmp_path):
-    from esn.pipeline.evaluate import finished
+    from esn.files import sha256
+    from esn.pipeline.evaluate import finished, write_batch
     from esn.pipeline.grid import EvalAttempt
 
     batch = [EvalAttempt("test_seen", "baseline", None, "s0", "happy")]
     path = tmp_path / "batches" / "000000.json"
     path.parent.mkdir()
-    path.write_text(json.dumps([{"id": batch[0].id, "audio": "audio/x.wav"}]))
+    write_batch(path, [{"id": batch[0].id, "audio": "audio/x.wav", "audio_sha256": sha256(b"RIFF")}])
     assert not finished(tmp_path, path, batch)  # its wav is gone: the batch is converted again
     (tmp_path / "audio").mkdir()
     (tmp_path / "audio" / "x.wav").write_bytes(b"RIFF")

@@ -26,7 +26,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -386,6 +386,22 @@ class AttemptStore:
                     continue
                 where[rec.id] = (s, row)
         return shards, where
+
+    def damaged_shards(self, record_ok: Callable[[AttemptRecord], bool] | None = None) -> list[str]:
+        """Names (``<worker>-<seq>``) of the shards whose tensor file is not the one their sidecar names
+        (size and sha256), or holding a record that ``record_ok`` rejects (e.g. a damaged wav)."""
+        from esn.files import sha256_file
+
+        bad = []
+        for shard in self._shards():
+            path = self.shard_dir / f"{shard.name}.safetensors"
+            try:
+                ok = path.stat().st_size == shard.size and sha256_file(path) == shard.sha256
+            except (OSError, EsnError):
+                ok = False
+            if not ok or (record_ok is not None and not all(record_ok(r) for r in shard.records)):
+                bad.append(shard.name)
+        return bad
 
     def records(self) -> list[AttemptRecord]:
         """Every stored attempt record once, in shard order."""

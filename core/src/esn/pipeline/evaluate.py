@@ -4,15 +4,17 @@ the metrics in ``evaluate/results.json``."""
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
 
 from esn.errors import EsnError
+from esn.files import sha256_file
 from esn.pipeline import convert, select
 from esn.pipeline.batches import chunks
 from esn.pipeline.config import settings
-from esn.pipeline.files import atomic_write_json, read_json
+from esn.pipeline.files import atomic_write_json, read_json, read_sealed, seal
 from esn.pipeline.grid import BASELINE, EvalAttempt, grid, summarize
 from esn.pipeline.run import Run
 
@@ -79,7 +81,7 @@ def evaluate(run: Run) -> bool:
                     records.append({"id": a.id, "split": a.split, "setting": a.setting, "mask": a.mask,
                                     "source": a.source, "target": a.target, "reference": ref, "text": res.text,
                                     "wer": round(wer(ref, res.text), 6), "labels": lab, "quality": q, **audio})
-                atomic_write_json(bdir / f"{k:06d}.json", records)
+                write_batch(bdir / f"{k:06d}.json", records)
                 claims.done(len(batch), generate=t1 - t0, judge=t2 - t1, store=time.perf_counter() - t2)
         run.team.settle([bdir / f"{k:06d}.json" for k in todo])
     tag = run.team.tag
@@ -130,26 +132,67 @@ def records(run: Run, grid_attempts: list[EvalAttempt] | None = None) -> list[di
         path = run.rundir.evaluate / "batches" / f"{k:06d}.json"
         if not path.exists():
             raise EsnError(f"evaluation batch {path} is missing: run `esn evaluate` to finish the grid")
-        rows = read_json(path)
-        if [r["id"] for r in rows] != [a.id for a in batch]:
+        rows = read_batch(path, "run `esn evaluate` to compute it again")
+        if [r.get("id") for r in rows] != [a.id for a in batch]:
             raise EsnError(f"evaluation batch {path} belongs to another grid: run `esn evaluate` to redo it")
         out += rows
     return out
 
 
+BATCH_FORMAT = "esn-eval-batch/1"
+
+
+def write_batch(path: Path, records: list[dict]) -> Path:
+    """One batch's records, sealed (``esn.pipeline.files.seal``): a damaged or edited file is never trusted."""
+    return atomic_write_json(path, seal({"format": BATCH_FORMAT, "records": records}))
+
+
+def read_batch(path: Path, fix: str) -> list[dict]:
+    """The records of a batch file ``write_batch`` wrote, checked against its checksum; EsnError otherwise."""
+    body = read_sealed(path, fix)
+    rows = body.get("records")
+    if body.get("format") != BATCH_FORMAT or not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise EsnError(f"{path} is not an esn evaluation batch ({BATCH_FORMAT}); {fix}")
+    return rows
+
+
+def refuse_non_file(path: Path, what: str) -> None:
+    """Something other than a regular file where esn keeps ``what`` is refused before any work: esn would
+    fail to replace it only after computing it again, and never deletes what it did not write."""
+    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+        kind = "a folder" if path.is_dir() and not path.is_symlink() else "not a regular file"
+        raise EsnError(f"{path} is {kind}, where esn keeps {what}: move it away (esn deletes nothing it did "
+                       "not write) and run again; the batch is then computed again")
+
+
 def finished(out_dir: Path, path: Path, batch) -> bool:
-    """Whether batch file ``path`` holds exactly ``batch``, with every wav it names. A damaged file or a
-    missing wav means the batch is done again (same seed, same result), never that the run stops."""
+    """Whether batch file ``path`` holds exactly ``batch``, with every wav it names, each checked against the
+    sha256 recorded with it. A damaged or edited file, a missing or damaged wav means the batch is done
+    again (same seed, same result; a warning names the file), never that it is trusted; a folder in the
+    place of either is refused before any work."""
+    refuse_non_file(path, "an evaluation batch")
     if not path.exists():
         return False
     try:
-        rows = read_json(path)
+        rows = read_batch(path, "it will be computed again")
         ids = [r["id"] for r in rows]
-        audio = [r.get("audio") for r in rows]
-    except (EsnError, TypeError, KeyError, AttributeError) as exc:
+    except (EsnError, KeyError) as exc:
         warnings.warn(f"{path} is damaged and will be computed again ({exc})", stacklevel=2)
         return False
-    return ids == [a.id for a in batch] and all(a is None or (out_dir / a).is_file() for a in audio)
+    if ids != [a.id for a in batch]:
+        return False
+    for row in rows:
+        name = row.get("audio")
+        if name is None:
+            continue
+        wav = out_dir / name
+        refuse_non_file(wav, "a wav of an evaluation batch")
+        problem = ("is missing" if not wav.exists() else
+                   None if sha256_file(wav) == row.get("audio_sha256") else "is damaged or was replaced")
+        if problem is not None:
+            warnings.warn(f"{wav} {problem}: batch {path.name} will be computed again", stacklevel=2)
+            return False
+    return True
 
 
 def check_masks(run: Run, keys) -> None:

@@ -18,7 +18,8 @@ import soundfile as sf
 from esn.errors import EsnError
 from esn.files import atomic_write_bytes, is_temp, os_error, read_bytes, sha256
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_write_wav", "read_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_write_wav", "read_json",
+           "read_sealed", "seal", "unseal"]
 
 
 def dumps(obj: Any) -> str:
@@ -45,6 +46,31 @@ def read_json(path: str | Path, hint: str = "delete it to recompute it") -> Any:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EsnError(f"{path} is not valid UTF-8 JSON ({exc}); {hint}") from None
+
+
+SEAL = "sha256"  # the key of a sealed JSON object's checksum
+
+
+def seal(obj: dict) -> dict:
+    """``obj`` with the sha256 of its canonical JSON under ``"sha256"``: a file esn reads back is checked
+    against it (``unseal``), so a damaged or hand-edited file is never trusted."""
+    return {**obj, SEAL: sha256(dumps(obj).encode("utf-8"))}
+
+
+def unseal(data: Any, path: str | Path, fix: str) -> dict:
+    """The object ``seal`` made, checked; an EsnError naming ``path`` (``fix``: what to do) if it is not a
+    sealed object or its content is not the one sealed."""
+    if not isinstance(data, dict) or not isinstance(data.get(SEAL), str):
+        raise EsnError(f"{path} has no esn checksum (it was not written by this esn, or was replaced); {fix}")
+    body = {k: v for k, v in data.items() if k != SEAL}
+    if sha256(dumps(body).encode("utf-8")) != data[SEAL]:
+        raise EsnError(f"{path} is damaged or was edited (its content is not the one esn wrote); {fix}")
+    return body
+
+
+def read_sealed(path: str | Path, fix: str) -> dict:
+    """A sealed JSON object esn wrote (``atomic_write_json(path, seal(obj))``), checked; damage is an EsnError."""
+    return unseal(read_json(path, fix), path, fix)
 
 
 def wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:

@@ -8,6 +8,7 @@ again. ``record/prompts.json`` keeps the system prompt and instruction the adapt
 from __future__ import annotations
 
 import functools
+import os
 import re
 import time
 import warnings
@@ -18,7 +19,7 @@ from esn.errors import EsnError
 from esn.pipeline import convert
 from esn.pipeline.batches import chunks
 from esn.pipeline.data import Source
-from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_json
+from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_sealed, seal
 from esn.pipeline.run import Run
 from esn.pipeline.writer import BackgroundWriter
 
@@ -35,10 +36,42 @@ class RecordAttempt:
         return f"{self.source.id}|{self.target}"
 
 
+PROMPT_KEYS = ("adapter", "system_prompt", "instruction")
+
+
 def prompts(run: Run) -> dict | None:
-    """The prompts the record stage sent (``record/prompts.json``), or None before it ran."""
+    """The prompts the record stage sent (``record/prompts.json``), or None before it ran; a damaged,
+    edited or wrong-schema file is an EsnError (``esn record`` writes it again)."""
     path = run.rundir.record / "prompts.json"
-    return read_json(path) if path.exists() else None
+    if not os.path.lexists(path):
+        return None
+    fix = "run `esn record` to write it again (nothing is recorded twice)"
+    data = read_sealed(path, fix)
+    if set(data) != set(PROMPT_KEYS) or not all(v is None or isinstance(v, str) for v in data.values()):
+        raise EsnError(f"{path} is not an esn prompts file (keys {', '.join(PROMPT_KEYS)}, each text or null); {fix}")
+    return data
+
+
+def _write_prompts(run: Run) -> None:
+    """``record/prompts.json``: what the adapter actually sends, sealed against damage and edits."""
+    texts = run.adapter.prompt_texts(run.cfg.generation)
+    data = {"adapter": run.cfg.model.adapter, "system_prompt": texts.get("system_prompt"),
+            "instruction": texts.get("instruction")}
+    atomic_write_json(run.rundir.record / "prompts.json", seal(data))
+
+
+def _prompts_damaged(run: Run) -> bool:
+    """Whether a rerun with nothing left to record must still write ``prompts.json`` again (damaged, edited,
+    or missing beside recorded attempts); a folder in its place is refused."""
+    from esn.pipeline.evaluate import refuse_non_file
+
+    path = run.rundir.record / "prompts.json"
+    refuse_non_file(path, "the record stage's prompts")
+    try:
+        return prompts(run) is None
+    except EsnError as exc:
+        warnings.warn(f"{exc} -- writing it again", stacklevel=2)
+        return True
 
 
 def attempts(run: Run) -> list[RecordAttempt]:
@@ -82,7 +115,11 @@ def _plan(run: Run, batches: list[tuple[int, Sequence[RecordAttempt]]]) -> list[
     drops only its own batches' (another shard may be between its two renames); a group's leader plans
     while the other ranks wait, so it drops them all.
     """
-    done = store(run).done_ids() if (run.rundir.record / "layout.json").exists() else set()
+    if (run.rundir.record / "layout.json").exists():
+        _drop_damaged(run)
+        done = store(run).done_ids()
+    else:
+        done = set()
     todo = [(k, [i for i, a in enumerate(b) if a.id not in done]) for k, b in batches
             if not all(a.id in done for a in b)]
     if todo:
@@ -93,6 +130,30 @@ def _plan(run: Run, batches: list[tuple[int, Sequence[RecordAttempt]]]) -> list[
     return todo
 
 
+def _drop_damaged(run: Run) -> None:
+    """A shard of this process's batches whose tensors or wavs are not the ones recorded when they were
+    written is removed (tensor file and sidecar), so that its batch is recorded again, never trusted."""
+    from esn.files import sha256_file
+    from esn.pipeline.evaluate import refuse_non_file
+
+    folder = run.rundir.record
+
+    def wav_ok(rec) -> bool:
+        name = rec.meta.get("audio")
+        if name is None:
+            return True
+        wav = folder / name
+        refuse_non_file(wav, "a recorded wav")
+        return wav.exists() and sha256_file(wav) == rec.meta.get("audio_sha256")
+
+    for stem in store(run).damaged_shards(wav_ok):
+        if _owns(run, stem):
+            warnings.warn(f"{folder / 'shards' / stem}: its tensors or wavs are damaged (not the ones recorded when "
+                          "they were written); that batch is recorded again", stacklevel=2)
+            for suffix in (".json", ".safetensors"):  # the sidecar first: a half-removed shard is an orphan
+                (folder / "shards" / f"{stem}{suffix}").unlink(missing_ok=True)
+
+
 def _record(run: Run) -> None:
     from esn.recording import BatchStats, GateRecorder
     from esn.wer import wer
@@ -101,6 +162,8 @@ def _record(run: Run) -> None:
     batches = [(k, b) for k, b in chunks(attempts(run), cfg.record.batch_size) if run.team.mine(k)]
     todo = run.team.agree(lambda: _plan(run, batches))
     if not todo:
+        if run.team.is_leader and _prompts_damaged(run):
+            _write_prompts(run)
         n = sum(len(b) for _, b in batches)
         run.console.print(f"record{run.team.tag}: all {n} attempts{' of this shard' if run.shard else ''} "
                           "already recorded")
@@ -108,8 +171,7 @@ def _record(run: Run) -> None:
     adapter = run.adapter
     streams = cfg.model.streams
     st_store = store(run, adapter.layout(streams))
-    atomic_write_json(run.rundir.record / "prompts.json", {"adapter": cfg.model.adapter,
-                                                           **adapter.prompt_texts(cfg.generation)})
+    run.team.on_leader(lambda: _write_prompts(run))
     by_k = dict(batches)
     run.load_judges()  # before the clock starts, and a bad judge fails before any work
     conversions = sum(len(by_k[k]) for k, _ in todo)
