@@ -33,13 +33,19 @@ def study(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def whole(study, tmp_path_factory) -> dict[str, bytes]:
-    """One process, no interruption: the reference every other way of running the study must equal."""
+def whole_dir(study, tmp_path_factory) -> Path:
+    """The run directory of ``whole`` (copy it before changing anything in it)."""
     run_dir = tmp_path_factory.mktemp("whole") / "run"
     cmd = [sys.executable, "-m", "esn", "run", str(study / "study.toml"), "--run-dir", str(run_dir), "--threads", "1"]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = files(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def whole(whole_dir) -> dict[str, bytes]:
+    """One process, no interruption: the reference every other way of running the study must equal."""
+    out = files(whole_dir)
     assert len([n for n in out if n.startswith("record/shards/b") and n.endswith(".json")]) == 4
     assert len([n for n in out if n.startswith("evaluate/batches/")]) == 9
     assert "report.md" in out and "evaluate/results.json" in out

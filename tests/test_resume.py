@@ -4,6 +4,7 @@ an uninterrupted run (tiny random Qwen2.5-Omni, tiny random emotion2vec through 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,53 @@ def test_a_changed_config_is_refused_and_nothing_is_lost(study, tmp_path):
     after = files(run_dir)
     assert {k: v for k, v in after.items() if k.startswith("record/")} == {
         k: v for k, v in before.items() if k.startswith("record/")}
+
+
+def _flip(path: Path, at: int = -9) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_damaged_outputs_are_computed_again_on_rerun_never_trusted(study, whole_dir, whole, tmp_path):
+    """Issue #26 item 6: a byte-flipped evaluate wav, a hand-edited label in a batch file, a wrong-schema
+    record/prompts.json and a byte-flipped record shard were accepted by a rerun (exit 0) and flowed into
+    the report; now each is computed again, and the run ends with exactly the uninterrupted run's files."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(whole_dir, run_dir)
+    _flip(sorted((run_dir / "evaluate" / "audio").glob("*.wav"))[0])
+    batch = run_dir / "evaluate" / "batches" / "000004.json"
+    edited = json.loads(batch.read_text())
+    for row in edited["records"]:
+        row["labels"] = {name: "happy" for name in row["labels"]}
+    batch.write_text(json.dumps(edited))
+    (run_dir / "record" / "prompts.json").write_text(json.dumps({"adapter": "qwen_omni"}))
+    _flip(run_dir / "record" / "shards" / "b000002-000000.safetensors")
+    done = subprocess.run(esn(study, run_dir), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    err = " ".join(done.stderr.split())
+    for words in ("is damaged or was replaced: batch", "000004.json is damaged and will be computed again",
+                  "prompts.json has no esn checksum", "b000002-000000: its tensors or wavs are damaged"):
+        assert words in err, err[-3000:]
+    after = files(run_dir)
+    assert sorted(after) == sorted(whole)
+    assert [name for name in whole if whole[name] != after[name]] == []
+
+
+@pytest.mark.slow
+def test_a_folder_in_place_of_a_batch_file_is_refused_before_the_batch_is_computed(study, whole_dir, tmp_path):
+    """Issue #26 item 7: the folder used to be refused only after its batch (and every missing one) had been
+    computed again; now the rerun stops before any conversion and leaves the folder alone."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(whole_dir, run_dir)
+    batches = run_dir / "evaluate" / "batches"
+    (batches / "000002.json").unlink()  # a batch that a rerun would compute first
+    (batches / "000003.json").unlink()
+    (batches / "000003.json").mkdir()
+    (batches / "000003.json" / "notes.txt").write_text("mine")
+    done = subprocess.run(esn(study, run_dir), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert "000003.json is a folder, where esn keeps an evaluation batch" in " ".join(done.stderr.split())
+    assert not (batches / "000002.json").exists()  # refused before any batch was computed
+    assert (batches / "000003.json" / "notes.txt").read_text() == "mine"

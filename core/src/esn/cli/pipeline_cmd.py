@@ -339,14 +339,14 @@ def run_workers(args: argparse.Namespace, stages: list[str], run_dir: Path, n: i
 
 def print_summary(run) -> None:
     """The selector comparison of each stream (Table 3 / Table 6 shape) in the terminal."""
+    from esn.pipeline import evaluate
     from esn.pipeline.config import settings
-    from esn.pipeline.files import read_json
     from esn.pipeline.report import effect_table, selector_title, sweeps
 
     path = run.rundir.evaluate / "results.json"
     if not path.exists():
         return
-    res = read_json(path)
+    res = evaluate.results(path)
     judges = res["meta"]["judges"]
     group = "all" if "all" in res["groups"] else res["meta"]["splits"][0]
     sts = settings(run.cfg)

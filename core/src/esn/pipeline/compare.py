@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from esn.errors import EsnError
+from esn.pipeline import evaluate
 from esn.pipeline.config import RunConfig, format_validation, settings
 from esn.pipeline.files import atomic_write_text, read_json
 from esn.pipeline.grid import BASELINE
@@ -61,7 +62,7 @@ def load_run_results(root: str | Path, name: str | None = None) -> RunResults:
         raise EsnError(f"{manifest}: no config in this manifest") from None
     if name is None:
         name = f"{cfg.model.adapter} ({Path(cfg.model.source).name})"
-    return RunResults(name, root, cfg, read_json(results))
+    return RunResults(name, root, cfg, evaluate.results(results))
 
 
 def compare_blocks(runs: Sequence[RunResults]) -> list[Block]:

@@ -127,7 +127,7 @@ def recall(run) -> dict:
     """Per selector (at the anchor's r and c), the share of each emotion's planted neurons its mask holds.
 
     Written to ``planted.json`` in the run directory, with the anchor's self- and cross-effect."""
-    from esn.pipeline import select
+    from esn.pipeline import evaluate, select
     from esn.pipeline.config import settings
     from esn.pipeline.report import sweeps
 
@@ -137,7 +137,7 @@ def recall(run) -> dict:
     for st in sweeps(sts)["selectors"][sts[0].stream]:
         masks = select.masks(run, st.mask_key).masks
         out["recall"][st.label] = {e: round(float(np.isin(truth[e], masks[e].indices).mean()), 6) for e in truth}
-    res = read_json(run.rundir.evaluate / "results.json")
+    res = evaluate.results(run.rundir.evaluate / "results.json")
     judge = res["meta"]["judges"][0]
     for group in ("all", *res["meta"]["splits"]):
         if group in res["groups"]:

@@ -121,7 +121,13 @@ def write_results(run: Run, grid_attempts: list[EvalAttempt] | None = None) -> N
             "splits": cfg.evaluate.splits, "bootstrap": cfg.evaluate.bootstrap,
             "quality_judge": None if cfg.judges.quality is None else cfg.judges.quality.name,
             "positions": {"record": cfg.record.positions, "evaluate": cfg.evaluate.positions}}
-    atomic_write_json(run.rundir.evaluate / "results.json", {"meta": meta, "groups": results})
+    atomic_write_json(run.rundir.evaluate / "results.json", seal({"meta": meta, "groups": results}))
+
+
+def results(path: Path) -> dict:
+    """``evaluate/results.json`` (``{"meta", "groups"}``), checked against its checksum: a damaged or edited
+    file is an EsnError, never a report."""
+    return read_sealed(path, "run `esn evaluate` to write it again")
 
 
 def records(run: Run, grid_attempts: list[EvalAttempt] | None = None) -> list[dict]:

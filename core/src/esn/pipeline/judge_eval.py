@@ -18,7 +18,7 @@ from esn.emotions import EMOTIONS
 from esn.errors import EsnError
 from esn.pipeline.batches import derive_seed
 from esn.pipeline.data import ESDDataset
-from esn.pipeline.files import atomic_write_json
+from esn.pipeline.files import atomic_write_json, seal
 from esn.pipeline.parallel import progress_bar
 from esn.pipeline.run import Run
 
@@ -75,7 +75,7 @@ def judge_eval(run: Run, *, split: str = "development", per_emotion: int = 100,
     result = {"split": split, "per_emotion": per_emotion, "seed": run.cfg.seed, "root": str(run.dataset.root),
               "emotions": list(EMOTIONS), "clips": [c.id for _, c, _ in clips],
               "judges": {n: score(truth, labels[n]) for n in names}}
-    atomic_write_json(run.dir / "judge_eval.json", result)
+    atomic_write_json(run.dir / "judge_eval.json", seal(result))
     return result
 
 

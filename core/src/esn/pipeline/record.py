@@ -161,8 +161,9 @@ def _record(run: Run) -> None:
     cfg = run.cfg
     batches = [(k, b) for k, b in chunks(attempts(run), cfg.record.batch_size) if run.team.mine(k)]
     todo = run.team.agree(lambda: _plan(run, batches))
+    stale_prompts = run.team.is_leader and _prompts_damaged(run)  # warns; written again below either way
     if not todo:
-        if run.team.is_leader and _prompts_damaged(run):
+        if stale_prompts:
             _write_prompts(run)
         n = sum(len(b) for _, b in batches)
         run.console.print(f"record{run.team.tag}: all {n} attempts{' of this shard' if run.shard else ''} "

@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 
 from esn.emotions import EMOTIONS
-from esn.pipeline import plots, record
+from esn.pipeline import evaluate, plots, record
 from esn.pipeline.config import Setting, settings
-from esn.pipeline.files import atomic_write_json, atomic_write_text, read_json
+from esn.pipeline.files import atomic_write_json, atomic_write_text, read_json, read_sealed
 from esn.pipeline.grid import BASELINE
 from esn.pipeline.run import Run
+
+_RESELECT = "run `esn select` to write it again"  # what to do about a damaged select output
 
 
 @dataclass
@@ -161,7 +163,7 @@ def _protocol(run: Run, groups: dict, main: str, judges: list[str]) -> list[Bloc
 def build(run: Run) -> list[Block]:
     """The report of a finished run as blocks: settings, effect tables, figures, caveats."""
     cfg = run.cfg
-    res = read_json(run.rundir.evaluate / "results.json")
+    res = evaluate.results(run.rundir.evaluate / "results.json")
     meta, groups = res["meta"], res["groups"]
     targets, judges, splits = meta["targets"], meta["judges"], meta["splits"]
     primary = judges[0]
@@ -188,7 +190,7 @@ def build(run: Run) -> list[Block]:
 
     summary_path = run.rundir.select / "summary.json"
     if summary_path.exists():
-        sets = read_json(summary_path)["success_sets"]
+        sets = read_sealed(summary_path, _RESELECT)["success_sets"]
         rows = [[key.replace("_ser", " (judge)").replace("_human", " (human, CAS-H)"),
                  *[str(len(v.get(t, []))) for t in targets]] for key, v in sets.items()]
         blocks += [Block("h2", "Success sets"),
@@ -199,7 +201,7 @@ def build(run: Run) -> list[Block]:
                               "compare their sizes before reading CAS vs CAS-H as a difference of supervision."),
                    Block("table", {"head": ["set", *[t.capitalize() for t in targets]], "rows": rows})]
 
-        small = _small_masks(run, read_json(summary_path)["masks"], sts)
+        small = _small_masks(run, read_sealed(summary_path, _RESELECT)["masks"], sts)
         if small:
             blocks += [Block("p", "Masks with fewer neurons than floor(r·N) (CAS and LAPE keep only neurons that "
                                   "qualify; an empty mask leaves its cells unsteered, so they measure noise):"),
@@ -300,7 +302,7 @@ def _positions_blocks(run: Run, targets: list[str]) -> list[Block]:
     path = run.rundir.select / "positions.json"
     if not path.exists():
         return []
-    data = read_json(path)
+    data = read_sealed(path, _RESELECT)
     rows = []
     for stream, entry in data["streams"].items():
         for t in targets:
@@ -326,7 +328,7 @@ def _judge_eval_blocks(run: Run) -> list[Block]:
     path = run.dir / "judge_eval.json"
     if not path.exists():
         return []
-    data = read_json(path)
+    data = read_sealed(path, "run `esn judge-eval` to write it again")
     emotions = data["emotions"]
     rows = [[name, f"{100 * r['accuracy']:.1f}%", str(r["n"]),
              *[_f(None if r["per_emotion"].get(e) is None else 100 * r["per_emotion"][e], ".1f") for e in emotions]]
@@ -369,7 +371,7 @@ def _human_blocks(run: Run, targets: list[str]) -> list[Block]:
     out: list[Block] = []
     sim = run.rundir.select / "human_similarity.json"
     if sim.exists():
-        data = read_json(sim)
+        data = read_sealed(sim, _RESELECT)
         rows = [[e.capitalize(), _f(v["jaccard"], ".3f"), _f(100 * v["direct_match"], ".2f") + "%", _f(v["jsd"], ".3f")]
                 for e, v in data.items()]
         out += [Block("h2", "Table 5 — ESNs from human- vs judge-filtered successes"),

@@ -18,7 +18,7 @@ import numpy as np
 from esn.errors import EsnError
 from esn.pipeline import record
 from esn.pipeline.config import Recipe, mask_recipes, settings
-from esn.pipeline.files import atomic_write_json, read_json
+from esn.pipeline.files import atomic_write_json, read_sealed, seal
 from esn.pipeline.run import Run
 
 
@@ -115,7 +115,7 @@ def select(run: Run) -> None:
         _human_similarity(run)
     _positions_ablation(run, cache)
     summary["files"] = {p.name: sha256_file(p) for p in cache.written}
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", seal(summary))
 
 
 def choose(run: Run, stats, recipe: Recipe) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -137,7 +137,7 @@ def mask_digests(run: Run, keys) -> dict[str, str]:
     path = run.rundir.select / "summary.json"
     if not path.exists():
         raise EsnError(f"{path} not found: run `esn select` first")
-    listed = read_json(path, "run `esn select` to write it again").get("files")
+    listed = read_sealed(path, "run `esn select` to write it again").get("files")
     out = {}
     for key in keys:
         name = f"masks_{key}.safetensors"
@@ -170,7 +170,7 @@ def _human_similarity(run: Run) -> None:
     ser = masks(run, anchor.key)
     hum = masks(run, replace(anchor, labels="human").key)
     table = analysis.compare(ser.masks, hum.masks, ser.layout)
-    atomic_write_json(run.rundir.select / "human_similarity.json", {e: vars(v) for e, v in table.items()})
+    atomic_write_json(run.rundir.select / "human_similarity.json", seal({e: vars(v) for e, v in table.items()}))
 
 
 def _positions_ablation(run: Run, cache: _Stats) -> None:
@@ -200,7 +200,7 @@ def _positions_ablation(run: Run, cache: _Stats) -> None:
             entry["overlap"] = {e: {"jaccard": round(v.jaccard, 6), "direct_match": round(v.direct_match, 6)}
                                 for e, v in table.items()}
         out["streams"][stream] = entry
-    atomic_write_json(run.rundir.select / "positions.json", out)
+    atomic_write_json(run.rundir.select / "positions.json", seal(out))
 
 
 def _write_verdicts(result, path: Path) -> None:
