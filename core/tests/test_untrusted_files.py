@@ -385,3 +385,22 @@ def test_a_damaged_record_shard_or_wav_is_dropped_and_recorded_again(tmp_path):
     assert store.damaged_shards(wav_ok) == ["b000001-000000"]
     wav.write_bytes(wav.read_bytes()[:-2] + b"\x7f\x7f")
     assert store.damaged_shards(wav_ok) == ["b000000-000000", "b000001-000000"]
+
+
+def test_an_edited_results_file_is_refused_by_its_readers(tmp_path):
+    """evaluate/results.json (and select's summary, positions, human_similarity, judge_eval.json, evaluate's
+    masks.json) are sealed the same way: the report refuses an edited one instead of printing it."""
+    from esn.pipeline import compare, evaluate
+    from esn.pipeline.files import atomic_write_json, seal
+
+    make_run(tmp_path).open().close()  # a manifest, so that compare takes it for a run directory
+    path = tmp_path / "run" / "evaluate" / "results.json"
+    atomic_write_json(path, seal({"meta": {"judges": ["j"]}, "groups": {"all": {"cas": {"self": 0.1}}}}))
+    assert evaluate.results(path)["groups"]["all"]["cas"]["self"] == 0.1
+    edited = json.loads(path.read_text())
+    edited["groups"]["all"]["cas"]["self"] = 0.9
+    path.write_text(json.dumps(edited))
+    with pytest.raises(EsnError, match=r"results.json is damaged or was edited .*run `esn evaluate` to write it again"):
+        evaluate.results(path)
+    with pytest.raises(EsnError, match=r"results.json is damaged or was edited"):
+        compare.load_run_results(tmp_path / "run")

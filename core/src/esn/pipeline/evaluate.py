@@ -14,7 +14,7 @@ from esn.files import sha256_file
 from esn.pipeline import convert, select
 from esn.pipeline.batches import chunks
 from esn.pipeline.config import settings
-from esn.pipeline.files import atomic_write_json, read_json, read_sealed, seal
+from esn.pipeline.files import atomic_write_json, read_sealed, seal
 from esn.pipeline.grid import BASELINE, EvalAttempt, grid, summarize
 from esn.pipeline.run import Run
 
@@ -209,8 +209,9 @@ def check_masks(run: Run, keys) -> None:
     refuse rather than mix conversions steered by two mask sets."""
     current = select.mask_digests(run, sorted(keys))
     path = run.rundir.evaluate / "masks.json"
-    if path.exists():
-        used = read_json(path)
+    if path.exists():  # the only record of which masks steered the batches there: damage is refused
+        used = read_sealed(path, f"it records which masks steered the batches in {run.rundir.evaluate}; delete "
+                                 "that folder to evaluate again, or use a new run_dir")
         changed = sorted(k for k in current if isinstance(used, dict) and k in used and used[k] != current[k])
         if changed or not isinstance(used, dict):
             raise EsnError(
@@ -218,7 +219,7 @@ def check_masks(run: Run, keys) -> None:
                 f" changed since; `esn select` ran again). Delete {run.rundir.evaluate} to evaluate the new "
                 "masks, or use a new run_dir.")
         current = {**used, **current}
-    atomic_write_json(path, current)
+    atomic_write_json(path, seal(current))
 
 
 def steered_generate(adapter, reqs, conds, gen, *, positions: str = "all"):
