@@ -86,6 +86,26 @@ def test_a_wav_header_claiming_a_huge_rate_is_refused_before_any_work(tmp_path):
         prepare_audio(path)
 
 
+def test_an_upload_claiming_a_huge_rate_is_refused_from_its_header():
+    import io
+
+    from esn.serve.convert import Converter, Limits
+    from esn.serve.errors import RequestError
+
+    converter = Converter.__new__(Converter)  # Converter.audio needs only the limits, not a model
+    converter.limits = Limits()
+    for rate in (1_000_003, 16_001):
+        buf = io.BytesIO()
+        sf.write(buf, np.full(int(0.3 * rate), 0.1, np.float32), rate, format="WAV", subtype="PCM_16")
+        if rate > 384_000:
+            with pytest.raises(RequestError) as caught:
+                converter.audio(buf.getvalue(), "upload.wav")
+            assert (caught.value.status, caught.value.code) == (422, "bad_audio")
+            assert "upload.wav: sample rate 1000003 Hz is outside the accepted range" in caught.value.message
+        else:  # 16001 Hz left the server at 4.5 GB: now an ordinary 16 kHz clip
+            assert converter.audio(buf.getvalue(), "upload.wav").shape == (4800,)
+
+
 def _tones(t: np.ndarray, below: float = 7000) -> np.ndarray:
     parts = ((150, 0.3), (440, 1.1), (1234, 2.0), (3100, 0.7), (4800, 2.9), (6900, 1.6))
     return sum(0.15 * np.sin(2 * np.pi * f * t + phase) for f, phase in parts if f < below)

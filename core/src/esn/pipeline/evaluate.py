@@ -4,7 +4,6 @@ the metrics in ``evaluate/results.json``."""
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
@@ -14,7 +13,7 @@ from esn.files import sha256_file
 from esn.pipeline import convert, select
 from esn.pipeline.batches import chunks
 from esn.pipeline.config import settings
-from esn.pipeline.files import atomic_write_json, read_sealed, seal
+from esn.pipeline.files import atomic_write_json, read_sealed, refuse_non_file, seal
 from esn.pipeline.grid import BASELINE, EvalAttempt, grid, summarize
 from esn.pipeline.run import Run
 
@@ -160,15 +159,6 @@ def read_batch(path: Path, fix: str) -> list[dict]:
     if body.get("format") != BATCH_FORMAT or not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise EsnError(f"{path} is not an esn evaluation batch ({BATCH_FORMAT}); {fix}")
     return rows
-
-
-def refuse_non_file(path: Path, what: str) -> None:
-    """Something other than a regular file where esn keeps ``what`` is refused before any work: esn would
-    fail to replace it only after computing it again, and never deletes what it did not write."""
-    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
-        kind = "a folder" if path.is_dir() and not path.is_symlink() else "not a regular file"
-        raise EsnError(f"{path} is {kind}, where esn keeps {what}: move it away (esn deletes nothing it did "
-                       "not write) and run again; the batch is then computed again")
 
 
 def finished(out_dir: Path, path: Path, batch) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from esn.errors import EsnError
 from esn.files import atomic_write_bytes, is_temp, os_error, read_bytes, sha256
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_write_wav", "read_json",
-           "read_sealed", "seal", "unseal"]
+           "read_sealed", "refuse_non_file", "seal", "unseal"]
 
 
 def dumps(obj: Any) -> str:
@@ -71,6 +72,16 @@ def unseal(data: Any, path: str | Path, fix: str) -> dict:
 def read_sealed(path: str | Path, fix: str) -> dict:
     """A sealed JSON object esn wrote (``atomic_write_json(path, seal(obj))``), checked; damage is an EsnError."""
     return unseal(read_json(path, fix), path, fix)
+
+
+def refuse_non_file(path: str | Path, what: str) -> None:
+    """Something other than a regular file where esn keeps ``what`` is refused before any work: esn would
+    fail to replace it only after computing it again, and never deletes what it did not write."""
+    path = Path(path)
+    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+        kind = "a folder" if path.is_dir() and not path.is_symlink() else "not a regular file"
+        raise EsnError(f"{path} is {kind}, where esn keeps {what}: move it away (esn deletes nothing it did "
+                       "not write) and run again, which computes it again")
 
 
 def wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:

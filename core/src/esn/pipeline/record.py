@@ -19,7 +19,7 @@ from esn.errors import EsnError
 from esn.pipeline import convert
 from esn.pipeline.batches import chunks
 from esn.pipeline.data import Source
-from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_sealed, seal
+from esn.pipeline.files import atomic_write_json, atomic_write_wav, read_sealed, refuse_non_file, seal
 from esn.pipeline.run import Run
 from esn.pipeline.writer import BackgroundWriter
 
@@ -63,8 +63,6 @@ def _write_prompts(run: Run) -> None:
 def _prompts_damaged(run: Run) -> bool:
     """Whether a rerun with nothing left to record must still write ``prompts.json`` again (damaged, edited,
     or missing beside recorded attempts); a folder in its place is refused."""
-    from esn.pipeline.evaluate import refuse_non_file
-
     path = run.rundir.record / "prompts.json"
     refuse_non_file(path, "the record stage's prompts")
     try:
@@ -134,7 +132,6 @@ def _drop_damaged(run: Run) -> None:
     """A shard of this process's batches whose tensors or wavs are not the ones recorded when they were
     written is removed (tensor file and sidecar), so that its batch is recorded again, never trusted."""
     from esn.files import sha256_file
-    from esn.pipeline.evaluate import refuse_non_file
 
     folder = run.rundir.record
 

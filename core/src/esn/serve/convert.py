@@ -31,7 +31,7 @@ import soundfile as sf
 
 from esn.adapters import EVCRequest, EVCResult, GenerationConfig, ModelAdapter
 from esn.artifacts import MaskSet, load_masks
-from esn.audio import prepare_audio
+from esn.audio import check_rate, prepare_audio
 from esn.emotions import EMOTIONS, normalize_emotion
 from esn.errors import EsnError, LayoutMismatchError
 from esn.interventions import get_intervention
@@ -118,6 +118,10 @@ class Converter:
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
                 rate, frames = f.samplerate, f.frames
+                try:  # from the header, before decoding: a rate is all a bomb needs
+                    check_rate(rate, name)
+                except EsnError as exc:
+                    raise RequestError(422, "bad_audio", str(exc), field="audio") from None
                 seconds = frames / rate if rate else 0.0
                 if seconds > self.limits.max_seconds:  # refused before decoding it
                     raise RequestError(413, "audio_too_long", f"{name}: {seconds:.1f} s of audio; this service "
