@@ -287,9 +287,12 @@ def test_a_link_planted_after_the_check_is_still_not_followed(tmp_path):
     (tmp_path / "batch.json").symlink_to(outside)
     atomic_write_bytes(tmp_path / "batch.json", b"{}")  # the rename replaces the link itself
     assert not (tmp_path / "batch.json").is_symlink() and outside.read_bytes() == b"years of work\n"
-    (tmp_path / "fifo").mkdir()
+    (tmp_path / "folder").mkdir()
     with pytest.raises(EsnError, match="is not a regular file"):
-        open_nofollow(tmp_path / "fifo", os.O_RDONLY)
+        open_nofollow(tmp_path / "folder", os.O_RDONLY)
+    os.mkfifo(tmp_path / ".lock-open")  # would block a plain open for writing until a reader came
+    with pytest.raises(EsnError, match=r"\.lock-open is not a regular file"):
+        open_nofollow(tmp_path / ".lock-open")
 
 
 # -- 6 and 7. damaged outputs are computed again or refused, never trusted -----------------------------

@@ -127,6 +127,8 @@ def open_nofollow(path: str | os.PathLike, flags: int = os.O_WRONLY | os.O_CREAT
         if exc.errno == errno.ELOOP:
             raise EsnError(f"{path} is a symbolic link: esn does not write or lock through links (it could "
                            f"change the file it points to, {_target(Path(path))}); remove the link") from None
+        if exc.errno == errno.ENXIO:  # a FIFO or socket with no reader
+            raise EsnError(f"{path} is not a regular file: remove it and run again") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
