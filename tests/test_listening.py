@@ -94,7 +94,7 @@ def served_kit(tmp_path_factory):
 def test_human_serve_api(served_kit):
     httpx = pytest.importorskip("httpx")
     url, kit = served_kit.url, served_kit.kit
-    assert httpx.get(url + "/api/kit").json() == {"id": kit.id, "kind": "ab", "trials": 4}
+    assert httpx.get(url + "/api/kit").json() == {"id": kit.id, "kind": "ab", "trials": 4, "codes": False}
     assert httpx.get(url + "/").text == page(kit)
     assert httpx.get(url + "/clips/t001_A.wav").content == (kit.dir / "clips/t001_A.wav").read_bytes()
     for path in ("/key.csv", "/trials.csv", "/clips/../key.csv", "/clips/%2e%2e%2fkey.csv", "/clips/nope.wav"):
