@@ -404,8 +404,8 @@ def cmd_human_export(args: argparse.Namespace) -> int:
     private = private_dir(out)
     serve = f"esn human serve {out}" + (f" --codes {private / 'codes.csv'}" if args.raters else "")
     console.print(Text.assemble(f"wrote {n} trials to ", (str(out), "bold"), f": raters open {out / 'index.html'} "
-                                f"(or `{serve}`); the key", " and the raters' codes" if args.raters else "",
-                                f" are in {private}: keep that folder away from raters"))
+                                f"(or `{serve}`); ", "the key and the raters' codes are" if args.raters else "the key is",
+                                f" in {private}: keep that folder away from raters"))
     return 0
 
 
