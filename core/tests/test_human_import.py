@@ -59,9 +59,9 @@ def test_answers_per_rater_are_counted_and_reported(study):
 def test_the_same_file_twice_is_refused(study):
     run, kit, _, root = study
     one = write(root / "r1.csv", "r1,1,A", "r1,2,B")
-    with pytest.raises(EsnError, match="r1.csv is given twice"):
+    with pytest.raises(EsnError, match=r"r1\.csv is given twice"):
         human.import_ab(run, kit, [one, one])
-    with pytest.raises(EsnError, match="r1.csv is given twice"):
+    with pytest.raises(EsnError, match=r"r1\.csv is given twice"):
         human.import_ab(run, kit, [one, root / "." / "r1.csv"])
     copy = shutil.copy(one, root / "copy.csv")
     with pytest.raises(EsnError, match=r"copy.csv and .*r1.csv hold the same responses"):
