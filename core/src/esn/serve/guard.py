@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers; browsers send ~1-2 KB, nginx allows 8 KB per line
+# What uvicorn's parser buffers at most while headers arrive: past it the connection gets a JSON 400 and is
+# closed unread; up to it the headers are read whole and the guard answers 431 (a clean answer, no reset).
+MAX_BUFFERED_HEADER_BYTES = 8 * MAX_HEADER_BYTES
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 DEFAULT_PORTS = {"http": 80, "https": 443}
