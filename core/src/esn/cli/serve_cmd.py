@@ -78,10 +78,14 @@ def access_for(args: argparse.Namespace, *, token: str | None, secured: bool, fi
         note(Text.assemble(("warning:", "yellow"), f" serving on {args.host} without a secret (--insecure-no-token): "
                            "anyone who can reach this address can use it"))
     try:
-        return Access.for_address(args.host, allowed_hosts=args.allowed_host, allow_origins=args.allow_origin,
-                                  token=token)
+        access = Access.for_address(args.host, allowed_hosts=args.allowed_host, allow_origins=args.allow_origin,
+                                    token=token)
     except ValueError as exc:
         raise EsnError(str(exc)) from None
+    if args.host in ("0.0.0.0", "::") and not args.allowed_host:
+        note(f"answering only Host {', '.join(sorted(access.hosts))}: add the name or address clients use "
+             "with --allowed-host (e.g. --allowed-host 192.168.1.20)")
+    return access
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
