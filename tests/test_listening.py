@@ -177,6 +177,37 @@ def test_human_serve_refuses_foreign_hosts_and_cross_origin_writes(served_kit):
     assert httpx.put(url + "/api/responses/x1", json=answers, headers={"Origin": url}).status_code == 200
 
 
+def test_fuzzed_human_serve_requests_never_get_a_500_and_every_error_is_json(served_kit):
+    """The listening API's own OpenAPI schema (the app publishes none: built in this process), fuzzed against
+    the live server with schemathesis's strategies, fitting the schema and not: no 500, every error JSON."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from esn.serve.listening import create_listening_app
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_dict(create_listening_app(served_kit.kit).openapi())
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {(op.method.upper(), op.path) for op in operations} >= {("PUT", "/api/responses/{rater}"),
+                                                                   ("POST", "/api/login")}
+    cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations for mode in GenerationMode])
+    seen = set()
+
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(cases)
+    def check(case):
+        response = case.call(base_url=served_kit.url, timeout=30)
+        seen.add((case.method, case.path))
+        assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
+        if response.status_code >= 400:
+            assert response.headers.get("content-type", [""])[0].startswith("application/json"), response.text[:200]
+            assert isinstance(response.json().get("error"), str)
+
+    check()
+    assert len(seen) == len(operations)
+
+
 def test_human_serve_with_codes_admits_only_issued_raters(tmp_path, capsys):
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
