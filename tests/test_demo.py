@@ -98,7 +98,8 @@ def test_human_kits_round_trip(demo):
     assert done.returncode == 0, done.stderr[-2000:]
     kit = demo / "human" / "ab-kit"
     trials = list(csv.DictReader((kit / "trials.csv").open()))
-    key = {r["trial"]: r for r in csv.DictReader((kit / "key.csv").open())}
+    key = {r["trial"]: r for r in csv.DictReader((demo / "human" / "ab-kit-private" / "key.csv").open())}
+    assert not (kit / "key.csv").exists()  # the key lives beside the folder raters get, not in it
     assert len(trials) == 8 and set(key) == {t["trial"] for t in trials}
     assert "intervened" not in (kit / "trials.csv").read_text()  # blind
     import numpy as np
@@ -122,7 +123,7 @@ def test_human_kits_round_trip(demo):
     # the labelling kit (CAS-H): WER-passing attempts only, 2 c = 16 per emotion by default
     done = esn("human", "export", cfg, "--kind", "labels")
     assert done.returncode == 0, done.stderr[-2000:]
-    clips = list(csv.DictReader((demo / "human" / "labels-kit" / "key.csv").open()))
+    clips = list(csv.DictReader((demo / "human" / "labels-kit-private" / "key.csv").open()))
     assert len(clips) == 4 * 16
     done = esn("report", cfg)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -31,6 +31,10 @@ from esn.emotions import TARGET_EMOTIONS  # noqa: E402
 from esn.hookpoints import HookPoint, Layout  # noqa: E402
 from esn.serve.server import launch  # noqa: E402
 from esn.steering import steer  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+schemathesis = pytest.importorskip("schemathesis")
+FUZZ_EXAMPLES = 300  # requests over all operations, fitting the schema and not: ~10 s on 2 cores
 
 # One thread per process: the same kernels (and rounding) in the server, `esn convert` and the references.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -87,8 +91,8 @@ def serve_args(tiny, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    with launch(serve_args(tiny, "--max-wait-ms", "300", "--max-upload-mb", "1", "--max-seconds", "5"),
-                env=ENV) as s:
+    with launch(serve_args(tiny, "--max-wait-ms", "300", "--max-upload-mb", "1", "--max-seconds", "5",
+                           "--allowed-host", "box.lan", "--allow-origin", "http://localhost:3000"), env=ENV) as s:
         yield s
 
 
@@ -288,6 +292,128 @@ def test_every_bad_request_gets_its_json_error(server, tmp_path):
         response = post(server.url, wav_bytes(speech(0.5, 1, rate, channels), rate), emotion="sad")
         assert response.status_code == 200, response.text
     assert httpx.get(server.url + "/healthz").status_code == 200  # still serving
+
+
+# -- who may ask: Host, Origin, headers, malformed requests (issue #26, items 4 and 8) ---------------------
+
+
+@pytest.mark.slow
+def test_foreign_hosts_and_cross_origin_posts_are_refused(server):
+    ok = wav_bytes(speech(0.5, 0), 16_000)
+    form = {"files": {"audio": ("a.wav", ok)}, "data": {"emotion": "happy"}, "timeout": 300}
+    before = metric(server.url, "esn_conversions_total")
+    for method, path in (("GET", "/healthz"), ("GET", "/v1/masks"), ("GET", "/metrics"), ("POST", "/v1/convert"),
+                         ("GET", "/openapi.json"), ("GET", "/nowhere")):
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):  # DNS rebinding
+            response = httpx.request(method, server.url + path, headers={"Host": host})
+            assert response.status_code == 400 and response.json()["error"] == "host_not_allowed", (path, host)
+    # A page of another origin posting FormData (no CORS preflight for that): refused before it is read.
+    other_local = server.url.rsplit(":", 1)[0] + ":1"
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": other_local}, {"Origin": "null"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
+        response = httpx.post(server.url + "/v1/convert", headers=headers, **form)
+        assert response.status_code == 403 and response.json()["error"] == "cross_origin", headers
+        assert "--allow-origin" in response.json()["message"]
+    assert metric(server.url, "esn_conversions_total") == before  # nothing was converted
+    # What is allowed: the service's own origin, --allow-origin's, --allowed-host's names, non-browsers.
+    for headers in ({"Origin": server.url}, {"Origin": "http://localhost:3000"}, {"Sec-Fetch-Site": "same-origin"},
+                    {"Host": "box.lan:8000"}, {"Host": "localhost"}, {}):
+        assert httpx.post(server.url + "/v1/convert", headers=headers, **form).status_code == 200, headers
+    counted = metric(server.url, "esn_requests_total")
+    assert counted['{endpoint="/v1/convert",status="403"}'] >= 5  # refusals are counted too
+
+
+def _raw(url: str, head: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``head`` on a plain socket; (status, headers, body) of the answer (read until the server closes)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    top, _, body = data.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if headers.get("transfer-encoding") == "chunked":  # one chunk and the last one
+        size, _, rest = body.partition(b"\r\n")
+        body = rest[: int(size, 16)]
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.slow
+def test_malformed_requests_and_large_headers_get_json_errors(server):
+    import json
+
+    for length in (b"abc", b"-1", b"5, 6", b"1e3"):
+        status, headers, body = _raw(server.url, b"POST /v1/convert HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                     b"Content-Length: " + length + b"\r\n\r\nhello")
+        assert status == 400 and headers["content-type"] == "application/json", (length, headers)
+        assert json.loads(body)["error"] == "bad_request", length
+    status, headers, body = _raw(server.url, b"GARBAGE\r\n\r\n")
+    assert status == 400 and json.loads(body)["error"] == "bad_request"
+    # Headers past 16 KiB: read whole and refused (431) up to 128 KiB; past that uvicorn's parser stops
+    # buffering, answers 400 and closes (a client still sending may see the connection reset instead).
+    for size in (20_000, 64 * 1024, 120_000):
+        response = httpx.get(server.url + "/healthz", headers={"X-Big": "x" * size})
+        assert response.status_code == 431 and response.json()["error"] == "headers_too_large", size
+    try:
+        response = httpx.get(server.url + "/healthz", headers={"X-Big": "x" * 300_000})
+        assert response.status_code == 400 and response.json()["error"] == "bad_request"
+    except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+        pass  # refused before the client had sent everything
+    assert httpx.get(server.url + "/healthz", headers={"X-Ok": "x" * 4000}).status_code == 200
+    assert httpx.get(server.url + "/healthz").status_code == 200  # still serving
+
+
+def test_serving_other_machines_needs_a_token(tiny, tmp_path, capsys):
+    base = ["serve", "--adapter", "qwen_omni", "--model", str(tiny.checkpoint), "--port", "0"]
+    for host in ("0.0.0.0", "::", "192.168.1.5"):
+        assert main([*base, "--host", host]) != 0
+        assert f"--host {host} serves other machines" in capsys.readouterr().err
+    assert main([*base, "--allowed-host", "a b c:d:e"]) != 0
+    assert "is not a host name" in capsys.readouterr().err
+    assert main([*base, "--allow-origin", "localhost:3000/app"]) != 0
+    assert "is not an origin" in capsys.readouterr().err
+
+
+# -- property-based fuzzing of the API from its OpenAPI schema --------------------------------------------
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_never_get_a_500_and_every_error_is_json(server):
+    """Requests generated from the service's OpenAPI schema, fitting it and not (schemathesis's strategies
+    driven by hypothesis; derandomized, bounded in examples): never a server error, every error a JSON body
+    with its code. (schemathesis's own pytest integration needs pytest internals that pytest 9 removed, so
+    its strategies are used directly.)"""
+    from hypothesis import given
+    from hypothesis import strategies as st
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {(op.method.upper(), op.path) for op in operations} >= {("POST", "/v1/convert"), ("GET", "/v1/masks")}
+    cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations for mode in GenerationMode])
+    seen = []
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(cases)
+    def check(case):
+        response = case.call(base_url=server.url, timeout=120)
+        seen.append((case.method, case.path, response.status_code))
+        assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:500])
+        if response.status_code >= 400:
+            kind = response.headers.get("content-type", [""])[0]  # schemathesis: every header is a list
+            assert kind.startswith("application/json"), (case.method, case.path, response.status_code, kind)
+            body = response.json()
+            assert isinstance(body.get("error"), str) and body.get("message"), body
+
+    started = time.monotonic()
+    check()
+    print(f"fuzzed {len(seen)} requests in {time.monotonic() - started:.1f} s:",
+          sorted({(m, p, c) for m, p, c in seen}))
+    assert len({(m, p) for m, p, _ in seen}) == len(operations)  # every operation was fuzzed
+    assert any(code >= 400 for *_, code in seen) and any(code == 200 for *_, code in seen)
 
 
 # -- queue, disconnects, auth, shutdown -----------------------------------------------------------------

@@ -277,12 +277,13 @@ def test_labelling_kit_offers_wer_passing_attempts_only(tmp_path):
         assert human.labels_per_emotion(run) == 2 * run.cfg.anchor.c == 60
 
         n = human.export_labels(run, tmp_path / "kit")
-        key = list(csv.DictReader((tmp_path / "kit" / "key.csv").open()))
+        key = list(csv.DictReader((tmp_path / "kit-private" / "key.csv").open()))
+        assert not (tmp_path / "kit" / "key.csv").exists()  # not in the folder raters get
         assert n == len(key) == len(passing)  # fewer than 60 pass per emotion here: all of them are offered
         assert {row["id"] for row in key} == passing
         assert {row["target"] for row in key} == set(bed.emotions)
         small = human.export_labels(run, tmp_path / "small", per_emotion=4)
-        ids = [row["id"] for row in csv.DictReader((tmp_path / "small" / "key.csv").open())]
+        ids = [row["id"] for row in csv.DictReader((tmp_path / "small-private" / "key.csv").open())]
         assert small == 4 * len(bed.emotions) and set(ids) <= passing and len(set(ids)) == len(ids)
         assert "Which emotion do you hear?" in (tmp_path / "small" / "clips.csv").read_text()
     finally:

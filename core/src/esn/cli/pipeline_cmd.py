@@ -113,6 +113,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="trials per target emotion (default: 25 A/B pairs as in the paper; for labels, 2 c clips "
                           "drawn from the WER-passing attempts)")
     exp.add_argument("--out", type=Path, help="kit folder (default: <run_dir>/human/<kind>-kit)")
+    exp.add_argument("--raters", type=positive_int, default=None, metavar="N",
+                     help="issue N raters' login codes (<kit>-private/codes.csv) for `esn human serve --codes`")
     exp.set_defaults(func=cmd_human_export)
     imp = hsub.add_parser("import", help="read raters' responses: win/tie/loss (ab) or human labels (labels)")
     _common(imp)
@@ -125,7 +127,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--kind", choices=("ab", "labels"), default="ab", help="which kit of a run directory")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for raters on the LAN)")
     srv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    srv.add_argument("--codes", type=Path, metavar="FILE",
+                     help="require raters' login codes from this file (<kit>-private/codes.csv, written by "
+                          "`esn human export --raters N`): only they can store answers, one rater per code")
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    from esn.cli.serve_cmd import add_access_args
+
+    add_access_args(srv, secret="--codes")
     srv.set_defaults(func=_human_serve)
 
 
@@ -382,17 +390,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_human_export(args: argparse.Namespace) -> int:
     """``esn human export``: a blind listening kit from a finished run."""
     from esn.pipeline import human
+    from esn.pipeline.listening import private_dir
     from esn.pipeline.run import load_run
 
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
     out = args.out or run.dir / "human" / f"{args.kind}-kit"
     with run:  # nothing else writes the run directory meanwhile
         if args.kind == "ab":
-            n = human.export_ab(run, out, per_emotion=25 if args.per_emotion is None else args.per_emotion)
+            n = human.export_ab(run, out, per_emotion=25 if args.per_emotion is None else args.per_emotion,
+                                raters=args.raters)
         else:
-            n = human.export_labels(run, out, per_emotion=args.per_emotion)
+            n = human.export_labels(run, out, per_emotion=args.per_emotion, raters=args.raters)
+    private = private_dir(out)
+    serve = f"esn human serve {out}" + (f" --codes {private / 'codes.csv'}" if args.raters else "")
     console.print(Text.assemble(f"wrote {n} trials to ", (str(out), "bold"), f": raters open {out / 'index.html'} "
-                                f"(or `esn human serve {out}`); keep key.csv away from them"))
+                                f"(or `{serve}`); ", "the key and the raters' codes are" if args.raters else "the key is",
+                                f" in {private}: keep that folder away from raters"))
     return 0
 
 
@@ -412,6 +425,12 @@ def cmd_human_import(args: argparse.Namespace) -> int:
         return _human_import(run, kit, args)
 
 
+def _print_raters(raters: dict[str, int]) -> None:
+    shown = ", ".join(f"{r} {n}" for r, n in raters.items())
+    console.print(f"{len(raters)} rater{'s' if len(raters) != 1 else ''}, {sum(raters.values())} answers "
+                  f"(answers per rater: {shown})", highlight=False)
+
+
 def _human_import(run, kit: Path, args: argparse.Namespace) -> int:
     from esn.pipeline import human
 
@@ -419,6 +438,7 @@ def _human_import(run, kit: Path, args: argparse.Namespace) -> int:
         from rich.table import Table
 
         result = human.import_ab(run, kit, args.responses)
+        _print_raters(result["raters"])
         table = Table(title="intervened vs baseline (listeners)")
         for col in ("emotion", "win", "tie", "loss", "n"):
             table.add_column(col, justify="right")
@@ -426,7 +446,8 @@ def _human_import(run, kit: Path, args: argparse.Namespace) -> int:
             table.add_row(e, *[f"{100 * r[k]:.0f}%" for k in ("win", "tie", "loss")], str(result["counts"][e]["n"]))
         console.print(table)
     else:
-        path = human.import_labels(run, kit, args.responses)
+        path, raters = human.import_labels(run, kit, args.responses)
+        _print_raters(raters)
         console.print(Text.assemble("human labels written to ", (str(path), "bold"),
                                     "; set filter.human_labels to it for CAS-H"))
     return 0

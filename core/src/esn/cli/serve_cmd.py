@@ -45,9 +45,47 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     lim.add_argument("--max-alpha", type=float, default=10.0, help="largest |alpha| accepted (default 10)")
     p.add_argument("--token-file", type=Path,
                    help=f"require 'Authorization: Bearer <token>' with the token in this file (or set {TOKEN_ENV})")
+    add_access_args(p, secret="a token")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
+
+
+def add_access_args(p: argparse.ArgumentParser, *, secret: str) -> None:
+    """``--allowed-host``, ``--allow-origin``, ``--insecure-no-token``: who may talk to a service
+    (esn.serve.guard; docs/service.md says what is refused and why)."""
+    g = p.add_argument_group("access (docs/service.md: what is refused and why)")
+    g.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name clients may use besides the bound address and localhost (repeatable), "
+                        "e.g. the machine's name or LAN address when --host is 0.0.0.0")
+    g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin whose pages may POST/PUT here (repeatable), e.g. http://localhost:3000; "
+                        "other cross-origin writes are refused")
+    g.add_argument("--insecure-no-token", action="store_true",
+                   help=f"serve a --host other than loopback without {secret} (anyone who can reach it may use it)")
+
+
+def access_for(args: argparse.Namespace, *, token: str | None, secured: bool, fix: str):
+    """The service's :class:`~esn.serve.guard.Access` from the access flags; EsnError for a --host other
+    than loopback with no secret (``secured``) unless --insecure-no-token."""
+    from esn.serve.guard import Access
+    from esn.serve.server import is_loopback
+
+    if not is_loopback(args.host) and not secured:
+        if not args.insecure_no_token:
+            raise EsnError(f"--host {args.host} serves other machines: {fix}, or pass --insecure-no-token to serve "
+                           "without one (anyone who can reach this address could use it)")
+        note(Text.assemble(("warning:", "yellow"), f" serving on {args.host} without a secret (--insecure-no-token): "
+                           "anyone who can reach this address can use it"))
+    try:
+        access = Access.for_address(args.host, allowed_hosts=args.allowed_host, allow_origins=args.allow_origin,
+                                    token=token)
+    except ValueError as exc:
+        raise EsnError(str(exc)) from None
+    if args.host in ("0.0.0.0", "::") and not args.allowed_host:
+        note(f"answering only Host {', '.join(sorted(access.hosts))}: add the name or address clients use "
+             "with --allowed-host (e.g. --allowed-host 192.168.1.20)")
+    return access
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
@@ -79,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     require_extra("esn serve")
     from esn.serve.convert import Converter, Limits
-    from esn.serve.server import check_port, is_loopback
+    from esn.serve.server import check_port
 
     # Everything a user can get wrong is checked before the (slow) model load.
     check_port(args.port)
@@ -99,9 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from esn.artifacts import load_masks
 
         masks = load_masks(args.masks)
-    if not is_loopback(args.host) and token is None:
-        note(Text.assemble(("warning:", "yellow"), f" serving on {args.host} without a bearer token: anyone who "
-                           f"can reach this address can use the model (--token-file or {TOKEN_ENV})"))
+    access = access_for(args, token=token, secured=token is not None,
+                        fix=f"give a bearer token (--token-file FILE or {TOKEN_ENV})")
     if args.threads:
         import torch
 
@@ -113,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if converter.max_batch < limits.max_batch:
         note(f"{adapter.name} generates one request at a time: batches of 1")
-    serve(create_app(converter, token=token), args.host, args.port, name="esn serve",
+    serve(create_app(converter, access=access), args.host, args.port, name="esn serve",
           graceful_s=limits.timeout_s + 10, log_level=args.log_level)
     return 0
 
@@ -137,8 +174,20 @@ def cmd_human_serve(args: argparse.Namespace) -> int:
     if kit_dir is None:
         raise EsnError(f"{path}: no listening kit here or in {candidates[1]}; run `esn human export` first")
     kit = read_kit(kit_dir)
-    note(f"{kit.kind} kit {kit_dir} ({len(kit.trials)} trials); answers go to "
-         f"{kit_dir / RESPONSES}/<rater>.csv; import them with `esn human import CONFIG --kind "
+    codes = None
+    if args.codes is not None:
+        from esn.pipeline.listening import private_dir, read_codes
+
+        if args.codes.resolve().is_relative_to(kit_dir.resolve()):
+            raise EsnError(f"--codes {args.codes} lies in the kit folder raters get; keep it in "
+                           f"{private_dir(kit_dir)} (where `esn human export --raters N` writes it)")
+        codes = read_codes(args.codes)
+    access = access_for(args, token=None, secured=codes is not None,
+                        fix="require raters' codes (--codes FILE from `esn human export --raters N`)")
+    note(f"{kit.kind} kit {kit_dir} ({len(kit.trials)} trials); "
+         + (f"{len(codes)} raters' codes required; " if codes else "")
+         + f"answers go to {kit_dir / RESPONSES}/<rater>.csv; import them with `esn human import CONFIG --kind "
          f"{kit.kind} --kit {kit_dir} {kit_dir / RESPONSES}/*.csv`")
-    serve(create_listening_app(kit), args.host, args.port, name="esn human serve", log_level=args.log_level)
+    serve(create_listening_app(kit, access=access, codes=codes), args.host, args.port, name="esn human serve",
+          log_level=args.log_level)
     return 0

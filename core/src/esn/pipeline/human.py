@@ -21,6 +21,7 @@ Both kits get ``index.html``, the browser listening page (``esn.pipeline.listeni
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from collections import Counter
 from collections.abc import Sequence
@@ -36,10 +37,13 @@ from esn.pipeline.batches import derive_seed
 from esn.pipeline.config import settings
 from esn.pipeline.files import atomic_write_json, atomic_write_text, atomic_write_wav, read_json
 from esn.pipeline.grid import BASELINE
-from esn.pipeline.listening import write_page
+from esn.pipeline.listening import CODES, KEY, issue_codes, key_path, private_dir, read_codes, write_page
 from esn.pipeline.run import Run
 
 KIT_RATE = 16_000
+# "Which clip sounds more surprised?": the question wants an adjective, the emotion names are nouns or adjectives.
+ADJECTIVES = {"surprise": "surprised", "happiness": "happy", "sadness": "sad", "anger": "angry", "fear": "afraid",
+              "disgust": "disgusted"}
 CHOICES = {"a": "A", "b": "B", "tie": "tie", "indecisive": "tie", "=": "tie", "same": "tie"}
 
 
@@ -75,8 +79,9 @@ def _clip(src: Path, dst: Path, sha: str | None, fix: str) -> None:
     atomic_write_wav(dst, rms_normalize(resample(to_mono(data), rate, KIT_RATE)), KIT_RATE)
 
 
-def export_ab(run: Run, out: Path, *, per_emotion: int = 25) -> int:
-    """Write ``clips/``, ``trials.csv`` (for raters), ``key.csv`` (blind key) and a response template."""
+def export_ab(run: Run, out: Path, *, per_emotion: int = 25, raters: int | None = None) -> int:
+    """Write ``clips/``, ``trials.csv`` (for raters) and a response template into ``out``, and the blind key
+    (``key.csv``) and, for ``raters``, their login codes (``codes.csv``) into the private folder beside it."""
     anchor = settings(run.cfg)[0].key
     records = evaluate.records(run)
     base = {(r["split"], r["source"], r["target"]): r for r in records if r["setting"] == BASELINE}
@@ -104,31 +109,78 @@ def export_ab(run: Run, out: Path, *, per_emotion: int = 25) -> int:
                   f"delete the file in {run.rundir.evaluate / 'batches'} that holds {rec['id']!r} and run "
                   "`esn evaluate` to convert that batch again")
         trials.append({"trial": n, "emotion": target, "clip_a": names[0], "clip_b": names[1],
-                       "question": f"Which clip sounds more {target}? Answer A, B or tie."})
+                       "question": f"Which clip sounds more {ADJECTIVES.get(target, target)}? Answer A, B or tie."})
         key.append({"trial": n, "emotion": target, "a": "intervened" if flip else "baseline",
                     "b": "baseline" if flip else "intervened", "a_id": a_rec["id"], "b_id": b_rec["id"]})
     atomic_write_text(out / "trials.csv", _csv(trials, ["trial", "emotion", "clip_a", "clip_b", "question"]))
-    atomic_write_text(out / "key.csv", _csv(key, ["trial", "emotion", "a", "b", "a_id", "b_id"]))
+    _write_private(out, _csv(key, ["trial", "emotion", "a", "b", "a_id", "b_id"]), raters)
     atomic_write_text(out / "responses_template.csv", "rater,trial,choice\n")
     write_page(out)
     return len(trials)
 
 
+def _write_private(out: Path, key: str, raters: int | None) -> None:
+    """The key (and the codes) into the private folder; a key.csv of an older export leaves the kit folder."""
+    atomic_write_text(private_dir(out) / KEY, key)
+    (out / KEY).unlink(missing_ok=True)
+    codes = private_dir(out) / CODES
+    if raters:
+        issue_codes(out, raters)
+    else:
+        codes.unlink(missing_ok=True)  # a new kit: codes of an earlier export must not admit anyone
+
+
+def read_answers(kit: Path, responses: Sequence[Path], item: str, answer: str) -> tuple[list[dict], dict[str, int]]:
+    """The rows of the responses files (``rater``, ``item`` (trial or clip), ``answer``, ``where``) and the
+    number of answers per rater. Refused: a file given twice (or two files with the same content), a row
+    without a rater, a rater that answers one item twice, and, when the kit issued codes, raters without one."""
+    codes_file = private_dir(kit) / CODES
+    known = set(read_codes(codes_file).values()) if codes_file.is_file() else None
+    seen_files: dict[str, Path] = {}
+    seen: dict[tuple[str, str], str] = {}
+    rows, per_rater = [], Counter()
+    for path in map(Path, responses):
+        data = read_bytes(path)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen_files:
+            same = seen_files[digest]
+            if same.resolve() == path.resolve():
+                raise EsnError(f"{path} is given twice: give each responses file once")
+            raise EsnError(f"{path} and {same} hold the same responses (identical content): give each once")
+        seen_files[digest] = path
+        for n, row in enumerate(_read_csv(path, ["rater", item, answer]), start=2):
+            rater, key = (row["rater"] or "").strip(), (row[item] or "").strip()
+            where = f"{path} line {n}"
+            if not rater:
+                raise EsnError(f"{where}: no rater id (every answer must say whose it is)")
+            if known is not None and rater not in known:
+                raise EsnError(f"{where}: rater {rater!r} has no code in {codes_file} (this kit issued codes: "
+                               "only their raters count)")
+            if (rater, key) in seen:
+                raise EsnError(f"{where}: rater {rater!r} answers {item} {key!r} again (first at {seen[(rater, key)]}); "
+                               f"each rater answers each {item} once: remove the duplicate or the extra file")
+            seen[(rater, key)] = where
+            rows.append({"rater": rater, item: key, answer: row[answer], "where": where})
+            per_rater[rater] += 1
+    return rows, dict(sorted(per_rater.items()))
+
+
 def import_ab(run: Run, kit: Path, responses: Sequence[Path]) -> dict:
     """Win / tie / loss of the intervened system per emotion (and pooled), written to human/results.json."""
-    key = {row["trial"]: row for row in _read_csv(kit / "key.csv", ["trial", "emotion", "a", "b"])}
+    key_file = key_path(kit)
+    key = {row["trial"]: row for row in _read_csv(key_file, ["trial", "emotion", "a", "b"])}
     counts: dict[str, Counter] = {}
-    for path in responses:
-        for n, row in enumerate(_read_csv(Path(path), ["rater", "trial", "choice"]), start=2):
-            trial = (row["trial"] or "").strip()
-            if trial not in key:
-                raise EsnError(f"{path} line {n}: unknown trial {trial!r} (not in {kit / 'key.csv'})")
-            choice = CHOICES.get((row["choice"] or "").strip().lower())
-            if choice is None:
-                raise EsnError(f"{path} line {n}: choice {row['choice']!r} must be A, B or tie")
-            k = key[trial]
-            outcome = "tie" if choice == "tie" else ("win" if k[choice.lower()] == "intervened" else "loss")
-            counts.setdefault(k["emotion"], Counter())[outcome] += 1
+    rows, raters = read_answers(kit, responses, "trial", "choice")
+    for row in rows:
+        trial = row["trial"]
+        if trial not in key:
+            raise EsnError(f"{row['where']}: unknown trial {trial!r} (not in {key_file})")
+        choice = CHOICES.get((row["choice"] or "").strip().lower())
+        if choice is None:
+            raise EsnError(f"{row['where']}: choice {row['choice']!r} must be A, B or tie")
+        k = key[trial]
+        outcome = "tie" if choice == "tie" else ("win" if k[choice.lower()] == "intervened" else "loss")
+        counts.setdefault(k["emotion"], Counter())[outcome] += 1
     if not counts:
         raise EsnError(f"no responses in {', '.join(map(str, responses))}")
     pooled = sum(counts.values(), Counter())
@@ -136,6 +188,7 @@ def import_ab(run: Run, kit: Path, responses: Sequence[Path]) -> dict:
     result = {
         "rates": {e: {k: round(c[k] / sum(c.values()), 6) for k in ("win", "tie", "loss")} for e, c in table.items()},
         "counts": {e: {**{k: c[k] for k in ("win", "tie", "loss")}, "n": sum(c.values())} for e, c in table.items()},
+        "raters": raters,  # answers per rater
     }
     atomic_write_json(run.dir / "human" / "results.json", result)
     return result
@@ -146,7 +199,7 @@ def labels_per_emotion(run: Run) -> int:
     return 2 * run.cfg.anchor.c
 
 
-def export_labels(run: Run, out: Path, *, per_emotion: int | None = None) -> int:
+def export_labels(run: Run, out: Path, *, per_emotion: int | None = None, raters: int | None = None) -> int:
     """Blind clips of recorded WER-passing attempts for raters to label with the emotion they hear."""
     from esn.wer import wer
 
@@ -174,33 +227,33 @@ def export_labels(run: Run, out: Path, *, per_emotion: int | None = None) -> int
         clips.append({"clip": n, "file": name, "question": f"Which emotion do you hear? One of: {', '.join(EMOTIONS)}"})
         key.append({"clip": n, "id": rec.id, "target": rec.emotion})
     atomic_write_text(out / "clips.csv", _csv(clips, ["clip", "file", "question"]))
-    atomic_write_text(out / "key.csv", _csv(key, ["clip", "id", "target"]))
+    _write_private(out, _csv(key, ["clip", "id", "target"]), raters)
     atomic_write_text(out / "responses_template.csv", "rater,clip,label\n")
     write_page(out)
     return len(clips)
 
 
-def import_labels(run: Run, kit: Path, responses: Sequence[Path]) -> Path:
-    """Majority label per clip -> ``human/labels.csv`` (``id,label``) for ``filter.human_labels``."""
-    key = {row["clip"]: row["id"] for row in _read_csv(kit / "key.csv", ["clip", "id"])}
+def import_labels(run: Run, kit: Path, responses: Sequence[Path]) -> tuple[Path, dict[str, int]]:
+    """Majority label per clip -> ``human/labels.csv`` (``id,label``) for ``filter.human_labels``; returns
+    that file and the number of answers per rater."""
+    key = {row["clip"]: row["id"] for row in _read_csv(key_path(kit), ["clip", "id"])}
     votes: dict[str, Counter] = {}
-    for path in responses:
-        for n, row in enumerate(_read_csv(Path(path), ["rater", "clip", "label"]), start=2):
-            clip = (row["clip"] or "").strip()
-            if clip not in key:
-                raise EsnError(f"{path} line {n}: unknown clip {clip!r}")
-            try:
-                label = normalize_emotion(row["label"] or "", EMOTIONS)
-            except EsnError as exc:
-                raise EsnError(f"{path} line {n}: {exc}") from None
-            votes.setdefault(key[clip], Counter())[label] += 1
+    rows, raters = read_answers(kit, responses, "clip", "label")
+    for row in rows:
+        if row["clip"] not in key:
+            raise EsnError(f"{row['where']}: unknown clip {row['clip']!r}")
+        try:
+            label = normalize_emotion(row["label"] or "", EMOTIONS)
+        except EsnError as exc:
+            raise EsnError(f"{row['where']}: {exc}") from None
+        votes.setdefault(key[row["clip"]], Counter())[label] += 1
     rows = []
     for rid in sorted(votes):
         (top, n1), *rest = votes[rid].most_common()
         if rest and rest[0][1] == n1:
             continue  # a tie between raters: no human label
         rows.append({"id": rid, "label": top})
-    return atomic_write_text(run.dir / "human" / "labels.csv", _csv(rows, ["id", "label"]))
+    return atomic_write_text(run.dir / "human" / "labels.csv", _csv(rows, ["id", "label"])), raters
 
 
 def responses_summary(run: Run) -> dict | None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
+import secrets
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,6 +26,8 @@ from esn.pipeline.files import atomic_write_text
 
 PAGE = "index.html"
 RESPONSES = "responses"  # folder of the kit where `esn human serve` keeps one CSV per rater
+KEY = "key.csv"  # which clip is which: in the kit's private folder, never in the folder raters get
+CODES = "codes.csv"  # rater,code: the raters' login codes (esn human export --raters N), private too
 RATER = re.compile(r"[A-Za-z0-9_-]{1,64}")  # rater ids become file names
 AB_CHOICES = ("A", "B", "tie")
 # What each kit kind lists (file, id column, clip columns) and what a response row holds.
@@ -80,7 +84,7 @@ class Kit:
 
     def read_responses(self, path: Path) -> dict[str, str]:
         """The answers of a responses file written by :meth:`responses_csv`."""
-        rows = csv.DictReader(path.read_text(encoding="utf-8").splitlines())
+        rows = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline=""))
         return {r[self.columns[1]]: r[self.columns[2]] for r in rows}
 
 
@@ -101,12 +105,19 @@ def read_kit(kit_dir: str | Path) -> Kit:
     kind = found[0]
     spec = KINDS[kind]
     listing = (kit_dir / spec["listing"]).read_bytes()
-    rows = list(csv.DictReader(listing.decode("utf-8-sig").splitlines()))
+    try:
+        # Rows end at \n or \r\n only (the csv module's rule): str.splitlines would also end them at U+2028,
+        # U+0085, form feeds ... inside a question, and split one row into two.
+        rows = list(csv.DictReader(io.StringIO(listing.decode("utf-8-sig"), newline="")))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise EsnError(f"{kit_dir / spec['listing']}: not a readable UTF-8 CSV file ({exc})") from None
     need = [spec["id"], "question", *spec["clips"]]
     if not rows or any(c not in rows[0] for c in need):
         raise EsnError(f"{kit_dir / spec['listing']}: needs rows with columns {', '.join(need)}")
     trials = []
-    for row in rows:
+    for n, row in enumerate(rows, start=2):
+        if None in row or any(row[c] is None for c in need):
+            raise EsnError(f"{kit_dir / spec['listing']} line {n}: not the header's {len(rows[0])} fields")
         clips = tuple(row[c] for c in spec["clips"])
         for clip in clips:
             # Clips live under the kit's clips/ folder; anything else would let the page (or the server
@@ -120,20 +131,22 @@ def read_kit(kit_dir: str | Path) -> Kit:
 def page(kit: Kit) -> str:
     """The listening page of ``kit``: the template with the kit (no key) embedded as JSON."""
     if kit.kind == "ab":
-        choices = [{"value": "A", "label": "A"}, {"value": "B", "label": "B"},
-                   {"value": "tie", "label": "Tie / can't tell"}]
+        choices = [{"value": "A", "label": "A", "key": "a"}, {"value": "B", "label": "B", "key": "b"},
+                   {"value": "tie", "label": "Tie / can't tell", "key": "t"}]
         intro = (f"{len(kit.trials)} trials. In each, listen to clips A and B, then pick the one that better "
                  "matches the emotion asked for, or Tie.")
     else:
-        choices = [{"value": e, "label": e.capitalize()} for e in EMOTIONS]
+        choices = [{"value": e, "label": e.capitalize(), "key": str(k)} for k, e in enumerate(EMOTIONS, start=1)]
         intro = f"{len(kit.trials)} clips. Listen to each one and pick the emotion you hear."
     data = {
         "id": kit.id, "kind": kit.kind, "columns": list(kit.columns), "choices": choices,
         "clip_names": ["A", "B"], "title": "Listening test", "intro": intro,
         "trials": [{"id": t["id"], "question": t["question"], "clips": list(t["clips"])} for t in kit.trials],
     }
-    # "<" escaped: the JSON sits inside a <script> element, which "</script>" in a question would end.
-    embedded = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
+    # "<" escaped: the JSON sits inside a <script> element, which "</script>" in a question would end; the
+    # line and paragraph separators too (JavaScript before ES2019 ended string literals at them).
+    embedded = (json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
+                .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
     template = resources.files("esn.pipeline").joinpath("listening.html").read_text(encoding="utf-8")
     return template.replace("/*KIT*/", embedded)
 
@@ -142,3 +155,53 @@ def write_page(kit_dir: str | Path) -> Path:
     """Write ``index.html`` into a kit folder (what ``esn human export`` calls last)."""
     kit = read_kit(kit_dir)
     return atomic_write_text(kit.dir / PAGE, page(kit))
+
+
+def private_dir(kit_dir: str | Path) -> Path:
+    """The kit's private folder, beside it (``<kit>-private/``): the key and the raters' codes, which must
+    not travel with the folder raters get."""
+    kit_dir = Path(kit_dir).resolve()
+    return kit_dir.parent / f"{kit_dir.name}-private"
+
+
+def key_path(kit_dir: str | Path) -> Path:
+    """The kit's key: in its private folder (older kits kept it in the kit folder itself)."""
+    private = private_dir(kit_dir) / KEY
+    legacy = Path(kit_dir) / KEY
+    if not private.is_file() and legacy.is_file():
+        return legacy
+    return private
+
+
+def issue_codes(kit_dir: str | Path, n: int) -> Path:
+    """Write ``n`` raters' login codes (``rater,code``; raters r01, r02, ...) into the kit's private folder.
+    Codes are random (``secrets``), 20 hex digits: 80 bits, not guessable over HTTP."""
+    width = max(2, len(str(n)))
+    rows = [f"r{k:0{width}d},{secrets.token_hex(10)}" for k in range(1, n + 1)]
+    return atomic_write_text(private_dir(kit_dir) / CODES, "rater,code\n" + "\n".join(rows) + "\n")
+
+
+def read_codes(path: str | Path) -> dict[str, str]:
+    """``{code: rater}`` of a codes file written by :func:`issue_codes` (or by hand: ``rater,code`` rows)."""
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline="")))
+    except OSError as exc:
+        raise EsnError(f"codes file {path}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise EsnError(f"codes file {path}: not a readable UTF-8 CSV file ({exc})") from None
+    codes: dict[str, str] = {}
+    for n, row in enumerate(rows, start=2):
+        rater, code = (row.get("rater") or "").strip(), (row.get("code") or "").strip()
+        try:
+            check_rater(rater)
+        except EsnError as exc:
+            raise EsnError(f"codes file {path} line {n}: {exc}") from None
+        if len(code) < 8:
+            raise EsnError(f"codes file {path} line {n}: code of rater {rater!r} must have at least 8 characters")
+        if code in codes or rater in codes.values():
+            raise EsnError(f"codes file {path} line {n}: rater {rater!r} or its code appears twice")
+        codes[code] = rater
+    if not codes:
+        raise EsnError(f"codes file {path}: no rows (expected rater,code; `esn human export --raters N` writes one)")
+    return codes

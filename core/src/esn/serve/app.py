@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import io
 import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Annotated
 from urllib.parse import quote
 
@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from esn.serve.batcher import Batcher, QueueFull
 from esn.serve.convert import NO_STEERING, Converter, Job, Outcome
 from esn.serve.errors import RequestError
+from esn.serve.guard import Access, AccessGuard
 from esn.serve.metrics import Metrics
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures this one: our lines join its log
@@ -54,12 +55,12 @@ class BodyTooLarge(HTTPException):
 
 
 class Guard:
-    """Pure ASGI middleware, before any body is read: bearer token, body size limit, request metrics."""
+    """Pure ASGI middleware, before any body is read: body size limit, request metrics (who may ask at all is
+    :class:`esn.serve.guard.AccessGuard`'s, inside this one so that its refusals are counted too)."""
 
-    def __init__(self, app, *, metrics: Metrics, token: str | None, max_body: int):
+    def __init__(self, app, *, metrics: Metrics, max_body: int):
         self.app = app
         self.metrics = metrics
-        self.token = token.encode() if token else None
         self.max_body = max_body
 
     async def __call__(self, scope, receive, send):
@@ -88,14 +89,14 @@ class Guard:
             return message
 
         try:
-            headers = dict(scope["headers"])
-            refused = None
-            if self.token is not None and path not in OPEN_PATHS and not self._authorized(headers):
-                refused = RequestError(401, "unauthorized", "missing or wrong bearer token "
-                                       "(Authorization: Bearer <token>)", headers={"WWW-Authenticate": "Bearer"})
-            elif int(headers.get(b"content-length", b"0") or 0) > self.max_body:
-                refused = RequestError(413, "too_large", f"request body of {int(headers[b'content-length'])} bytes; "
+            length = dict(scope["headers"]).get(b"content-length", b"0") or b"0"
+            if not length.isdigit():  # uvicorn's parser refuses these first; a plain ASGI server may not
+                refused = RequestError(400, "bad_request", "Content-Length must be a number of bytes")
+            elif int(length) > self.max_body:
+                refused = RequestError(413, "too_large", f"request body of {int(length)} bytes; "
                                        f"this service accepts at most {self.max_body} bytes")
+            else:
+                refused = None
             if refused is not None:
                 # "Connection: close": the unread body must not be taken for the next request.
                 refused.headers["Connection"] = "close"
@@ -105,10 +106,6 @@ class Guard:
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
 
 
 async def _disconnected(request: Request) -> None:
@@ -141,8 +138,11 @@ def _answer(request: Request, job: Job, outcome: Outcome) -> Response:
     return Response(_wav(outcome), media_type="audio/wav", headers=headers)
 
 
-def create_app(converter: Converter, *, token: str | None = None) -> FastAPI:
-    """The application; its lifespan starts the batcher and, on shutdown, lets it finish what is queued."""
+def create_app(converter: Converter, *, token: str | None = None, access: Access | None = None) -> FastAPI:
+    """The application; its lifespan starts the batcher and, on shutdown, lets it finish what is queued.
+
+    ``access``: who may ask (Host names, origins, token; default: loopback names and ``token``)."""
+    access = access or Access.for_address("127.0.0.1", token=token)
     limits = converter.limits
     metrics = Metrics(converter.max_batch)
 
@@ -161,7 +161,8 @@ def create_app(converter: Converter, *, token: str | None = None) -> FastAPI:
 
     app = FastAPI(title="esn", summary="Emotion control of speech-generative audio-language models",
                   lifespan=lifespan)
-    app.add_middleware(Guard, metrics=metrics, token=token, max_body=limits.max_upload_bytes)
+    app.add_middleware(AccessGuard, access=replace(access, open_paths=OPEN_PATHS))  # every route, later ones too
+    app.add_middleware(Guard, metrics=metrics, max_body=limits.max_upload_bytes)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):

@@ -57,7 +57,11 @@ def serve(app, host: str, port: int, *, name: str, graceful_s: float | None = No
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"{name}: listening on http://{shown}:{bound} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_s, lifespan="on")
+    from esn.serve.guard import MAX_BUFFERED_HEADER_BYTES, json_h11_protocol
+
+    # h11 with a JSON 400 for what it cannot parse, and a bound on headers while they arrive.
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_s, lifespan="on",
+                            http=json_h11_protocol(), h11_max_incomplete_event_size=MAX_BUFFERED_HEADER_BYTES)
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
