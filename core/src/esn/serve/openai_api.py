@@ -178,10 +178,12 @@ def _input_audio(messages: Any) -> tuple[bytes, str, str]:
                    "not supported: the instruction is the service's, the target emotion is esn.emotion)",
                    "messages[0].content", "unsupported_value")
     param = "messages[0].content[0]"
-    part = _object(parts[0], param, ("type", "input_audio"))
-    if part.get("type") != "input_audio":
-        raise _bad(f"content part type must be 'input_audio', got {part.get('type')!r}", f"{param}.type",
+    kind = parts[0].get("type") if isinstance(parts[0], dict) else None
+    if kind != "input_audio":  # before the keys: a text part is told it is a text part
+        raise _bad(f"content part type must be 'input_audio', got {kind!r} (text parts are not supported: the "
+                   "instruction is the service's, the target emotion is esn.emotion)", f"{param}.type",
                    "unsupported_value")
+    part = _object(parts[0], param, ("type", "input_audio"))
     given = _object(part.get("input_audio"), f"{param}.input_audio", ("data", "format"))
     fmt = _string(given.get("format"), f"{param}.input_audio.format")
     if fmt not in INPUT_FORMATS:
@@ -316,7 +318,9 @@ class ChatCompletions:
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': self._usage(outcome)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            waiting.cancel()  # cancels the row's future too: the batcher skips it or drops its answer
+            if not waiting.done():  # the client left before its answer
+                waiting.cancel()  # cancels the row's future too: the batcher skips it or drops its answer
+                self.metrics.conversions.labels("disconnected").inc()
 
     def router(self) -> APIRouter:
         router = APIRouter()
