@@ -319,3 +319,19 @@ def test_bad_bodies_get_openai_errors(server):
                                               extra_body={"esn": {"emotion": "happy"}})
     with pytest.raises(openai.AuthenticationError):  # the same bearer token as /v1/convert
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_the_openai_example_opening_docs_service_md_runs(server, tmp_path):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    first = re.search(r"```(\w+)\n(.*?)```", page[page.index("Any OpenAI client"):], re.S)
+    assert first.group(1) == "python" and "from openai import OpenAI" in first.group(2)
+    sf.write(tmp_path / "neutral.wav", speech(0.8, 4), 16_000)
+    code = (first.group(2).replace("http://127.0.0.1:8000", server.url).replace('"unused-without-a-token"', '"s3cret"')
+            .replace('"neutral.wav"', repr(str(tmp_path / "neutral.wav")))
+            .replace('"sad.wav"', repr(str(tmp_path / "sad.wav"))))
+    exec(compile(code, "docs/service.md", "exec"), {})
+    wave, rate = sf.read(tmp_path / "sad.wav")
+    assert rate == 24_000 and wave.size > 0

@@ -213,6 +213,7 @@ class ChatCompletions:
         self.created = int(time.time())
 
     def model(self) -> dict[str, Any]:
+        """The served model as an OpenAI model object (its id is the adapter's name)."""
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "esn",
                 "source": self.converter.adapter.source}
 
@@ -257,6 +258,7 @@ class ChatCompletions:
                 "compute_s": round(outcome.compute_s, 6)}
 
     async def complete(self, request: Request):
+        """``POST /v1/chat/completions``: check, queue, and answer JSON or (``stream``) server-sent events."""
         started = time.monotonic()
         try:
             body = json.loads(await request.body())
@@ -323,6 +325,7 @@ class ChatCompletions:
                 self.metrics.conversions.labels("disconnected").inc()
 
     def router(self) -> APIRouter:
+        """The routes ``/v1/models``, ``/v1/models/{id}`` and ``/v1/chat/completions``, for ``include_router``."""
         router = APIRouter()
         router.add_api_route("/v1/models", lambda: {"object": "list", "data": [self.model()]}, methods=["GET"],
                              summary="the model this service serves (OpenAI's models list)")
