@@ -7,9 +7,11 @@ Endpoints (docs/service.md has examples):
   as ``audio/wav`` (decoded text, percent-encoded UTF-8, in ``X-Esn-Text``) or, with
   ``Accept: application/json``, JSON with the text and the wav in base64.
 - ``GET /v1/masks``: the service's masks, methods and alpha range.
+- ``GET /v1/models``, ``POST /v1/chat/completions``: the OpenAI-compatible API (``esn.serve.openai_api``).
 - ``GET /healthz``: liveness (never needs the token). ``GET /metrics``: Prometheus text format.
 
-Every error is JSON ``{"error": code, "message": text[, "field": name]}`` with a 4xx/5xx status.
+Every error is JSON ``{"error": code, "message": text[, "field": name]}`` with a 4xx/5xx status (in OpenAI's
+shape on the OpenAI-compatible routes).
 """
 
 from __future__ import annotations
