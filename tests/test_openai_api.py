@@ -127,6 +127,7 @@ def rows_run(url: str, auth: dict) -> float:
 # -- models and answers -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_models_list(server, tiny):
     models = server.client.models.list()
     assert [m.id for m in models.data] == ["qwen_omni"]
@@ -257,9 +258,33 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_and_the_others_are_right(
     assert 'esn_conversions_total{outcome="disconnected"}' in counted
 
 
+@pytest.mark.slow
+def test_rows_with_different_voices_each_speak_their_own(server, tiny):
+    """Two requests sent together with different voices: each equals its solo run with that speaker (one
+    generate per voice: a generate speaks with one voice)."""
+    wave = speech(0.7, 80)
+    start = threading.Barrier(2)
+
+    def client(voice: str):
+        start.wait()
+        return server.client.chat.completions.create(
+            model="qwen_omni", messages=messages(encoded(wave)), modalities=["text", "audio"],
+            audio={"voice": voice, "format": "wav"}, extra_body={"esn": {"emotion": "happy", "method": "none"}})
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = dict(zip(("Chelsie", "Ethan"), pool.map(client, ("chelsie", "Ethan")), strict=True))
+    request = EVCRequest(prepare_audio(wave, 16_000), "happy")
+    for voice, answer in answers.items():
+        (result,) = tiny.adapter.generate([request], CONFIG.model_copy(update={"speaker": voice}))
+        assert base64.b64decode(answer.choices[0].message.audio.data) == encoded(result.waveform, result.sample_rate)
+        assert answer.model_extra["esn"]["voice"] == voice
+    assert answers["Chelsie"].choices[0].message.audio.data != answers["Ethan"].choices[0].message.audio.data
+
+
 # -- errors -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_bodies_get_openai_errors(server):
     good_audio = messages(encoded(speech(0.5, 1)))
     good = {"model": "qwen_omni", "messages": good_audio, "modalities": ["text", "audio"],
@@ -282,6 +307,7 @@ def test_bad_bodies_get_openai_errors(server):
         ({"stream": "yes"}, 400, "stream", "invalid_type"),
         ({"stream_options": {"include_usage": True}}, 400, "stream_options", "unsupported_value"),
         ({"modalities": ["audio"]}, 400, "modalities", "unsupported_value"),
+        ({"modalities": [1, "text"]}, 400, "modalities", "unsupported_value"),
         ({"audio": None}, 400, "audio", "missing_required_parameter"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, 422, "audio.voice", "unknown_voice"),
         ({"audio": {"voice": "default", "format": "flac"}}, 400, "audio.format", "unsupported_value"),
@@ -321,6 +347,7 @@ def test_bad_bodies_get_openai_errors(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+@pytest.mark.slow
 def test_the_openai_example_opening_docs_service_md_runs(server, tmp_path):
     import re
     from pathlib import Path

@@ -33,6 +33,7 @@ from typing import Any
 import soundfile as sf
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from esn.serve.app import _wav, await_outcome, submit
@@ -43,7 +44,7 @@ from esn.serve.metrics import Metrics
 PATHS = ("/v1/models", "/v1/chat/completions")
 CHUNK_SECONDS = 0.2  # audio per streamed chunk
 KEEPALIVE_S = 0.25  # SSE comment interval while a row waits: a gone client fails the write and frees its row
-INPUT_FORMATS = {"wav": "WAV", "mp3": "MP3"}  # OpenAI's input_audio formats -> libsndfile's container name
+INPUT_FORMATS = {"wav": ("WAV", "WAVEX", "RF64"), "mp3": ("MP3",)}  # OpenAI's formats -> libsndfile's containers
 OUTPUT_FORMATS = ("wav", "pcm16")
 ESN_FIELDS = ("emotion", "mask_emotion", "method", "alpha")
 TOP_FIELDS = ("model", "messages", "modalities", "audio", "stream", "stream_options", "esn", "n")
@@ -115,7 +116,8 @@ def parse_chat(body: Any, model_id: str) -> Chat:
     if body.get("n", 1) != 1:
         raise _bad("n must be 1: one conversion per request", "n", "unsupported_value")
     modalities = body.get("modalities", ["text"])
-    if not isinstance(modalities, list) or sorted(modalities) not in (["text"], ["audio", "text"]):
+    if not isinstance(modalities, list) or sorted(map(str, modalities)) not in (["text"], ["audio", "text"]) \
+            or not all(isinstance(m, str) for m in modalities):
         raise _bad(f'modalities must be ["text"] or ["text", "audio"], got {json.dumps(modalities)}', "modalities",
                    "unsupported_value")
     with_audio = "audio" in modalities
@@ -224,7 +226,7 @@ class ChatCompletions:
         try:
             wave = await run_in_threadpool(self.converter.audio, chat.audio, "input_audio")
             container = sf.info(io.BytesIO(chat.audio)).format
-            if container != INPUT_FORMATS[chat.audio_format]:
+            if container not in INPUT_FORMATS[chat.audio_format]:
                 raise _bad(f"input_audio.format says {chat.audio_format} but the data is {container.lower()}",
                            f"{chat.audio_param}.format")
             speaker = self.converter.voice(chat.voice, "audio.voice") if chat.voice is not None else None
@@ -269,8 +271,9 @@ class ChatCompletions:
         future = submit(request, job, self.metrics)  # 429 here, before any answer starts
         created = int(time.time())
         if chat.stream:
+            # The background task also runs when the client left before the first event was made.
             return StreamingResponse(self._events(request, job, chat, future, started, created),
-                                     media_type="text/event-stream",
+                                     media_type="text/event-stream", background=BackgroundTask(future.cancel),
                                      headers={"Cache-Control": "no-cache", "X-Esn-Request-Id": job.id})
         outcome = await await_outcome(request, job, future, started, self.metrics)
         if outcome is None:
