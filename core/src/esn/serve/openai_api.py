@@ -221,8 +221,7 @@ class ChatCompletions:
 
     async def job(self, chat: Chat) -> Job:
         """The chat request as a checked conversion job: the same checks as ``/v1/convert``."""
-        params = {"audio": f"{chat.audio_param}.data", **{f: f"esn.{f}" for f in ("emotion", "mask_emotion",
-                                                                                 "method", "alpha")}}
+        params = {"audio": f"{chat.audio_param}.data", **{f: f"esn.{f}" for f in ESN_FIELDS}}
         try:
             wave = await run_in_threadpool(self.converter.audio, chat.audio, "input_audio")
             container = sf.info(io.BytesIO(chat.audio)).format
