@@ -281,6 +281,39 @@ def test_rows_with_different_voices_each_speak_their_own(server, tiny):
     assert answers["Chelsie"].choices[0].message.audio.data != answers["Ethan"].choices[0].message.audio.data
 
 
+@pytest.mark.slow
+def test_a_full_queue_answers_429_in_openai_shape(tiny):
+    """One row at a time and one waiting (up to 256 text tokens: a conversion lasts a second or two): of
+    twelve chat requests sent together, streamed or not, the ones that find the queue full get 429
+    before any event, which the openai client raises as RateLimitError; the others are answered."""
+    args = ["serve", "--adapter", "qwen_omni", "--model", str(tiny.checkpoint), "--port", "0", "--max-batch", "1",
+            "--queue-size", "1", "--max-wait-ms", "0", *GEN, "--max-new-tokens", "256"]
+    data = encoded(speech(1.0, 90))
+    with launch(args, env=ENV) as small:
+        client = openai.OpenAI(base_url=small.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        start = threading.Barrier(12)
+
+        def one(i: int):
+            start.wait()
+            try:
+                if i % 2:
+                    streamed(client, data, {"emotion": "happy"})
+                else:
+                    client.chat.completions.create(model="qwen_omni", messages=messages(data),
+                                                   modalities=["text", "audio"],
+                                                   audio={"voice": "default", "format": "wav"},
+                                                   extra_body={"esn": {"emotion": "sad"}})
+                return 200
+            except openai.RateLimitError as exc:
+                assert exc.body["code"] == "queue_full" and exc.body["type"] == "rate_limit_error"
+                assert exc.response.headers["retry-after"] == "1"
+                return 429
+
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(one, range(12)))
+    assert set(codes) == {200, 429}, codes
+
+
 # -- errors -------------------------------------------------------------------------------------------------
 
 
