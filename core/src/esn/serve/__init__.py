@@ -9,6 +9,8 @@ The pieces, each small and testable on its own:
   batch on the single model thread.
 - ``metrics``: Prometheus counters and histograms (requests, queue depth, batch sizes, latency).
 - ``app``: the FastAPI application of ``esn serve``; ``listening``: the one of ``esn human serve``.
+- ``openai_api``: ``esn serve``'s OpenAI-compatible endpoints (``/v1/models``, ``/v1/chat/completions``,
+  streamed as server-sent events), on the same checks and batcher as ``/v1/convert``.
 - ``server``: uvicorn on a socket bound first (port 0 works), with graceful shutdown.
 
 The web stack is the ``serve`` extra of esn-core (``pip install 'esn-core[serve]'``): nothing in esn

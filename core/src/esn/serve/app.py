@@ -7,9 +7,11 @@ Endpoints (docs/service.md has examples):
   as ``audio/wav`` (decoded text, percent-encoded UTF-8, in ``X-Esn-Text``) or, with
   ``Accept: application/json``, JSON with the text and the wav in base64.
 - ``GET /v1/masks``: the service's masks, methods and alpha range.
+- ``GET /v1/models``, ``POST /v1/chat/completions``: the OpenAI-compatible API (``esn.serve.openai_api``).
 - ``GET /healthz``: liveness (never needs the token). ``GET /metrics``: Prometheus text format.
 
-Every error is JSON ``{"error": code, "message": text[, "field": name]}`` with a 4xx/5xx status.
+Every error is JSON ``{"error": code, "message": text[, "field": name]}`` with a 4xx/5xx status (in OpenAI's
+shape on the OpenAI-compatible routes).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from esn.serve.metrics import Metrics
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures this one: our lines join its log
 
-ENDPOINTS = ("/v1/convert", "/v1/masks", "/healthz", "/metrics")
+ENDPOINTS = ("/v1/convert", "/v1/masks", "/healthz", "/metrics", "/v1/models", "/v1/chat/completions")
 OPEN_PATHS = ("/healthz",)  # answer without the bearer token (load balancers, liveness probes)
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                  413: "too_large", 415: "unsupported_media_type", 422: "bad_request", 429: "queue_full"}
@@ -114,6 +116,52 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def submit(request: Request, job: Job, metrics: Metrics) -> asyncio.Future:
+    """Queue ``job`` on the app's batcher; 429 ``queue_full`` when the queue is at its limit."""
+    batcher: Batcher = request.app.state.batcher
+    try:
+        return batcher.submit(job)
+    except QueueFull:
+        metrics.conversions.labels("queue_full").inc()
+        raise RequestError(429, "queue_full", f"{batcher.queue.maxsize} conversions are already waiting; "
+                           "try again shortly", headers={"Retry-After": "1"}) from None
+
+
+async def await_outcome(request: Request, job: Job, future: asyncio.Future, started: float, metrics: Metrics,
+                        *, watch_disconnect: bool = True) -> Outcome | None:
+    """The job's successful outcome; None if the client disconnected first (watched unless the caller
+    watches itself, as a streamed response does); RequestError on timeout or a failed conversion. Leaving
+    (cancelled included) cancels the future, so the batcher skips the job, or drops its row's answer if
+    it already runs."""
+    waits = {future}
+    gone = asyncio.ensure_future(_disconnected(request)) if watch_disconnect else None
+    if gone is not None:
+        waits.add(gone)
+    left = max(0.0, job.timeout_s - (time.monotonic() - started))
+    try:
+        done, _ = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if gone is not None:
+            gone.cancel()
+        if not future.done():
+            future.cancel()
+    if future not in done:
+        if gone is not None and gone in done:
+            metrics.conversions.labels("disconnected").inc()
+            return None
+        metrics.conversions.labels("timeout").inc()
+        raise RequestError(504, "timeout", f"no answer within {job.timeout_s:g} s "
+                           f"({request.app.state.batcher.depth} waiting); "
+                           "try again later or with a longer timeout")
+    outcome: Outcome = future.result()
+    metrics.queue_seconds.observe(outcome.extra.get("queue_s", 0.0))
+    if outcome.error is not None:
+        metrics.conversions.labels(outcome.error.code).inc()
+        raise outcome.error
+    metrics.conversions.labels("ok").inc()
+    return outcome
+
+
 def _wav(outcome: Outcome) -> bytes:
     buf = io.BytesIO()  # 16-bit PCM, as `esn convert` writes it: the same samples give the same bytes
     sf.write(buf, outcome.result.waveform, outcome.result.sample_rate, subtype="PCM_16", format="WAV")
@@ -163,10 +211,16 @@ def create_app(converter: Converter, *, token: str | None = None, access: Access
                   lifespan=lifespan)
     app.add_middleware(AccessGuard, access=replace(access, open_paths=OPEN_PATHS))  # every route, later ones too
     app.add_middleware(Guard, metrics=metrics, max_body=limits.max_upload_bytes)
+    from esn.serve import openai_api  # imports this module: not at the top
+
+    app.include_router(openai_api.ChatCompletions(converter, metrics).router())
+
+    def respond(request: Request, exc: RequestError) -> Response:  # the OpenAI routes answer OpenAI's shape
+        return openai_api.error_response(exc) if openai_api.owns(request.url.path) else exc.response()
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
-        return exc.response()
+        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -175,17 +229,17 @@ def create_app(converter: Converter, *, token: str | None = None, access: Access
         problem = "missing" if first.get("type") == "missing" else first.get("msg", "invalid")
         hint = "; send a multipart/form-data body with fields audio (a file) and emotion" \
             if first.get("type") == "missing" else ""
-        return RequestError(400, "bad_request", f"field {field!r}: {problem}{hint}", field=field).response()
+        return respond(request, RequestError(400, "bad_request", f"field {field!r}: {problem}{hint}", field=field))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
         code = _STATUS_CODES.get(exc.status_code, "error")
-        return RequestError(exc.status_code, code, str(exc.detail), headers=exc.headers).response()
+        return respond(request, RequestError(exc.status_code, code, str(exc.detail), headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
         log.exception("unexpected error", exc_info=exc)
-        return RequestError(500, "internal_error", f"{type(exc).__name__}: {exc}").response()
+        return respond(request, RequestError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
 
     @app.post("/v1/convert", summary="convert the emotion of one speech file",
               responses={200: {"content": {"audio/wav": {}, "application/json": {}}}})
@@ -204,31 +258,10 @@ def create_app(converter: Converter, *, token: str | None = None, access: Access
         uploaded = converter.uploaded_masks(await mask.read()) if mask is not None else None
         job = converter.job(audio=wave, emotion=emotion, mask_emotion=mask_emotion, method=method, alpha=alpha,
                             masks=uploaded, timeout=timeout, job_id=uuid.uuid4().hex[:12])
-        batcher: Batcher = request.app.state.batcher
-        try:
-            future = batcher.submit(job)
-        except QueueFull:
-            metrics.conversions.labels("queue_full").inc()
-            raise RequestError(429, "queue_full", f"{limits.queue_size} conversions are already waiting; "
-                               "try again shortly", headers={"Retry-After": "1"}) from None
-        gone = asyncio.ensure_future(_disconnected(request))
-        left = max(0.0, job.timeout_s - (time.monotonic() - started))
-        done, _ = await asyncio.wait({future, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if future not in done:
-            future.cancel()  # the batcher skips it, or drops its row's answer if it already runs
-            if gone in done:
-                metrics.conversions.labels("disconnected").inc()
-                return Response(status_code=499)  # nobody reads it; the access log shows 499
-            metrics.conversions.labels("timeout").inc()
-            raise RequestError(504, "timeout", f"no answer within {job.timeout_s:g} s ({batcher.depth} waiting); "
-                               "try again later or with a longer timeout")
-        outcome: Outcome = future.result()
-        metrics.queue_seconds.observe(outcome.extra.get("queue_s", 0.0))
-        if outcome.error is not None:
-            metrics.conversions.labels(outcome.error.code).inc()
-            raise outcome.error
-        metrics.conversions.labels("ok").inc()
+        future = submit(request, job, metrics)
+        outcome = await await_outcome(request, job, future, started, metrics)
+        if outcome is None:
+            return Response(status_code=499)  # nobody reads it; the access log shows 499
         return _answer(request, job, outcome)
 
     @app.get("/v1/masks", summary="the masks, methods and alpha range this service offers")

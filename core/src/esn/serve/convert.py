@@ -79,6 +79,7 @@ class Job:
     condition: Condition | None
     settings: dict[str, Any]  # what the client asked for, echoed in the answer
     timeout_s: float
+    speaker: str | None = None  # the output voice; None: the service's (``GenerationConfig.speaker``)
 
 
 @dataclass
@@ -215,6 +216,18 @@ class Converter:
         return Job(job_id, audio, emotion, Condition(mask, cls.name, value), settings,
                    wait or self.limits.timeout_s)
 
+    def voice(self, name: str, field: str = "voice") -> str | None:
+        """A requested output voice: one of the adapter's ``speakers`` (case as the adapter spells it), or
+        ``default`` (None: the service's voice)."""
+        voices = list(getattr(self.adapter, "speakers", None) or [])
+        if name.strip().lower() == "default":
+            return None
+        for voice in voices:
+            if voice.lower() == name.strip().lower():
+                return voice
+        raise RequestError(422, "unknown_voice", f"voice {name!r} is not one of {self.adapter.name}'s voices: "
+                           f"{', '.join([*voices, 'default'])}", field=field)
+
     @staticmethod
     def _number(text: str | float | None, name: str, code: str) -> float | None:
         if text is None or (isinstance(text, str) and not text.strip()):
@@ -230,7 +243,17 @@ class Converter:
     # -- running a batch (the model thread only) -------------------------------------------------------
 
     def run(self, jobs: list[Job]) -> list[Outcome]:
-        """One batched generate for ``jobs``; if it fails, each job alone, so one bad row fails only itself."""
+        """One batched generate for ``jobs`` (one per output voice); if it fails, each job alone, so one bad
+        row fails only itself."""
+        voices: dict[str | None, list[int]] = {}
+        for i, job in enumerate(jobs):
+            voices.setdefault(job.speaker, []).append(i)
+        if len(voices) > 1:  # a generate speaks with one voice
+            outcomes: list[Outcome] = [None] * len(jobs)  # type: ignore[list-item]
+            for rows in voices.values():
+                for i, outcome in zip(rows, self.run([jobs[i] for i in rows]), strict=True):
+                    outcomes[i] = outcome
+            return outcomes
         t0 = time.perf_counter()
         try:
             results = self._generate(jobs)
@@ -252,8 +275,10 @@ class Converter:
         requests = [EVCRequest(audio=j.audio, emotion=j.emotion, id=j.id) for j in jobs]
         conditions = [j.condition for j in jobs]
         steering = steer_rows(self.adapter, conditions) if any(conditions) else contextlib.nullcontext()
+        speaker = jobs[0].speaker
+        config = self.config if speaker is None else self.config.model_copy(update={"speaker": speaker})
         with steering:
-            results = self.adapter.generate(requests, self.config)
+            results = self.adapter.generate(requests, config)
         if len(results) != len(jobs):
             raise EsnError(f"{self.adapter.name} returned {len(results)} results for {len(jobs)} requests")
         return results
