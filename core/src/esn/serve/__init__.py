@@ -11,7 +11,7 @@ The pieces, each small and testable on its own:
 - ``app``: the FastAPI application of ``esn serve``; ``listening``: the one of ``esn human serve``.
 - ``server``: uvicorn on a socket bound first (port 0 works), with graceful shutdown.
 
-The web stack is the ``serve`` extra of esn-core (``pip install 'esn-core[serve]'``): nothing in esn
+The web stack is the ``serve`` extra of esn-core (``pip install --find-links dist 'esn-core[serve]'``, docs/install.md): nothing in esn
 imports it except these modules, and the CLI imports them only for the two serve commands.
 """
 
@@ -30,5 +30,7 @@ def require_extra(command: str) -> None:
     """EsnError naming the missing packages unless the ``serve`` extra is installed."""
     missing = [dist for mod, dist in EXTRA.items() if importlib.util.find_spec(mod) is None]
     if missing:
+        from esn.install import pip_install
+
         raise EsnError(f"{command} needs the serve extra ({', '.join(missing)} missing): "
-                       "pip install 'esn-core[serve]'")
+                       f"{pip_install('esn-core[serve]')} (docs/install.md)")
