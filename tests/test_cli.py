@@ -62,8 +62,10 @@ def no_load(monkeypatch):
     monkeypatch.setattr(QwenOmniAdapter, "load", classmethod(load))
 
 
-def _err(capsys, argv) -> str:
-    assert main(argv) == 2
+def _err(capsys, argv, code: int = 2) -> str:
+    """The one error line of ``esn argv``, which must exit ``code``: 2 for a usage error (the command line
+    is wrong), 1 for a runtime failure (a file, a model, a folder that does not fit)."""
+    assert main(argv) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1, err  # one line
     return err
@@ -89,14 +91,14 @@ def test_convert_checks_every_argument_before_loading(tmp_path, capsys, no_load)
     save_masks(tmp_path / "m.safetensors", {"happy": np.arange(3)}, layout=layout)
     mask = ["--mask", str(tmp_path / "m.safetensors")]
 
-    def convert(*extra, out=tmp_path / "out.wav"):
+    def convert(*extra, out=tmp_path / "out.wav", code=2):
         return _err(capsys, ["convert", str(wav), "--adapter", "qwen_omni", "--model", str(tmp_path),
-                             "--emotion", "happy", "-o", str(out), *extra])
+                             "--emotion", "happy", "-o", str(out), *extra], code)
 
     assert "unknown intervention 'boost'" in convert(*mask, "--method", "boost")
     assert "steer alpha must be >= -1" in convert(*mask, "--alpha", "-2")
     assert "intervention 'deactivate' takes no alpha" in convert(*mask, "--method", "deactivate", "--alpha", "0.5")
-    assert "no mask for emotion 'sad'" in convert(*mask, "--mask-emotion", "sad")
+    assert "no mask for emotion 'sad'" in convert(*mask, "--mask-emotion", "sad", code=1)  # the file's content
     assert "need --mask" in convert("--method", "add")
     assert "dtype 'half' is not one of" in convert("--dtype", "half")
     assert "must end in .wav" in convert(out=tmp_path / "out.mp3")
@@ -111,11 +113,12 @@ def test_convert_checks_every_argument_before_loading(tmp_path, capsys, no_load)
 
 def test_adapters_tiny_refuses_a_file_and_a_folder_that_is_not_empty(tmp_path, capsys):
     (tmp_path / "some.wav").write_bytes(b"RIFF")
-    assert "some.wav is a file; give a folder" in _err(capsys, ["adapters", "tiny", "qwen_omni", str(tmp_path / "some.wav")])
+    assert "some.wav is a file; give a folder" in _err(capsys, ["adapters", "tiny", "qwen_omni",
+                                                               str(tmp_path / "some.wav")], 1)
     full = tmp_path / "full"
     full.mkdir()
     (full / "notes.txt").write_text("mine")
-    assert "is not empty (1 entries)" in _err(capsys, ["adapters", "tiny", "qwen_omni", str(full)])
+    assert "is not empty (1 entries)" in _err(capsys, ["adapters", "tiny", "qwen_omni", str(full)], 1)
     assert [p.name for p in full.iterdir()] == ["notes.txt"]  # nothing written
     assert main(["adapters", "tiny", "qwen_omni", str(full), "--force", "--quiet"]) == 0
     assert (full / "config.json").is_file() and (full / "notes.txt").read_text() == "mine"
@@ -128,8 +131,9 @@ def test_an_unreachable_hub_fails_at_once_with_the_reason(monkeypatch, tmp_path,
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    err = _err(capsys, ["hookpoints", "--adapter", "qwen_omni", "--model", "Qwen/Not-There-7B"])
+    err = _err(capsys, ["hookpoints", "--adapter", "qwen_omni", "--model", "Qwen/Not-There-7B"], 1)  # runtime
     assert "'Qwen/Not-There-7B' is not a local folder and not in the hub cache" in err
+    assert "`hf download Qwen/Not-There-7B`" in err  # huggingface_hub's current command
     assert "http://127.0.0.1:9) cannot be reached" in err
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 

@@ -176,7 +176,7 @@ def seen_unseen_bars(
     ax.set_xticks(x, [e.capitalize() for e in emotions])
     ax.set_ylabel("Δ emotion match (pp)")
     ax.set_title(title)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes: never over a bar
     out = _save(fig, path)
     plt.close(fig)
     return out

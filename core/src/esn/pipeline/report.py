@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -418,22 +419,26 @@ def to_markdown(blocks: list[Block]) -> str:
 
 
 def _md_cell(cell) -> str:
-    """A table cell as Markdown: an audio cell (``{"audio": rel, "label": text}``) is a link to the clip."""
+    """A table cell as Markdown: an audio cell (``{"audio": rel, "name", "label"}``) is a link to the clip (the
+    path URL-quoted: clip names hold ``%``)."""
     if isinstance(cell, dict):
-        return f"[▶ {Path(cell['audio']).name}]({cell['audio']}) {cell.get('label', '')}".strip()
+        return f"[▶ {cell.get('name', 'play')}]({quote(cell['audio'])}) {cell.get('label', '')}".strip()
     return str(cell)
 
 
 _CODE = re.compile(r"`([^`]+)`")
+_BOLD = re.compile(r"\*\*([^*]+)\*\*")
 
 
 def _inline(text) -> str:
-    """Escaped text with Markdown's inline code (`` `x` ``) as ``<code>``; audio cells as players."""
+    """Escaped text with Markdown's inline code (`` `x` ``) as ``<code>`` and ``**x**`` as ``<strong>``;
+    audio cells as players."""
     if isinstance(text, dict):
         label = html.escape(text.get("label", ""))
-        return (f"<audio controls preload='none' src='{html.escape(text['audio'])}'></audio>"
+        return (f"<audio controls preload='none' src='{html.escape(quote(text['audio']))}'></audio>"
                 + (f"<br><small>{label}</small>" if label else ""))
-    return _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", html.escape(str(text)))
+    text = _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", html.escape(str(text)))
+    return _BOLD.sub(lambda m: f"<strong>{m.group(1)}</strong>", text)
 
 
 def to_html(blocks: list[Block]) -> str:

@@ -76,8 +76,8 @@ def listening_blocks(run: Run, anchor: Setting, targets: list[str], *, per_targe
             b, s = pairs[k]
             rel = lambda r: (run.rundir.evaluate / r["audio"]).relative_to(run.dir).as_posix()  # noqa: E731
             rows.append([target.capitalize(), f"{b['source']} ({b['split'].replace('_', '-')})",
-                         {"audio": rel(b), "label": _verdict(b, target)},
-                         {"audio": rel(s), "label": _verdict(s, target)}])
+                         {"audio": rel(b), "name": "baseline", "label": _verdict(b, target)},
+                         {"audio": rel(s), "name": "steered", "label": _verdict(s, target)}])
     if not rows:
         return []
     return [Block("h2", "Listen: baseline vs steered"),
@@ -105,12 +105,14 @@ def curve_blocks(run: Run, sw: dict, groups: dict, primary: str, anchor: Setting
         if len(rows) < 2:
             continue
         ms = [groups[st.key] for st in rows]
-        panels.append({
-            "x": [float(value(st)) for st in rows], "xlabel": name, "log": key == "rate",
-            "self": [m["judges"][primary].get("self") for m in ms],
-            "cross": [m["judges"][primary].get("cross") for m in ms],
-            "wer": [m.get("wer") for m in ms], "wer_baseline": ms[0].get("wer_baseline"),
-        })
+        panel = {"x": [float(value(st)) for st in rows], "xlabel": name, "log": key == "rate",
+                 "self": [m["judges"][primary].get("self") for m in ms],
+                 "cross": [m["judges"][primary].get("cross") for m in ms],
+                 "wer": [m.get("wer") for m in ms], "wer_baseline": ms[0].get("wer_baseline")}
+        if key == "alpha" and 0.0 not in panel["x"] and _identity_at_zero(anchor.method):
+            panel = {**panel, "x": [0.0, *panel["x"]], "self": [0.0, *panel["self"]],  # α = 0 is the baseline
+                     "cross": [0.0, *panel["cross"]], "wer": [panel["wer_baseline"], *panel["wer"]]}
+        panels.append(panel)
     if not panels:
         return []
     png = plots.effect_curves(panels, run.rundir.figures / "curves.png",
@@ -122,6 +124,17 @@ def curve_blocks(run: Run, sw: dict, groups: dict, primary: str, anchor: Setting
                        "good setting raises the self-effect, keeps the cross-effect near 0 and WER near the "
                        "baseline."),
             Block("img", ("effect and WER against the swept factors", png.relative_to(run.dir)))]
+
+
+def _identity_at_zero(method: str) -> bool:
+    """Whether ``method`` at α = 0 leaves the gate as it is (steer, add): then α = 0 is the baseline."""
+    from esn.interventions import Affine, resolve
+
+    try:
+        cls, _ = resolve(method, 0.0)
+    except EsnError:
+        return False
+    return cls.needs_alpha and cls.affine(0.0) == Affine()
 
 
 # -- where the selected neurons sit along each stream --------------------------------------------------------
