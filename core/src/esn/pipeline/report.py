@@ -426,6 +426,14 @@ def _md_cell(cell) -> str:
     return str(cell)
 
 
+_NUMBER = re.compile(r"[-+–]?[\d.,]*\d[\d.,]*\s*%?( \([^)]*\))?|–|[\[\]\d.,+\-: all]+")
+
+
+def _align(cell) -> str:
+    """Numbers (and ``–``) are right-aligned, as the table's default; text and players read from the left."""
+    return "" if isinstance(cell, str) and _NUMBER.fullmatch(cell.strip()) else " class='text'"
+
+
 _CODE = re.compile(r"`([^`]+)`")
 _BOLD = re.compile(r"\*\*([^*]+)\*\*")
 
@@ -446,7 +454,8 @@ def to_html(blocks: list[Block]) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>esn report</title><style>"
              "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%}pre{background:#f4f4f4;padding:1em}"
+             "td.text,th.text{text-align:left}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+             "pre{background:#f4f4f4;padding:1em}"
              "code{background:#f1f1f1;padding:0 3px;border-radius:3px;font-size:90%}audio{height:2em;max-width:260px}"
              "</style></head><body>"]
     for b in blocks:
@@ -461,8 +470,10 @@ def to_html(blocks: list[Block]) -> str:
             parts.append(f"<p><img src='{html.escape(str(rel))}' alt='{html.escape(alt)}'></p>")
         elif b.kind in ("table", "clips"):
             head = "".join(f"<th>{_inline(h)}</th>" for h in b.body["head"])
-            rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b.body["rows"])
-            parts.append(f"<table><tr>{head}</tr>{rows}</table>")
+            rows = "".join("<tr>" + "".join(f"<td{_align(c)}>{_inline(c)}</td>" for c in r) + "</tr>"
+                           for r in b.body["rows"])
+            head = f"<tr>{head}</tr>" if any(str(h) for h in b.body["head"]) else ""  # no empty header row
+            parts.append(f"<table>{head}{rows}</table>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
