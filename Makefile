@@ -9,6 +9,7 @@ DEMO_OUT ?= demo-out
 # module fixtures are built once (the suite took 12 min so on the 2-core machine). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 DIST ?= dist
+BUILD_VENV ?= .build-venv
 SITE ?= site
 # Which torch, explicitly: PyPI's Linux torch wheels are CUDA builds (several GB), so a bare "torch"
 # requirement pulls one. The +cpu label refuses any other build; the PyTorch index serves it (a wheel
@@ -47,11 +48,18 @@ lint: setup
 docs: setup
 	$(VENV)/bin/mkdocs build --strict --site-dir $(SITE)
 
-# A wheel and an sdist of every distribution (the wheel built from the sdist), into $(DIST)/.
-dist: setup
+# A wheel and an sdist of every distribution (the wheel built from the sdist), into $(DIST)/. Needs only
+# Python and pip: the build frontend and the backend (flit_core) get a small venv of their own, not the
+# development one (torch, nnsight, mkdocs...). Then: pip install --find-links $(DIST) esn-core esn-qwen-omni
+dist: $(BUILD_VENV)/.installed
 	rm -rf $(DIST)
-	for pkg in $(PACKAGES); do $(PY) -m build --no-isolation --outdir $(DIST) $$pkg > /dev/null || exit 1; done
+	for pkg in $(PACKAGES); do $(BUILD_VENV)/bin/python -m build --no-isolation --outdir $(DIST) $$pkg > /dev/null || exit 1; done
 	ls $(DIST)
+
+$(BUILD_VENV)/.installed: Makefile
+	test -x $(BUILD_VENV)/bin/python || $(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/python -m pip install -q "build>=1.2" "flit_core>=3.12,<5"
+	touch $@
 
 # CPU, tiny models: a smoke run of every benchmark. GPU numbers: see docs/performance.md.
 bench: setup
@@ -63,4 +71,4 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_serve.py --requests 8 --concurrency 4 --time-limit 60
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) $(DIST) $(SITE)
+	rm -rf $(VENV) $(BUILD_VENV) $(DEMO_OUT) $(DIST) $(SITE)

@@ -3,6 +3,7 @@ model loads, and mistakes get one line that says what to do."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -62,8 +63,10 @@ def no_load(monkeypatch):
     monkeypatch.setattr(QwenOmniAdapter, "load", classmethod(load))
 
 
-def _err(capsys, argv) -> str:
-    assert main(argv) == 2
+def _err(capsys, argv, code: int = 2) -> str:
+    """The one error line of ``esn argv``, which must exit ``code``: 2 for a usage error (the command line
+    is wrong), 1 for a runtime failure (a file, a model, a folder that does not fit)."""
+    assert main(argv) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1, err  # one line
     return err
@@ -89,14 +92,14 @@ def test_convert_checks_every_argument_before_loading(tmp_path, capsys, no_load)
     save_masks(tmp_path / "m.safetensors", {"happy": np.arange(3)}, layout=layout)
     mask = ["--mask", str(tmp_path / "m.safetensors")]
 
-    def convert(*extra, out=tmp_path / "out.wav"):
+    def convert(*extra, out=tmp_path / "out.wav", code=2):
         return _err(capsys, ["convert", str(wav), "--adapter", "qwen_omni", "--model", str(tmp_path),
-                             "--emotion", "happy", "-o", str(out), *extra])
+                             "--emotion", "happy", "-o", str(out), *extra], code)
 
     assert "unknown intervention 'boost'" in convert(*mask, "--method", "boost")
     assert "steer alpha must be >= -1" in convert(*mask, "--alpha", "-2")
     assert "intervention 'deactivate' takes no alpha" in convert(*mask, "--method", "deactivate", "--alpha", "0.5")
-    assert "no mask for emotion 'sad'" in convert(*mask, "--mask-emotion", "sad")
+    assert "no mask for emotion 'sad'" in convert(*mask, "--mask-emotion", "sad", code=1)  # the file's content
     assert "need --mask" in convert("--method", "add")
     assert "dtype 'half' is not one of" in convert("--dtype", "half")
     assert "must end in .wav" in convert(out=tmp_path / "out.mp3")
@@ -111,11 +114,12 @@ def test_convert_checks_every_argument_before_loading(tmp_path, capsys, no_load)
 
 def test_adapters_tiny_refuses_a_file_and_a_folder_that_is_not_empty(tmp_path, capsys):
     (tmp_path / "some.wav").write_bytes(b"RIFF")
-    assert "some.wav is a file; give a folder" in _err(capsys, ["adapters", "tiny", "qwen_omni", str(tmp_path / "some.wav")])
+    assert "some.wav is a file; give a folder" in _err(capsys, ["adapters", "tiny", "qwen_omni",
+                                                               str(tmp_path / "some.wav")], 1)
     full = tmp_path / "full"
     full.mkdir()
     (full / "notes.txt").write_text("mine")
-    assert "is not empty (1 entries)" in _err(capsys, ["adapters", "tiny", "qwen_omni", str(full)])
+    assert "is not empty (1 entries)" in _err(capsys, ["adapters", "tiny", "qwen_omni", str(full)], 1)
     assert [p.name for p in full.iterdir()] == ["notes.txt"]  # nothing written
     assert main(["adapters", "tiny", "qwen_omni", str(full), "--force", "--quiet"]) == 0
     assert (full / "config.json").is_file() and (full / "notes.txt").read_text() == "mine"
@@ -128,8 +132,9 @@ def test_an_unreachable_hub_fails_at_once_with_the_reason(monkeypatch, tmp_path,
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    err = _err(capsys, ["hookpoints", "--adapter", "qwen_omni", "--model", "Qwen/Not-There-7B"])
+    err = _err(capsys, ["hookpoints", "--adapter", "qwen_omni", "--model", "Qwen/Not-There-7B"], 1)  # runtime
     assert "'Qwen/Not-There-7B' is not a local folder and not in the hub cache" in err
+    assert "`hf download Qwen/Not-There-7B`" in err  # huggingface_hub's current command
     assert "http://127.0.0.1:9) cannot be reached" in err
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
@@ -207,3 +212,120 @@ def test_every_command_accepts_quiet_and_verbose():
         options = {s for a in leaf._actions for s in a.option_strings}
         assert {"-q", "--quiet", "-v", "--verbose"} <= options, leaf.prog
     assert len(_leaves(build_parser())) > 10
+
+
+# -- hints name what exists; exit codes; --json; decoded text on a terminal (issue 29) -----------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
+def test_a_cpu_machine_is_told_the_config_key_not_a_flag_esn_run_lacks(tmp_path, capsys):
+    cfg = tmp_path / "study.toml"
+    assert main(["init", str(cfg), "--source", str(tmp_path)]) == 0
+    text = cfg.read_text()
+    assert 'device = "' in text
+    cfg.write_text(text.replace('device = "cpu"', 'device = "cuda"').replace('device = "auto"', 'device = "cuda"'))
+    capsys.readouterr()
+    assert main(["run", str(cfg)]) == 1  # the config does not fit this machine: a runtime failure
+    err = capsys.readouterr().err
+    assert 'model.device: ' in err and 'set model.device = "cpu"' in err and "--device" not in err, err
+    from esn.cli import build_parser
+
+    run_flags = {o for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions for o in a.option_strings}
+    assert "--device" not in run_flags  # why the flag must not be named
+    assert "use --device cpu" in _err(capsys, ["hookpoints", "--adapter", "qwen_omni", "--model", str(tmp_path),
+                                               "--device", "cuda"])  # where the flag exists, it is named
+
+
+def test_a_first_party_adapter_that_is_not_installed_gets_its_install_line():
+    env = {**os.environ, "ESN_LOAD_PLUGINS": "qwen_omni"}
+    done = subprocess.run([sys.executable, "-m", "esn", "adapters", "check", "qwen3_omni"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr  # a name on the command line that nothing installed has
+    assert "'qwen3_omni' is a first-party adapter of the distribution esn-qwen3-omni" in done.stderr
+    assert "pip install --find-links dist esn-qwen3-omni" in done.stderr and "did you mean" not in done.stderr
+
+
+def test_every_first_party_plugin_is_named_with_its_distribution():
+    """A plugin of this repository that is not installed is always named with its distribution, never guessed
+    from the typed name: FIRST_PARTY lists every adapter and judge the repository's distributions register."""
+    from esn.plugins import FIRST_PARTY, registry
+
+    reg = registry()
+    ours = {info.distribution for info in reg.plugins if info.distribution.startswith("esn-")} - {"esn-core"}
+    for kind, table in (("adapter", reg.adapters), ("judge", reg.judges)):
+        for name in table:
+            dist = reg.origin[(kind + "s", name)].distribution
+            if dist in ours:
+                assert FIRST_PARTY.get((kind, name), (None,))[0] == dist, (kind, name, dist)
+
+
+def _flags_and_commands():
+    import argparse
+
+    from esn.cli import build_parser
+
+    flags, commands = set(), set()
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            flags.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    commands.add((*prefix, name))
+                    walk(child, (*prefix, name))
+
+    walk(build_parser(), ())
+    return flags, commands
+
+
+# Flags of other programs that esn's messages and docstrings name (pip, torchrun, hf).
+FOREIGN_FLAGS = {"--find-links", "--index-url", "--no-build-isolation", "--local-dir", "--nnodes", "--nproc-per-node",
+                 "--standalone", "--no-python"}
+
+
+def test_every_flag_and_command_a_message_names_exists():
+    """Each `--flag` in a string of the code is an esn flag (or one of the named foreign programs'), and each
+    `esn COMMAND [ACTION]` it quotes is a command: a hint never sends a user to something that is not there."""
+    import ast
+    from pathlib import Path
+
+    import esn
+
+    flags, commands = _flags_and_commands()
+    roots = [Path(esn.__file__).parent, *Path(__file__).resolve().parents[1].glob("adapters/*/src"),
+             *Path(__file__).resolve().parents[1].glob("plugins/*/src")]
+    wrong = []
+    for path in (p for root in roots for p in root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value):
+                if flag not in flags | FOREIGN_FLAGS:
+                    wrong.append(f"{path}:{node.lineno}: {flag}")
+            for one, two in re.findall(r"`esn ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?", node.value):
+                has_actions = any(len(c) == 2 and c[0] == one for c in commands)
+                if (one,) not in commands or (two and has_actions and (one, two) not in commands):
+                    wrong.append(f"{path}:{node.lineno}: esn {one} {two}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_exit_codes_separate_usage_from_runtime(tmp_path, capsys):
+    """2: the command line is wrong; 1: what it names does not fit (docs/cli.md)."""
+    assert main([]) == 2  # no command: the help, as a usage error
+    assert "--shard and --workers exclude each other" in _err(capsys, ["run", str(tmp_path / "none.toml"),
+                                                                       "--shard", "0/2", "--workers", "2"])
+    assert "config file not found" in _err(capsys, ["run", str(tmp_path / "none.toml")], 1)
+    assert "unknown stage" in _err(capsys, ["run", str(tmp_path / "none.toml"), "--stages", "recrd"])
+    with pytest.raises(SystemExit) as info:
+        main(["run"])
+    assert info.value.code == 2
+
+
+def test_decoded_text_never_reaches_the_terminal_as_control_codes():
+    from esn.display import header_text, printable
+
+    evil = "ok\x1b[2J\x1b]0;pwned\x07 \u202eevil\u202c \x9b31m\x00 é 中\nnext\tline"
+    shown = printable(evil)
+    assert not any(c in shown for c in "\x1b\x07\u202e\u202c\x9b\x00")
+    assert shown == "ok\\x1b[2J\\x1b]0;pwned\\x07 \\u202eevil\\u202c \\x9b31m\\x00 é 中\nnext\tline"
+    value, cut = header_text("é" * 1000)
+    assert cut and len(value) <= 512 and value.endswith("%C3%A9")  # whole characters, bounded
+    assert header_text("short text") == ("short%20text", False)

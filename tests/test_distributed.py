@@ -150,22 +150,22 @@ def test_bad_launches_are_refused(study, tmp_path):
     from esn.pipeline.run import load_run
 
     (study / "longer.toml").write_text(CONFIG.replace("max_new_tokens = 6", "max_new_tokens = 7"))
-    # ranks given different configs (or commands): every rank refuses, nothing is written
+    # ranks given different configs (or commands): every rank refuses (exit 1: found at run time), nothing is written
     run_dir = tmp_path / "a"
     for done in srun(2, lambda r: esn_args(study, run_dir, command="record", config=("study.toml", "longer.toml")[r])):
-        assert done.returncode == 2 and error_lines(done) == [
+        assert done.returncode == 1 and error_lines(done) == [
             "error: the 2 ranks were not given the same command and configuration (rank 1 differs from rank 0 in "
             "config generation); launch every rank with the same arguments and config file"], done.stderr[-2000:]
     assert not run_dir.exists()
     for done in srun(2, lambda r: esn_args(study, run_dir, command=("record", "evaluate")[r])):
-        assert done.returncode == 2 and "rank 1 differs from rank 0 in stages" in done.stderr, done.stderr[-2000:]
+        assert done.returncode == 1 and "rank 1 differs from rank 0 in stages" in done.stderr, done.stderr[-2000:]
     # a record stage one process left unfinished (as a killed `esn record` leaves it) is not resumed by two
     run_dir = tmp_path / "b"
     with load_run(study / "study.toml", run_dir=run_dir) as run:
         run.begin("record", under_way=True)
     (run_dir / "record" / "shards").mkdir(parents=True)
     for done in srun(2, lambda r: esn_args(study, run_dir, command="record")):
-        assert done.returncode == 2 and error_lines(done) == [
+        assert done.returncode == 1 and error_lines(done) == [
             f"error: record in run directory {run_dir} was started by 1 process(es) and is not finished; this launch "
             "has 2. Resume it with 1 (the same --nnodes x --nproc-per-node), or pass --resize to finish it with 2"
         ], done.stderr[-2000:]

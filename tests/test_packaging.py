@@ -186,12 +186,25 @@ def test_every_distribution_has_complete_metadata_a_license_and_an_index_readme(
 
 @pytest.fixture(scope="module")
 def dist_dir(tmp_path_factory):
-    """`make dist` into a fresh folder, with this interpreter's venv (its set-up taken as done)."""
+    """`make dist` into a fresh folder, with a build venv of its own (made by `make dist` itself)."""
     out = tmp_path_factory.mktemp("dist")
-    venv_dir = Path(sys.prefix)
-    subprocess.run(["make", "-s", "-o", str(venv_dir / ".installed"), "dist", f"VENV={venv_dir}", f"DIST={out}"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=900)
+    build_venv = tmp_path_factory.mktemp("build-venv") / "venv"
+    subprocess.run(["make", "-s", "dist", f"BUILD_VENV={build_venv}", f"DIST={out}", f"PYTHON={sys.executable}",
+                    "VENV=/nonexistent/no-dev-venv"], cwd=ROOT, check=True, capture_output=True, timeout=900)
+    listed = subprocess.run([str(build_venv / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+                            capture_output=True, text=True, check=True).stdout
+    out.joinpath(".build-venv-packages.json").write_text(listed)
     return out
+
+
+@pytest.mark.slow
+def test_make_dist_needs_only_a_build_backend(dist_dir):
+    """`make dist` works without the development venv (VENV points nowhere) and installs nothing but the
+    build frontend and flit_core (with what they need) into its own small venv."""
+    names = {p["name"].lower().replace("_", "-") for p in json.loads((dist_dir / ".build-venv-packages.json").read_text())}
+    assert {"build", "flit-core"} <= names
+    assert names <= {"build", "flit-core", "packaging", "pyproject-hooks", "pip", "setuptools", "wheel"}, names
+    assert not Path("/nonexistent/no-dev-venv").exists()
 
 
 def _metadata(wheel: Path) -> str:
@@ -258,6 +271,39 @@ def test_core_and_an_adapter_from_the_wheels_work_in_a_fresh_venv(dist_dir, tmp_
     assert "synth.layers.1.mlp.gate" in table.stdout and "talker.model.layers.1.mlp.act_fn" in table.stdout
     assert str(ROOT) not in subprocess.run([py, "-c", "import esn, esn_qwen_omni; print(esn.__file__, "
                                             "esn_qwen_omni.__file__)"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.slow
+def test_demo_and_run_from_the_wheels_in_a_fresh_venv(dist_dir, tmp_path):
+    """The README's install without the plots extra: `esn demo` finishes (every stage, the report's tables)
+    and its report says in one note which extra draws the figures; with the extra installed, `esn run` on
+    the same config redraws the report from the saved results (nothing recorded or evaluated again)."""
+    env_dir = tmp_path / "fresh"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    subprocess.run(["make", "-s", "torch", f"VENV={env_dir}"], cwd=ROOT, check=True, capture_output=True, timeout=900)
+    pip = [py, "-m", "pip", "install", "-q", "--find-links", str(dist_dir)]
+    subprocess.run([*pip, "esn-core", "esn-planted"], check=True, capture_output=True, timeout=900)
+    out = tmp_path / "demo"
+    done = _esn("demo", "--out", str(out), python=py)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert "figure(s) left out: matplotlib is not installed" in report
+    assert "pip install --find-links dist 'esn-core[plots]'" in report and "![" not in report
+    assert "## Table 2" in report and "| CAS |" in report and not list((out / "figures").glob("*.png"))
+    assert done.stderr.count("matplotlib is not installed") == 1  # one note in the terminal too
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "evaluate" / "batches").iterdir()}
+
+    subprocess.run([*pip, "esn-core[plots]"], check=True, capture_output=True, timeout=900)
+    done = _esn("run", str(out / "demo.toml"), "--json", python=py)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["report"] == str(out / "report.md") and summary["masks"]
+    report = (out / "report.md").read_text()
+    assert "left out" not in report and "![" in report and (out / "figures" / "curves.png").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "evaluate" / "batches").iterdir()} == before
+    assert str(ROOT) not in subprocess.run([py, "-c", "import esn; print(esn.__file__)"], capture_output=True,
+                                           text=True).stdout
 
 
 @pytest.mark.slow

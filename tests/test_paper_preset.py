@@ -69,7 +69,7 @@ def test_esn_init_writes_the_preset_and_a_minimal_config(tmp_path):
     cfg = load_config(out)
     assert cfg.model.source == "/models/qwen" and cfg.data.root == Path("/data/ESD")
     assert cfg.sweep.alphas == [0.3, 0.5, 2.0] and "OPEN" in out.read_text()  # the comments stay
-    assert esn("init", str(out)).returncode == 2  # no overwrite without --force
+    assert esn("init", str(out)).returncode == 1  # no overwrite without --force (the file is there: runtime)
     done = esn("init", str(out), "--force", "--adapter", "kimi_audio")
     assert done.returncode == 0, done.stderr
     minimal = load_config(out)

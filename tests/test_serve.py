@@ -581,14 +581,14 @@ def test_serve_refuses_bad_settings_before_serving(tiny, tmp_path, capsys):
     base = ["serve", "--adapter", "qwen_omni", "--model", str(tiny.checkpoint), "--port", "0"]
     other = tmp_path / "other.safetensors"
     other.write_bytes(_other_model_mask(tmp_path))
-    for extra, message in (
-        (["--max-batch", "0"], "max_batch must be at least 1"),
-        (["--timeout", "0"], "timeout_s must be a positive number"),
-        (["--option", "token2wav_batch"], "expected KEY=VALUE"),
-        (["--masks", str(tmp_path / "missing.safetensors")], "file not found"),
-        (["--token-file", str(tmp_path / "missing-token")], "cannot read"),
-        (["--masks", str(other)], "another hook-point layout"),  # checked against the loaded model
-        (["--port", "70000"], "is not a TCP port"),
+    for extra, message, code in (  # 2: the command line is wrong; 1: a file it names does not fit
+        (["--max-batch", "0"], "max_batch must be at least 1", 2),
+        (["--timeout", "0"], "timeout_s must be a positive number", 2),
+        (["--option", "token2wav_batch"], "expected KEY=VALUE", 2),
+        (["--masks", str(tmp_path / "missing.safetensors")], "file not found", 1),
+        (["--token-file", str(tmp_path / "missing-token")], "cannot read", 1),
+        (["--masks", str(other)], "another hook-point layout", 1),  # checked against the loaded model
+        (["--port", "70000"], "is not a TCP port", 2),
     ):
-        assert main(base + extra) == 2, extra
+        assert main(base + extra) == code, extra
         assert message in capsys.readouterr().err, extra

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,9 @@ bootstrap = 20
 """
 
 
-def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: int = 0) -> Run:
-    """A run directory whose record stage is done (planted attempts) and whose evaluate stage is ready."""
+def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: int = 0, edit=None) -> Run:
+    """A run directory whose record stage is done (planted attempts) and whose evaluate stage is ready;
+    ``edit(config text)`` changes the config first."""
     bed = make_testbed(seed=seed, lm_layers=4, synth_layers=2, width=64)
     root.mkdir(parents=True, exist_ok=True)
     rows = ["path,transcript,speaker,split"]
@@ -70,7 +72,8 @@ def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: 
         rows.append(f"s{k}.wav,a b c,spk{k},{split}")
     (root / "corpus.csv").write_text("\n".join(rows) + "\n")
     other = "generated" if positions == "all" else "all"
-    (root / "study.toml").write_text(CONFIG.format(positions=positions, other=other, shared=shared))
+    text = CONFIG.format(positions=positions, other=other, shared=shared)
+    (root / "study.toml").write_text(edit(text) if edit else text)
     # humans agree with the judge on the WER-passing attempts they were given (the first 20 per emotion)
     ok = [r for r in bed.records if r.text == r.transcript]
     labels = [f"{r.id},{bed.labels[r.id]}" for e in bed.emotions for r in [x for x in ok if x.emotion == e][:20]]
@@ -248,7 +251,7 @@ def test_cli_select_positions_override(tmp_path):
     assert manifest["config"]["record"]["positions"] == "generated"
     assert (tmp_path / "r" / "runs" / "study" / "select" / "masks_cas_r0.05_c30_gen.safetensors").exists()
     # changing it again over existing select results is refused, naming what changed; the record stays valid
-    assert main(["select", cfg]) == 2
+    assert main(["select", cfg]) == 1  # the run directory holds other select results: a runtime failure
     assert BASELINE == "baseline"
 
 
@@ -288,3 +291,111 @@ def test_labelling_kit_offers_wer_passing_attempts_only(tmp_path):
         assert "Which emotion do you hear?" in (tmp_path / "small" / "clips.csv").read_text()
     finally:
         run.close()
+
+
+# -- the report's views for readers: players, curves, depth profiles, names; --json; without matplotlib --------
+def _swept_run(root: Path) -> tuple[Run, str]:
+    """``make_run`` with α, r and c swept, the model from an absolute folder outside the run directory."""
+    def edit(text: str) -> str:
+        text = text.replace('source = "none"', 'source = "/models/private/Qwen2.5-Omni-7B"')
+        return text.replace('positions = ["', 'rates = [0.02, 0.1]\nc = [10]\nalphas = [0.5, 2.0]\n'
+                                              'interventions = [{method = "deactivate"}]\npositions = ["')
+
+    make_run(root, edit=edit).close()
+    return Run(load_config(root / "study.toml")), str(root / "study.toml")
+
+
+def _save_some_audio(run: Run) -> None:
+    """Give the baseline and anchor rows of the evaluation batches a wav, as evaluate.save_audio does."""
+    from esn.pipeline.convert import audio_name
+    from esn.pipeline.files import atomic_write_wav
+
+    anchor = settings(run.cfg)[0].key
+    for path in sorted((run.rundir.evaluate / "batches").glob("*.json")):
+        rows = read_json(path)
+        for r in rows:
+            if r["setting"] in (BASELINE, anchor):
+                r["audio"] = audio_name(r["id"])
+                atomic_write_wav(run.rundir.evaluate / r["audio"], np.full(800, 0.1, np.float32), 16_000)
+        atomic_write_json(path, rows)
+
+
+@pytest.mark.slow
+def test_report_views_players_curves_depth_and_no_machine_paths(tmp_path, capsys):
+    from urllib.parse import unquote
+
+    from esn.cli import main
+
+    run, cfg = _swept_run(tmp_path / "r")
+    run.open()
+    select.select(run)
+    fake_evaluation(run)
+    _save_some_audio(run)
+    run.close()
+    assert main(["report", cfg, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone
+    md, page = Path(out["report"]).read_text(), Path(out["report_html"]).read_text()
+    assert out["results"].endswith("evaluate/results.json") and out["masks"]
+    # the trade-off curve over α (with α = 0, the baseline, for steer) and the curves over r and c
+    assert "## Trade-off curves — effect and WER against α, r and c" in md and "](figures/curves.png)" in md
+    assert "## Where the selected neurons sit — lm vs synth" in md and "](figures/depth.png)" in md
+    assert (run.dir / "figures" / "curves.png").stat().st_size > 5000 and (run.dir / "figures" / "depth.png").is_file()
+    # players: a seeded sample per target, baseline beside steered, paths relative and URL-quoted
+    assert "## Listen: baseline vs steered" in md and md.count("[▶ baseline](") == 2 * 4
+    sources = re.findall(r"<audio controls preload='none' src='([^']+)'>", page)
+    assert len(sources) == 2 * 2 * 4 and all(not s.startswith(("/", "file:")) for s in sources)
+    assert all((run.dir / unquote(s)).is_file() for s in sources)
+    # inline code is <code>, never literal backticks; panel titles say what the intervention does
+    body = re.sub(r"<pre>.*?</pre>", "", page, flags=re.S)
+    assert "<code>j</code>" in body and "`" not in body
+    assert "| deactivate (g = 0) |" in md and "steer ×2 (α = 1)" in md
+    # a report is shared: the checkpoint by its folder name, no path of this machine
+    assert "`…/Qwen2.5-Omni-7B`" in md and "/models/private" not in md + page
+    assert str(tmp_path) not in md + page
+
+
+def test_intervention_titles_and_checkpoint_names():
+    from esn.pipeline.report_views import display_source, intervention_title
+
+    assert [intervention_title(*m) for m in (("steer", 1.0), ("steer", 0.5), ("deactivate", None), ("add", 0.3),
+                                              ("add", -0.2), ("clamp", 0.1))] == [
+        "steer ×2 (α = 1)", "steer ×1.5 (α = 0.5)", "deactivate (g = 0)", "add: g + 0.3", "add: g − 0.2",
+        "clamp: g ≥ 0.1"]
+    assert display_source("Qwen/Qwen2.5-Omni-7B", Path("/runs/x")) == "Qwen/Qwen2.5-Omni-7B"  # a hub id as is
+    assert display_source("/data/models/ckpt", Path("/runs/x")) == "…/ckpt"
+    assert display_source("/runs/x/checkpoint", Path("/runs/x")) == "checkpoint"  # inside the run directory
+
+
+HIDE_MATPLOTLIB = "import sys; sys.modules['matplotlib'] = None; from esn.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.slow
+def test_a_report_without_matplotlib_keeps_every_table_and_says_which_extra_draws_the_figures(tmp_path):
+    """Both ways on one run: without matplotlib (hidden from import in a subprocess) `esn report` exits 0,
+    writes every table, drops the images (and stale PNGs) with one note naming the plots extra; with it,
+    the same command draws them again from the saved results."""
+    import subprocess
+    import sys
+
+    run, cfg = _swept_run(tmp_path / "r")
+    run.open()
+    select.select(run)
+    fake_evaluation(run)
+    write_report(run)
+    run.close()
+    with_figures = (run.dir / "report.md").read_text()
+    assert with_figures.count("![") >= 5 and "left out" not in with_figures
+    done = subprocess.run([sys.executable, "-c", HIDE_MATPLOTLIB, "report", cfg, "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["report"] == str(run.dir / "report.md")
+    md, page = (run.dir / "report.md").read_text(), (run.dir / "report.html").read_text()
+    assert "![" not in md and "<img" not in page and not list((run.dir / "figures").glob("*.png"))
+    note = "figure(s) left out: matplotlib is not installed. Install esn-core's plots extra " \
+           "(`pip install --find-links dist 'esn-core[plots]'`)"
+    assert md.count(note) == 1 and done.stderr.count("matplotlib is not installed") == 1
+    strip = lambda text: [line for line in text.splitlines() if line and not line.startswith(("![", "Note: "))]  # noqa: E731
+    assert strip(md) == strip(with_figures)  # every table and paragraph is still there
+    done = subprocess.run([sys.executable, "-m", "esn", "report", cfg, "-q"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and (run.dir / "report.md").read_text() == with_figures

@@ -43,8 +43,9 @@ def test_convert_any_rate_and_channels(tiny_dir, tmp_path, capsys, rate, channel
     assert capsys.readouterr().out.strip()  # the decoded text is printed
 
 
-def _bad(tiny_dir, tmp_path, capsys, wav, *extra) -> str:
-    assert _convert(tiny_dir, wav, tmp_path / "bad.wav", *extra) == 2
+def _bad(tiny_dir, tmp_path, capsys, wav, *extra, code: int = 1) -> str:
+    """The error of a refused conversion: exit 1 for an input that does not fit, 2 for a wrong command line."""
+    assert _convert(tiny_dir, wav, tmp_path / "bad.wav", *extra) == code
     assert not (tmp_path / "bad.wav").exists()
     return capsys.readouterr().err
 
@@ -65,8 +66,10 @@ def test_convert_refuses_bad_audio(tiny_dir, tmp_path, capsys, speech_fn):
 
 def test_convert_refuses_bad_arguments(tiny_dir, tmp_path, capsys, speech_fn):
     sf.write(tmp_path / "in.wav", speech_fn(1.0, 0), 16_000)
-    assert "unknown emotion 'joyful'" in _bad(tiny_dir, tmp_path, capsys, tmp_path / "in.wav", "--emotion", "joyful")
-    assert "need --mask" in _bad(tiny_dir, tmp_path, capsys, tmp_path / "in.wav", "--alpha", "0.5")
+    assert "unknown emotion 'joyful'" in _bad(tiny_dir, tmp_path, capsys, tmp_path / "in.wav", "--emotion", "joyful",
+                                              code=2)
+    assert "need --mask" in _bad(tiny_dir, tmp_path, capsys, tmp_path / "in.wav", "--alpha", "0.5", code=2)
+    # the voices are the checkpoint's: a name it lacks is found once the model is loaded (exit 1)
     assert "unknown speaker" in _bad(tiny_dir, tmp_path, capsys, tmp_path / "in.wav", "--speaker", "Nobody")
 
 
@@ -86,4 +89,32 @@ def test_convert_with_masks(tiny_dir, tmp_path, capsys, speech_fn, adapter):
     err = _bad(tiny_dir, tmp_path, capsys, tmp_path / "in.wav", "--mask", str(tmp_path / "other.safetensors"))
     assert "another hook-point layout" in err
     assert "steer alpha must be >= -1" in _bad(tiny_dir, tmp_path, capsys, tmp_path / "in.wav", "--mask",
-                                               str(tmp_path / "m.safetensors"), "--alpha", "-2")
+                                               str(tmp_path / "m.safetensors"), "--alpha", "-2", code=2)
+
+
+def test_convert_json_and_decoded_text_on_a_terminal(tiny_dir, tmp_path, capsys, speech_fn, monkeypatch):
+    """`--json` prints one JSON document (ASCII: escapes, not control codes); without it the decoded text is
+    printed with control characters shown as escapes. The model's text is made hostile on the way out of the
+    real generate (a random model can decode any token, ESC included)."""
+    import dataclasses
+
+    from esn_qwen_omni import QwenOmniAdapter
+
+    sf.write(tmp_path / "in.wav", speech_fn(1.0, 0), 16_000)
+    assert _convert(tiny_dir, tmp_path / "in.wav", tmp_path / "out.wav", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["output"] == str(tmp_path / "out.wav") and out["emotion"] == "happy" and out["sample_rate"] == 24_000
+    assert out["seconds"] > 0 and isinstance(out["text"], str) and out["mask"] is None
+
+    real = QwenOmniAdapter.generate
+
+    def hostile(self, requests, config):
+        return [dataclasses.replace(r, text="hi\x1b[2J\x1b]0;title\x07\u202e") for r in real(self, requests, config)]
+
+    monkeypatch.setattr(QwenOmniAdapter, "generate", hostile)
+    assert _convert(tiny_dir, tmp_path / "in.wav", tmp_path / "out2.wav") == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == "hi\\x1b[2J\\x1b]0;title\\x07\\u202e" and "\x1b" not in printed
+    assert _convert(tiny_dir, tmp_path / "in.wav", tmp_path / "out3.wav", "--json") == 0
+    raw = capsys.readouterr().out
+    assert raw.isascii() and json.loads(raw)["text"] == "hi\x1b[2J\x1b]0;title\x07\u202e"

@@ -99,7 +99,7 @@ def prepare_source(source: str | Path) -> None:
         why = f"the hub ({endpoint()}) cannot be reached"
     if not in_cache(text):
         raise EsnError(f"model {text!r} is not a local folder and not in the hub cache ({cache_dir()}), and {why}: "
-                       f"download it where the hub is reachable (huggingface-cli download {text}) and give its folder")
+                       f"download it where the hub is reachable (`hf download {text}`) and give its folder")
 
 
 def checkpoint_file(source: str | Path, name: str) -> Path | None:

@@ -1,7 +1,7 @@
 """The same gate interventions, written inside an nnsight trace (for researchers who compose their own).
 
 The fast path (``esn.steering``) never imports nnsight; this module is the opt-in bridge
-(``pip install esn-core[nnsight]``). It applies exactly the edits of ``steer``/``steer_rows`` (the same
+(``pip install --find-links dist 'esn-core[nnsight]'``, docs/install.md). It applies exactly the edits of ``steer``/``steer_rows`` (the same
 dense tensors and kernels), so the results are bit-identical to the hook path. Recipe::
 
     from nnsight import NNsight

@@ -74,6 +74,7 @@ FIRST_PARTY: dict[tuple[str, str], tuple[str, str]] = {
     ("adapter", "qwen_omni"): ("esn-qwen-omni", "transformers"),
     ("adapter", "minicpm_o"): ("esn-minicpm-o", "transformers; the model runs its own remote code"),
     ("adapter", "kimi_audio"): ("esn-kimi-audio", "transformers; the model needs kimia_infer from its own repository"),
+    ("adapter", "qwen3_omni"): ("esn-qwen3-omni", "transformers >= 5.24 (fused experts)"),
     ("judge", "emotion2vec"): ("esn-emotion2vec", "funasr, about 890 MB with its dependencies"),
     ("judge", "lalm_judge"): ("esn-lalm-judge", "transformers; the judge model has 30B parameters"),
     ("judge", "utmos"): ("esn-utmos", "utmos-pytorch"),
@@ -94,9 +95,11 @@ def missing_message(kind: str, name: str, installed: Iterable[str], hint: str = 
     installed = list(installed)
     message = f"unknown {kind} {name!r} (known: {', '.join(installed) or 'none installed'})"
     if (kind, name) in FIRST_PARTY:
+        from esn.install import pip_install
+
         dist, brings = FIRST_PARTY[(kind, name)]
-        return (f"{message}: it comes with the distribution {dist}, which brings {brings}; install it "
-                "(docs/install.md), then `esn plugins list` shows it")
+        return (f"{message}: {name!r} is a first-party {kind} of the distribution {dist}, which brings {brings}; "
+                f"install it with `{pip_install(dist)}` (docs/install.md), then `esn plugins list` shows it")
     known = set(installed) | {n for k, n in FIRST_PARTY if k == kind}
     close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
     if close:

@@ -187,6 +187,6 @@ def test_cli_judge_prints_clean_json_and_one_line_errors(tiny_dir, files, tmp_pa
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF....WAVEnope")
     bad = subprocess.run([*cmd, str(corrupt)], capture_output=True, text=True, timeout=120, env=env)
-    assert bad.returncode == 2 and "cannot read audio file" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and "cannot read audio file" in bad.stderr and "Traceback" not in bad.stderr
     wrong = subprocess.run([*cmd[:-1], str(tmp_path), str(files[0])], capture_output=True, text=True, timeout=120)
-    assert wrong.returncode == 2 and "not an emotion2vec" in wrong.stderr
+    assert wrong.returncode == 1 and "not an emotion2vec" in wrong.stderr

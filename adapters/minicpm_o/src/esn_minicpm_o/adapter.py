@@ -198,7 +198,7 @@ class MiniCPMOAdapter(ModelAdapter):
         except Exception as exc:  # offline, no such repository, no access, no huggingface_hub
             raise EsnError(
                 f"could not fetch {source} from the Hugging Face hub ({type(exc).__name__}: {exc}); download it "
-                f"(huggingface-cli download {source} --local-dir DIR) and give the directory"
+                f"(`hf download {source} --local-dir DIR`) and give the directory"
             ) from None
 
     @classmethod

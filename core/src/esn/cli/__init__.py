@@ -1,7 +1,10 @@
 """The ``esn`` command. Each command group lives in its own module with an ``add_commands(sub)``.
 
-User mistakes (``EsnError``) print one line on stderr and exit 2; an ``OSError`` esn did not turn into
-one (a full disk, a read-only folder) prints one line and exits 1; no traceback (``--verbose`` adds it).
+Exit status: 0 done; 2 the command line is wrong (argparse's errors and ``UsageError``: a bad flag value,
+flags that exclude each other, an unknown adapter or judge name); 1 anything else went wrong (an
+``EsnError``: a config, file, model or run directory that does not fit; or an ``OSError`` esn did not name
+itself, such as a full disk). Each prints one line on stderr, no traceback (``--verbose`` adds it).
+``esn adapters check`` exits 1 when something its model needs is missing (a report, not an error).
 Command modules stay cheap to import (``esn --help`` imports them all): torch, transformers and the
 pipeline are imported inside the command functions, and output goes through :mod:`esn.cli.ui`.
 Every command accepts ``-q/--quiet`` and ``-v/--verbose``, before or after its name. Messages carry user
@@ -22,7 +25,7 @@ from rich.text import Text
 
 from esn import __version__
 from esn.cli import ui
-from esn.errors import EsnError
+from esn.errors import EsnError, UsageError
 
 # Modules under esn.cli that contribute commands, in help order.
 COMMAND_MODULES = ("plugins_cmd", "model_cmd", "judge_cmd", "pipeline_cmd", "serve_cmd")
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     ui.set_level(ui.QUIET if args.quiet else ui.VERBOSE if args.verbose else ui.NORMAL)
+    ui.set_json(bool(getattr(args, "json", False)))
     with warnings.catch_warnings():
         warnings.simplefilter({ui.QUIET: "ignore", ui.NORMAL: "default", ui.VERBOSE: "always"}[ui.level])
         warnings.showwarning = _show_warning
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             if ui.level == ui.VERBOSE:
                 _errors.print(traceback.format_exc().rstrip())
             _errors.print(Text.assemble(("error:", "bold red"), f" {exc}"))
-            return 2
+            return 2 if isinstance(exc, UsageError) else 1
         except OSError as exc:  # one esn did not name itself (it names the file, never a traceback)
             from esn.files import os_error
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from esn.cli.argtypes import command_line
 from esn.cli.ui import console, status
 from esn.errors import EsnError
 
@@ -63,12 +64,14 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from esn.devices import check_device
     from esn.plugins import registry
 
-    cls = registry().judge(args.judge)
-    check_device(args.device)
-    options = parse_options(args.option)
-    cls.check_options(options)  # before any file is read or model loaded
-    if args.source is not None and len(args.source) != len(args.files):
-        raise EsnError(f"--source takes one file per audio file: {len(args.files)} files, {len(args.source)} sources")
+    with command_line():  # before any file is read or model loaded
+        cls = registry().judge(args.judge)
+        check_device(args.device)
+        options = parse_options(args.option)
+        cls.check_options(options)
+        if args.source is not None and len(args.source) != len(args.files):
+            raise EsnError(f"--source takes one file per audio file: {len(args.files)} files, "
+                           f"{len(args.source)} sources")
     audios = read_files(args.files)
     sources = read_files(args.source) if args.source else None
     with status(f"loading judge {args.judge}..."):

@@ -8,8 +8,10 @@ import json
 import os
 from pathlib import Path
 
+from esn.cli.argtypes import command_line
 from esn.cli.ui import console, note, print_table, status
-from esn.errors import EsnError
+from esn.display import printable
+from esn.errors import EsnError, UsageError
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +44,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cv.add_argument("--mask-emotion", default=None, help="which emotion's mask to apply (default: --emotion)")
     cv.add_argument("--method", default=None, help="intervention with --mask: steer, add, clamp, deactivate (default steer)")
     cv.add_argument("--alpha", type=float, default=None, help="intervention strength with --mask (default 1.0)")
+    cv.add_argument("--json", action="store_true",
+                    help="print the decoded text, output file and settings as JSON instead of the text")
     cv.set_defaults(func=cmd_convert)
 
 
@@ -52,10 +56,11 @@ def check_model_args(args: argparse.Namespace):
     from esn.hub import prepare_source
     from esn.plugins import registry
 
-    cls = registry().adapter(args.adapter)
-    check_dtype(args.dtype)
-    check_device(args.device)
-    prepare_source(args.model)
+    with command_line():
+        cls = registry().adapter(args.adapter)
+        check_dtype(args.dtype)
+        check_device(args.device)
+    prepare_source(args.model)  # a model that is not there is not a usage error (exit 1)
     return cls
 
 
@@ -91,16 +96,17 @@ def cmd_hookpoints(args: argparse.Namespace) -> int:
 
 
 def check_output(path: Path, source: Path) -> None:
-    """An output wav path that can be written and does not overwrite the input."""
+    """An output wav path that can be written and does not overwrite the input (a usage error unless the
+    folder is not writable)."""
     if path.suffix.lower() != ".wav":
-        raise EsnError(f"output {path} must end in .wav")
+        raise UsageError(f"output {path} must end in .wav")
     if path.is_dir():
-        raise EsnError(f"output {path} is a folder; give a file name ending in .wav")
+        raise UsageError(f"output {path} is a folder; give a file name ending in .wav")
     if path.exists() and source.exists() and path.resolve() == source.resolve():
-        raise EsnError(f"output {path} is the input file; give another name")
+        raise UsageError(f"output {path} is the input file; give another name")
     parent = next((p for p in path.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise EsnError(f"output {path}: {parent} is a file, not a folder")
+        raise UsageError(f"output {path}: {parent} is a file, not a folder")
     if parent is not None and not os.access(parent, os.W_OK):
         raise EsnError(f"output {path}: folder {parent} is not writable")
 
@@ -114,22 +120,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before the (slow) model load.
     cls = check_model_args(args)
-    emotion = normalize_emotion(args.emotion, EMOTIONS)
     check_output(args.output, args.input)
+    with command_line():
+        emotion = normalize_emotion(args.emotion, EMOTIONS)
+        try:
+            config = GenerationConfig(seed=args.seed, speaker=args.speaker, system_prompt=args.system_prompt,
+                                      max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens)
+        except ValueError as exc:
+            raise EsnError(f"bad generation setting: {exc}") from None
+        if args.mask is not None:
+            method, alpha = resolve(args.method or "steer", args.alpha)
+            mask_emotion = normalize_emotion(args.mask_emotion or emotion, EMOTIONS)
+        elif args.mask_emotion is not None or args.alpha is not None or args.method is not None:
+            raise EsnError("--method, --alpha and --mask-emotion need --mask")
     audio = prepare_audio(args.input)
-    try:
-        config = GenerationConfig(seed=args.seed, speaker=args.speaker, system_prompt=args.system_prompt,
-                                  max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens)
-    except ValueError as exc:
-        raise EsnError(f"bad generation setting: {exc}") from None
     mask = None
     if args.mask is not None:
         from esn.artifacts import load_masks
 
-        method, alpha = resolve(args.method or "steer", args.alpha)
-        mask = load_masks(args.mask)[normalize_emotion(args.mask_emotion or emotion, EMOTIONS)]
-    elif args.mask_emotion is not None or args.alpha is not None or args.method is not None:
-        raise EsnError("--method, --alpha and --mask-emotion need --mask")
+        mask = load_masks(args.mask)[mask_emotion]
     request = EVCRequest(audio=audio, emotion=emotion, id=args.input.stem)
     adapter = load_adapter(args, cls)
     with contextlib.ExitStack() as stack:
@@ -143,6 +152,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if result.waveform.size == 0:
         raise EsnError(f"{args.adapter} produced no speech for {args.input} (decoded text: {result.text!r})")
     write_audio(args.output, result.waveform, result.sample_rate)
-    console.print(result.text, highlight=False, markup=False)
-    note(f"wrote {args.output} ({result.waveform.size / result.sample_rate:.2f} s at {result.sample_rate} Hz)")
+    seconds = result.waveform.size / result.sample_rate
+    if args.json:
+        print(json.dumps({"input": str(args.input), "output": str(args.output), "emotion": emotion,
+                          "text": result.text, "seconds": round(seconds, 6), "sample_rate": result.sample_rate,
+                          "mask": None if mask is None else str(args.mask),
+                          "mask_emotion": None if mask is None else mask_emotion,
+                          "method": None if mask is None else method, "alpha": None if mask is None else alpha},
+                         indent=2))  # ASCII: the model's text cannot reach the terminal as control codes
+        return 0
+    console.print(printable(result.text), highlight=False, markup=False)  # model text: no control characters
+    note(f"wrote {args.output} ({seconds:.2f} s at {result.sample_rate} Hz)")
     return 0

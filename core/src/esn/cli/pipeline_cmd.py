@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 from rich.text import Text
 
 from esn.cli import ui
-from esn.cli.argtypes import positive_int
+from esn.cli.argtypes import command_line, positive_int
 from esn.cli.ui import console
 
 
@@ -43,6 +44,12 @@ def _parallel(p: argparse.ArgumentParser) -> None:
                         "run K = 0..N-1 on the same run directory; they write what one process would")
 
 
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print what was written (run directory, masks, results, report) as JSON on stdout; "
+                        "progress goes to stderr")
+
+
 def _positions(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", choices=("all", "generated"),
                    help="override record.positions: count P over all positions or the generated ones only (both "
@@ -65,6 +72,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _common(run)
     _parallel(run)
     _positions(run)
+    _json(run)
     run.add_argument("--stages", default="record,select,evaluate,report",
                      help="comma-separated subset of record,select,evaluate,report (in that order)")
     run.set_defaults(func=cmd_run)
@@ -75,6 +83,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         _common(p)
         _parallel(p)  # select refuses them with a clear message
         _positions(p)
+        _json(p)
         p.set_defaults(func=cmd_run, stages=stage)
     report = sub.add_parser("report", help="stage 4: report.md, report.html and figures; --compare: several models")
     report.add_argument("config", type=Path, nargs="?", help="run configuration (not with --compare)")
@@ -82,6 +91,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--threads", type=positive_int, help="torch CPU threads for this process (default: torch's choice)")
     _parallel(report)  # report runs on rank 0 alone: under a launcher the others wait; --workers/--shard are refused
     _positions(report)
+    _json(report)
     report.add_argument("--compare", type=Path, nargs="+", metavar="RUN",
                         help="run directories (or their configs) of finished runs: Tables 2 and 3 side by side")
     report.add_argument("--names", help="with --compare: comma-separated column names, one per RUN")
@@ -154,37 +164,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     from esn.pipeline.stages import STAGES, run_stages
 
     _threads(args)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        raise EsnError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
-    stages = sorted(stages, key=STAGES.index)
-    shard = None if args.shard is None else parallel.parse_shard(args.shard)
-    workers = args.workers
-    if workers is not None and workers < 1:
-        raise EsnError(f"--workers {workers}: need at least 1 process")
-    once = [s for s in stages if s not in parallel.SHARDED_STAGES]
-    if shard is not None and workers is not None:
-        raise EsnError("--shard and --workers exclude each other: --workers N starts the N processes itself")
-    if shard is not None and once:
-        raise EsnError(f"--shard {args.shard}: {', '.join(once)} cannot run as a shard (only record and evaluate "
-                       "split their batches); run it once without --shard, or give --stages record or evaluate")
-    devices = worker_devices(args.devices) if args.devices is not None else None
-    if devices is not None and workers is None:
-        raise EsnError("--devices needs --workers: it gives the workers their GPUs (under torchrun or with "
-                       "--shard, set CUDA_VISIBLE_DEVICES yourself)")
-    if args.max_restarts is not None and (workers is None or args.max_restarts < 0):
-        raise EsnError(f"--max-restarts {args.max_restarts}: needs --workers and R >= 0 (under torchrun, give "
-                       "torchrun its own --max-restarts)")
-    if workers is not None and len(once) == len(stages):
-        raise EsnError(f"--workers {workers}: {', '.join(once)} runs as one process; only record and evaluate "
-                       "take --workers")
-    if args.ranks_per_gpu < 1:
-        raise EsnError(f"--ranks-per-gpu {args.ranks_per_gpu}: need at least 1")
-    launch = parallel.detect_launch()
-    if launch is not None and workers is not None:
-        raise EsnError(f"--workers starts torch's launcher itself; this process already is rank {launch.rank} of "
-                       f"{launch.world_size} under {launch.launcher}: drop --workers")
+    with command_line():  # the flags alone, before the config or the run directory is read
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        bad = [s for s in stages if s not in STAGES]
+        if bad:
+            raise EsnError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
+        stages = sorted(stages, key=STAGES.index)
+        shard = None if args.shard is None else parallel.parse_shard(args.shard)
+        workers = args.workers
+        if workers is not None and workers < 1:
+            raise EsnError(f"--workers {workers}: need at least 1 process")
+        once = [s for s in stages if s not in parallel.SHARDED_STAGES]
+        if shard is not None and workers is not None:
+            raise EsnError("--shard and --workers exclude each other: --workers N starts the N processes itself")
+        if shard is not None and once:
+            raise EsnError(f"--shard {args.shard}: {', '.join(once)} cannot run as a shard (only record and evaluate "
+                           "split their batches); run it once without --shard, or give --stages record or evaluate")
+        devices = worker_devices(args.devices) if args.devices is not None else None
+        if devices is not None and workers is None:
+            raise EsnError("--devices needs --workers: it gives the workers their GPUs (under torchrun or with "
+                           "--shard, set CUDA_VISIBLE_DEVICES yourself)")
+        if args.max_restarts is not None and (workers is None or args.max_restarts < 0):
+            raise EsnError(f"--max-restarts {args.max_restarts}: needs --workers and R >= 0 (under torchrun, give "
+                           "torchrun its own --max-restarts)")
+        if workers is not None and len(once) == len(stages):
+            raise EsnError(f"--workers {workers}: {', '.join(once)} runs as one process; only record and evaluate "
+                           "take --workers")
+        if args.ranks_per_gpu < 1:
+            raise EsnError(f"--ranks-per-gpu {args.ranks_per_gpu}: need at least 1")
+    launch = parallel.detect_launch()  # a launcher's environment that does not fit is not a usage error
+    with command_line():
+        if launch is not None and workers is not None:
+            raise EsnError(f"--workers starts torch's launcher itself; this process already is rank {launch.rank} of "
+                           f"{launch.world_size} under {launch.launcher}: drop --workers")
     positions = getattr(args, "positions", None)
     if workers is not None and workers > 1:
         run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console(), resize=args.resize)
@@ -195,7 +207,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         # lock for the whole launch (an unsharded group opens it exclusively, so this process cannot keep it).
         with run:
             pass
-        return run_workers(args, stages, run.dir, workers, devices)
+        rc = run_workers(args, stages, run.dir, workers, devices)
+        if args.json:
+            print(json.dumps(run_summary(run, stages, None), indent=2))
+        return rc
 
     team = parallel.team(shard=shard, launch=launch, ranks_per_gpu=args.ranks_per_gpu, talkative=args.all_ranks)
     try:
@@ -212,13 +227,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                 label = stage + ("" if shard is None else f" (shard {shard[0]}/{shard[1]})")
                 out.rule(Text(label, style="bold"))
                 run_stages(run, [stage])
-            if shard is None and team.is_leader and ("evaluate" in stages or "report" in stages):
+            if shard is None and team.is_leader and ("evaluate" in stages or "report" in stages) and not args.json:
                 print_summary(run)
     finally:
         team.close()
-    if "report" in stages and team.is_leader:
+    if args.json and team.is_leader:
+        print(json.dumps(run_summary(run, stages, shard), indent=2))
+    elif "report" in stages and team.is_leader:
         console.print(Text.assemble("report: ", (str(run.dir / "report.md"), "bold")))
     return 0
+
+
+def run_summary(run, stages: list[str], shard: tuple[int, int] | None) -> dict:
+    """``--json`` of ``esn run`` and the stage commands: what the run directory now holds, paths absolute."""
+    rd = run.rundir
+    existing = lambda path: str(path) if path.exists() else None  # noqa: E731
+    return {"run_dir": str(run.dir), "stages": stages, "shard": None if shard is None else list(shard),
+            "masks": [str(p) for p in sorted(rd.select.glob("masks_*.safetensors"))],
+            "results": existing(rd.evaluate / "results.json"),
+            "report": existing(run.dir / "report.md"), "report_html": existing(run.dir / "report.html")}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -226,20 +253,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     from esn.errors import EsnError
     from esn.pipeline import compare
 
-    if args.compare is None:
-        if args.config is None:
+    with command_line():
+        if args.compare is None and args.config is None:
             raise EsnError("esn report needs a run configuration, or --compare RUN RUN ...")
+    if args.compare is None:
         return cmd_run(args)
-    if args.shard is not None or args.workers is not None:
-        raise EsnError("esn report --compare runs as one process: it takes no --shard or --workers")
-    if args.config is not None:
-        raise EsnError("esn report --compare takes run directories only: give the config's run directory to "
-                       "--compare with the others")
-    names = [n.strip() for n in args.names.split(",")] if args.names else [None] * len(args.compare)
-    if len(names) != len(args.compare):
-        raise EsnError(f"--names gives {len(names)} names for {len(args.compare)} runs")
+    with command_line():
+        if args.shard is not None or args.workers is not None:
+            raise EsnError("esn report --compare runs as one process: it takes no --shard or --workers")
+        if args.config is not None:
+            raise EsnError("esn report --compare takes run directories only: give the config's run directory to "
+                           "--compare with the others")
+        names = [n.strip() for n in args.names.split(",")] if args.names else [None] * len(args.compare)
+        if len(names) != len(args.compare):
+            raise EsnError(f"--names gives {len(names)} names for {len(args.compare)} runs")
     runs = [compare.load_run_results(root, name) for root, name in zip(args.compare, names, strict=True)]
     path = compare.write_comparison(runs, args.out)
+    if args.json:
+        print(json.dumps({"comparison": str(path), "comparison_html": str(path.with_suffix(".html")),
+                          "runs": [str(r) for r in args.compare]}, indent=2))
+        return 0
     for block in compare.compare_blocks(runs):
         if block.kind == "table":
             ui.print_table(rich_table("", block.body))
@@ -329,7 +362,8 @@ def run_workers(args: argparse.Namespace, stages: list[str], run_dir: Path, n: i
 
     cmd, env = workers_command(args, stages, run_dir, n, devices, dict(os.environ))
     shown = " ".join(cmd[3:]).replace("torch.distributed.run", "torchrun", 1)
-    console.print(Text.assemble(f"{n} workers: ", (shown, "bold")))
+    say = ui.note if getattr(args, "json", False) else console.print  # --json: stdout holds the JSON alone
+    say(Text.assemble(f"{n} workers: ", (shown, "bold")))
     proc = subprocess.Popen(cmd, env=env)
     try:
         rc = proc.wait()
@@ -341,7 +375,7 @@ def run_workers(args: argparse.Namespace, stages: list[str], run_dir: Path, n: i
         reason = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
         raise EsnError(f"the {n} workers failed (torch.distributed.run {reason}); the batches they finished are "
                        "kept: run the same command again to resume")
-    console.print(f"{', '.join(stages)}: {n} workers done")
+    say(f"{', '.join(stages)}: {n} workers done")
     return 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.text import Text
 
+from esn.cli.argtypes import command_line
 from esn.cli.ui import console, print_table, status
 from esn.errors import EsnError
 from esn.plugins import registry
@@ -80,7 +81,8 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
 
 def cmd_adapters_tiny(args: argparse.Namespace) -> int:
     """``esn adapters tiny``: the adapter's tiny random checkpoint, into a new or empty folder."""
-    cls = registry().adapter(args.adapter)
+    with command_line():
+        cls = registry().adapter(args.adapter)
     check_checkpoint_folder(args.directory, force=args.force)
     with status(f"writing a tiny {args.adapter} checkpoint"):
         path = cls.write_tiny(args.directory, seed=args.seed)
@@ -100,7 +102,9 @@ def cmd_adapters_check(args: argparse.Namespace) -> int:
 
     reg = registry()
     names = args.adapter or sorted(reg.adapters)
-    reports = [check(reg.adapter(name)) for name in names]
+    with command_line():
+        classes = [reg.adapter(name) for name in names]
+    reports = [check(cls) for cls in classes]
     if args.json:
         print(json.dumps([r.as_dict() for r in reports], indent=2))
         return 0 if all(r.ok for r in reports) else 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.text import Text
 
-from esn.cli.argtypes import positive_int
+from esn.cli.argtypes import command_line, positive_int
 from esn.cli.model_cmd import _model_args, check_model_args, load_adapter
 from esn.cli.ui import note
 from esn.errors import EsnError
@@ -120,17 +120,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from esn.serve.server import check_port
 
     # Everything a user can get wrong is checked before the (slow) model load.
-    check_port(args.port)
+    with command_line():
+        check_port(args.port)
     cls = check_model_args(args)
-    limits = Limits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
-                    timeout_s=args.timeout, max_upload_mb=args.max_upload_mb, max_seconds=args.max_seconds,
-                    max_alpha=args.max_alpha)
-    try:
-        config = GenerationConfig(seed=args.seed, speaker=args.speaker, system_prompt=args.system_prompt,
-                                  max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens,
-                                  options=_options(args.option))
-    except ValueError as exc:
-        raise EsnError(f"bad generation setting: {exc}") from None
+    with command_line():
+        limits = Limits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                        timeout_s=args.timeout, max_upload_mb=args.max_upload_mb, max_seconds=args.max_seconds,
+                        max_alpha=args.max_alpha)
+        try:
+            config = GenerationConfig(seed=args.seed, speaker=args.speaker, system_prompt=args.system_prompt,
+                                      max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens,
+                                      options=_options(args.option))
+        except ValueError as exc:
+            raise EsnError(f"bad generation setting: {exc}") from None
     token = _token(args.token_file)
     masks = None
     if args.masks is not None:
@@ -164,7 +166,8 @@ def cmd_human_serve(args: argparse.Namespace) -> int:
     from esn.serve.listening import create_listening_app
     from esn.serve.server import check_port, serve
 
-    check_port(args.port)
+    with command_line():
+        check_port(args.port)
 
     path = args.path
     if not path.is_dir():

@@ -25,6 +25,8 @@ console = Console(markup=False, highlight=False)
 err_console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 _silent = Console(quiet=True)
 level = NORMAL
+# --json: stdout carries the JSON alone, so progress bars and stage rules go to stderr.
+json_output = False
 # Under --quiet the libraries' own progress bars and notes go too (tqdm, huggingface_hub, transformers).
 # They read these variables when they are imported, which in the esn command is after set_level.
 QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -48,9 +50,15 @@ def set_level(new: int) -> None:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
 
+def set_json(on: bool) -> None:
+    """``--json``: the command prints one JSON document on stdout; progress moves to stderr."""
+    global json_output
+    json_output = on
+
+
 def progress_console() -> Console:
     """The console for progress bars and stage rules of long work (a silent one under ``--quiet``)."""
-    return _silent if level == QUIET else console
+    return _silent if level == QUIET else err_console if json_output else console
 
 
 @contextlib.contextmanager

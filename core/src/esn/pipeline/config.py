@@ -402,7 +402,9 @@ def _read(path: Path) -> dict:
             try:
                 import yaml
             except ImportError:
-                raise EsnError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML") from None
+                from esn.install import pip_install
+
+                raise EsnError(f"{path}: YAML configs need PyYAML ({pip_install('esn-core[yaml]')}), or use TOML") from None
             return yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise EsnError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None

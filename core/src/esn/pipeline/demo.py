@@ -109,7 +109,10 @@ def write_inputs(out: Path, console: Console) -> Path:
 
     reg = registry()
     if "planted" not in reg.adapters or "planted" not in reg.judges:
-        raise EsnError("esn demo needs the esn-planted plugin (pip install esn-planted; `make setup` installs it)")
+        from esn.install import pip_install
+
+        raise EsnError(f"esn demo needs the esn-planted plugin: {pip_install('esn-planted')} (docs/install.md; "
+                       "`make setup` installs it)")
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "checkpoint" / "planted.json").exists():
         console.print("writing the planted model (known emotion neurons)")
@@ -149,6 +152,7 @@ def recall(run) -> dict:
 
 def planted_blocks(found: dict) -> list:
     """The report's opening blocks for the demo: what is synthetic, the recall table, the real command."""
+    from esn.install import pip_install
     from esn.pipeline.report import Block
 
     emotions = list(found["planted"])
@@ -171,7 +175,9 @@ def planted_blocks(found: dict) -> list:
                    f"(gap {a['gap']:+.1f} pp) on the pitch judge."),
         Block("table", {"head": ["selector", *[e.capitalize() for e in emotions], "mean"], "rows": rows}),
         Block("h2", "Run it for real"),
-        Block("p", "Install an adapter and judges (`pip install esn-core esn-qwen-omni esn-emotion2vec esn-utmos`), "
+        Block("p", "Install an adapter and judges the way docs/install.md says (torch first, then "
+                   f"`{pip_install('esn-core[plots]', 'esn-qwen-omni', 'esn-emotion2vec', 'esn-utmos')}` "
+                   "with the wheels of `make dist`), "
                    "get ESD (the 10 English speakers 0011-0020 are used), and write a config: `esn init study.toml "
                    "--paper` writes the paper's whole protocol (docs/paper.md); a minimal config like this one runs "
                    "the anchor and the selector comparison (Table 1 split, CAS, r = 0.5%, c = 50, steering with "

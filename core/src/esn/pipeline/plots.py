@@ -1,17 +1,48 @@
 """The report's figures, drawn with matplotlib's Agg backend (no display needed).
 
 PNG bytes depend only on the data (no timestamps in the metadata), so reruns give identical files.
+matplotlib is the ``plots`` extra: without it every figure function draws nothing (and removes a stale
+PNG of the same name), so the report keeps its tables and says once which extra brings the figures.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 _METADATA = {"Software": None}
+_F = TypeVar("_F", bound=Callable[..., Path])
+
+
+def available() -> bool:
+    """Whether matplotlib (the ``plots`` extra of esn-core) can be imported."""
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except ValueError:  # a module put in sys.modules without a spec (None: hidden on purpose)
+        return False
+
+
+def figure(draw: _F) -> _F:
+    """A figure function ``draw(..., path, ...) -> path`` that, without matplotlib, returns ``path`` undrawn
+    (a stale file there removed): the report leaves out images whose file does not exist."""
+    signature = inspect.signature(draw)
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        if available():
+            return draw(*args, **kwargs)
+        path = Path(signature.bind(*args, **kwargs).arguments["path"])
+        path.unlink(missing_ok=True)
+        return path
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _plt():
@@ -43,6 +74,7 @@ def _annotate(ax, values: np.ndarray, fmt: str, scale: float, *, dark_low: bool 
                 ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8, color="white" if dark else "black")
 
 
+@figure
 def delta_heatmaps(
     panels: Sequence[tuple[str, list[list[float | None]]]], emotions: Sequence[str], path: Path, *, title: str
 ) -> Path:
@@ -72,6 +104,7 @@ def delta_heatmaps(
     return out
 
 
+@figure
 def layer_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Sequence[str], path: Path, *, title: str) -> Path:
     """Figure 9 style: selected neurons per decoder layer (rows) and emotion (columns)."""
     plt = _plt()
@@ -91,6 +124,7 @@ def layer_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Sequ
     return out
 
 
+@figure
 def expert_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Sequence[str], path: Path, *,
                    title: str) -> Path:
     """The layer x expert view: one panel per emotion, routed layers (rows) x experts (columns), the
@@ -115,6 +149,7 @@ def expert_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Seq
     return out
 
 
+@figure
 def seen_unseen_bars(
     groups: dict[str, dict[str, float | None]],
     cis: dict[str, dict[str, list[float] | None]],
@@ -141,12 +176,13 @@ def seen_unseen_bars(
     ax.set_xticks(x, [e.capitalize() for e in emotions])
     ax.set_ylabel("Δ emotion match (pp)")
     ax.set_title(title)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes: never over a bar
     out = _save(fig, path)
     plt.close(fig)
     return out
 
 
+@figure
 def win_tie_loss(rates: dict[str, dict[str, float]], path: Path, *, title: str) -> Path:
     """Figure 8 style: stacked horizontal win / tie / loss shares per emotion (intervened vs baseline)."""
     plt = _plt()
@@ -164,6 +200,69 @@ def win_tie_loss(rates: dict[str, dict[str, float]], path: Path, *, title: str) 
     ax.set_xlabel("share of judgements (%)")
     ax.legend(ncol=3, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     ax.set_title(title)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+# -- the views of esn.pipeline.report_views: trade-off curves and depth profiles ---------------------------
+@figure
+def effect_curves(panels: Sequence[dict], path: Path, *, title: str) -> Path:
+    """One panel per swept factor: self and cross effect (pp, left axis) and WER (%, right axis, the
+    baseline dotted) against the factor. Each panel: ``{"x", "xlabel", "log", "self", "cross", "wer",
+    "wer_baseline"}``, the lists in ``x`` order (None: not measured)."""
+    plt = _plt()
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.6, 3.0), squeeze=False)
+    arr = lambda vs: np.array([np.nan if v is None else v for v in vs], dtype=float)  # noqa: E731
+    twins = []
+    for k, (ax, p) in enumerate(zip(axes[0], panels, strict=True)):
+        x = np.array(p["x"], dtype=float)
+        ax.plot(x, arr(p["self"]), "o-", color="#1b7837", label="self-effect")
+        ax.plot(x, arr(p["cross"]), "s--", color="#762a83", label="cross-effect")
+        ax.axhline(0, color="black", linewidth=0.6)
+        if p.get("log"):
+            ax.set_xscale("log")
+        ax.set_xlabel(p["xlabel"])
+        if k == 0:
+            ax.set_ylabel("Δ emotion match (pp)")
+        wer_ax = ax.twinx()
+        twins.append(wer_ax)
+        wer_ax.plot(x, arr(p["wer"]), "^-", color="#d95f02", alpha=0.8, label="WER (steered)")
+        if p.get("wer_baseline") is not None:
+            wer_ax.axhline(p["wer_baseline"], color="#d95f02", linestyle=":", linewidth=1, label="WER (baseline)")
+        wer_ax.set_ylim(bottom=0)
+        if k == n - 1:
+            wer_ax.set_ylabel("WER (%)", color="#d95f02")
+    (h1, l1), (h2, l2) = axes[0][0].get_legend_handles_labels(), twins[0].get_legend_handles_labels()
+    handles, labels = h1 + h2, l1 + l2
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle(title, y=1.02)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+@figure
+def depth_profiles(profiles: dict[str, tuple[Sequence[str], np.ndarray]], path: Path, *, title: str) -> Path:
+    """One panel per stream: the share (%) of each layer's neurons selected, one line per emotion, against
+    relative depth (0: first layer, 1: last) so that streams of different depth line up.
+    ``profiles``: ``{stream: (emotions, share [E, L])}``."""
+    plt = _plt()
+    n = len(profiles)
+    fig, axes = plt.subplots(1, n, figsize=(3.8 * n + 1.6, 2.8), squeeze=False, sharey=True)
+    for ax, (stream, (emotions, share)) in zip(axes[0], profiles.items(), strict=True):
+        share = np.asarray(share, dtype=float)
+        depth = np.linspace(0, 1, share.shape[1]) if share.shape[1] > 1 else np.zeros(1)
+        for emotion, row in zip(emotions, share, strict=True):
+            ax.plot(depth, row, "o-", markersize=3, label=emotion.capitalize())
+        ax.set_title(f"{stream} ({share.shape[1]} layers)")
+        ax.set_xlabel("relative depth")
+        ax.set_xlim(-0.03, 1.03)
+    axes[0][0].set_ylabel("selected (% of the layer)")
+    axes[0][-1].legend(frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(title, y=1.03)
     out = _save(fig, path)
     plt.close(fig)
     return out

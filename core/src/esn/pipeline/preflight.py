@@ -37,7 +37,7 @@ def check(run: Run, stages: Sequence[str] | None = None) -> None:
             if getattr(cls, "kind", "emotion") != kind:
                 raise EsnError(f"{where}: judge {spec.name!r} judges {cls.kind}, this place takes a judge of {kind}")
             _field(f"{where}.options", lambda cls=cls, spec=spec: cls.check_options(spec.options))
-        _field("model.device", lambda: check_device(cfg.model.device))
+        _field("model.device", lambda: check_device(cfg.model.device, setting="model.device"))
     splits = [("record.split", cfg.record.split)] if "record" in stages else []
     if "evaluate" in stages:
         splits += [(f"evaluate.splits[{i}]", s) for i, s in enumerate(cfg.evaluate.splits)]

@@ -7,14 +7,17 @@ and as a self-contained HTML page that links the same PNGs.
 from __future__ import annotations
 
 import html
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from esn.emotions import EMOTIONS
-from esn.pipeline import evaluate, plots, record
+from esn.pipeline import evaluate, plots, record, report_views
 from esn.pipeline.config import Setting, settings
 from esn.pipeline.files import atomic_write_json, atomic_write_text, read_json, read_sealed
 from esn.pipeline.grid import BASELINE
@@ -26,7 +29,7 @@ _RESELECT = "run `esn select` to write it again"  # what to do about a damaged s
 @dataclass
 class Block:
     """One report element: a heading, paragraph, table, image or code block, rendered to Markdown and HTML."""
-    kind: str  # "h1" | "h2" | "h3" | "p" | "table" | "img" | "code"
+    kind: str  # "h1" | "h2" | "h3" | "p" | "table" | "img" | "code" | "clips" (a table with audio cells)
     body: Any
 
 
@@ -129,7 +132,8 @@ def _protocol(run: Run, groups: dict, main: str, judges: list[str]) -> list[Bloc
     used = record.prompts(run) or {"system_prompt": g.system_prompt, "instruction": g.instruction}
     system = used.get("system_prompt")
     rows = [
-        ["model", f"`{cfg.model.adapter}` from `{cfg.model.source}`, streams recorded: {', '.join(cfg.model.streams)}"],
+        ["model", f"`{cfg.model.adapter}` from `{report_views.display_source(cfg.model.source, run.dir)}`, "
+                  f"streams recorded: {', '.join(cfg.model.streams)}"],
         ["system prompt", "the adapter's default" if system is None else f"“{system}”"],
         ["instruction", f"“{used.get('instruction')}” ({{emotion}}: the target)"],
         ["decoding", f"greedy; at most {g.max_new_tokens} text and {g.max_audio_tokens} speech tokens"],
@@ -177,7 +181,7 @@ def build(run: Run) -> list[Block]:
     n_rec = len(record.store(run).records()) if (run.rundir.record / "layout.json").exists() else 0
     sizes = ", ".join(f"{s}: {groups[s][BASELINE]['n_sources']} sources" for s in splits)
     blocks.append(Block("p", (
-        f"Model `{cfg.model.adapter}` from `{cfg.model.source}`, streams {', '.join(cfg.model.streams)}; "
+        f"Model `{cfg.model.adapter}` from `{report_views.display_source(cfg.model.source, run.dir)}`, streams {', '.join(cfg.model.streams)}; "
         f"{n_rec} recorded identification attempts; evaluation on {', '.join(splits)} "
         f"({sizes}); judges {', '.join(judges)}"
         f"{'' if cfg.judges.quality is None else f', naturalness {cfg.judges.quality.name}'}. "
@@ -227,12 +231,13 @@ def build(run: Run) -> list[Block]:
                    Block("table", effect_table([(f"α = {st.alpha:g}", g[st.key]) for st in sw["alpha"]], judges, primary))]
     for key, title, fmt in (("rate", "selection rate r", lambda s: f"r = {s.rate:g}"),
                             ("c", "success-set cap c", lambda s: f"c = {s.c}"),
-                            ("method", "intervention method", lambda s: f"{s.method} α = {s.alpha:g}"),
+                            ("method", "intervention method", lambda s: report_views.intervention_title(s.method, s.alpha)),
                             ("positions", "positions counted in P", lambda s: f"P over {s.positions} positions")):
         if len(sw[key]) > 1:
             blocks += [Block("h3", f"Sweep: {title} ({anchor.label})"),
                        Block("table", effect_table([(fmt(st), g[st.key]) for st in sw[key]], judges, primary))]
     blocks += _positions_blocks(run, targets)
+    blocks += report_views.curve_blocks(run, sw, g, primary, anchor)
 
     # Figure 3 (and the sweeps as heatmap rows, like Figures 4-7)
     blocks.append(Block("h2", "Figure 3 — Δ match per mask emotion × target emotion"))
@@ -240,7 +245,8 @@ def build(run: Run) -> list[Block]:
                for s, rows in sw["selectors"].items()]
     figures += [(key, title, name, sw[key]) for key, title, name in (
         ("rate", "selection rate", lambda s: f"r={s.rate:g}"), ("c", "success-set cap", lambda s: f"c={s.c}"),
-        ("alpha", "strength", lambda s: f"α={s.alpha:g}"), ("method", "method", lambda s: f"{s.method} {s.alpha:g}"),
+        ("alpha", "strength", lambda s: f"α = {s.alpha:g}"),
+        ("method", "method", lambda s: report_views.intervention_title(s.method, s.alpha)),
         ("positions", "positions in P", lambda s: f"P: {s.positions}")) if len(sw[key]) > 1]
     for key, title, name, rows in figures:
         panels = [(name(st), g[st.key]["judges"][primary]["matrix"]) for st in rows]
@@ -261,6 +267,7 @@ def build(run: Run) -> list[Block]:
                    Block("img", ("ESNs per layer and emotion", png.relative_to(run.dir)))]
         if loaded.layout.routed:
             blocks += _expert_blocks(run, anchor, loaded, fig_dir)
+    blocks += report_views.depth_blocks(run, sw, anchor)
 
     # Figure 10: seen vs unseen
     if len(splits) > 1:
@@ -273,6 +280,7 @@ def build(run: Run) -> list[Block]:
                    Block("img", ("seen vs unseen", png.relative_to(run.dir))),
                    Block("table", {"head": ["split", *[t.capitalize() for t in targets]], "rows": rows})]
 
+    blocks += report_views.listening_blocks(run, anchor, targets)
     blocks += _human_blocks(run, targets)
     blocks += _judge_eval_blocks(run)
     return blocks
@@ -334,7 +342,8 @@ def _judge_eval_blocks(run: Run) -> list[Block]:
              *[_f(None if r["per_emotion"].get(e) is None else 100 * r["per_emotion"][e], ".1f") for e in emotions]]
             for name, r in data["judges"].items()]
     return [Block("h2", "Judge accuracy on labelled clips (section 4.1)"),
-            Block("p", f"{data['per_emotion']} clips per emotion from split `{data['split']}` of `{data['root']}` "
+            Block("p", f"{data['per_emotion']} clips per emotion from split `{data['split']}` of "
+                       f"`{report_views.display_source(data['root'], run.dir)}` "
                        f"(seed {data['seed']}); each judge hears the clip with its parallel neutral utterance as "
                        "the source. Per-emotion columns: % of that emotion's clips labelled correctly."),
             Block("table", {"head": ["judge", "accuracy", "clips", *[e.capitalize() for e in emotions]], "rows": rows})]
@@ -402,13 +411,44 @@ def to_markdown(blocks: list[Block]) -> str:
         elif b.kind == "img":
             alt, rel = b.body
             out.append(f"![{alt}]({rel})")
-        elif b.kind == "table":
+        elif b.kind in ("table", "clips"):
             head, rows = b.body["head"], b.body["rows"]
-            esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+            esc = lambda s: _md_cell(s).replace("|", "\\|")  # noqa: E731
             lines = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
             out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
+
+
+def _md_cell(cell) -> str:
+    """A table cell as Markdown: an audio cell (``{"audio": rel, "name", "label"}``) is a link to the clip (the
+    path URL-quoted: clip names hold ``%``)."""
+    if isinstance(cell, dict):
+        return f"[▶ {cell.get('name', 'play')}]({quote(cell['audio'])}) {cell.get('label', '')}".strip()
+    return str(cell)
+
+
+_NUMBER = re.compile(r"[-+–]?[\d.,]*\d[\d.,]*\s*%?( \([^)]*\))?|–|[\[\]\d.,+\-: all]+")
+
+
+def _align(cell) -> str:
+    """Numbers (and ``–``) are right-aligned, as the table's default; text and players read from the left."""
+    return "" if isinstance(cell, str) and _NUMBER.fullmatch(cell.strip()) else " class='text'"
+
+
+_CODE = re.compile(r"`([^`]+)`")
+_BOLD = re.compile(r"\*\*([^*]+)\*\*")
+
+
+def _inline(text) -> str:
+    """Escaped text with Markdown's inline code (`` `x` ``) as ``<code>`` and ``**x**`` as ``<strong>``;
+    audio cells as players."""
+    if isinstance(text, dict):
+        label = html.escape(text.get("label", ""))
+        return (f"<audio controls preload='none' src='{html.escape(quote(text['audio']))}'></audio>"
+                + (f"<br><small>{label}</small>" if label else ""))
+    text = _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", html.escape(str(text)))
+    return _BOLD.sub(lambda m: f"<strong>{m.group(1)}</strong>", text)
 
 
 def to_html(blocks: list[Block]) -> str:
@@ -416,22 +456,26 @@ def to_html(blocks: list[Block]) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>esn report</title><style>"
              "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%}pre{background:#f4f4f4;padding:1em}"
+             "td.text,th.text{text-align:left}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+             "pre{background:#f4f4f4;padding:1em}"
+             "code{background:#f1f1f1;padding:0 3px;border-radius:3px;font-size:90%}audio{height:2em;max-width:260px}"
              "</style></head><body>"]
     for b in blocks:
         if b.kind in ("h1", "h2", "h3"):
             parts.append(f"<{b.kind}>{html.escape(b.body)}</{b.kind}>")
         elif b.kind == "p":
-            parts.append(f"<p>{html.escape(b.body)}</p>")
+            parts.append(f"<p>{_inline(b.body)}</p>")
         elif b.kind == "code":
             parts.append(f"<pre>{html.escape(b.body)}</pre>")
         elif b.kind == "img":
             alt, rel = b.body
             parts.append(f"<p><img src='{html.escape(str(rel))}' alt='{html.escape(alt)}'></p>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b.body["head"])
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in b.body["rows"])
-            parts.append(f"<table><tr>{head}</tr>{rows}</table>")
+        elif b.kind in ("table", "clips"):
+            head = "".join(f"<th>{_inline(h)}</th>" for h in b.body["head"])
+            rows = "".join("<tr>" + "".join(f"<td{_align(c)}>{_inline(c)}</td>" for c in r) + "</tr>"
+                           for r in b.body["rows"])
+            head = f"<tr>{head}</tr>" if any(str(h) for h in b.body["head"]) else ""  # no empty header row
+            parts.append(f"<table>{head}{rows}</table>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -444,8 +488,24 @@ def write_report(run: Run, extra: list[Block] | None = None) -> Path:
         atomic_write_json(preface, [[b.kind, b.body] for b in extra])
     elif preface.exists():
         extra = [Block(kind, body) for kind, body in read_json(preface)]
-    blocks = build(run)
+    blocks = without_missing_figures(build(run), run.dir)
     if extra:
         blocks[1:1] = extra
     atomic_write_text(run.dir / "report.html", to_html(blocks))
     return atomic_write_text(run.dir / "report.md", to_markdown(blocks))
+
+
+def without_missing_figures(blocks: list[Block], root: Path) -> list[Block]:
+    """``blocks`` less the images whose PNG is not under ``root`` (drawn without matplotlib: see
+    :mod:`esn.pipeline.plots`), with one note after the title naming the extra that draws them."""
+    kept = [b for b in blocks if b.kind != "img" or (root / b.body[1]).is_file()]
+    left_out = len(blocks) - len(kept)
+    if left_out:
+        from esn.install import pip_install
+
+        note = (f"{left_out} figure(s) left out: matplotlib is not installed. Install esn-core's plots extra "
+                f"(`{pip_install('esn-core[plots]')}`), then `esn report CONFIG` draws them from the saved "
+                "results; nothing is computed again.")
+        warnings.warn(note, stacklevel=2)
+        kept.insert(1, Block("p", "Note: " + note))
+    return kept

@@ -13,7 +13,7 @@ The pieces, each small and testable on its own:
   streamed as server-sent events), on the same checks and batcher as ``/v1/convert``.
 - ``server``: uvicorn on a socket bound first (port 0 works), with graceful shutdown.
 
-The web stack is the ``serve`` extra of esn-core (``pip install 'esn-core[serve]'``): nothing in esn
+The web stack is the ``serve`` extra of esn-core (``pip install --find-links dist 'esn-core[serve]'``, docs/install.md): nothing in esn
 imports it except these modules, and the CLI imports them only for the two serve commands.
 """
 
@@ -32,5 +32,7 @@ def require_extra(command: str) -> None:
     """EsnError naming the missing packages unless the ``serve`` extra is installed."""
     missing = [dist for mod, dist in EXTRA.items() if importlib.util.find_spec(mod) is None]
     if missing:
+        from esn.install import pip_install
+
         raise EsnError(f"{command} needs the serve extra ({', '.join(missing)} missing): "
-                       "pip install 'esn-core[serve]'")
+                       f"{pip_install('esn-core[serve]')} (docs/install.md)")

@@ -4,7 +4,8 @@ Endpoints (docs/service.md has examples):
 
 - ``POST /v1/convert``: multipart form ``audio`` (file), ``emotion``, optional ``mask_emotion``, ``method``,
   ``alpha``, ``timeout`` and ``mask`` (a mask file, instead of the service's). Answers the converted speech
-  as ``audio/wav`` (decoded text, percent-encoded UTF-8, in ``X-Esn-Text``) or, with
+  as ``audio/wav`` (decoded text, percent-encoded UTF-8, in ``X-Esn-Text``, cut at 512 bytes: then
+  ``X-Esn-Text-Truncated: true``) or, with
   ``Accept: application/json``, JSON with the text and the wav in base64.
 - ``GET /v1/masks``: the service's masks, methods and alpha range.
 - ``GET /v1/models``, ``POST /v1/chat/completions``: the OpenAI-compatible API (``esn.serve.openai_api``).
@@ -34,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from esn.display import header_text
 from esn.serve.batcher import Batcher, QueueFull
 from esn.serve.convert import NO_STEERING, Converter, Job, Outcome
 from esn.serve.errors import RequestError
@@ -180,7 +182,8 @@ def _answer(request: Request, job: Job, outcome: Outcome) -> Response:
             "text_tokens": result.info.get("text_tokens"), "audio_tokens": result.info.get("audio_tokens"),
             "audio_wav_base64": base64.b64encode(_wav(outcome)).decode("ascii"),
         })
-    headers = {"X-Esn-Text": quote(result.text, safe=""), "X-Esn-Request-Id": job.id,
+    text, cut = header_text(result.text)  # bounded: the whole text is in the JSON answer
+    headers = {"X-Esn-Text": text, "X-Esn-Text-Truncated": "true" if cut else "false", "X-Esn-Request-Id": job.id,
                "X-Esn-Batch-Size": str(outcome.batch_size),
                "X-Esn-Settings": quote(",".join(f"{k}={v}" for k, v in job.settings.items()), safe="=,")}
     return Response(_wav(outcome), media_type="audio/wav", headers=headers)
