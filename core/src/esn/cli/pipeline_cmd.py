@@ -214,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """``esn report``: one run's report, or with ``--compare`` Tables 2 and 3 across finished runs."""
+    """``esn report``: one run's report, or with ``--compare`` Tables 2, 3, 4, 6 and Figure 9 across finished runs."""
     from esn.errors import EsnError
     from esn.pipeline import compare
 

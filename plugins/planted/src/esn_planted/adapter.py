@@ -3,8 +3,13 @@
 Hook points: ``lm.layers.{l}.mlp.gate`` -> ``model.layers.{l}.mlp.act_fn`` (``[batch, pos, 64]``), 4 layers.
 A conversion: the source audio becomes ``FRAMES`` audio tokens, the prompt is ``BOS, audio, EMO_<target>,
 SEP``, greedy decoding emits one speech code per step, and the codes are rendered at the source's pitch
-times each code's emotion factor, louder the surer the model is of the code (``esn_planted.sound``). The model models no words: its decoded text is
-the request's reference transcript (empty without one), so WER is 0 and only the emotion axis moves.
+times each code's emotion factor, louder the surer the model is of the code (``esn_planted.sound``).
+
+The decoded text is the request's reference transcript (empty without one), word k "said" at generated step k
+(cycling over the steps): a step whose content ratio (``esn_planted.model``: CONTENT / BIAS from the two text
+logits) exceeds the checkpoint's limit garbles its words. So WER is 0 unless steering pushes the content
+neurons (generic ones, or planted ones strongly); a checkpoint built with ``content=False`` always says the
+transcript.
 """
 
 from __future__ import annotations
@@ -73,8 +78,9 @@ class PlantedAdapter(ModelAdapter):
         return cls(model, source, meta)
 
     @classmethod
-    def write_tiny(cls, directory, *, seed: int = 0) -> Path:
-        return planted.write(directory, seed=seed)
+    def write_tiny(cls, directory, *, seed: int = 0, **options) -> Path:
+        """The planted checkpoint; ``options`` (content, hard, gamma, layers, planted_layers) build a variant."""
+        return planted.write(directory, seed=seed, **options)
 
     @property
     def ground_truth(self) -> dict[str, np.ndarray]:
@@ -116,6 +122,7 @@ class PlantedAdapter(ModelAdapter):
         # How sure the model is of each code (softmax over the codes): the voice's effort, i.e. loudness.
         sure = torch.stack([step.float().index_select(1, code_ids).softmax(-1).max(-1).values for step in out.logits],
                            dim=1).cpu().numpy()  # [batch, steps]
+        drift = self._content(out.logits)  # [batch, steps] bool: the step's words are garbled
         results = []
         for k, (request, row) in enumerate(zip(requests, out.sequences[:, width:].tolist(), strict=True)):
             steps = [i for i, t in enumerate(row) if t not in (planted.EOS, planted.PAD)]
@@ -123,6 +130,29 @@ class PlantedAdapter(ModelAdapter):
             f0 = sound.source_pitch(request.audio) or sound.REFERENCE_F0
             # rounded: a row's sound must not depend on the rounding of its batch mates' kernels
             wave = sound.render(codes, f0, [round(float(sure[k, i]), 2) for i in steps])
-            results.append(EVCResult(request.id, request.transcript or "", wave, self.sample_rate,
+            text = say(request.transcript or "", [bool(drift[k, i]) for i in steps])
+            results.append(EVCResult(request.id, text, wave, self.sample_rate,
                                      {"codes": codes, "f0": round(f0, 2), "prompt_tokens": width}))
         return results
+
+    def _content(self, logits) -> np.ndarray:
+        """``[batch, steps]``: whether each step's content ratio CONTENT / BIAS exceeds the limit (all False
+        for a checkpoint without content)."""
+        import torch
+
+        spec = self.meta.get("content")
+        if not spec:
+            return np.zeros((logits[0].shape[0], len(logits)), dtype=bool)
+        text = torch.stack([step[:, int(spec["text"])].float() for step in logits], dim=1)
+        ref = torch.stack([step[:, int(spec["text_ref"])].float() for step in logits], dim=1)
+        ratio = (text - ref) / (-ref / 20.0)  # TEXT - TEXT_REF = CONTENT, TEXT_REF = -20 BIAS (normed alike)
+        # rounded: a row's text must not depend on the rounding of its batch mates' kernels
+        return (ratio.cpu().numpy().round(3) > float(spec["limit"]))
+
+
+def say(transcript: str, garbled: list[bool]) -> str:
+    """The transcript as said: word k at step k (cycling), replaced by a wrong word where its step drifted."""
+    words = transcript.split()
+    if not garbled:
+        return transcript
+    return " ".join("uh" if garbled[k % len(garbled)] else w for k, w in enumerate(words))
