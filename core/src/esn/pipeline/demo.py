@@ -200,7 +200,7 @@ def planted_blocks(found: dict) -> list:
                    "for and push the model towards it; its speech codes are rendered as tones whose pitch carries "
                    "the emotion, and the emotion judge (`planted`) hears pitch relative to the source speaker. The "
                    "decoded text is the reference transcript, each word garbled where the model's content signal "
-                   "drifts: 32 generic neurons (8 per layer) carry it, and the planted ones a little. The corpus "
+                   "drifts: generic neurons (up to 8 per layer) carry it, and the planted ones a little. The corpus "
                    "is synthetic tones in ESD's layout. So the numbers below are real measurements of a made-up model: they show the method "
                    "finding and steering neurons that are known to matter, not what any real model does."),
         Block("p", f"Planted neurons recovered (share of each emotion's {found['planted'][emotions[0]]} planted neurons "

@@ -33,6 +33,11 @@ them below the planted ones and takes them only into masks larger than the plant
 ``KAPPA_GENERIC``; the planted neurons write a little, ``KAPPA_PLANTED``, so steering them moderately keeps
 the text and steering them strongly does not.
 
+``synth=True`` adds a synthesis stream: a second planted model (its own seed, no content) that the adapter runs
+over ``BOS, EMO_<target>, SEP`` and the generated codes after the language model has spoken, like a speech
+decoder. Its planted neurons fire for their emotion as the language model's do, so the selectors find them,
+but nothing it computes reaches the sound or the text: steering it is inert (the paper's Table 6 finding).
+
 ``hard``: emotions whose code needs far more expression (``HARD_SHIFT``): the baseline never says them, so
 they get no success set. The ground truth (planted flat neuron indices per emotion, and the generic ones) is
 written next to the checkpoint in ``planted.json``.
@@ -73,7 +78,7 @@ AUDIO_NOISE = 1.0  # spread of an audio token's noise dims
 GATE_NOISE = 0.5  # planted gates: weight spread on the noise dims (firing varies with the source)
 DECOY_NOISE, DECOY_THETA = 4.0, 3.5  # decoy gates: noisy and with a higher threshold (some sources only)
 TEXT, TEXT_REF = 30, 31  # never emitted: their logits expose CONTENT / BIAS (content=True)
-GENERIC = 8  # generic (content) neurons per layer, two per target emotion
+GENERIC = 8  # generic (content) neurons per layer (fewer where a planted neuron takes the slot), two per emotion
 GENERIC_READ = 0.6  # how much a generic gate reads its emotion's u (it fires for the others about half the time)
 KAPPA_GENERIC, KAPPA_PLANTED = 0.05, 0.04  # content written per unit of activation
 TEXT_LIMIT = 1.9  # CONTENT / BIAS above this garbles the step's word
@@ -231,7 +236,8 @@ def build(seed: int = 0, *, content: bool = True, hard: tuple[str, ...] = (), ga
 
 
 def write(directory: str | Path, *, seed: int = 0, content: bool = True, hard: tuple[str, ...] = (),
-          gamma: float = GAMMA, layers: int = LAYERS, planted_layers: tuple[int, ...] = PLANTED_LAYERS) -> Path:
+          gamma: float = GAMMA, layers: int = LAYERS, planted_layers: tuple[int, ...] = PLANTED_LAYERS,
+          synth: bool = False) -> Path:
     """Save the planted checkpoint (``save_pretrained``) and ``planted.json`` (vocabulary, ground truth and
     the options it was built with; ``build`` says what they do)."""
     directory = Path(directory)
@@ -243,6 +249,12 @@ def write(directory: str | Path, *, seed: int = 0, content: bool = True, hard: t
     model.generation_config.eos_token_id = EOS
     model.generation_config.bos_token_id = BOS
     model.save_pretrained(directory)
+    synth_meta = None
+    if synth:  # the synthesis stream: a planted model of its own whose output nothing reads
+        synth_model, synth_truth = build(seed + 1000, content=False)
+        synth_truth.pop("generic")
+        synth_model.save_pretrained(directory / "synth")
+        synth_meta = {"planted": synth_truth, "layout": {"layers": LAYERS, "width": WIDTH}, "audible": False}
     meta = {
         "format": "esn-planted/1", "seed": seed, "emotions": list(EMOTIONS), "targets": list(TARGETS),
         "tokens": {"pad": PAD, "bos": BOS, "sep": SEP, "eos": EOS, "instruction": EMO, "code": CODE,
@@ -250,7 +262,9 @@ def write(directory: str | Path, *, seed: int = 0, content: bool = True, hard: t
         "layout": {"layers": layers, "width": WIDTH},
         "planted": truth,
         "generic": generic,
-        "options": {"content": content, "hard": list(hard), "gamma": gamma, "planted_layers": list(planted_layers)},
+        "options": {"content": content, "hard": list(hard), "gamma": gamma, "planted_layers": list(planted_layers),
+                    "synth": synth},
+        "synth": synth_meta,
         "content": {"text": TEXT, "text_ref": TEXT_REF, "limit": TEXT_LIMIT} if content else None,
     }
     (directory / "planted.json").write_text(json.dumps(meta, indent=1))
