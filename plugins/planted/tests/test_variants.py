@@ -68,7 +68,7 @@ def test_the_synth_variant_meets_the_adapter_contract(synth, check):
 
 def test_synth_neurons_are_found_but_steer_nothing_audible(synth):
     layout = synth.layout(["synth"])
-    assert [hp.name for hp in layout.hook_points][0] == "synth.layers.0.mlp.gate"
+    assert layout.hook_points[0].name == "synth.layers.0.mlp.gate"
     truth = synth.synth_truth
     chosen = select_neurons(probs(synth, "synth"), "cas", 6 / layout.n_neurons, emotions=TARGETS)
     assert np.mean([np.isin(truth[e], chosen[e]).mean() for e in TARGETS]) >= 0.8  # they are emotion-specific
