@@ -51,15 +51,16 @@ def test_claims_hold_where_the_plant_shows_them(tmp_path):
 
 @pytest.mark.slow
 def test_claims_fail_where_the_plant_cannot_show_them_and_a_hard_emotion_is_reported(tmp_path):
-    """No content (seed 5): larger masks and strong α cost no WER, so those two claims do not hold; with 3
-    target emotions, sad made hard (never said at baseline: no success set), the others are selected and
-    evaluated and every table says so."""
+    """No content (seed 5): larger masks and strong α cost no WER, so those two claims do not hold; an
+    audible synth stream (its own emotional codes replace the language model's): not inert. With 3 target
+    emotions, sad made hard (never said at baseline: no success set), the others are selected and evaluated
+    and every table says so."""
     out = tmp_path / "unshown"
-    run_demo(out, plant={"seed": 5, "content": False, "hard": ["sad"]},
-             toml=study(targets=["angry", "happy", "sad"]))
+    run_demo(out, plant={"seed": 5, "content": False, "hard": ["sad"], "synth_audible": True},
+             toml=study(streams='["lm", "synth"]', targets=["angry", "happy", "sad"]))
     found, holds = claims(out)
     assert holds["too-large masks are worse"] is False and holds["moderate α is best"] is False, found
-    assert holds["synthesis-side steering is inert"] is None  # not measured: no synth stream
+    assert holds["synthesis-side steering is inert"] is False, found
     assert holds["CAS/MAD ≥ LAP/LAPE"] is True and holds["deactivation is negative"] is True
     assert found["no_success"] == ["sad"] and found["recall"]["CAS"]["angry"] >= 0.5
     sets = json.loads((out / "select" / "summary.json").read_text())["success_sets"]["c8_ser"]
@@ -67,4 +68,5 @@ def test_claims_fail_where_the_plant_cannot_show_them_and_a_hard_emotion_is_repo
     report = (out / "report.md").read_text()
     assert "| Sad (no success set) |" in report and "| CAS (sad: no success set) |" in report
     assert "| too-large masks are worse | does not hold |" in report
+    assert "| synthesis-side steering is inert | does not hold |" in report
     assert "no success set" in report.split("Read this first")[1].split("## The paper")[0]  # the recall table

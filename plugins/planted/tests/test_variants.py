@@ -115,3 +115,12 @@ def test_a_hard_emotion_is_never_said_and_other_layouts_place_the_plant(tmp_path
     assert all({int(n) // 64 for n in v} == {3, 4} for v in adapter.ground_truth.values())
     with pytest.raises(ValueError, match="not among"):
         PlantedAdapter.write_tiny(tmp_path_factory.mktemp("bad"), hard=("bored",))
+
+
+def test_the_audible_synth_control_steers_what_is_heard(tmp_path_factory):
+    adapter = load(tmp_path_factory, seed=2, synth_audible=True)
+    for target in ("happy", "sad"):
+        mask = Mask(adapter.synth_truth[target], adapter.layout(["synth"]))
+        _, base, _ = convert(adapter, target)
+        _, moved, _ = convert(adapter, target, mask, alpha=1.0)
+        assert base <= 0.6 and moved >= base + 0.3, (target, base, moved)  # neutral at baseline, heard when steered

@@ -16,7 +16,9 @@ A checkpoint written with ``synth=True`` also has hook points ``synth.layers.{l}
 ``BOS, EMO_<target>, SEP`` and the generated codes after generation, like a speech decoder: how sure it is
 of its codes sets the loudness (``synth_gain``), nothing else. Pitch, which carries the emotion, and the
 text never depend on it, so steering it moves no emotion judge that hears pitch (inert), while steering every
-one of its gates still changes the sound.
+one of its gates still changes the sound. A checkpoint written with ``synth_audible=True`` is the control:
+there the synth's own emotional code decisions (any but neutral) replace the language model's codes, so its
+planted neurons do steer what is heard.
 """
 
 from __future__ import annotations
@@ -146,11 +148,14 @@ class PlantedAdapter(ModelAdapter):
         sure = torch.stack([step.float().index_select(1, code_ids).softmax(-1).max(-1).values for step in out.logits],
                            dim=1).cpu().numpy()  # [batch, steps]
         drift = self._content(out.logits)  # [batch, steps] bool: the step's words are garbled
-        gain = self._synthesise(requests, out.sequences[:, width:]) if hasattr(self.model, "synth") else None
+        gain, voiced = (self._synthesise(requests, out.sequences[:, width:]) if hasattr(self.model, "synth")
+                        else (None, None))
         results = []
         for k, (request, row) in enumerate(zip(requests, out.sequences[:, width:].tolist(), strict=True)):
             steps = [i for i, t in enumerate(row) if t not in (planted.EOS, planted.PAD)]
             codes = [self.codes.get(row[i], "?") for i in steps]
+            if voiced is not None and (self.meta.get("synth") or {}).get("audible"):  # the control variant
+                codes = [v if v != "neutral" else c for c, v in zip(codes, voiced[k], strict=True)]
             f0 = sound.source_pitch(request.audio) or sound.REFERENCE_F0
             # rounded: a row's sound must not depend on the rounding of its batch mates' kernels
             loud = 1.0 if gain is None else float(gain[k])
@@ -160,9 +165,10 @@ class PlantedAdapter(ModelAdapter):
                                      {"codes": codes, "f0": round(f0, 2), "prompt_tokens": width}))
         return results
 
-    def _synthesise(self, requests: Sequence[EVCRequest], generated) -> np.ndarray:
+    def _synthesise(self, requests: Sequence[EVCRequest], generated) -> tuple[np.ndarray, list[list[str]]]:
         """The synth stream's one forward over ``BOS, EMO_<target>, SEP, codes`` -> ``[batch]`` loudness in
-        [0.5, 1]: how sure it is of its codes (softmax over them, mean over its real positions), rounded."""
+        [0.5, 1] (how sure it is of its codes: softmax over them, mean over its real positions, rounded), and
+        per row the code it would say at each of the language model's codes (used only when audible)."""
         import torch
 
         rows = [[planted.BOS, self.instruction_ids[r.emotion], planted.SEP,
@@ -177,7 +183,10 @@ class PlantedAdapter(ModelAdapter):
         sure = logits.index_select(-1, code_ids).softmax(-1).max(-1).values  # [batch, pos]
         real = mask.float()
         mean = (sure * real).sum(1) / real.sum(1)
-        return (0.5 + 0.5 * mean).cpu().numpy().round(2)
+        best = logits.index_select(-1, code_ids).argmax(-1).cpu().tolist()  # [batch, pos]
+        names = [self.codes[int(i)] for i in code_ids.tolist()]
+        voiced = [[names[b] for b in best[k][width - (len(r) - 3):]] for k, r in enumerate(rows)]
+        return (0.5 + 0.5 * mean).cpu().numpy().round(2), voiced
 
     def _content(self, logits) -> np.ndarray:
         """``[batch, steps]``: whether each step's content ratio CONTENT / BIAS exceeds the limit (all False

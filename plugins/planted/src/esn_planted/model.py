@@ -36,7 +36,8 @@ the text and steering them strongly does not.
 ``synth=True`` adds a synthesis stream: a second planted model (its own seed, no content) that the adapter runs
 over ``BOS, EMO_<target>, SEP`` and the generated codes after the language model has spoken, like a speech
 decoder. Its planted neurons fire for their emotion as the language model's do, so the selectors find them,
-but nothing it computes reaches the sound or the text: steering it is inert (the paper's Table 6 finding).
+but nothing it computes reaches the pitch or the text: steering it is inert (the paper's Table 6 finding).
+``synth_audible=True`` is the control: its emotional code decisions replace the language model's codes.
 
 ``hard``: emotions whose code needs far more expression (``HARD_SHIFT``): the baseline never says them, so
 they get no success set. The ground truth (planted flat neuron indices per emotion, and the generic ones) is
@@ -83,6 +84,7 @@ GENERIC_READ = 0.6  # how much a generic gate reads its emotion's u (it fires fo
 KAPPA_GENERIC, KAPPA_PLANTED = 0.05, 0.04  # content written per unit of activation
 TEXT_LIMIT = 1.9  # CONTENT / BIAS above this garbles the step's word
 HARD_SHIFT = 5.0  # a hard emotion's code needs this much more expression (in units of BIAS)
+SYNTH_SHIFT = 0.3  # the audible synth's codes need this much more: neutral at baseline, emotional when steered
 
 
 def ground_truth(seed: int, planted_layers: tuple[int, ...] = PLANTED_LAYERS) -> dict[str, list[int]]:
@@ -113,10 +115,11 @@ def config(hidden: int = HIDDEN, layers: int = LAYERS):
 
 
 def build(seed: int = 0, *, content: bool = True, hard: tuple[str, ...] = (), gamma: float = GAMMA,
-          layers: int = LAYERS, planted_layers: tuple[int, ...] = PLANTED_LAYERS):
+          layers: int = LAYERS, planted_layers: tuple[int, ...] = PLANTED_LAYERS, shift: float = 0.0):
     """The planted ``Qwen2ForCausalLM`` (float32, eval) and its ground truth (``{emotion: indices}``, plus
     ``"generic"``: the content neurons, empty without ``content``). ``gamma``: the planted write strength;
-    ``layers`` deep, the planted neurons in ``planted_layers``."""
+    ``layers`` deep, the planted neurons in ``planted_layers``; every emotion code needs ``shift`` more
+    expression (the audible synth control: its baseline then stays neutral)."""
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -227,8 +230,8 @@ def build(seed: int = 0, *, content: bool = True, hard: tuple[str, ...] = (), ga
             head[CODE[e], BIAS] = 0.0
             head[CODE[e], W[e]] = 10.0
         head[CODE["neutral"], BIAS] = 10.0 * TAU  # neutral wins unless some w_e > TAU (relative to BIAS)
-        for e in hard:  # its code needs HARD_SHIFT more expression than any baseline reaches
-            head[CODE[e], BIAS] = -10.0 * HARD_SHIFT
+        for e in TARGETS:  # its code needs HARD_SHIFT more expression than any baseline reaches
+            head[CODE[e], BIAS] = -10.0 * (HARD_SHIFT if e in hard else shift)
         if content:
             head[TEXT, CONTENT] = 1.0
         model.lm_head.weight.copy_(t(head))
@@ -237,7 +240,7 @@ def build(seed: int = 0, *, content: bool = True, hard: tuple[str, ...] = (), ga
 
 def write(directory: str | Path, *, seed: int = 0, content: bool = True, hard: tuple[str, ...] = (),
           gamma: float = GAMMA, layers: int = LAYERS, planted_layers: tuple[int, ...] = PLANTED_LAYERS,
-          synth: bool = False) -> Path:
+          synth: bool = False, synth_audible: bool = False) -> Path:
     """Save the planted checkpoint (``save_pretrained``) and ``planted.json`` (vocabulary, ground truth and
     the options it was built with; ``build`` says what they do)."""
     directory = Path(directory)
@@ -250,11 +253,12 @@ def write(directory: str | Path, *, seed: int = 0, content: bool = True, hard: t
     model.generation_config.bos_token_id = BOS
     model.save_pretrained(directory)
     synth_meta = None
-    if synth:  # the synthesis stream: a planted model of its own whose output nothing reads
-        synth_model, synth_truth = build(seed + 1000, content=False)
+    if synth or synth_audible:  # the synthesis stream: a planted model of its own (inert unless synth_audible)
+        synth_model, synth_truth = build(seed + 1000, content=False, hard=tuple(hard),
+                                         shift=SYNTH_SHIFT if synth_audible else 0.0)
         synth_truth.pop("generic")
         synth_model.save_pretrained(directory / "synth")
-        synth_meta = {"planted": synth_truth, "layout": {"layers": LAYERS, "width": WIDTH}, "audible": False}
+        synth_meta = {"planted": synth_truth, "layout": {"layers": LAYERS, "width": WIDTH}, "audible": synth_audible}
     meta = {
         "format": "esn-planted/1", "seed": seed, "emotions": list(EMOTIONS), "targets": list(TARGETS),
         "tokens": {"pad": PAD, "bos": BOS, "sep": SEP, "eos": EOS, "instruction": EMO, "code": CODE,
@@ -263,7 +267,7 @@ def write(directory: str | Path, *, seed: int = 0, content: bool = True, hard: t
         "planted": truth,
         "generic": generic,
         "options": {"content": content, "hard": list(hard), "gamma": gamma, "planted_layers": list(planted_layers),
-                    "synth": synth},
+                    "synth": synth or synth_audible, "synth_audible": synth_audible},
         "synth": synth_meta,
         "content": {"text": TEXT, "text_ref": TEXT_REF, "limit": TEXT_LIMIT} if content else None,
     }
