@@ -63,9 +63,10 @@ bootstrap = 20
 
 
 def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: int = 0,
-             never: str | None = None) -> Run:
+             never: str | None = None, scarce: str | None = None) -> Run:
     """A run directory whose record stage is done (planted attempts) and whose evaluate stage is ready.
-    ``never``: an emotion the judge never hears in its own attempts (it gets no success set)."""
+    ``never``: an emotion the judge never hears in its own attempts (it gets no success set); ``scarce``:
+    one it hears in 3 attempts only (a success set smaller than the others and than c)."""
     bed = make_testbed(seed=seed, lm_layers=4, synth_layers=2, width=64)
     root.mkdir(parents=True, exist_ok=True)
     rows = ["path,transcript,speaker,split"]
@@ -81,6 +82,9 @@ def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: 
     (root / "human.csv").write_text("id,label\n" + "\n".join(labels) + "\n")
     if never is not None:  # the judge, not the listeners, misses it
         bed.labels.update({r.id: "neutral" for r in bed.records if r.emotion == never})
+    if scarce is not None:
+        heard = [r.id for r in bed.records if r.emotion == scarce and r.text == r.transcript][:3]
+        bed.labels.update({r.id: (scarce if r.id in heard else "neutral") for r in bed.records if r.emotion == scarce})
     run = Run(load_config(root / "study.toml"))
     run.open()
     store = AttemptStore(run.rundir.record, bed.layout, architecture="Synthetic")
@@ -330,16 +334,23 @@ def test_labelling_kit_offers_wer_passing_attempts_only(tmp_path):
 
 def test_an_emotion_without_a_success_set_is_reported_and_the_others_go_on(tmp_path):
     """The paper's Table 3 has emotions hard at baseline: select the others, evaluate them, and say so."""
-    run = make_run(tmp_path / "r", never="sad")
+    run = make_run(tmp_path / "r", never="sad", scarce="happy")
     try:
         select.select(run)
         summary = read_json(run.rundir.select / "summary.json")
+        sizes = {e: len(v) for e, v in summary["success_sets"]["c30_ser"].items()}
+        assert sizes["happy"] == 3 and sizes["angry"] > 3 and sizes["surprise"] > 3  # unequal sets
         assert summary["success_sets"]["c30_ser"]["sad"] == [] and all(
             summary["success_sets"]["c30_ser"][e] for e in ("angry", "happy", "surprise"))
         assert summary["no_success"]["cas_r0.05_c30"] == ["sad"]
         assert summary["no_success"]["cas-h_r0.05_c30"] == []  # the listeners heard sad: CAS-H has it
         cas = select.masks(run, "cas_r0.05_c30")
         assert len(cas.masks["sad"]) == 0 and all(len(cas.masks[e]) for e in ("angry", "happy", "surprise"))
+        # the three selected emotions are selected as they would be without sad at all
+        stats = artifacts.load_stats(run.rundir.select / "stats_c30_ser.safetensors").select_streams(["lm"])
+        assert sorted(stats.emotions) == ["angry", "happy", "surprise"]
+        want = select_neurons(stats.probs(), "cas", 0.05, emotions=stats.emotions, seed=1)
+        assert all(cas.masks[e].indices.tolist() == want[e].tolist() for e in stats.emotions)
         # the grid converts every target, but no sad mask row
         grid = evaluate.attempts(run)
         cas_rows = [a for a in grid if a.setting == "cas_r0.05_c30_steer_a1"]
