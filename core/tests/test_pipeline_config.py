@@ -69,6 +69,7 @@ human_labels = "labels.csv"
     ("[sweep]\nrates = [0.01, 2.0]\n", "sweep.rates", "rates[1] = 2.0"),
     ("[sweep]\nc = [0]\n", "sweep.c", "c[0] = 0"),
     ("[sweep]\nalphas = [-1.0]\n", "sweep.alphas", "alphas[0] = -1.0"),
+    ("[sweep]\nlape_quantiles = [0.5, 1.5]\n", "sweep.lape_quantiles", "lape_quantiles[1] = 1.5"),
     ("[record]\nbatchsize = 4\n", "record.batchsize", "unknown key"),
     ("[record]\ntargets = ['happy', 'bored']\n", "record.targets", "unknown emotion 'bored'"),
     ("[anchor]\nmethod = 'scale'\n", "anchor", "unknown intervention 'scale'"),
@@ -142,3 +143,16 @@ def test_record_positions_is_a_select_setting(tmp_path):
     assert a["record"] == b["record"] and a["select"] != b["select"] and a["evaluate"] != b["evaluate"]
     c = Run(load_config(write(tmp_path, BASE + "[evaluate]\npositions = 'generated'\n", "c.toml"))).stage_config()
     assert c["select"] == a["select"] and c["evaluate"] != a["evaluate"]
+
+
+def test_lape_quantiles_sweep_lape_at_the_anchor(tmp_path):
+    cfg = load_config(write(tmp_path, BASE + """
+[sweep]
+selectors = ["cas", "lape"]
+lape_quantiles = [0.5, 0.95]
+"""))
+    sts = settings(cfg)
+    assert [s.key for s in sts] == ["cas_r0.005_c50_steer_a1", "lape_r0.005_c50_steer_a1",
+                                    "lape_r0.005_c50_q0.5_steer_a1", "lape_r0.005_c50_q0.95_steer_a1"]
+    assert [s.label for s in sts] == ["CAS", "LAPE", "LAPE q=0.5", "LAPE q=0.95"]
+    assert [r.quantile for r in mask_recipes(cfg)] == [None, None, 0.5, 0.95]

@@ -51,6 +51,8 @@ c = 30
 [sweep]
 selectors = ["random", "lap", "lape", "mad", "cas"]
 positions = ["{other}"]
+alphas = [2.0]
+lape_quantiles = [0.2, 0.9]
 [selectors.lape]
 quantile = 0.5
 [selectors.random]
@@ -61,9 +63,12 @@ bootstrap = 20
 """
 
 
-def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: int = 0, edit=None) -> Run:
+def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: int = 0, edit=None,
+             never: str | None = None, scarce: str | None = None) -> Run:
     """A run directory whose record stage is done (planted attempts) and whose evaluate stage is ready;
-    ``edit(config text)`` changes the config first."""
+    ``edit(config text)`` changes the config first. ``never``: an emotion the judge never hears in its own
+    attempts (it gets no success set); ``scarce``: one it hears in 3 attempts only (a success set smaller
+    than the others and than c)."""
     bed = make_testbed(seed=seed, lm_layers=4, synth_layers=2, width=64)
     root.mkdir(parents=True, exist_ok=True)
     rows = ["path,transcript,speaker,split"]
@@ -78,6 +83,11 @@ def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: 
     ok = [r for r in bed.records if r.text == r.transcript]
     labels = [f"{r.id},{bed.labels[r.id]}" for e in bed.emotions for r in [x for x in ok if x.emotion == e][:20]]
     (root / "human.csv").write_text("id,label\n" + "\n".join(labels) + "\n")
+    if never is not None:  # the judge, not the listeners, misses it
+        bed.labels.update({r.id: "neutral" for r in bed.records if r.emotion == never})
+    if scarce is not None:
+        heard = [r.id for r in bed.records if r.emotion == scarce and r.text == r.transcript][:3]
+        bed.labels.update({r.id: (scarce if r.id in heard else "neutral") for r in bed.records if r.emotion == scarce})
     run = Run(load_config(root / "study.toml"))
     run.open()
     store = AttemptStore(run.rundir.record, bed.layout, architecture="Synthetic")
@@ -147,6 +157,23 @@ def test_shared_random_and_selector_options_reach_the_masks(done):
     assert any(not np.array_equal(ours[e], default[e]) for e in ours), "the option must change the choice"
 
 
+def test_lape_quantiles_are_a_sweep_axis_with_their_own_table(done):
+    run = done
+    sub = artifacts.load_stats(run.rundir.select / "stats_c30_ser.safetensors").select_streams(["lm"])
+    for q in (0.2, 0.9):
+        ms = select.masks(run, f"lape_r0.05_c30_q{q:g}")
+        assert ms.meta["selector_options"] == {"quantile": q}  # the sweep's value, not [selectors.lape]'s 0.5
+        want = select_neurons(sub.probs(), "lape", 0.05, emotions=sub.emotions, quantile=q)
+        assert {e: m.indices.tolist() for e, m in ms.masks.items()} == {e: want[e].tolist() for e in ms.masks}
+    text = (run.dir / "report.md").read_text()
+    table = text.split("### Sweep: LAPE percentile")[1].split("#")[0]
+    assert "| q = 0.2 (" in table and "| q = 0.9 (" in table
+    res = read_json(run.rundir.evaluate / "results.json")
+    assert "lape_r0.05_c30_q0.2_steer_a1" in res["groups"]["all"]
+    # the plain LAPE row of Table 3 keeps [selectors.lape]: the quantile points are not selector rows
+    assert text.split("## Table 3")[1].split("## ")[0].count("LAPE") == 1
+
+
 def test_p_over_generated_positions_equals_the_generated_counts(done):
     run = done
     gen = artifacts.load_stats(run.rundir.select / "stats_c30_ser_gen.safetensors")
@@ -206,9 +233,25 @@ def test_generated_positions_run_and_compare(done, tmp_path):
         md = path.read_text()
         assert "Table 2 — baseline EVC performance" in md and "Table 3 — ESN selectors" in md
         assert "| | A | B |".replace(" ", "") in md.replace(" ", "")
-        table3 = md.split("## Table 3")[1]
+        table3 = md.split("## Table 3")[1].split("## ")[0]
         assert table3.count("| A |") == 1 and table3.count("| B |") == 1 and table3.count("| CAS |") == 2
-        assert (tmp_path / "cmp.html").exists()
+        # the paper's order: Random first, then LAP, LAPE, MAD, CAS, CAS-H, model by model
+        names = [line.split("|")[2].strip() for line in table3.splitlines() if line.startswith("| ")][1:]
+        assert names == ["Random", "LAP", "LAPE", "MAD", "CAS", "CAS-H", "Random", "LAP", "LAPE", "MAD", "CAS", "CAS-H"]
+        table6 = md.split("## Table 6")[1].split("## ")[0]
+        assert table6.count("| A |") == 1 and table6.count("| CAS |") == 2 and "CAS-H" not in table6
+        table4 = md.split("## Table 4")[1].split("## ")[0]
+        assert table4.count("| A |") == 1 and table4.count("| B |") == 1 and table4.count("| α = 2 |") == 2
+        assert table4.count("| α = 1 |") == 2
+        assert "## Figure 9" in md and "![selected neurons across relative layer depth](cmp_layers.png)" in md
+        png = tmp_path / "cmp_layers.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        lines = compare.layer_depth(runs)
+        assert [name for name, _, _ in lines] == ["A, lm (CAS)", "A, synth (CAS)", "B, lm (CAS)", "B, synth (CAS)"]
+        for _, depth, share in lines:
+            assert depth[0] == 0 and depth[-1] == 1 and sum(share) == pytest.approx(1)
+        html = (tmp_path / "cmp.html").read_text()
+        assert "<h2>Table 6" in html and "cmp_layers.png" in html
         with pytest.raises(EsnError, match="at least two"):
             compare.compare_blocks(runs[:1])
         with pytest.raises(EsnError, match="same name"):
@@ -399,3 +442,47 @@ def test_a_report_without_matplotlib_keeps_every_table_and_says_which_extra_draw
     done = subprocess.run([sys.executable, "-m", "esn", "report", cfg, "-q"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and (run.dir / "report.md").read_text() == with_figures
+
+
+def test_an_emotion_without_a_success_set_is_reported_and_the_others_go_on(tmp_path):
+    """The paper's Table 3 has emotions hard at baseline: select the others, evaluate them, and say so."""
+    run = make_run(tmp_path / "r", never="sad", scarce="happy")
+    try:
+        select.select(run)
+        summary = read_json(run.rundir.select / "summary.json")
+        sizes = {e: len(v) for e, v in summary["success_sets"]["c30_ser"].items()}
+        assert sizes["happy"] == 3 and sizes["angry"] > 3 and sizes["surprise"] > 3  # unequal sets
+        assert summary["success_sets"]["c30_ser"]["sad"] == [] and all(
+            summary["success_sets"]["c30_ser"][e] for e in ("angry", "happy", "surprise"))
+        assert summary["no_success"]["cas_r0.05_c30"] == ["sad"]
+        assert summary["no_success"]["cas-h_r0.05_c30"] == []  # the listeners heard sad: CAS-H has it
+        cas = select.masks(run, "cas_r0.05_c30")
+        assert len(cas.masks["sad"]) == 0 and all(len(cas.masks[e]) for e in ("angry", "happy", "surprise"))
+        # the three selected emotions are selected as they would be without sad at all
+        stats = artifacts.load_stats(run.rundir.select / "stats_c30_ser.safetensors").select_streams(["lm"])
+        assert sorted(stats.emotions) == ["angry", "happy", "surprise"]
+        want = select_neurons(stats.probs(), "cas", 0.05, emotions=stats.emotions, seed=1)
+        assert all(cas.masks[e].indices.tolist() == want[e].tolist() for e in stats.emotions)
+        # the grid converts every target, but no sad mask row
+        grid = evaluate.attempts(run)
+        cas_rows = [a for a in grid if a.setting == "cas_r0.05_c30_steer_a1"]
+        assert {a.mask for a in cas_rows} == {"angry", "happy", "surprise"}
+        assert {a.target for a in cas_rows} == {"angry", "happy", "sad", "surprise"}
+        fake_evaluation(run)
+        res = read_json(run.rundir.evaluate / "results.json")
+        m = res["groups"]["all"]["cas_r0.05_c30_steer_a1"]
+        assert m["no_success"] == ["sad"]
+        j = m["judges"]["j"]
+        assert j["self_per_target"]["sad"] is None and j["matrix"][2] == [None] * 4
+        # self is the mean over the three selected emotions' own cells only
+        mats = j["matrix"]
+        assert j["self"] == pytest.approx(np.mean([mats[i][i] for i in (0, 1, 3)]), abs=1e-5)
+        write_report(run)
+        text = (run.dir / "report.md").read_text()
+        assert "0 (no success set)" in text  # success sets
+        assert "| Sad (no success set) |" in text  # Table 2
+        table3 = text.split("## Table 3")[1].split("## ")[0]
+        assert "| CAS (sad: no success set) |" in table3 and "| MAD (sad: no success set) |" in table3
+        assert "no success set" in text.split("## Figure 10")[1]
+    finally:
+        run.close()

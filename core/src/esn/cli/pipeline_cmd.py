@@ -249,7 +249,7 @@ def run_summary(run, stages: list[str], shard: tuple[int, int] | None) -> dict:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """``esn report``: one run's report, or with ``--compare`` Tables 2 and 3 across finished runs."""
+    """``esn report``: one run's report, or with ``--compare`` Tables 2, 3, 4, 6 and Figure 9 across finished runs."""
     from esn.errors import EsnError
     from esn.pipeline import compare
 

@@ -181,6 +181,8 @@ class SweepSection(_Section):
     interventions: list[InterventionSpec] = Field(default_factory=list)
     # The ablation of record.positions: the anchor again with P counted over these positions.
     positions: list[Positions] = Field(default_factory=list)
+    # LAPE's global percentile tau_p (the paper leaves its value open): the anchor with LAPE at each quantile.
+    lape_quantiles: list[float] = Field(default_factory=list)
 
     @field_validator("selectors")
     @classmethod
@@ -201,6 +203,14 @@ class SweepSection(_Section):
         for i, c in enumerate(v):
             if c < 1:
                 raise ValueError(f"c[{i}] = {c}: a success-set cap c must be >= 1")
+        return v
+
+    @field_validator("lape_quantiles")
+    @classmethod
+    def _quantiles(cls, v: list[float]) -> list[float]:
+        for i, q in enumerate(v):
+            if not (math.isfinite(q) and 0 <= q <= 1):
+                raise ValueError(f"lape_quantiles[{i}] = {q}: a percentile of P must be in [0, 1]")
         return v
 
     @field_validator("alphas")
@@ -305,6 +315,7 @@ class Recipe:
     labels: str = "ser"
     stream: str = "lm"
     positions: str = "all"
+    quantile: float | None = None  # LAPE's percentile when swept (None: [selectors.lape] or its default)
 
     @property
     def stats_key(self) -> str:
@@ -313,10 +324,12 @@ class Recipe:
 
     @property
     def key(self) -> str:
-        """``<selector>[-h][_synth]_r<r>_c<c>[_gen]``: the name of its mask file."""
+        """``<selector>[-h][_synth]_r<r>_c<c>[_gen][_q<quantile>]``: the name of its mask file."""
         stream = "" if self.stream == "lm" else f"_{self.stream}"
         positions = "" if self.positions == "all" else "_gen"
-        return f"{self.selector}{'-h' if self.labels == 'human' else ''}{stream}_r{self.rate:g}_c{self.c}{positions}"
+        q = "" if self.quantile is None else f"_q{self.quantile:g}"
+        return (f"{self.selector}{'-h' if self.labels == 'human' else ''}{stream}_r{self.rate:g}_c{self.c}"
+                f"{positions}{q}")
 
 
 @dataclass(frozen=True, order=True)
@@ -330,11 +343,12 @@ class Setting:
     alpha: float
     stream: str = "lm"  # the stream the mask is selected on and applied to
     positions: str = "all"  # the positions P counted when the mask was selected
+    quantile: float | None = None  # LAPE's percentile, on the points of sweep.lape_quantiles
 
     @property
     def recipe(self) -> Recipe:
         """The mask half of the setting (everything but the intervention)."""
-        return Recipe(self.selector, self.rate, self.c, self.labels, self.stream, self.positions)
+        return Recipe(self.selector, self.rate, self.c, self.labels, self.stream, self.positions, self.quantile)
 
     @property
     def mask_key(self) -> str:
@@ -350,6 +364,8 @@ class Setting:
     def label(self) -> str:
         """The selector as tables show it: ``CAS``, ``CAS-H``, ``Random``."""
         name = self.selector.upper() + ("-H" if self.labels == "human" else "")
+        if self.quantile is not None:
+            name += f" q={self.quantile:g}"
         return name.replace("RANDOM", "Random")
 
 
@@ -372,6 +388,7 @@ def settings(cfg: RunConfig) -> list[Setting]:
     out += [replace(base, alpha=float(al)) for al in s.alphas]
     out += [replace(base, method=i.method, alpha=float(i.alpha)) for i in s.interventions]
     out += [replace(base, positions=p) for p in s.positions]
+    out += [replace(base, selector="lape", quantile=float(q)) for q in s.lape_quantiles]
     if cfg.filter.human_labels is not None:
         out.append(replace(base, labels="human"))
     seen: set[Setting] = set()

@@ -21,9 +21,10 @@ from esn.pipeline.run import Run
 def attempts(run: Run) -> list[EvalAttempt]:
     """Every attempt of the grid, split by split, in a fixed order (batches are cut from it)."""
     sts = settings(run.cfg)
+    skip = select.no_success(run)  # masks of emotions without a success set were not selected
     out: list[EvalAttempt] = []
     for split in run.cfg.evaluate.splits:
-        out += grid(split, [s.id for s in run.sources(split)], run.cfg.record.targets, sts)
+        out += grid(split, [s.id for s in run.sources(split)], run.cfg.record.targets, sts, skip)
     return out
 
 

@@ -19,7 +19,7 @@ Figure 3. From the judged results:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,19 +46,32 @@ class EvalAttempt:
         return f"{self.split}|{self.setting}|{self.mask or '-'}|{self.source}|{self.target}"
 
 
-def grid(split: str, sources: Sequence[str], targets: Sequence[str], settings: Sequence[Setting]) -> list[EvalAttempt]:
-    """Every attempt of one split, baseline first, in a fixed order (batches are cut from this order)."""
+def grid(split: str, sources: Sequence[str], targets: Sequence[str], settings: Sequence[Setting],
+         no_success: Mapping[str, Sequence[str]] | None = None) -> list[EvalAttempt]:
+    """Every attempt of one split, baseline first, in a fixed order (batches are cut from this order).
+
+    ``no_success``: ``{mask key: emotions without a success set}``; their masks were not selected, so their
+    mask rows are left out (every target is still converted: the baseline and the other masks' cells)."""
+    no_success = no_success or {}
     out = [EvalAttempt(split, BASELINE, None, s, t) for s in sources for t in targets]
     for st in settings:
-        out += [EvalAttempt(split, st.key, m, s, t) for m in targets for s in sources for t in targets]
+        masks = [m for m in targets if m not in no_success.get(st.mask_key, ())]
+        out += [EvalAttempt(split, st.key, m, s, t) for m in masks for s in sources for t in targets]
     return out
 
 
 def _ci(samples: np.ndarray) -> list[float] | None:
-    if samples.size == 0:
+    if samples.size == 0 or np.isnan(samples).all():
         return None
     lo, hi = np.percentile(samples, [2.5, 97.5])
     return [round(float(lo), 6), round(float(hi), 6)]
+
+
+def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
+    """``np.nanmean`` without the warning for an all-NaN slice (a mask row without a success set): NaN."""
+    n = (~np.isnan(x)).sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.nansum(x, axis=axis) / np.maximum(n, 1), np.nan)
 
 
 def _r(x: float | None) -> float | None:
@@ -106,6 +119,9 @@ def summarize_setting(
                 m[t_idx[r["mask"]], t_idx[r["target"]], s_idx[r["source"]]] = float(r["labels"].get(judge) == r["target"])
             entry.update(_effects(m, b, targets, weights))
         out["judges"][judge] = entry
+    if setting != BASELINE:
+        present = {r["mask"] for r in cells}
+        out["no_success"] = [t for t in targets if t not in present]  # mask rows left out of the grid
     self_cells = [r for r in cells if r["mask"] == r["target"]] or base
     out["wer"] = _r(100 * wer_fn([r["reference"] for r in scored], [r["text"] for r in scored]))
     out["wer_self"] = _r(100 * wer_fn([r["reference"] for r in self_cells], [r["text"] for r in self_cells]))
@@ -128,23 +144,27 @@ def predicted_labels(records: list[dict], judge: str, targets: Sequence[str]) ->
 
 
 def _effects(m: np.ndarray, b: np.ndarray, targets: Sequence[str], weights: np.ndarray | None) -> dict:
-    """Delta matrix, self/cross/gap and per-target self Deltas, with bootstrap CIs (pp)."""
+    """Delta matrix, self/cross/gap and per-target self Deltas, with bootstrap CIs (pp). A mask row with no
+    cell at all (an emotion without a success set) is left out of self, cross and all; its Deltas are None."""
     T = len(targets)
+    present = ~np.isnan(m).all(axis=(1, 2))  # [T] mask rows that were evaluated
     diag = np.eye(T, dtype=bool)
+    own, off = diag & present[:, None], ~diag & present[:, None]
 
     def stats(m_mean: np.ndarray, b_mean: np.ndarray) -> dict[str, np.ndarray]:
         # m_mean [T, T, ...], b_mean [T, ...] -> Deltas in pp
         delta = 100 * (m_mean - b_mean[None])
-        self_ = delta[diag].mean(axis=0)
-        cross = delta[~diag].mean(axis=0)
-        every = delta.reshape(T * T, *delta.shape[2:]).mean(axis=0)
+        delta = np.where(present.reshape(T, *[1] * (delta.ndim - 1)), delta, np.nan)
+        self_ = delta[own].mean(axis=0)
+        cross = delta[off].mean(axis=0)
+        every = delta[present].reshape(-1, *delta.shape[2:]).mean(axis=0)
         return {"delta": delta, "self": self_, "cross": cross, "gap": self_ - cross, "all": every,
                 "self_per_target": delta[diag]}
 
-    point = stats(np.nanmean(m, axis=-1), np.nanmean(b, axis=-1))
+    point = stats(_nanmean(m, axis=-1), _nanmean(b, axis=-1))
     out = {
         "matrix": [[_r(point["delta"][i, j]) for j in range(T)] for i in range(T)],
-        "match": [[_r(100 * v) for v in row] for row in np.nanmean(m, axis=-1)],
+        "match": [[_r(100 * v) for v in row] for row in _nanmean(m, axis=-1)],
         "self": _r(point["self"]),
         "cross": _r(point["cross"]),
         "gap": _r(point["gap"]),

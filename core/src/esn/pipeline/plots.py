@@ -266,3 +266,21 @@ def depth_profiles(profiles: dict[str, tuple[Sequence[str], np.ndarray]], path: 
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+def layer_depth_lines(lines: Sequence[tuple[str, Sequence[float], Sequence[float]]], path: Path, *,
+                      title: str) -> Path:
+    """Figure 9 across models: one line per (model, stream), the share of its selected neurons per layer
+    against relative layer depth (0 the first layer, 1 the last), so decoders of different depths line up."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for name, depth, share in lines:
+        ax.plot(depth, 100 * np.asarray(share, dtype=float), marker="o", markersize=3, label=name)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel("relative layer depth (layer / (layers − 1))")
+    ax.set_ylabel("share of selected neurons (%)")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

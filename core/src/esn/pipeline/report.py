@@ -48,7 +48,7 @@ def _with_delta(v: float | None, base: float | None, fmt: str = ".2f") -> str:
 
 
 STREAM_TITLE = {"lm": "language-model stream (lm)", "synth": "synthesis stream (synth)"}
-SETTING_FIELDS = ("selector", "rate", "c", "labels", "method", "alpha", "stream", "positions")
+SETTING_FIELDS = ("selector", "rate", "c", "labels", "method", "alpha", "stream", "positions", "quantile")
 
 
 def effect_table(rows: list[tuple[str, dict]], judges: list[str], primary: str,
@@ -60,6 +60,8 @@ def effect_table(rows: list[tuple[str, dict]], judges: list[str], primary: str,
             "UTMOS ↑ (Δ)", f"Self 95% CI ({primary})"]
     body = []
     for name, m in rows:
+        if m.get("no_success"):  # emotions whose masks were not selected: left out of this row's figures
+            name = f"{name} ({', '.join(m['no_success'])}: no success set)"
         entries = [m["judges"][j] for j in judges]
         wer = _with_delta(m["wer"], m["wer_baseline"])
         wer_self = _with_delta(m.get("wer_self"), m["wer_baseline"])
@@ -75,9 +77,15 @@ def effect_table(rows: list[tuple[str, dict]], judges: list[str], primary: str,
     return {"head": head, "rows": body}
 
 
-def baseline_table(m: dict, targets: list[str], judges: list[str]) -> dict:
+def no_success_name(t: str, no_success=()) -> str:
+    """A target emotion as a table row names it, marked when it had no success set (nothing selected)."""
+    return t.capitalize() + (" (no success set)" if t in no_success else "")
+
+
+def baseline_table(m: dict, targets: list[str], judges: list[str], no_success=()) -> dict:
     """Table 2 shape: baseline match % per target emotion and judge, average, WER, UTMOS."""
-    rows = [[t.capitalize(), " / ".join(_f(m["judges"][j]["baseline"][t], ".2f") for j in judges)] for t in targets]
+    rows = [[no_success_name(t, no_success), " / ".join(_f(m["judges"][j]["baseline"][t], ".2f") for j in judges)]
+            for t in targets]
     rows.append(["Avg.", " / ".join(_f(m["judges"][j]["baseline"]["avg"], ".2f") for j in judges)])
     rows.append(["WER %", _f(m["wer_baseline"], ".2f")])
     rows.append(["UTMOS", _f(m["quality_baseline"], ".2f")])
@@ -106,6 +114,8 @@ def sweeps(sts: list[Setting]) -> dict:
         "c": sorted([st for st in sts if same(st, "c")], key=lambda s: s.c),
         "method": [a] + [st for st in sts if same(st, "method", "alpha") and st.method != a.method],
         "positions": sorted([st for st in sts if same(st, "positions")], key=lambda s: s.positions),
+        "lape_quantile": sorted([st for st in sts if st.selector == "lape" and st.quantile is not None
+                                 and same(st, "selector", "quantile")], key=lambda s: s.quantile),
     }
 
 
@@ -196,7 +206,8 @@ def build(run: Run) -> list[Block]:
     if summary_path.exists():
         sets = read_sealed(summary_path, _RESELECT)["success_sets"]
         rows = [[key.replace("_ser", " (judge)").replace("_human", " (human, CAS-H)"),
-                 *[str(len(v.get(t, []))) for t in targets]] for key, v in sets.items()]
+                 *[str(len(v.get(t, []))) if v.get(t) else "0 (no success set)" for t in targets]]
+                for key, v in sets.items()]
         blocks += [Block("h2", "Success sets"),
                    Block("p", f"Successful identification attempts kept per target emotion (judge `{judges[0]}` "
                               f"{'says the target and ' if cfg.filter.require_match else '(emotion not required) and '}"
@@ -211,8 +222,9 @@ def build(run: Run) -> list[Block]:
                                   "qualify; an empty mask leaves its cells unsteered, so they measure noise):"),
                        Block("table", {"head": ["mask", "emotion", "neurons", "floor(r·N)"], "rows": small})]
 
+    unselected = groups[main][anchor.key].get("no_success", [])
     blocks += [Block("h2", "Table 2 — baseline (no intervention)"),
-               Block("table", baseline_table(groups[main][BASELINE], targets, judges)),
+               Block("table", baseline_table(groups[main][BASELINE], targets, judges, unselected)),
                Block("h3", f"Predicted labels of the baseline (judge {primary}, % of clips per target)"),
                Block("table", predicted_table(groups[main][BASELINE], targets, primary))]
 
@@ -236,6 +248,7 @@ def build(run: Run) -> list[Block]:
         if len(sw[key]) > 1:
             blocks += [Block("h3", f"Sweep: {title} ({anchor.label})"),
                        Block("table", effect_table([(fmt(st), g[st.key]) for st in sw[key]], judges, primary))]
+    blocks += _lape_quantile_blocks(run, sw["lape_quantile"], g, judges, primary)
     blocks += _positions_blocks(run, targets)
     blocks += report_views.curve_blocks(run, sw, g, primary, anchor)
 
@@ -275,7 +288,8 @@ def build(run: Run) -> list[Block]:
         cis = {s: groups[s][anchor.key]["judges"][primary].get("ci", {}).get("self_per_target", {}) for s in splits}
         png = plots.seen_unseen_bars(vals, cis, targets, fig_dir / "seen_unseen.png",
                                      title=f"Self-effect per emotion, {anchor.label} (judge {primary}, 95% CI)")
-        rows = [[s.replace("_", "-"), *[_f(vals[s].get(t)) for t in targets]] for s in splits]
+        rows = [[s.replace("_", "-"), *["no success set" if t in unselected else _f(vals[s].get(t)) for t in targets]]
+                for s in splits]
         blocks += [Block("h2", "Figure 10 — seen vs unseen speakers"),
                    Block("img", ("seen vs unseen", png.relative_to(run.dir))),
                    Block("table", {"head": ["split", *[t.capitalize() for t in targets]], "rows": rows})]
@@ -301,8 +315,30 @@ def _small_masks(run: Run, sizes: dict[str, dict[str, int]], sts: list[Setting])
         if st.key not in sizes or st.stream not in widths:
             continue
         want = n_selected(st.rate, widths[st.stream])
-        rows += [[st.key, e, str(n), str(want)] for e, n in sizes[st.key].items() if n < want]
+        rows += [[st.key, e if n else f"{e} (no success set)", str(n), str(want)]
+                 for e, n in sizes[st.key].items() if n < want]
     return rows
+
+
+def _lape_quantile_blocks(run: Run, rows: list[Setting], g: dict, judges: list[str], primary: str) -> list[Block]:
+    """``sweep.lape_quantiles``: LAPE at each global percentile tau_p of P (the paper leaves it open), with the
+    neurons each mask kept (LAPE keeps only neurons above tau_p for some emotion)."""
+    if not rows:
+        return []
+    path = run.rundir.select / "summary.json"
+    sizes = read_json(path)["masks"] if path.exists() else {}
+
+    def name(st: Setting) -> str:
+        n = [v for v in sizes.get(st.mask_key, {}).values() if v]
+        return f"q = {st.quantile:g} ({np.mean(n):.1f} neurons per mask)" if n else f"q = {st.quantile:g}"
+
+    a = rows[0]
+    return [Block("h3", "Sweep: LAPE percentile"),
+            Block("p", f"LAPE with its probability threshold τ_p at each global percentile q of P (over every "
+                       f"emotion and neuron of the {a.stream} stream), at r = {a.rate:g}, c = {a.c}, {a.method} "
+                       f"α = {a.alpha:g}. The paper fixes neither q nor τ_p; a high q can leave LAPE few or no "
+                       "neurons (an empty mask leaves its cells unsteered). See docs/paper.md."),
+            Block("table", effect_table([(name(st), g[st.key]) for st in rows], judges, primary))]
 
 
 def _positions_blocks(run: Run, targets: list[str]) -> list[Block]:
@@ -316,6 +352,9 @@ def _positions_blocks(run: Run, targets: list[str]) -> list[Block]:
         for t in targets:
             share = entry["prompt_share"].get(t)
             ov = entry.get("overlap", {}).get(t)
+            if t not in entry["prompt_share"]:
+                rows.append([stream, no_success_name(t, [t]), "–", "–", "–"])
+                continue
             rows.append([stream, t.capitalize(), "–" if share is None else f"{100 * share:.1f}%",
                          "–" if ov is None else f"{ov['jaccard']:.3f}", "–" if ov is None else f"{100 * ov['direct_match']:.1f}%"])
     out = [Block("h3", "Ablation: positions counted in P (prompt vs generated)"),
@@ -381,7 +420,8 @@ def _human_blocks(run: Run, targets: list[str]) -> list[Block]:
     sim = run.rundir.select / "human_similarity.json"
     if sim.exists():
         data = read_sealed(sim, _RESELECT)
-        rows = [[e.capitalize(), _f(v["jaccard"], ".3f"), _f(100 * v["direct_match"], ".2f") + "%", _f(v["jsd"], ".3f")]
+        rows = [[e.capitalize(), "no success set", "–", "–"] if v.get("no_success") else
+                [e.capitalize(), _f(v["jaccard"], ".3f"), _f(100 * v["direct_match"], ".2f") + "%", _f(v["jsd"], ".3f")]
                 for e, v in data.items()]
         out += [Block("h2", "Table 5 — ESNs from human- vs judge-filtered successes"),
                 Block("table", {"head": ["Emotion", "Jaccard", "Direct match", "JSD"], "rows": rows})]

@@ -23,7 +23,9 @@ from esn.pipeline.run import Run
 
 
 def success_sets(run: Run, c: int, labels: str):
-    """The filtered, capped success sets (``FilterResult``); an empty emotion is a clear error."""
+    """The filtered, capped success sets (``FilterResult``). An emotion without a success is left out of
+    selection (its masks are empty and reports say "no success set", as the paper's hard emotions may be);
+    only when no emotion has one is it an error."""
     from esn.filtering import filter_attempts, load_label_csv
 
     records = record.store(run).records()
@@ -38,7 +40,7 @@ def success_sets(run: Run, c: int, labels: str):
     result = filter_attempts(records, judged, tau_wer=f.tau_wer, cap=c, seed=run.cfg.seed, emotions=targets,
                              require_match=f.require_match)
     empty = [e for e in targets if not result.success.get(e)]
-    if empty:
+    if len(empty) == len(targets):
         raise EsnError(
             f"no successful conversion for {', '.join(empty)} among {len(records)} recorded attempts "
             f"({who} must give the target emotion{'' if f.require_match else ' (not required here)'} and "
@@ -74,7 +76,8 @@ class _Stats:
         if key not in self.stats:
             cfg = self.run.cfg
             result = self.success(recipe.c, recipe.labels)
-            stats = aggregate(self.store, result.success, positions=recipe.positions)
+            present = {e: ids for e, ids in result.success.items() if ids}  # "no success set": not aggregated
+            stats = aggregate(self.store, present, positions=recipe.positions)
             stats.meta = {"source_run": "record", "c": recipe.c, "labels": recipe.labels, "seed": cfg.seed,
                           "tau_wer": cfg.filter.tau_wer, "positions": recipe.positions}
             path = self.run.rundir.select / f"stats_{key}.safetensors"
@@ -97,10 +100,12 @@ def select(run: Run) -> None:
     cfg = run.cfg
     out = run.rundir.select
     cache = _Stats(run)
-    summary: dict[str, Any] = {"success_sets": {}, "masks": {}, "files": {}}
+    summary: dict[str, Any] = {"success_sets": {}, "no_success": {}, "masks": {}, "files": {}}
     for recipe in mask_recipes(cfg):
         stats = cache.of(recipe)
-        summary["success_sets"][f"c{recipe.c}_{recipe.labels}"] = cache.success(recipe.c, recipe.labels).success
+        sets = cache.success(recipe.c, recipe.labels).success
+        summary["success_sets"][f"c{recipe.c}_{recipe.labels}"] = sets
+        summary["no_success"][recipe.key] = [e for e in cfg.record.targets if not sets.get(e)]
         path = out / f"masks_{recipe.key}.safetensors"
         chosen, options = choose(run, stats, recipe)
         artifacts.save_masks(path, chosen, layout=stats.layout.select([recipe.stream]), meta={
@@ -123,10 +128,20 @@ def choose(run: Run, stats, recipe: Recipe) -> tuple[dict[str, np.ndarray], dict
     from esn.selection import select_neurons
 
     options = dict(run.cfg.selectors.get(recipe.selector, {}))
+    if recipe.quantile is not None:  # a point of the LAPE percentile sweep
+        options["quantile"] = recipe.quantile
     stream = stats.select_streams([recipe.stream])
     chosen = select_neurons(stream.probs(), recipe.selector, recipe.rate, emotions=stream.emotions,
                             seed=run.cfg.seed, **options)
-    return {e: chosen[e] for e in run.cfg.record.targets}, options
+    none = np.zeros(0, dtype=np.int64)  # an emotion without a success set: nothing selected, nothing steered
+    return {e: chosen.get(e, none) for e in run.cfg.record.targets}, options
+
+
+def no_success(run: Run) -> dict[str, list[str]]:
+    """``{mask key: emotions without a success set}`` from the last select (empty lists when every emotion
+    had one; ``{}`` for a select of an older esn)."""
+    path = run.rundir.select / "summary.json"
+    return read_json(path).get("no_success", {}) if path.exists() else {}
 
 
 def mask_digests(run: Run, keys) -> dict[str, str]:
@@ -169,8 +184,13 @@ def _human_similarity(run: Run) -> None:
     anchor = settings(run.cfg)[0].recipe
     ser = masks(run, anchor.key)
     hum = masks(run, replace(anchor, labels="human").key)
-    table = analysis.compare(ser.masks, hum.masks, ser.layout)
-    atomic_write_json(run.rundir.select / "human_similarity.json", seal({e: vars(v) for e, v in table.items()}))
+    both = [e for e in ser.masks if len(ser.masks[e]) and len(hum.masks.get(e, ()))]
+    if not both:
+        return
+    table = analysis.compare({e: ser.masks[e] for e in both}, {e: hum.masks[e] for e in both}, ser.layout)
+    out = {e: {"no_success": True} for e in ser.masks if e not in both}  # an empty mask: no success set
+    atomic_write_json(run.rundir.select / "human_similarity.json",
+                      seal({**out, **{e: vars(v) for e, v in table.items()}}))
 
 
 def _positions_ablation(run: Run, cache: _Stats) -> None:
@@ -193,6 +213,7 @@ def _positions_ablation(run: Run, cache: _Stats) -> None:
             entry["prompt_share"][e] = None if t_all == 0 else round(1 - t_gen / t_all, 6)
         try:
             chosen = {p: choose(run, stats[p], replace(r, stream=stream))[0] for p, r in both.items()}
+            chosen = {p: {e: m for e, m in c.items() if e in sub["all"].emotions} for p, c in chosen.items()}
             table = analysis.compare(chosen["all"], chosen["generated"], sub["all"].layout)
         except EsnError as exc:  # e.g. a stream without generated positions, or an empty mask
             entry["error"] = str(exc)
