@@ -141,7 +141,7 @@ def no_success(run: Run) -> dict[str, list[str]]:
     """``{mask key: emotions without a success set}`` from the last select (empty lists when every emotion
     had one; ``{}`` for a select of an older esn)."""
     path = run.rundir.select / "summary.json"
-    return read_json(path).get("no_success", {}) if path.exists() else {}
+    return read_sealed(path, "run `esn select` to write it again").get("no_success", {}) if path.exists() else {}
 
 
 def mask_digests(run: Run, keys) -> dict[str, str]:
