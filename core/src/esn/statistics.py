@@ -84,6 +84,18 @@ class ActivationStats:
         t = self.positions()
         return np.divide(self.S, t, out=np.zeros(self.S.shape), where=t > 0)
 
+    def moments(self):
+        """``GateMoments`` (mean and mean square of the gate, ``[E, N]``) for selectors that declare them."""
+        from esn.selection import GateMoments
+
+        if self.S is None:
+            raise EsnError("these statistics have no gate moments: their attempts were recorded without sums "
+                           "and sums of squares (record.moments)")
+        t = self.positions()
+        self._check_positions()
+        return GateMoments(np.divide(self.S, t, out=np.zeros(self.S.shape), where=t > 0),
+                           np.divide(self.SS, t, out=np.zeros(self.SS.shape), where=t > 0))
+
     def routing(self) -> dict[str, np.ndarray]:
         """Routing frequency: per routed hook point, ``[E, experts]`` float64, the share of the emotion's
         positions at that layer that were routed to each expert (a position goes to ``top_k`` experts, so
