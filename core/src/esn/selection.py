@@ -223,6 +223,8 @@ def select_neurons(
         raise EsnError(f"rate r={rate} selects floor(r*N) = 0 of N={n} neurons; use r >= {1 / n:.3g}")
     fn = (registry or plugins.registry()).selector(method.lower())
     check_options(method, fn, options)
+    if moments is not None and not isinstance(moments, GateMoments):
+        raise EsnError(f"moments must be GateMoments (ActivationStats.moments()), got {type(moments).__name__}")
     if needs_moments(fn):
         if moments is None:
             raise EsnError(f"selector {method!r} needs the gate moments (mean and mean square per neuron); pass "

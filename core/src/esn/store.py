@@ -471,6 +471,23 @@ class AttemptStore:
         """Ids of the attempts already stored (skip them when resuming a run)."""
         return {rec.id for shard in self._shards() for rec in shard.records}
 
+    def has_moments(self) -> bool | None:
+        """Whether every stored attempt has sums and sums of squares (None: nothing stored yet). Reads the
+        tensor files' headers only."""
+        shards = self._shards()
+        if not shards:
+            return None
+        return all("sums" in self._tensor_names(shard) for shard in shards)
+
+    def _tensor_names(self, shard: _Shard) -> set[str]:
+        path = self.shard_dir / f"{shard.name}.safetensors"
+        try:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                return set(json.loads(f.read(min(size, shard.size))) or {}) - {"__metadata__"}
+        except (OSError, struct.error, ValueError, TypeError) as exc:
+            raise EsnError(f"{path}: cannot read shard header ({exc})") from None
+
     def iter_stats(self, ids: Iterable[str] | None = None) -> Iterator[AttemptStats]:
         """Statistics of ``ids`` (default: all), one shard at a time; unknown ids are an error."""
         shards, where = self._index()

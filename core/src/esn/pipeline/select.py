@@ -120,13 +120,31 @@ def select(run: Run) -> None:
 
 def choose(run: Run, stats, recipe: Recipe) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Select ``recipe`` on its own stream's neurons: ``({emotion: indices in that stream}, options used)``."""
-    from esn.selection import select_neurons
+    from esn.plugins import registry
+    from esn.selection import needs_moments, select_neurons
 
     options = dict(run.cfg.selectors.get(recipe.selector, {}))
     stream = stats.select_streams([recipe.stream])
+    if needs_moments(registry().selector(recipe.selector)):
+        options["moments"] = _moments(run, stream, recipe)
     chosen = select_neurons(stream.probs(), recipe.selector, recipe.rate, emotions=stream.emotions,
                             seed=run.cfg.seed, **options)
+    options.pop("moments", None)  # data, not an option: the mask files' metadata lists options only
     return {e: chosen[e] for e in run.cfg.record.targets}, options
+
+
+def _moments(run: Run, stats, recipe: Recipe):
+    """The gate moments a selector needs, or an error saying why there are none and how to get them."""
+    if stats.S is not None:
+        return stats.moments()
+    if recipe.positions == "generated":
+        raise EsnError(f"selector {recipe.selector!r} needs the gate moments, which are stored for all positions "
+                       "only: it cannot select on the generated positions (record.positions / sweep.positions)")
+    raise EsnError(
+        f"selector {recipe.selector!r} needs the gate moments (sums and sums of squares per neuron), but attempts "
+        f"in {run.rundir.record} were recorded without them (record.moments = \"auto\" stores them only when a "
+        "configured selector needs them, at 8 more bytes a neuron per attempt). Record again with this selector "
+        "in the config, or record.moments = true, into a new run_dir (or move record/ away), then run `esn select`")
 
 
 def mask_digests(run: Run, keys) -> dict[str, str]:
