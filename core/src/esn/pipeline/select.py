@@ -56,6 +56,7 @@ class _Stats:
         self.store = record.store(run)
         self.sets: dict[tuple[int, str], Any] = {}
         self.stats: dict[str, Any] = {}
+        self.ready: dict[str, Any] = {}  # aggregated by prefetch, not yet used
         self.written: list[Path] = []  # statistics and mask files this select wrote (summary.json lists them)
 
     def success(self, c: int, labels: str):
@@ -64,6 +65,23 @@ class _Stats:
             _write_verdicts(result, self.run.rundir.select / f"verdicts_c{c}_{labels}.csv")
             self.sets[(c, labels)] = result
         return self.sets[(c, labels)]
+
+    def prefetch(self, recipes) -> None:
+        """Aggregate the statistics of every recipe's key in one pass over the store (each shard read once,
+        not once per key: at paper scale the keys of c and positions re-read most shards). Keys whose success
+        sets fail are left to ``of``, which raises their error where a recipe first needs them."""
+        from esn.statistics import aggregate_each
+
+        todo = {}
+        for recipe in recipes:
+            if recipe.stats_key in self.stats or recipe.stats_key in todo:
+                continue
+            try:
+                todo[recipe.stats_key] = (self.success(recipe.c, recipe.labels).success, recipe.positions)
+            except EsnError:
+                continue
+        if len(todo) > 1:
+            self.ready = dict(zip(todo, aggregate_each(self.store, list(todo.values())), strict=True))
 
     def of(self, recipe: Recipe):
         """``ActivationStats`` over every recorded stream, written to ``stats_<stats_key>.safetensors`` once per select."""
@@ -74,7 +92,11 @@ class _Stats:
         if key not in self.stats:
             cfg = self.run.cfg
             result = self.success(recipe.c, recipe.labels)
-            stats = aggregate(self.store, result.success, positions=recipe.positions)
+            stats = self.ready.pop(key, None)
+            if stats is None:
+                stats = aggregate(self.store, result.success, positions=recipe.positions)
+            elif isinstance(stats, EsnError):
+                raise stats
             stats.meta = {"source_run": "record", "c": recipe.c, "labels": recipe.labels, "seed": cfg.seed,
                           "tau_wer": cfg.filter.tau_wer, "positions": recipe.positions}
             path = self.run.rundir.select / f"stats_{key}.safetensors"
@@ -97,6 +119,8 @@ def select(run: Run) -> None:
     cfg = run.cfg
     out = run.rundir.select
     cache = _Stats(run)
+    anchor = settings(cfg)[0].recipe
+    cache.prefetch([*mask_recipes(cfg), *(replace(anchor, positions=p) for p in ("all", "generated"))])
     summary: dict[str, Any] = {"success_sets": {}, "masks": {}, "files": {}}
     for recipe in mask_recipes(cfg):
         stats = cache.of(recipe)
