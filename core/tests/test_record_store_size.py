@@ -157,3 +157,30 @@ def test_record_prints_the_size_and_refuses_a_small_disk_before_loading_the_mode
         monkeypatch.undo()
         with pytest.raises(EsnError, match="no-such-checkpoint"):  # enough space: on to loading the model
             record.record(run)
+
+
+def test_a_store_written_by_an_older_esn_still_loads_resumes_and_selects_the_same(tmp_path):
+    """core/tests/data/store_v1: raw shards with moments, written by esn before compressed shards existed
+    (make_store_v1.py). It opens, counts as recorded (a rerun loads no model), selects, and its attempts
+    copied into a compressed store select the same masks, byte for byte."""
+    fixture = Path(__file__).parent / "data" / "store_v1"
+    masks = []
+    for name in ("old", "copied"):
+        (tmp_path / name).mkdir()
+        run = make_run(tmp_path / name)
+        with run:
+            if name == "old":
+                shutil.copytree(fixture, run.rundir.record)
+                store = record.store(run)
+                assert store.has_moments() is True and len(store.records()) == 12
+                assert store.done_ids() == {a.id for a in record.attempts(run)}
+                record.record(run)  # nothing to do: the checkpoint (which does not exist) is never loaded
+                assert "all 12 attempts already recorded" in run.console.file.getvalue()
+            else:
+                AttemptStore(run.rundir.record, LAYOUT, architecture="tiny").merge_from(
+                    AttemptStore(fixture), worker="b000000", compress=True)
+                assert record.store(run).has_moments() is True
+            select.select(run)
+            masks.append({p.name: p.read_bytes() for p in sorted(run.rundir.select.glob("masks_*"))})
+    assert len(masks[0]) == 4 and masks[0] == masks[1]
+    assert {p.name for p in fixture.rglob("*")} >= {"layout.json", "b000002-000000.safetensors"}  # untouched
