@@ -124,3 +124,36 @@ def test_prompt_split_is_checked_and_required_for_generated(tmp_path):
     assert aggregate(store, {"happy": ["a"]}).K.sum() == 3
     with pytest.raises(EsnError, match="without the prompt/generated split"):
         aggregate(store, {"happy": ["a"]}, positions="generated")
+
+
+def test_one_pass_over_several_requests_equals_separate_aggregates_bit_for_bit(tmp_path):
+    """aggregate_each (select's one pass for every c and positions) reads each shard once and gives what
+    aggregate gives per request: K, T exactly and the float64 sums to the bit; a request the store cannot
+    answer (generated positions without the prompt split) gets its error, the others their statistics."""
+    from esn.statistics import aggregate_each
+
+    rng = np.random.default_rng(3)
+    store = AttemptStore(tmp_path / "split", LAYOUT)
+    ids = [(f"x{k}", "happy" if k % 2 else "sad") for k in range(24)]
+    for start in range(0, 24, 6):
+        tokens = rng.integers(10, 30, size=(6, 2))
+        counts = rng.integers(0, 10, size=(6, 5))
+        sums = rng.normal(size=(6, 5)) * 1e3
+        store.append(recs(*ids[start:start + 6]), counts, tokens, sums, sums**2, prompt_counts=counts // 2,
+                     prompt_tokens=tokens // 2, compress=start % 12 == 0)
+    happy = [i for i, e in ids if e == "happy"]
+    sad = [i for i, e in ids if e == "sad"]
+    requests = [({"happy": happy[:3], "sad": sad[:5]}, "all"), ({"happy": happy, "sad": sad[1::2]}, "all"),
+                ({"happy": happy[2:9], "sad": sad}, "generated"), ({"sad": sad[4:], "happy": happy[:1]}, "all")]
+    for one, (want_ids, positions) in zip(aggregate_each(store, requests), requests, strict=True):
+        want = aggregate(store, want_ids, positions=positions)
+        assert one.emotions == want.emotions
+        for name in ("K", "T", "n_attempts", "S", "SS"):
+            a, b = getattr(one, name), getattr(want, name)
+            assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and a.tobytes() == b.tobytes()))
+    bare = AttemptStore(tmp_path / "bare", LAYOUT)
+    bare.append(recs(("a", "happy"), ("b", "sad")), [[1, 2, 0, 3, 4], [4, 0, 1, 1, 1]], [[4, 10], [5, 2]])
+    every, gen = aggregate_each(bare, [({"happy": ["a"], "sad": ["b"]}, "all"), ({"happy": ["a"]}, "generated")])
+    assert every.K.sum() == 17 and isinstance(gen, EsnError) and "prompt/generated split" in str(gen)
+    with pytest.raises(EsnError, match="listed under 'happy' and 'sad'"):
+        aggregate_each(bare, [({"happy": ["a"], "sad": ["a"]}, "all")])

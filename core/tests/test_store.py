@@ -233,3 +233,66 @@ def test_each_sidecar_is_parsed_once_and_changes_are_seen(tmp_path, monkeypatch)
         assert "a4" not in store.done_ids()  # ... and a removed one is forgotten
         with pytest.raises(EsnError, match="already stored"):
             store.append(*batch(["a7"]), worker="again")
+
+
+def test_compressed_shards_read_back_bit_for_bit_and_mix_with_raw_ones(tmp_path):
+    """compress=True stores the same integers (uint16 and int32 counts, prompt split), a reader picks rows
+    without the others, raw and compressed shards mix in one store and merge exactly either way."""
+    raw, packed = AttemptStore(tmp_path / "raw", LAYOUT), AttemptStore(tmp_path / "packed", LAYOUT)
+    batches = [batch(["a", "b", "c"], seed=1), batch(["d", "e"], seed=2, big=True)]
+    for k, (recs, counts, tokens) in enumerate(batches):
+        sums = np.random.default_rng(k).normal(size=counts.shape)
+        extra = {"prompt_counts": counts // 2, "prompt_tokens": tokens // 2, "sums": sums, "sumsq": sums**2}
+        raw.append(recs, counts, tokens, **extra)
+        packed.append(recs, counts, tokens, **extra, compress=True)
+    for a, b in zip(raw.iter_stats(), packed.iter_stats(), strict=True):
+        assert a.ids == b.ids and all(a.same_row(i, b, i) for i in range(len(a.ids)))
+        assert a.counts.dtype == b.counts.dtype and a.prompt_counts.dtype == b.prompt_counts.dtype
+    side = json.loads((tmp_path / "packed" / "shards" / "0-000001.json").read_text())
+    assert side["format"] == "esn-shard/2"
+    (part,) = packed.iter_stats(["e"])
+    np.testing.assert_array_equal(part.counts[0], batches[1][1][1])
+    mixed = AttemptStore(tmp_path / "mixed", LAYOUT)
+    mixed.merge_from(raw, compress=True)
+    mixed.merge_from(packed)  # identical content: nothing copied, no conflict
+    assert collect(mixed).keys() == collect(raw).keys()
+    for i, (c, _t) in collect(raw).items():
+        np.testing.assert_array_equal(collect(mixed, [i])[i][0], c)
+    back = AttemptStore(tmp_path / "back", LAYOUT)
+    assert back.merge_from(packed) == 5  # compressed into raw: the same values
+    assert all(a.same_row(0, b, 0) for a, b in zip(back.iter_stats(["d"]), raw.iter_stats(["d"]), strict=True))
+
+
+def test_a_damaged_compressed_shard_is_a_clear_error(tmp_path):
+    import safetensors.numpy
+
+    store = AttemptStore(tmp_path, LAYOUT)
+    recs, counts, tokens = batch(["a", "b"])
+    side_path = store.append(recs, counts, tokens, compress=True)
+    tensor_path = side_path.with_suffix(".safetensors")
+    t = safetensors.numpy.load(tensor_path.read_bytes())
+    header = json.loads(safetensors.safe_open(str(tensor_path), "np").metadata()["esn"])
+    t["counts.zrows"] = t["counts.zrows"][::-1].copy()  # same size, garbage bytes
+    blob = safetensors.numpy.save(t, metadata={"esn": json.dumps(header)})
+    tensor_path.write_bytes(blob)
+    side = json.loads(side_path.read_text())
+    import hashlib
+
+    side |= {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}  # a checksum that matches the damage
+    side_path.write_text(json.dumps(side))
+    with pytest.raises(EsnError, match="not a readable safetensors file"):
+        list(AttemptStore(tmp_path).iter_stats())
+
+
+def test_attempt_bytes_is_what_a_raw_shard_holds(tmp_path):
+    from esn.store import attempt_bytes
+
+    store = AttemptStore(tmp_path, LAYOUT)
+    recs, counts, tokens = batch([f"x{i}" for i in range(10)])
+    sums = counts.astype(float)
+    store.append(recs, counts, tokens, sums, sums, prompt_counts=counts // 2, prompt_tokens=tokens // 2)
+    (tensors,) = (tmp_path / "shards").glob("*.safetensors")
+    per = attempt_bytes(LAYOUT, moments=True)
+    assert per == 11 * 12 + 3 * 16
+    assert 10 * per <= tensors.stat().st_size <= 10 * per + 1024  # plus the safetensors header
+    assert attempt_bytes(LAYOUT, moments=False) == 11 * 4 + 3 * 16

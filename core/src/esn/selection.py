@@ -8,8 +8,11 @@ error: a mask that selects nothing would silently turn every intervention into a
 Selectors are plugins: ``register(name, fn)`` with
 ``fn(probs, n_select, *, rate, seed, emotions, **options) -> list[np.ndarray]`` (one index array per
 row). A selector's options are its other keyword parameters (``selector_options``), e.g. LAPE's
-``quantile`` and Random's ``shared``; a run config sets them under ``[selectors.<name>]``. The exact
-rules, with the edge cases, are in ``docs/selection.md``.
+``quantile`` and Random's ``shared``; a run config sets them under ``[selectors.<name>]``. A selector that
+also declares a keyword parameter ``moments`` gets the gate moments (``GateMoments``: mean and mean square
+of the gate per emotion and neuron): only then does the record stage store sums and sums of squares (12
+bytes a neuron instead of 4). None of the built-ins needs them. The exact rules, with the edge cases, are
+in ``docs/selection.md``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import numbers
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -130,7 +134,26 @@ def register_selectors(register):
         register(name, fn)
 
 
-_CALL_KEYWORDS = {"rate", "seed", "emotions"}  # what select_neurons passes itself
+_CALL_KEYWORDS = {"rate", "seed", "emotions", "moments"}  # what select_neurons passes itself
+
+
+@dataclass(frozen=True)
+class GateMoments:
+    """Per emotion and neuron ``[E, N]`` float64, over the counted positions: the gate's mean and mean square."""
+
+    mean: np.ndarray
+    mean_sq: np.ndarray
+
+    @property
+    def var(self) -> np.ndarray:
+        """Variance of the gate, ``mean_sq - mean**2`` (clipped at 0 against rounding)."""
+        return np.maximum(self.mean_sq - self.mean**2, 0.0)
+
+
+def needs_moments(fn: Callable) -> bool:
+    """Whether a selector function takes the gate moments: it declares a keyword parameter ``moments``."""
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    return any(p.name == "moments" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def selector_options(fn: Callable) -> tuple[str, ...] | None:
@@ -169,10 +192,12 @@ def select_neurons(
     emotions: Sequence[str],
     seed: int = 0,
     registry: Registry | None = None,
+    moments: GateMoments | None = None,
     **options,
 ) -> dict[str, np.ndarray]:
     """Select neurons per emotion. ``probs`` ``[E, N]``, rows in ``emotions`` order; ``options`` go to the
-    selector (``selector_options`` lists what it takes; anything else is an error).
+    selector (``selector_options`` lists what it takes; anything else is an error). ``moments`` (``[E, N]``
+    each) go to a selector that declares them (``needs_moments``) and must be given for one.
 
     Returns ``{emotion: sorted unique int64 flat indices}``. ``registry`` defaults to the process
     registry (built-ins plus installed plugins); pass ``esn.plugins.registry_with(plugin)`` to use a
@@ -198,6 +223,15 @@ def select_neurons(
         raise EsnError(f"rate r={rate} selects floor(r*N) = 0 of N={n} neurons; use r >= {1 / n:.3g}")
     fn = (registry or plugins.registry()).selector(method.lower())
     check_options(method, fn, options)
+    if moments is not None and not isinstance(moments, GateMoments):
+        raise EsnError(f"moments must be GateMoments (ActivationStats.moments()), got {type(moments).__name__}")
+    if needs_moments(fn):
+        if moments is None:
+            raise EsnError(f"selector {method!r} needs the gate moments (mean and mean square per neuron); pass "
+                           "moments=stats.moments() from statistics recorded with moments")
+        if moments.mean.shape != probs.shape or moments.mean_sq.shape != probs.shape:
+            raise EsnError(f"moments of shape {moments.mean.shape} do not fit probs {probs.shape}")
+        options = {**options, "moments": moments}
     rows = fn(probs, n_select, rate=rate, seed=seed, emotions=tuple(emotions), **options)
     if len(rows) != len(emotions):
         raise EsnError(f"selector {method!r} returned {len(rows)} rows for {len(emotions)} emotions")

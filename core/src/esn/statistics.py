@@ -84,6 +84,18 @@ class ActivationStats:
         t = self.positions()
         return np.divide(self.S, t, out=np.zeros(self.S.shape), where=t > 0)
 
+    def moments(self):
+        """``GateMoments`` (mean and mean square of the gate, ``[E, N]``) for selectors that declare them."""
+        from esn.selection import GateMoments
+
+        if self.S is None:
+            raise EsnError("these statistics have no gate moments: their attempts were recorded without sums "
+                           "and sums of squares (record.moments)")
+        t = self.positions()
+        self._check_positions()
+        return GateMoments(np.divide(self.S, t, out=np.zeros(self.S.shape), where=t > 0),
+                           np.divide(self.SS, t, out=np.zeros(self.SS.shape), where=t > 0))
+
     def routing(self) -> dict[str, np.ndarray]:
         """Routing frequency: per routed hook point, ``[E, experts]`` float64, the share of the emotion's
         positions at that layer that were routed to each expert (a position goes to ``top_k`` experts, so
@@ -127,43 +139,87 @@ def aggregate(store: AttemptStore, ids_by_emotion: Mapping[str, Sequence[str]], 
     ``"all"`` recorded positions, or ``"generated"`` ones only (needs the stored prompt split; the sums of
     gate values are then left out: they are stored for all positions only).
     """
-    if positions not in ("all", "generated"):
-        raise EsnError(f"positions must be 'all' or 'generated', got {positions!r}")
-    emotions = [normalize_emotion(e) for e in ids_by_emotion]
-    if len(set(emotions)) != len(emotions):
-        raise EsnError(f"an emotion is listed twice: {list(ids_by_emotion)}")
-    row_of: dict[str, int] = {}
-    for e, ids in enumerate(ids_by_emotion.values()):
-        for i in ids:
-            if row_of.setdefault(i, e) != e:
-                raise EsnError(f"attempt {i!r} is listed under {emotions[row_of[i]]!r} and {emotions[e]!r}")
+    (out,) = aggregate_each(store, [(ids_by_emotion, positions)], progress=progress)
+    if isinstance(out, EsnError):
+        raise out
+    return out
+
+
+class _Sums:
+    """One request of ``aggregate_each``: its ids' rows and running sums."""
+
+    def __init__(self, store: AttemptStore, ids_by_emotion: Mapping[str, Sequence[str]], positions: str,
+                 targets: Mapping[str, str]):
+        if positions not in ("all", "generated"):
+            raise EsnError(f"positions must be 'all' or 'generated', got {positions!r}")
+        self.emotions = [normalize_emotion(e) for e in ids_by_emotion]
+        if len(set(self.emotions)) != len(self.emotions):
+            raise EsnError(f"an emotion is listed twice: {list(ids_by_emotion)}")
+        self.row_of: dict[str, int] = {}
+        for e, ids in enumerate(ids_by_emotion.values()):
+            for i in ids:
+                if self.row_of.setdefault(i, e) != e:
+                    raise EsnError(f"attempt {i!r} is listed under {self.emotions[self.row_of[i]]!r} and "
+                                   f"{self.emotions[e]!r}")
+        for i, e in self.row_of.items():
+            if i in targets and targets[i] != self.emotions[e]:
+                raise EsnError(f"attempt {i!r} targets {targets[i]!r} but is listed under {self.emotions[e]!r}")
+        n_e, n, h = len(self.emotions), store.layout.n_neurons, store.layout.n_groups
+        self.positions = positions
+        self.K = np.zeros((n_e, n), np.int64)
+        self.T = np.zeros((n_e, h), np.int64)
+        self.S = np.zeros((n_e, n), np.float64)
+        self.SS = np.zeros((n_e, n), np.float64)
+        self.has_sums = positions == "all"
+        self.n_attempts = np.zeros(n_e, np.int64)
+        self.error: EsnError | None = None
+
+    def add(self, part) -> None:
+        """Add the rows of ``part`` (one shard's, rows in stored order) that this request lists."""
+        mine = [k for k, i in enumerate(part.ids) if i in self.row_of]
+        if not mine or self.error is not None:
+            return
+        if len(mine) != len(part.ids):
+            part = part.rows(mine)  # the rows, in the order a request of its own would read them
+        rows = np.array([self.row_of[i] for i in part.ids], dtype=np.int64)
+        self.has_sums = self.has_sums and part.sums is not None
+        try:
+            counts, tokens = part.positions(self.positions)
+        except EsnError as exc:
+            self.error = exc
+            return
+        for e in np.unique(rows):
+            pick = rows == e
+            self.K[e] += counts[pick].sum(axis=0, dtype=np.int64)
+            self.T[e] += tokens[pick].sum(axis=0, dtype=np.int64)
+            self.n_attempts[e] += int(pick.sum())
+            if self.has_sums:
+                self.S[e] += part.sums[pick].sum(axis=0, dtype=np.float64)
+                self.SS[e] += part.sumsq[pick].sum(axis=0, dtype=np.float64)
+
+    def result(self, store: AttemptStore) -> ActivationStats | EsnError:
+        if self.error is not None:
+            return self.error
+        return ActivationStats(self.emotions, store.layout, self.K, self.T, self.n_attempts,
+                               self.S if self.has_sums else None, self.SS if self.has_sums else None,
+                               {"source_run": str(store.root), "positions": self.positions})
+
+
+def aggregate_each(store: AttemptStore, requests: Sequence[tuple[Mapping[str, Sequence[str]], str]], *,
+                   progress: bool = False) -> list[ActivationStats | EsnError]:
+    """``aggregate`` of several ``(ids_by_emotion, positions)`` requests in one pass over the store: each shard
+    is read once, for all of them. The results equal separate ``aggregate`` calls bit for bit (each request
+    adds its own rows of a shard in the same order). A request whose attempts cannot give its positions
+    (stored without the prompt split) yields its EsnError in its place; a bad request raises."""
     targets = {r.id: r.emotion for r in store.records()}
-    for i, e in row_of.items():
-        if i in targets and targets[i] != emotions[e]:
-            raise EsnError(f"attempt {i!r} targets {targets[i]!r} but is listed under {emotions[e]!r}")
-    n_e, n, h = len(emotions), store.layout.n_neurons, store.layout.n_groups
-    K = np.zeros((n_e, n), np.int64)
-    T = np.zeros((n_e, h), np.int64)
-    S = np.zeros((n_e, n), np.float64)
-    SS = np.zeros((n_e, n), np.float64)
-    has_sums = positions == "all"
-    n_attempts = np.zeros(n_e, np.int64)
-    parts = store.iter_stats(row_of)
+    sums = [_Sums(store, ids, positions, targets) for ids, positions in requests]
+    wanted = list(dict.fromkeys(i for s in sums for i in s.row_of))
+    parts = store.iter_stats(wanted)
     if progress:
         from rich.progress import track
 
         parts = track(parts, description="aggregating shards", transient=True)
     for part in parts:
-        rows = np.array([row_of[i] for i in part.ids], dtype=np.int64)
-        has_sums = has_sums and part.sums is not None
-        counts, tokens = part.positions(positions)
-        for e in np.unique(rows):
-            pick = rows == e
-            K[e] += counts[pick].sum(axis=0, dtype=np.int64)
-            T[e] += tokens[pick].sum(axis=0, dtype=np.int64)
-            n_attempts[e] += int(pick.sum())
-            if has_sums:
-                S[e] += part.sums[pick].sum(axis=0, dtype=np.float64)
-                SS[e] += part.sumsq[pick].sum(axis=0, dtype=np.float64)
-    return ActivationStats(emotions, store.layout, K, T, n_attempts, S if has_sums else None,
-                           SS if has_sums else None, {"source_run": str(store.root), "positions": positions})
+        for s in sums:
+            s.add(part)
+    return [s.result(store) for s in sums]

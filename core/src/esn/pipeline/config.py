@@ -104,6 +104,12 @@ class RecordSection(_Section):
     # Both parts are always stored (prompt and generated counts per attempt): this picks the one select uses.
     positions: Positions = Field("all", description="positions counted in P: all (prompt and generated) or "
                                                     "generated only")
+    # What each attempt keeps on disk (docs/pipeline.md, "The record store's size"): neither changes a selection.
+    moments: Literal["auto"] | StrictBool = Field(
+        "auto", description="also store gate sums and sums of squares (8 more bytes a neuron per attempt): "
+                            "auto = only when a configured selector takes moments")
+    compress: StrictBool = Field(True, description="store the counts compressed (about half their bytes; read "
+                                                   "back bit for bit)")
 
     @field_validator("targets")
     @classmethod

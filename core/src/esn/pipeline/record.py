@@ -88,6 +88,78 @@ def store(run: Run, layout=None):
     return AttemptStore(folder, layout, architecture=None if layout is None else run.adapter.architecture)
 
 
+def moment_selectors(cfg) -> list[str]:
+    """The configured selectors (anchor and sweeps) that take gate moments (``esn.selection.needs_moments``)."""
+    from esn.pipeline.config import mask_recipes
+    from esn.plugins import registry
+    from esn.selection import needs_moments
+
+    names = dict.fromkeys(r.selector for r in mask_recipes(cfg))
+    return [n for n in names if needs_moments(registry().selector(n))]
+
+
+def keeps_moments(cfg) -> bool:
+    """Whether record stores sums and sums of squares: ``record.moments``, or with ``"auto"`` only when a
+    configured selector needs them. ``false`` beside such a selector is an error before any work."""
+    needed = moment_selectors(cfg)
+    if cfg.record.moments is False and needed:
+        raise EsnError(f"record.moments = false, but selector(s) {', '.join(needed)} of this config need the gate "
+                       "moments (sums and sums of squares): set record.moments = true or \"auto\"")
+    return bool(needed) if cfg.record.moments == "auto" else cfg.record.moments
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError
+
+
+SIDECAR_BYTES = 1024  # per attempt, an allowance for its JSON record in the sidecar (typically 300-600 bytes)
+
+
+def check_space(run: Run, layout, moments: bool, attempts: int, total: int) -> None:
+    """Print what an attempt and the study take on disk, and refuse (before generating) a study the free
+    space of the record folder cannot hold; ``attempts`` still to record of ``total``."""
+    import shutil
+
+    from esn.store import attempt_bytes
+
+    cfg = run.cfg
+    per = attempt_bytes(layout, moments=moments) + SIDECAR_BYTES
+    need = attempts * per
+    free = shutil.disk_usage(run.rundir.record if run.rundir.record.exists() else run.rundir.root).free
+    what = ("counts + prompt counts (uint16)" + (" + sums and sums of squares (float32)" if moments else "")
+            + f", {layout.n_neurons:,} neurons")
+    if moments:
+        why = ("record.moments = true" if cfg.record.moments is True
+               else f"selector(s) {', '.join(moment_selectors(cfg))} need them")
+    else:
+        why = f"moments off ({'record.moments = false' if cfg.record.moments is False else 'no configured selector needs them'}, they would add {_size(8 * layout.n_neurons)})"
+    packed = ", compressed: counts usually about half that" if cfg.record.compress else ""
+    run.console.print(f"record store: up to {_size(per)} an attempt ({what}; {why}{packed}); the study's {total:,} "
+                      f"attempts up to {_size(total * per)}, the {attempts:,} still to record up to {_size(need)}, "
+                      f"{_size(free)} free", markup=False, highlight=False)
+    if need > free:
+        raise EsnError(
+            f"the record store needs up to {_size(need)} for {attempts:,} attempts ({_size(per)} each) but "
+            f"{run.rundir.record} has {_size(free)} free: free space, use a run_dir on a larger disk, or store less "
+            + ("(record.moments = false / auto unless a selector needs them: 8 bytes a neuron fewer)"
+               if moments else "(record.compress = true keeps the counts in about half)" if not cfg.record.compress
+               else "(fewer sources: data.max_sources)"))
+
+
+def check_moments(run: Run, moments: bool) -> None:
+    """Moments needed but attempts already stored without them: an error, before any work (a store never
+    mixes: select would have no moments for those attempts)."""
+    if moments and (run.rundir.record / "layout.json").exists() and store(run).has_moments() is False:
+        raise EsnError(
+            f"{run.rundir.record} holds attempts recorded without gate moments (sums and sums of squares), and "
+            f"this config needs them ({', '.join(moment_selectors(run.cfg)) or 'record.moments = true'}): record "
+            "into a new run_dir (or move record/ away), or drop the selectors that need moments")
+
+
 def record(run: Run) -> None:
     """Record this process's batches that are not recorded yet."""
     from esn.store import StoreWarning
@@ -157,6 +229,7 @@ def _record(run: Run) -> None:
 
     cfg = run.cfg
     batches = [(k, b) for k, b in chunks(attempts(run), cfg.record.batch_size) if run.team.mine(k)]
+    moments = keeps_moments(cfg)  # a bad combination fails before anything else
     todo = run.team.agree(lambda: _plan(run, batches))
     stale_prompts = run.team.is_leader and _prompts_damaged(run)  # warns; written again below either way
     if not todo:
@@ -166,9 +239,17 @@ def _record(run: Run) -> None:
         run.console.print(f"record{run.team.tag}: all {n} attempts{' of this shard' if run.shard else ''} "
                           "already recorded")
         return
+    check_moments(run, moments)
+    remaining = sum(len(keep) for _, keep in todo)
+    total = sum(len(b) for _, b in batches)
+    resuming = (run.rundir.record / "layout.json").exists()
+    if resuming:  # the stored layout tells the size before the model loads
+        run.team.on_leader(lambda: check_space(run, store(run).layout, moments, remaining, total))
     adapter = run.adapter
     streams = cfg.model.streams
     st_store = store(run, adapter.layout(streams))
+    if not resuming:  # a new store: its layout is the loaded model's, known now, before any generation
+        run.team.on_leader(lambda: check_space(run, st_store.layout, moments, remaining, total))
     run.team.on_leader(lambda: _write_prompts(run))
     by_k = dict(batches)
     run.load_judges()  # before the clock starts, and a bad judge fails before any work
@@ -182,7 +263,7 @@ def _record(run: Run) -> None:
             gen = convert.generation(run, "record", batch[0].id)
             collect = 0.0  # seconds spent bringing the statistics to the host
             if adapter.batched:
-                with GateRecorder(adapter, streams=streams) as rec:
+                with GateRecorder(adapter, streams=streams, moments=moments) as rec:
                     results = adapter.generate(reqs, gen)
                 tc = time.perf_counter()
                 stats = [rec.stats()]
@@ -190,7 +271,7 @@ def _record(run: Run) -> None:
             else:  # one request at a time, each with its own recorder
                 results, stats = [], []
                 for req in reqs:
-                    with GateRecorder(adapter, streams=streams) as rec:
+                    with GateRecorder(adapter, streams=streams, moments=moments) as rec:
                         results += adapter.generate([req], gen)
                     tc = time.perf_counter()
                     stats.append(rec.stats())
@@ -233,7 +314,7 @@ def _write_batch(run: Run, st_store, results, records: list[dict], st, keep: lis
             meta["audio_sha256"] = atomic_write_wav(run.rundir.record / meta["audio"], res.waveform, res.sample_rate)
     rows = slice(None) if keep == list(range(len(records))) else keep  # every row: a view, not a copy
     arrays = {name: a[rows] for name, a in st.numpy().items()}
-    st_store.append([records[i] for i in keep], worker=f"b{k:06d}", **arrays)
+    st_store.append([records[i] for i in keep], worker=f"b{k:06d}", compress=run.cfg.record.compress, **arrays)
 
 
 def _written(claims, conversions: int, times: dict[str, float], seconds: float, finished: float) -> None:

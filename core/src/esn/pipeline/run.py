@@ -58,6 +58,10 @@ class Run:
         c = self.cfg.model_dump(mode="json")
         # record.positions only picks which stored counts select uses (both parts are always recorded).
         positions = c["record"].pop("positions")
+        # How attempts are stored changes no result (select checks that moments are there when a selector
+        # needs them), and leaving these out keeps the fingerprints of run directories made before them.
+        c["record"].pop("moments")
+        c["record"].pop("compress")
         record = {k: c[k] for k in ("seed", "model", "data", "generation", "judges", "record")}
         select = {"record": record, "positions": positions,
                   **{k: c[k] for k in ("filter", "anchor", "sweep", "selectors")}}

@@ -58,6 +58,7 @@ class _Stats:
         self.store = record.store(run)
         self.sets: dict[tuple[int, str], Any] = {}
         self.stats: dict[str, Any] = {}
+        self.ready: dict[str, Any] = {}  # aggregated by prefetch, not yet used
         self.written: list[Path] = []  # statistics and mask files this select wrote (summary.json lists them)
 
     def success(self, c: int, labels: str):
@@ -66,6 +67,23 @@ class _Stats:
             _write_verdicts(result, self.run.rundir.select / f"verdicts_c{c}_{labels}.csv")
             self.sets[(c, labels)] = result
         return self.sets[(c, labels)]
+
+    def prefetch(self, recipes) -> None:
+        """Aggregate the statistics of every recipe's key in one pass over the store (each shard read once,
+        not once per key: at paper scale the keys of c and positions re-read most shards). Keys whose success
+        sets fail are left to ``of``, which raises their error where a recipe first needs them."""
+        from esn.statistics import aggregate_each
+
+        todo = {}
+        for recipe in recipes:
+            if recipe.stats_key in self.stats or recipe.stats_key in todo:
+                continue
+            try:
+                todo[recipe.stats_key] = (_present(self.success(recipe.c, recipe.labels).success), recipe.positions)
+            except EsnError:
+                continue
+        if len(todo) > 1:
+            self.ready = dict(zip(todo, aggregate_each(self.store, list(todo.values())), strict=True))
 
     def of(self, recipe: Recipe):
         """``ActivationStats`` over every recorded stream, written to ``stats_<stats_key>.safetensors`` once per select."""
@@ -76,8 +94,11 @@ class _Stats:
         if key not in self.stats:
             cfg = self.run.cfg
             result = self.success(recipe.c, recipe.labels)
-            present = {e: ids for e, ids in result.success.items() if ids}  # "no success set": not aggregated
-            stats = aggregate(self.store, present, positions=recipe.positions)
+            stats = self.ready.pop(key, None)
+            if stats is None:
+                stats = aggregate(self.store, _present(result.success), positions=recipe.positions)
+            elif isinstance(stats, EsnError):
+                raise stats
             stats.meta = {"source_run": "record", "c": recipe.c, "labels": recipe.labels, "seed": cfg.seed,
                           "tau_wer": cfg.filter.tau_wer, "positions": recipe.positions}
             path = self.run.rundir.select / f"stats_{key}.safetensors"
@@ -100,6 +121,8 @@ def select(run: Run) -> None:
     cfg = run.cfg
     out = run.rundir.select
     cache = _Stats(run)
+    anchor = settings(cfg)[0].recipe
+    cache.prefetch([*mask_recipes(cfg), *(replace(anchor, positions=p) for p in ("all", "generated"))])
     summary: dict[str, Any] = {"success_sets": {}, "no_success": {}, "masks": {}, "files": {}}
     for recipe in mask_recipes(cfg):
         stats = cache.of(recipe)
@@ -123,16 +146,25 @@ def select(run: Run) -> None:
     atomic_write_json(out / "summary.json", seal(summary))
 
 
+def _present(sets: dict[str, list]) -> dict[str, list]:
+    """The success sets that hold attempts: an emotion with "no success set" is not aggregated."""
+    return {e: ids for e, ids in sets.items() if ids}
+
+
 def choose(run: Run, stats, recipe: Recipe) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Select ``recipe`` on its own stream's neurons: ``({emotion: indices in that stream}, options used)``."""
-    from esn.selection import select_neurons
+    from esn.plugins import registry
+    from esn.selection import needs_moments, select_neurons
 
     options = dict(run.cfg.selectors.get(recipe.selector, {}))
     if recipe.quantile is not None:  # a point of the LAPE percentile sweep
         options["quantile"] = recipe.quantile
     stream = stats.select_streams([recipe.stream])
+    if needs_moments(registry().selector(recipe.selector)):
+        options["moments"] = _moments(run, stream, recipe)
     chosen = select_neurons(stream.probs(), recipe.selector, recipe.rate, emotions=stream.emotions,
                             seed=run.cfg.seed, **options)
+    options.pop("moments", None)  # data, not an option: the mask files' metadata lists options only
     none = np.zeros(0, dtype=np.int64)  # an emotion without a success set: nothing selected, nothing steered
     return {e: chosen.get(e, none) for e in run.cfg.record.targets}, options
 
@@ -142,6 +174,20 @@ def no_success(run: Run) -> dict[str, list[str]]:
     had one; ``{}`` for a select of an older esn)."""
     path = run.rundir.select / "summary.json"
     return read_sealed(path, "run `esn select` to write it again").get("no_success", {}) if path.exists() else {}
+
+
+def _moments(run: Run, stats, recipe: Recipe):
+    """The gate moments a selector needs, or an error saying why there are none and how to get them."""
+    if stats.S is not None:
+        return stats.moments()
+    if recipe.positions == "generated":
+        raise EsnError(f"selector {recipe.selector!r} needs the gate moments, which are stored for all positions "
+                       "only: it cannot select on the generated positions (record.positions / sweep.positions)")
+    raise EsnError(
+        f"selector {recipe.selector!r} needs the gate moments (sums and sums of squares per neuron), but attempts "
+        f"in {run.rundir.record} were recorded without them (record.moments = \"auto\" stores them only when a "
+        "configured selector needs them, at 8 more bytes a neuron per attempt). Record again with this selector "
+        "in the config, or record.moments = true, into a new run_dir (or move record/ away), then run `esn select`")
 
 
 def mask_digests(run: Run, keys) -> dict[str, str]:
