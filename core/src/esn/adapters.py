@@ -199,6 +199,15 @@ class ModelAdapter(abc.ABC):
     requirements: ClassVar[tuple[Requirement, ...]] = ()
     needs_cuda: ClassVar[bool] = False
     remote_code: ClassVar[bool] = False
+    # The EVC contract for models that differ from an instruction-following, text-writing LALM:
+    # ``instruction_channel`` False: the model takes no instruction (the target emotion is recorded, never
+    # sent; reports say nothing was sent). ``speaks_given_words`` True: the model is given the words to say,
+    # ``EVCRequest.transcript`` (it is the input, not only the WER reference). ``text_out`` False: the
+    # model writes no text (``EVCResult.text`` is not its output), so the success filter checks content by
+    # ASR or not at all (judge only), and says which in the report.
+    instruction_channel: ClassVar[bool] = True
+    speaks_given_words: ClassVar[bool] = False
+    text_out: ClassVar[bool] = True
 
     def __init__(self, model: Any, source: str | Path):
         """Wrap a loaded model. ``model`` is an ``nn.Module`` whose submodules the hook points' dotted
