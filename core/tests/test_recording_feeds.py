@@ -244,3 +244,30 @@ def test_a_per_frame_sub_generation_declared_as_substeps_counts_every_position(p
     if positions == "all":
         _assert_row(stats, target.layout(), want)
         assert stats.prompt_tokens[0, 0] == 4
+
+
+def test_gate_hook_points_take_the_models_own_module_names(model):
+    """A gated MLP whose modules are named otherwise (w1 for the gate, w2 down, activation_fn): names from
+    the adapter, not act_fn/gate_proj hard-coded."""
+
+    class Renamed(torch.nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.w1, self.w3, self.w2, self.activation_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+        def forward(self, x):
+            return self.w2(self.activation_fn(self.w1(x)) * self.w3(x))
+
+    layers = torch.nn.ModuleList()
+    for layer in model.model.layers:
+        holder = torch.nn.Module()
+        holder.ffn = Renamed(layer.mlp)
+        layers.append(holder)
+    tree = torch.nn.Module()
+    tree.layers = layers
+    points = gate_hook_points(tree, "layers", "lm", mlp="ffn", act_fn="activation_fn", gate_proj="w1", down_proj="w2")
+    assert [p.module for p in points] == ["layers.0.ffn.activation_fn", "layers.1.ffn.activation_fn"]
+    assert [p.down_proj for p in points] == ["layers.0.ffn.w2", "layers.1.ffn.w2"] and points[0].width == 48
+    with pytest.raises(EsnError, match=r"layers\.0 has no gated MLP 'ffn' with modules 'act_fn' and 'gate_proj' "
+                                       r"\(pass the model's own names"):
+        gate_hook_points(tree, "layers", "lm", mlp="ffn")
