@@ -41,6 +41,17 @@ def prompts(run: Run) -> dict | None:
     return read_json(path) if path.exists() else None
 
 
+def sent(adapter, generation) -> dict:
+    """What the model was given beside the speech, for ``prompts.json`` and the report: the adapter's prompt
+    texts (none with ``instruction_channel = False``: nothing is sent) and its EVC contract flags."""
+    contract = {"instruction_channel": bool(getattr(adapter, "instruction_channel", True)),
+                "speaks_given_words": bool(getattr(adapter, "speaks_given_words", False)),
+                "text_out": bool(getattr(adapter, "text_out", True))}
+    texts = (adapter.prompt_texts(generation) if contract["instruction_channel"]
+             else {"system_prompt": None, "instruction": None})
+    return {**texts, **contract}
+
+
 def attempts(run: Run) -> list[RecordAttempt]:
     """Every source of the record split to every target, in a fixed order (batches are cut from it)."""
     srcs = run.sources(run.cfg.record.split)
@@ -108,8 +119,7 @@ def _record(run: Run) -> None:
     adapter = run.adapter
     streams = cfg.model.streams
     st_store = store(run, adapter.layout(streams))
-    atomic_write_json(run.rundir.record / "prompts.json", {"adapter": cfg.model.adapter,
-                                                           **adapter.prompt_texts(cfg.generation)})
+    atomic_write_json(run.rundir.record / "prompts.json", {"adapter": cfg.model.adapter, **sent(adapter, cfg.generation)})
     by_k = dict(batches)
     run.load_judges()  # before the clock starts, and a bad judge fails before any work
     conversions = sum(len(by_k[k]) for k, _ in todo)
