@@ -197,6 +197,26 @@ def test_hookpoints_table_keeps_module_paths_whole(tmp_path, capsys, monkeypatch
     assert "…" not in out
 
 
+def test_hookpoints_show_kind_down_proj_and_meta_in_the_table_and_json(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    QwenOmniAdapter.write_tiny(tmp_path / "t")
+    points = QwenOmniAdapter.hook_points
+    monkeypatch.setattr(QwenOmniAdapter, "hook_points", lambda self: [
+        dataclasses.replace(hp, meta={"activation": "silu"}) if hp.layer == 0 else hp for hp in points(self)])
+    monkeypatch.setattr(ui.console, "width", 300)
+    assert main(["hookpoints", "--adapter", "qwen_omni", "--model", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "down_proj" in out and "kind" in out and "activation=silu" in out
+    assert "talker.model.layers.1.mlp.down_proj" in out and " dense " in out
+    assert main(["hookpoints", "--adapter", "qwen_omni", "--model", str(tmp_path / "t"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["hook_points"]
+    first = rows[0]
+    assert first["kind"] == "dense" and first["meta"] == {"activation": "silu"}
+    assert first["down_proj"] == "thinker.model.language_model.layers.0.mlp.down_proj"
+    assert rows[-1]["meta"] == {} and rows[-1]["down_proj"] == "talker.model.layers.1.mlp.down_proj"
+
+
 def test_version_is_the_installed_distributions():
     from importlib.metadata import version
 

@@ -39,3 +39,26 @@ def test_the_demo_reports_real_config_parses(tmp_path):
     assert [j.name for j in cfg.judges.emotion] == ["emotion2vec", "lalm_judge"]
     for spec in cfg.judges.emotion:
         registry().judge(spec.name)
+
+
+def test_the_adapter_guides_sed_recipe_rewrites_what_esn_demo_writes(tmp_path):
+    """The guide's `sed` line, run on the config `esn demo` writes, changes adapter, source and run_dir."""
+    import shutil
+    import subprocess
+    import tomllib
+
+    from esn.pipeline.demo import DEMO_TOML
+
+    page = (ROOT / "docs" / "adapters" / "writing-an-adapter.md").read_text()
+    recipe = re.search(r"^(sed .*?demo-out/demo\.toml) > demo-out/my_model\.toml$", page, re.M | re.S)
+    assert recipe, "the guide's sed recipe"
+    if shutil.which("sed") is None:
+        pytest.skip("no sed on this machine")
+    (tmp_path / "demo-out").mkdir()
+    (tmp_path / "demo-out" / "demo.toml").write_text(DEMO_TOML)
+    command = recipe.group(1).replace("\\\n", " ")
+    out = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    cfg = tomllib.loads(out)
+    assert cfg["model"]["adapter"] == "my_model" and cfg["model"]["source"] == "my-tiny"
+    assert cfg["run_dir"] == "runs/my_model"
+    assert out.count("\n") == DEMO_TOML.count("\n")  # only the three lines changed

@@ -95,7 +95,8 @@ def make_run(root: Path, *, positions: str = "all", shared: str = "true", seed: 
     prompt = bed.counts // 3  # a third of each count came from the prompt
     store.append(records, bed.counts, bed.tokens, prompt_counts=prompt, prompt_tokens=bed.tokens // 3, worker="b0")
     atomic_write_json(run.rundir.record / "prompts.json",
-                      seal({"adapter": "x", "system_prompt": "Convert the emotion.", "instruction": "Sound {emotion}."}))
+                      seal({"adapter": "x", "system_prompt": "Convert the emotion.", "instruction": "Sound {emotion}.",
+                           "instruction_channel": True, "speaks_given_words": False, "text_out": True}))
     run.bed = bed
     return run
 

@@ -104,13 +104,14 @@ class EVCRequest:
       rate and channel count, into that; a request does not resample.
     - ``emotion``: the target, one of ``esn.emotions.EMOTIONS`` (normalised: ``"Happy"`` -> ``"happy"``).
     - ``id``: the attempt's name, returned in ``EVCResult.id``.
-    - ``transcript``: the reference words, for WER; never shown to the model.
+    - ``transcript``: the reference words, for WER; never shown to the model, except by an adapter with
+      ``speaks_given_words = True`` (a model that speaks the words it is given): there it is the input.
     """
 
     audio: np.ndarray  # float32 mono waveform at 16 kHz, [samples]
     emotion: str
     id: str = ""
-    transcript: str | None = None  # the reference words; never shown to the model
+    transcript: str | None = None  # the reference words; the input only with speaks_given_words
 
     def __post_init__(self) -> None:
         self.emotion = normalize_emotion(self.emotion, EMOTIONS)
@@ -181,6 +182,9 @@ class ModelAdapter(abc.ABC):
     - ``batched``: True if ``generate`` runs all its requests as rows of one padded batch (per-row
       steering needs it); False if it runs them one after another.
     - ``sample_rate``: the rate of the returned waveforms.
+    - ``instruction_channel``, ``speaks_given_words``, ``text_out``: the EVC contract of a model that takes
+      no instruction (reports say nothing was sent), speaks the transcript it is given, or writes no text
+      (the success filter is then the judge alone, and the report says so).
 
     Instances come from ``load`` (the constructor is for ``load`` to call); methods to implement:
     ``load``, ``write_tiny``, ``hook_points``, ``generate`` and, for padded batches, ``stream_specs``.
@@ -199,6 +203,15 @@ class ModelAdapter(abc.ABC):
     requirements: ClassVar[tuple[Requirement, ...]] = ()
     needs_cuda: ClassVar[bool] = False
     remote_code: ClassVar[bool] = False
+    # The EVC contract for models that differ from an instruction-following, text-writing LALM:
+    # ``instruction_channel`` False: the model takes no instruction (the target emotion is recorded, never
+    # sent; reports say nothing was sent). ``speaks_given_words`` True: the model is given the words to say,
+    # ``EVCRequest.transcript`` (it is the input, not only the WER reference). ``text_out`` False: the
+    # model writes no text (``EVCResult.text`` is not its output), so the success filter checks content by
+    # ASR or not at all (judge only), and says which in the report.
+    instruction_channel: ClassVar[bool] = True
+    speaks_given_words: ClassVar[bool] = False
+    text_out: ClassVar[bool] = True
 
     def __init__(self, model: Any, source: str | Path):
         """Wrap a loaded model. ``model`` is an ``nn.Module`` whose submodules the hook points' dotted

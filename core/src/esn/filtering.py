@@ -101,13 +101,16 @@ def filter_attempts(
     seed: int = 0,
     emotions: Sequence[str] | None = None,
     require_match: bool = True,
+    check_wer: bool = True,
 ) -> FilterResult:
     """Judge every attempt and keep at most ``cap`` successes per target emotion.
 
     ``labels`` maps attempt id -> judged emotion (aliases such as "Surprised" are normalised); an attempt
     without a label (absent or None: the judge could not decide) fails with reason "no label". ``emotions`` (default: the target emotions of the
     records) orders the result; every record's target must be among them. ``require_match=False`` keeps
-    the WER condition only (an ablation; the paper always requires the match).
+    the WER condition only (an ablation; the paper always requires the match). ``check_wer=False`` drops
+    the WER condition: for a model that writes no text (``ModelAdapter.text_out`` False) the decoded text
+    says nothing about the words spoken, so the filter is the judge alone.
     """
     if isinstance(tau_wer, bool) or not isinstance(tau_wer, (int, float)) or not math.isfinite(tau_wer) or tau_wer < 0:
         raise EsnError(f"tau_wer must be a finite number >= 0, got {tau_wer!r}")
@@ -130,7 +133,7 @@ def filter_attempts(
             raise EsnError(f"attempt {r.id!r} targets {r.emotion!r}, which is not among {emotions}")
         label = judged.get(r.id)
         score = wer(r.transcript, r.text)
-        emotion_ok, wer_ok = label == r.emotion or not require_match, score <= tau_wer
+        emotion_ok, wer_ok = label == r.emotion or not require_match, score <= tau_wer or not check_wer
         if label is None and require_match:
             reason = "no label"
         elif not emotion_ok:

@@ -83,10 +83,13 @@ def submodule(model: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def gate_hook_points(model: nn.Module, layers_path: str, stream: str) -> list:
-    """Hook points for every SwiGLU MLP under ``layers_path`` (``{layers_path}.{l}.mlp.act_fn``).
+def gate_hook_points(model: nn.Module, layers_path: str, stream: str, *, mlp: str = "mlp", act_fn: str = "act_fn",
+                     gate_proj: str = "gate_proj", down_proj: str = "down_proj") -> list:
+    """Hook points for every gated MLP under ``layers_path`` (``{layers_path}.{l}.{mlp}.{act_fn}``).
 
-    The width is ``mlp.gate_proj.out_features``; ``down_proj`` is recorded for weight folding.
+    The module names are the model's (defaults: transformers' SwiGLU ``mlp.act_fn``/``gate_proj``/
+    ``down_proj``; a model that calls them ``activation_fn``, ``w1``, ``fc2`` passes those). The width is
+    ``gate_proj.out_features``; ``down_proj`` is recorded for weight folding.
     """
     from esn.errors import EsnError
     from esn.hookpoints import HookPoint
@@ -97,16 +100,17 @@ def gate_hook_points(model: nn.Module, layers_path: str, stream: str) -> list:
         raise EsnError(f"model {type(model).__name__} has no module {layers_path!r}") from None
     points = []
     for i, layer in enumerate(layers):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None or not hasattr(mlp, "act_fn") or not hasattr(mlp, "gate_proj"):
-            raise EsnError(f"{layers_path}.{i} has no SwiGLU mlp (act_fn, gate_proj)")
+        block = getattr(layer, mlp, None)
+        if block is None or not hasattr(block, act_fn) or not hasattr(block, gate_proj):
+            raise EsnError(f"{layers_path}.{i} has no gated MLP {mlp!r} with modules {act_fn!r} and {gate_proj!r} "
+                           "(pass the model's own names: mlp=, act_fn=, gate_proj=, down_proj=)")
         points.append(
             HookPoint(
                 stream=stream,
                 layer=i,
-                width=int(mlp.gate_proj.out_features),
-                module=f"{layers_path}.{i}.mlp.act_fn",
-                down_proj=f"{layers_path}.{i}.mlp.down_proj",
+                width=int(getattr(block, gate_proj).out_features),
+                module=f"{layers_path}.{i}.{mlp}.{act_fn}",
+                down_proj=f"{layers_path}.{i}.{mlp}.{down_proj}" if hasattr(block, down_proj) else None,
             )
         )
     return points

@@ -252,6 +252,8 @@ class _Root:
         self.halves = 1  # chunk buffers hold this many chunks: 2 with overlap (fill one, reduce the other)
         self.freed: list[torch.cuda.Event | None] = []  # per half: its last reduction has read it
         self.implicit = implicit  # no spec: driven by the hook point itself, every position real
+        self.stream = ""  # the stream whose spec (or, implicit, whose hook point) this is: for messages
+        self.decoded = False  # a one-position call has run since the prefill
         self.calls = 0
         self.batch: int | None = None
         self.mode = "skip"  # this call: "skip" | "dense" (reduce now) | "slot" (chunk buffer)
@@ -324,15 +326,14 @@ class _Root:
                 f"stream root {self.path!r} was called with batch {batch} after batch {self.batch}: "
                 "use one GateRecorder per generate call"
             )
-        elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] == pos and pos > 1:
-            raise EsnError(
-                f"stream root {self.path!r} saw a second prefill (or generation without a KV cache): "
-                "use one GateRecorder per generate call, with use_cache=True"
-            )
+        elif pos > 1 and (self.decoded or (isinstance(mask, torch.Tensor) and mask.dim() == 2
+                                           and mask.shape[-1] == pos)):
+            raise EsnError(self._second_prefill(pos))
+        self.decoded = self.decoded or (self.calls > 1 and pos == 1)
         self.pos = pos
         if prefill:
             self.mode = "skip" if self.positions == "generated" else "dense"
-            self.valid = None if self.implicit else _prefill_valid(mask, pos, self.path)
+            self.valid = None if self.implicit else _prefill_valid(mask, pos, self.path, self.batch, self.stream)
         elif not self.masked_decode:
             self.valid = None
             self.mode = "slot" if (self.chunk and pos == 1) else "dense"
@@ -359,6 +360,17 @@ class _Root:
         if prefill:  # what the prompt alone counted (device copy, no sync)
             self.prompt = (self.tokens_all, None if self.tokens_dev is None else self.tokens_dev.clone())
         self._tell(None if self.valid is None or prefill else self.valid[:, -1])
+
+    def _second_prefill(self, pos: int) -> str:
+        """Why a call of ``pos`` positions after the prefill (a new prefill, not a decode step) is refused."""
+        where = (f"hook point {self.path} (stream {self.stream!r} has no stream spec, so each hook point "
+                 "counts its own calls)") if self.implicit else f"stream {self.stream!r}: root {self.path!r}"
+        return (f"{where} ran a second prefill ({pos} positions) after its first (or generated without a KV "
+                "cache): positions would be miscounted and the prompt split wrong. If this module runs a "
+                "sub-generation per step of another decoder (a depth decoder or code predictor, once per frame), "
+                "declare it in that stream's spec: StreamSpec(root=<the decoder whose steps run it>, "
+                "substeps=(<this sub-model's path>,), substep_positions=<its positions per step>); otherwise use "
+                "one GateRecorder per generate call, with use_cache=True")
 
     def _tell(self, rows: torch.Tensor | None) -> None:
         for follow in self.followers:  # substeps that ran before this step belong to it
@@ -464,14 +476,18 @@ class _Root:
         self._valid_slots = None
 
 
-def _prefill_valid(mask: Any, pos: int, root: str) -> torch.Tensor | None:
-    if mask is None:
+def _prefill_valid(mask: Any, pos: int, root: str, batch: int = 2, stream: str = "") -> torch.Tensor | None:
+    """``[B, pos]`` bool: the prefill's real positions, from the 2-D mask (None: all real). A batch of one row
+    has no padding, whatever mask form it gets (transformers 5 hands inner models 4-D masks or None)."""
+    if mask is None or batch == 1:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise EsnError(
-            f"stream root {root!r} received an attention_mask of shape {shape}; recording needs the 2D "
-            "[batch, positions] mask to tell padding apart (use a dynamic KV cache, not a static one)"
+            f"stream {stream!r}: root {root!r} received an attention_mask of shape {shape} in a prefill of "
+            f"batch {batch}; recording needs the 2-D [batch, positions] mask to tell padding apart: point the "
+            "StreamSpec's root at the module that receives the 2-D mask (the model around the layers, not a "
+            "layer), and use a dynamic KV cache, not a static one"
         )
     if mask.shape[-1] < pos:
         raise EsnError(
@@ -713,13 +729,23 @@ class _RootHook:
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         embeds = kwargs.get("inputs_embeds")
-        x = ids if ids is not None else embeds
+        if not isinstance(ids, torch.Tensor) or ids.numel() == 0:
+            ids = None  # an empty [B, 0] placeholder beside inputs_embeds is no input
+        x = embeds if isinstance(embeds, torch.Tensor) else ids  # embeds are [batch, positions, hidden]
         if x is None:
-            raise EsnError(f"stream root {root.path!r} received neither input_ids nor inputs_embeds")
+            raise EsnError(f"stream {root.stream!r}: root {root.path!r} received neither input_ids nor "
+                           "inputs_embeds; point the StreamSpec's root at the module that receives them")
+        if ids is not None and ids.dim() != 2 and root.stop_ids and (x.shape[0] > 1 or root.engine is not None):
+            raise EsnError(
+                f"stream {root.stream!r}: root {root.path!r} receives input_ids of shape {tuple(ids.shape)} "
+                "(several codes per position), and stop_token_ids are matched against 2-D [batch, positions] "
+                "ids: point the StreamSpec's root at a module that receives the 2-D token ids, or record batch 1 "
+                "without stop_token_ids (a solo run stops when it stops)"
+            )
         if ids is None and root.calls > 0 and x.shape[0] > 1 and root.stop_ids:
             raise EsnError(
-                f"stream root {root.path!r} decodes from inputs_embeds: stop tokens cannot be seen; "
-                "point the stream spec at a module that receives input_ids"
+                f"stream {root.stream!r}: root {root.path!r} decodes from inputs_embeds: stop tokens cannot be "
+                "seen; point the stream spec at a module that receives input_ids"
             )
         root.begin(ids, mask, x.shape[1], x.shape[0], x.device)
 
@@ -871,10 +897,12 @@ class GateRecorder:
     def _root_for(self, hp: HookPoint) -> _Root | SubstepRoot:
         spec = self._specs.get(hp.stream)
         if spec is None:  # no spec: this hook point is its own root, every position counts
-            return _Root(
+            root = _Root(
                 hp.name, (), self.positions, lambda b, h=1, w=hp.step_width: self._chunk_len(w, b, h), implicit=True,
                 lane=self._lane,
             )
+            root.stream = hp.stream
+            return root
         substep = spec.substep_of(hp.module)
         if spec.root not in self._roots:
             try:
@@ -890,6 +918,7 @@ class GateRecorder:
             self._roots[spec.root] = _Root(
                 spec.root, spec.stop_token_ids, self.positions, chunk_fn, implicit=False, lane=self._lane
             )
+            self._roots[spec.root].stream = hp.stream
         root = self._roots[spec.root]
         if substep is None:
             return root

@@ -19,25 +19,35 @@ or all at once: ``esn.testing.run_conformance(MyAdapter, tmp_path)``.
 The checks:
 
 - ``check_class``: the class attributes ``esn adapters list`` reads are set and sane.
-- ``check_checkpoint``: ``write_tiny`` writes the same files twice for one seed (tensors bit for bit),
-  and every parameter of the loaded model is finite and initialised: no NaN or inf, no subnormal value,
-  nothing above ``MAX_PARAMETER`` in magnitude (what ``torch.empty`` memory looks like).
+- ``check_checkpoint``: every tensor ``write_tiny`` writes is finite (checked first, so a NaN is reported
+  as a NaN), it writes the same files twice for one seed (tensors bit for bit), every parameter and
+  buffer of the loaded model is finite and initialised (no NaN or inf, no subnormal value, nothing above
+  ``MAX_PARAMETER`` in magnitude: what ``torch.empty`` memory looks like), and every parameter and
+  persistent buffer was read from the file: its values occur in the checkpoint (through any renaming or
+  fusing), so a missing or misnamed key that transformers initialised instead is refused.
 - ``check_hook_points``: names ``{stream}.layers.{l}.mlp.gate`` with layers 0..L-1 per stream, ``lm``
   before ``synth`` (plus ``...mlp.shared_expert.gate`` on some of those layers); the streams are among the
-  class's ``streams``; each module resolves, runs during generation and outputs ``[batch, pos, width]``
-  (flat: ``[rows, width]``; routed: ``[rows, width / experts]``, with its experts module and 3-D
-  ``down_proj``).
+  class's ``streams``; every layer of every layer list (``nn.ModuleList``) a stream hooks has a hook point;
+  each stream spec's root holds its stream's hook points; each module resolves, runs during generation
+  and outputs ``[batch, pos, width]`` (flat: ``[rows, width]``; routed: ``[rows, width / experts]``, with
+  its experts module and 3-D ``down_proj``); no gate is constant (zero gate weights); the lm gates run
+  before the synth gates (not swapped); and a dense hook point's tensor is the post-activation gate: the
+  hooked module has no weights, its values stay in the declared activation's range (``meta["activation"]``
+  or the module's class), and it equals ``act(W x)`` recomputed from a projection ``W`` of its MLP (the
+  hooked module's parent) on the MLP's captured input (a fused projection's half included).
 - ``check_generation``: one result per request, in order, with text and non-empty finite float32
   mono audio at the declared rate; each result of a 2-request ``generate`` equals, bit for bit, the
   same request generated alone with the same seed (for ``batched = True`` adapters: a row does not
   depend on its batch mate, so padding and masks are right).
+- ``check_speech_input``: two recordings with the same target emotion give different gates: the input
+  speech reaches the model (an adapter ignoring the audio, or zero codec codebooks, is refused).
 - ``check_recording``: ``GateRecorder`` counts equal a plain-hook reference (``g > 0`` summed over every
   position of a one-request generate) and its token counts equal the positions seen (routed hook points:
   summed over experts, against every row ``act_fn`` saw).
 - ``check_interventions``: per stream, ``deactivate`` on every gate makes the gates a later hook sees
-  exactly 0; ``steer`` by 101x on every gate changes the text or audio; ``steer`` with ``alpha=0`` changes
-  nothing; afterwards no hook is left and
-  generation is bit-identical to before.
+  exactly 0; ``steer`` by 101x on every gate changes that stream's own output (lm: the text, or the audio
+  for an adapter with ``text_out = False``; synth: the audio); ``steer`` with ``alpha=0`` changes
+  nothing; afterwards no hook is left and generation is bit-identical to before.
 
 Left-over hooks are looked for on the gate modules and stream roots (``esn.hooks.has_hooks`` on the
 whole model would also flag the lasting hooks transformers 5 installs to capture hidden states).
@@ -207,12 +217,40 @@ def _bad_values(t: torch.Tensor) -> str | None:
     return None
 
 
+def _file_tensors(files: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``_tensor_files`` result, named ``file:tensor``."""
+    return {f"{rel}:{name}": t for rel, x in files.items() if isinstance(x, dict) for name, t in x.items()}
+
+
+def _not_from_file(t: torch.Tensor, values: np.ndarray, by_size: dict[int, list[torch.Tensor]]) -> int:
+    """How many values of ``t`` occur nowhere in the checkpoint's files (``values``: their sorted float32
+    values), 0 if ``t`` holds the values of one file tensor rounded to a lower precision (a checkpoint
+    loaded in bfloat16 or float16, then cast). A weight read from the file keeps its values through any
+    renaming, fusing or transposing that loading does; one transformers initialised because its key was
+    missing does not."""
+    x = t.detach().float().cpu().reshape(-1)
+    missing = int((~np.isin(x.numpy(), values)).sum())
+    if missing:
+        for low in (torch.bfloat16, torch.float16):
+            mine = x.to(low).float().sort().values
+            if any(torch.equal(mine, f.to(low).float().sort().values) for f in by_size.get(x.numel(), ())):
+                return 0
+    return missing
+
+
 def check_checkpoint(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
-    """``write_tiny`` is deterministic and the loaded weights are finite and initialised."""
+    """The tiny checkpoint's tensors are finite, ``write_tiny`` is deterministic, and every parameter and
+    buffer of the loaded model is finite and initialised, each parameter and persistent buffer read from
+    the file (not left to transformers' initialisation by a missing or misnamed key)."""
     cls = type(adapter)
     with tempfile.TemporaryDirectory(prefix="esn-conformance-") as tmp:
         first = _tensor_files(Path(cls.write_tiny(Path(tmp) / "a", seed=0)))
         second = _tensor_files(Path(cls.write_tiny(Path(tmp) / "b", seed=0)))
+    stored = _file_tensors(first)
+    for name, t in stored.items():  # before the determinism check: NaN != NaN would read as "unseeded"
+        if t.dtype.is_floating_point:
+            bad = int((~torch.isfinite(t.float())).sum())
+            _require(bad == 0, f"tensor {name} of the tiny checkpoint has {bad} NaN or infinite value(s)")
     difference = _file_difference(first, second)
     _require(difference is None, f"write_tiny wrote different checkpoints twice with seed 0 ({difference}): "
                                  "seed every random draw and initialise every tensor (torch.empty memory differs "
@@ -223,6 +261,29 @@ def check_checkpoint(adapter: ModelAdapter, config: GenerationConfig | None = No
         _require(why is None, f"parameter {name} of the loaded tiny checkpoint has {why}: uninitialised memory? "
                               "write_tiny must initialise every weight (e.g. torch.nn.init, or the model's "
                               "own init) before saving")
+    for name, buffer in adapter.model.named_buffers():
+        if buffer.dtype.is_floating_point:
+            bad = int((~torch.isfinite(buffer.detach().float())).sum())
+            _require(bad == 0, f"buffer {name} of the loaded tiny checkpoint has {bad} NaN or infinite value(s)")
+    source = Path(adapter.source)
+    files = _file_tensors(_tensor_files(source)) if source.is_dir() else stored
+    floats = [t.detach().float().reshape(-1) for t in files.values() if t.dtype.is_floating_point]
+    if not floats:
+        return  # not a safetensors checkpoint: nothing to compare with
+    values = np.unique(torch.cat(floats).numpy())
+    by_size: dict[int, list[torch.Tensor]] = {}
+    for f in floats:
+        by_size.setdefault(f.numel(), []).append(f)
+    persistent = {n for n, _ in adapter.model.named_buffers()} & set(adapter.model.state_dict())
+    loaded = [*adapter.model.named_parameters(), *((n, b) for n, b in adapter.model.named_buffers() if n in persistent)]
+    for name, t in loaded:
+        if not t.dtype.is_floating_point or t.numel() == 0:
+            continue
+        missing = _not_from_file(t, values, by_size)
+        _require(missing == 0, f"{name} of the loaded model was not read from the checkpoint ({missing} of its "
+                               f"{t.numel()} values are in no file of {source}): a missing or unexpected key "
+                               "that transformers initialised instead; load must refuse a checkpoint whose "
+                               "loading info lists missing or unexpected keys")
 
 
 def check_hook_points(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
@@ -255,17 +316,156 @@ def check_hook_points(adapter: ModelAdapter, config: GenerationConfig | None = N
             down = adapter.model.get_submodule(hp.down_proj)
             _require(down.weight.shape[1] == hp.width,
                      f"{hp.name}: {hp.down_proj}.weight has {down.weight.shape[1]} input columns, width is {hp.width}")
+    _check_stacks(adapter, points)
+    _check_roots(adapter, points)
     shapes: dict[str, list[tuple[int, ...]]] = {hp.name: [] for hp in points}
+    ranges: dict[str, list[float]] = {}  # [min, max] of every value the hook point output
+    order: list[str] = []  # streams in the order their gates first ran
+    firsts: dict[str, tuple[Any, torch.Tensor]] = {}  # the MLP's input and the gate of its first call
+    inputs: dict[str, Any] = {}
+
+    def seen(hp: HookPoint, g: torch.Tensor) -> None:
+        shapes[hp.name].append(tuple(g.shape))
+        if hp.stream not in order:
+            order.append(hp.stream)
+        if not isinstance(g, torch.Tensor) or g.numel() == 0:
+            return
+        low, high = float(g.detach().min()), float(g.detach().max())
+        old = ranges.setdefault(hp.name, [low, high])
+        old[0], old[1] = min(old[0], low), max(old[1], high)
+        if hp.name not in firsts and hp.name in inputs:
+            firsts[hp.name] = (inputs[hp.name], g.detach().clone())
+
+    def mlp_input(hp: HookPoint, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+        if hp.name not in inputs and isinstance(x, torch.Tensor):
+            inputs[hp.name] = x.detach().clone()
+
+    dense = [hp for hp in points if _kind(hp) == "dense" and not hp.routed]
+    pre = [(adapter.model.get_submodule(_parent(hp.module)), lambda m, a, k, hp=hp: mlp_input(hp, a, k))
+           for hp in dense]
     before = _hooks(adapter)
-    with installed(_observe(adapter, points, lambda hp, g: shapes[hp.name].append(tuple(g.shape)))):
+    with installed(pre, kind="pre", with_kwargs=True), installed(_observe(adapter, points, seen)):
         _generate_one(adapter, config)
     for hp in points:
-        seen = shapes[hp.name]
-        _require(bool(seen), f"{hp.name} ({hp.module}) never ran during generation")
+        seen_shapes = shapes[hp.name]
+        _require(bool(seen_shapes), f"{hp.name} ({hp.module}) never ran during generation")
         dims, last, what = (2, hp.unit_width, "rows") if (hp.routed or hp.flat) else (3, hp.width, "batch, pos")
-        bad = [s for s in seen if len(s) != dims or s[-1] != last]
+        bad = [s for s in seen_shapes if len(s) != dims or s[-1] != last]
         _require(not bad, f"{hp.name}: output shapes {bad[:3]} are not [{what}, {last}]")
+    for hp in dense:
+        _check_gate_tensor(adapter, hp, *firsts.get(hp.name, (None, None)))
+    for hp in points:
+        low, high = ranges.get(hp.name, (0.0, 0.0))
+        _require(low != high, f"{hp.name}: the gate is constant ({low:g} at every position and unit): its gate "
+                              "weights are zero or were never loaded, so the layer's neurons carry nothing")
+    streams = [s for s in STREAMS if s in order]
+    _require(order == streams,
+             f"the {order[0]} gates ran before the lm gates: lm and synth look swapped (lm is the decoder that "
+             "writes text and runs first; synth writes the speech tokens from it)")
     _require(_hooks(adapter) == before, "hooks were left on the gate modules after generation")
+
+
+def _kind(hp: HookPoint) -> str:
+    """The hook point's kind (``dense`` where the HookPoint has no ``kind`` field)."""
+    return str(getattr(hp, "kind", "dense") or "dense")
+
+
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _stack(model: torch.nn.Module, path: str) -> tuple[str, int] | None:
+    """``(layer list path, layer index)`` of a module path: its first numbered part under a ModuleList."""
+    parts = path.split(".")
+    for i, part in enumerate(parts[1:], 1):
+        if part.isdigit():
+            prefix = ".".join(parts[:i])
+            if isinstance(model.get_submodule(prefix), torch.nn.ModuleList):
+                return prefix, int(part)
+    return None
+
+
+def _check_stacks(adapter: ModelAdapter, points: Sequence[HookPoint]) -> None:
+    """Every layer of every layer list a stream hooks has a hook point (a left-out last layer is caught)."""
+    used: dict[str, set[int]] = {}
+    for hp in points:
+        found = _stack(adapter.model, hp.module)
+        if found is not None and not hp.part:
+            used.setdefault(found[0], set()).add(found[1])
+    for path, layers in used.items():
+        n = len(adapter.model.get_submodule(path))
+        missing = sorted(set(range(n)) - layers)
+        _require(not missing, f"{path} has {n} layers, and layer(s) {missing} have no hook point: every layer "
+                              "of every hooked stack must be present (hook_points left them out)")
+
+
+def _check_roots(adapter: ModelAdapter, points: Sequence[HookPoint]) -> None:
+    """Each stream spec's root resolves and holds the stream's hook points (it is where its tokens come from)."""
+    for stream, spec in (adapter.stream_specs() or {}).items():
+        root = getattr(spec, "root", None)
+        if not root:
+            continue
+        try:
+            adapter.model.get_submodule(root)
+        except AttributeError:
+            raise ConformanceError(f"stream spec {stream!r}: root {root!r} is not a module of the model") from None
+        outside = [hp.name for hp in points if hp.stream == stream and not hp.module.startswith(root + ".")]
+        _require(not outside, f"stream spec {stream!r}: hook points {outside[:3]} are not under its root {root!r}: "
+                              "the root must be the module that feeds this stream's tokens to its layers")
+
+
+# Lowest value each activation can output (for the declared activation's range check).
+ACTIVATION_MIN = {"silu": -0.27846454, "swish": -0.27846454, "gelu": -0.16997, "relu": 0.0, "sigmoid": 0.0}
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": torch.nn.functional.silu, "swish": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+    "relu": torch.relu, "sigmoid": torch.sigmoid}
+
+
+def _declared_activation(adapter: ModelAdapter, hp: HookPoint) -> str | None:
+    """``hp.meta["activation"]``, else the activation the hooked module is (by its class name), else None."""
+    if hp.meta.get("activation"):
+        return str(hp.meta["activation"]).lower()
+    name = type(adapter.module(hp)).__name__.lower()
+    return next((a for a in _ACTIVATIONS if a in name), None)
+
+
+def _check_gate_tensor(adapter: ModelAdapter, hp: HookPoint, x: Any, g: torch.Tensor | None) -> None:
+    """A dense hook point's tensor is act(W x) for a projection W of its MLP on the MLP's own input, and it
+    stays in the declared activation's range (catches gate_proj hooked before the activation, up_proj, a norm)."""
+    module = adapter.module(hp)
+    _require(not any(True for _ in module.parameters(recurse=False)),
+             f"{hp.name}: the hooked module {hp.module!r} ({type(module).__name__}) has weights of its own: a "
+             "projection or a norm, not the activation; hook the module whose output is act(gate_proj(x))")
+    activation = _declared_activation(adapter, hp)
+    if g is not None and activation in ACTIVATION_MIN:
+        low = float(g.min())
+        _require(low >= ACTIVATION_MIN[activation] - 1e-4,
+                 f"{hp.name}: values down to {low:.3g}, below {activation}'s minimum "
+                 f"{ACTIVATION_MIN[activation]:.3g}: the hooked tensor is not the post-{activation} gate")
+    if x is None or g is None:
+        _require(x is not None, f"{hp.name}: its MLP {_parent(hp.module)!r} (the hooked module's parent) never "
+                                "received an input during generation")
+        return
+    mlp = adapter.model.get_submodule(_parent(hp.module))
+    acts = [m for m in mlp.children() if not any(True for _ in m.parameters())
+            and not isinstance(m, (torch.nn.Dropout, torch.nn.Identity))]
+    fns = [*acts, *([_ACTIVATIONS[activation]] if activation in _ACTIVATIONS else [])]
+    projections = [m for m in mlp.children() if isinstance(m, torch.nn.Linear) and m.out_features in (hp.width, 2 * hp.width)]
+    w = hp.width
+    with torch.no_grad():
+        for proj in projections:
+            y = proj(x.to(proj.weight.dtype))
+            for part in ([y] if y.shape[-1] == w else [y[..., :w], y[..., w:]]):
+                for fn in fns:
+                    want = fn(part).reshape(g.shape) if part.numel() == g.numel() else None
+                    if want is not None and torch.allclose(want.float(), g.float(), rtol=1e-4, atol=1e-5):
+                        return
+    raise ConformanceError(
+        f"{hp.name}: the hooked tensor ({hp.module}) is not act(W x) for any projection W of its MLP "
+        f"{_parent(hp.module)!r} on the MLP's own input ({len(projections)} projection(s) of width {w} tried, "
+        f"activation {activation or 'unknown'}): a pre-activation gate_proj, up_proj, a norm or another tensor "
+        "of the right shape is hooked instead of the post-activation gate")
 
 
 def check_generation(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
@@ -359,7 +559,17 @@ def check_interventions(adapter: ModelAdapter, config: GenerationConfig | None =
         # a tiny random model's argmax can survive zeroed gates; a 101x gain on every gate it cannot
         with steer(adapter, everything, "steer", LARGE_GAIN):
             changed = _generate_one(adapter, config)
-        _require(not _same(base, changed), f"steer x{1 + LARGE_GAIN:g} on every {stream} gate left text and audio unchanged")
+        # Each stream must move its own output: lm the text it writes (audio, for a model without text
+        # out), synth the audio. Hook points on the wrong decoder (lm and synth swapped) fail here.
+        if stream == "lm" and type(adapter).text_out:
+            _require(changed.text != base.text, f"steer x{1 + LARGE_GAIN:g} on every lm gate left the text "
+                                                f"unchanged ({base.text!r}): the lm hook points are not on the "
+                                                "decoder that writes the text (lm and synth swapped?)")
+        else:
+            _require(not (changed.waveform.shape == base.waveform.shape
+                          and np.array_equal(changed.waveform, base.waveform)),
+                     f"steer x{1 + LARGE_GAIN:g} on every {stream} gate left the audio unchanged: the {stream} "
+                     "hook points are not on the decoder that writes the speech")
         _require(_hooks(adapter) == before, f"steering {stream} left hooks on the model")
         with steer(adapter, everything, "steer", 0.0):
             neutral = _generate_one(adapter, config)
@@ -368,11 +578,41 @@ def check_interventions(adapter: ModelAdapter, config: GenerationConfig | None =
     _require(_same(base, _generate_one(adapter, config)), "generation differs after the interventions were removed")
 
 
+def check_speech_input(adapter: ModelAdapter, config: GenerationConfig | None = None) -> None:
+    """The model's computation depends on the input speech: two recordings, same target emotion, and the
+    gates of the first forward differ (catches an adapter that ignores ``request.audio`` and a checkpoint
+    whose audio path, an encoder or codec codebooks, is zero, so the speech never reaches the model). The
+    gates, not the outputs: a tiny random model's greedy output may not move with its input, and an adapter
+    may shape its output from the audio outside the model (the planted one renders at the source's pitch)."""
+    config = config or tiny_config()
+    layout = adapter.layout()
+    runs: list[dict[str, torch.Tensor]] = []
+    outputs = []
+    for seed in (0, 3):
+        first: dict[str, torch.Tensor] = {}
+
+        def keep(hp: HookPoint, g: torch.Tensor, first: dict = first) -> None:
+            if hp.name not in first and isinstance(g, torch.Tensor):
+                first[hp.name] = g.detach().float().cpu().clone()
+
+        with installed(_observe(adapter, list(layout), keep)):
+            outputs.append(adapter.generate([EVCRequest(speech_like(1.0, seed=seed), "happy", id=f"s{seed}")], config)[0])
+        runs.append(first)
+    moved = [name for name in layout.names if name in runs[0] and name in runs[1]
+             and (runs[0][name].shape != runs[1][name].shape or not torch.equal(runs[0][name], runs[1][name]))]
+    same = "and the same text and audio" if _same(*outputs) else "(the outputs differ, but not through the model)"
+    _require(bool(moved),
+             "two different input recordings with the same target emotion gave the same gates at every hook point "
+             f"{same}: the input speech never reaches the model (does generate read request.audio? does the "
+             "checkpoint's audio encoder or codec map speech to anything but zeros?)")
+
+
 CHECKS: tuple[Callable[..., None], ...] = (
     check_class,
     check_checkpoint,
     check_hook_points,
     check_generation,
+    check_speech_input,
     check_recording,
     check_interventions,
 )

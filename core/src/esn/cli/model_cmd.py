@@ -77,22 +77,31 @@ def cmd_hookpoints(args: argparse.Namespace) -> int:
 
     adapter = load_adapter(args)
     layout = adapter.layout()
-    rows = [{"name": p.name, "width": p.width, "module": p.module,
-             **({"experts": p.experts, "top_k": p.top_k} if p.routed else {})} for p in layout]
+    rows = [{"name": p.name, "kind": _kind(p), "width": p.width, "module": p.module, "down_proj": p.down_proj,
+             "meta": dict(p.meta), **({"experts": p.experts, "top_k": p.top_k} if p.routed else {})} for p in layout]
     if args.json:
         print(json.dumps({"adapter": args.adapter, "model": str(args.model), "fingerprint": layout.fingerprint,
-                          "n_neurons": layout.n_neurons, "hook_points": rows}, indent=2))
+                          "n_neurons": layout.n_neurons, "hook_points": rows}, indent=2, default=str))
         return 0
     table = Table(title=f"{args.adapter} hook points ({layout.n_neurons} neurons, layout {layout.fingerprint})")
     routed = layout.routed
-    for col, justify in (("name", "left"), ("width", "right"), *([("experts", "right")] if routed else []),
-                         ("module", "left")):
+    metas = any(r["meta"] for r in rows)
+    for col, justify in (("name", "left"), ("kind", "left"), ("width", "right"),
+                         *([("experts", "right")] if routed else []), ("module", "left"), ("down_proj", "left"),
+                         *([("meta", "left")] if metas else [])):
         table.add_column(col, justify=justify)
     for r in rows:  # routed: width = experts x units, each token uses top_k of them
         experts = [f"{r['experts']} x {r['width'] // r['experts']}, top {r['top_k']}" if "experts" in r else ""]
-        table.add_row(r["name"], str(r["width"]), *(experts if routed else []), r["module"])
+        meta = [", ".join(f"{k}={v}" for k, v in r["meta"].items())]
+        table.add_row(r["name"], r["kind"], str(r["width"]), *(experts if routed else []), r["module"],
+                      r["down_proj"] or "-", *(meta if metas else []))
     print_table(table)  # module paths are never cut, whatever the terminal width
     return 0
+
+
+def _kind(hp) -> str:
+    """A hook point's kind: ``routed`` for experts, else its ``kind`` field where it has one, else ``dense``."""
+    return "routed" if hp.routed else str(getattr(hp, "kind", "") or "dense")
 
 
 def check_output(path: Path, source: Path) -> None:

@@ -36,7 +36,8 @@ class RecordAttempt:
         return f"{self.source.id}|{self.target}"
 
 
-PROMPT_KEYS = ("adapter", "system_prompt", "instruction")
+PROMPT_KEYS = ("adapter", "system_prompt", "instruction")  # text or null
+CONTRACT_KEYS = ("instruction_channel", "speaks_given_words", "text_out")  # the adapter's EVC contract: bools
 
 
 def prompts(run: Run) -> dict | None:
@@ -47,16 +48,18 @@ def prompts(run: Run) -> dict | None:
         return None
     fix = "run `esn record` to write it again (nothing is recorded twice)"
     data = read_sealed(path, fix)
-    if set(data) != set(PROMPT_KEYS) or not all(v is None or isinstance(v, str) for v in data.values()):
-        raise EsnError(f"{path} is not an esn prompts file (keys {', '.join(PROMPT_KEYS)}, each text or null); {fix}")
+    if (set(data) != {*PROMPT_KEYS, *CONTRACT_KEYS} or not all(data[k] is None or isinstance(data[k], str)
+                                                              for k in PROMPT_KEYS)
+            or not all(isinstance(data[k], bool) for k in CONTRACT_KEYS)):
+        raise EsnError(f"{path} is not an esn prompts file (keys {', '.join(PROMPT_KEYS)}, each text or null, "
+                       f"and {', '.join(CONTRACT_KEYS)}, each true or false); {fix}")
     return data
 
 
 def _write_prompts(run: Run) -> None:
-    """``record/prompts.json``: what the adapter actually sends, sealed against damage and edits."""
-    texts = run.adapter.prompt_texts(run.cfg.generation)
-    data = {"adapter": run.cfg.model.adapter, "system_prompt": texts.get("system_prompt"),
-            "instruction": texts.get("instruction")}
+    """``record/prompts.json``: what the adapter actually sends (``sent``), sealed against damage and edits."""
+    given = sent(run.adapter, run.cfg.generation)
+    data = {"adapter": run.cfg.model.adapter, **{k: given.get(k) for k in PROMPT_KEYS[1:] + CONTRACT_KEYS}}
     atomic_write_json(run.rundir.record / "prompts.json", seal(data))
 
 
@@ -70,6 +73,17 @@ def _prompts_damaged(run: Run) -> bool:
     except EsnError as exc:
         warnings.warn(f"{exc} -- writing it again", stacklevel=2)
         return True
+
+
+def sent(adapter, generation) -> dict:
+    """What the model was given beside the speech, for ``prompts.json`` and the report: the adapter's prompt
+    texts (none with ``instruction_channel = False``: nothing is sent) and its EVC contract flags."""
+    contract = {"instruction_channel": bool(getattr(adapter, "instruction_channel", True)),
+                "speaks_given_words": bool(getattr(adapter, "speaks_given_words", False)),
+                "text_out": bool(getattr(adapter, "text_out", True))}
+    texts = (adapter.prompt_texts(generation) if contract["instruction_channel"]
+             else {"system_prompt": None, "instruction": None})
+    return {**texts, **contract}
 
 
 def attempts(run: Run) -> list[RecordAttempt]:

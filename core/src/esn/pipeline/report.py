@@ -141,11 +141,16 @@ def _protocol(run: Run, groups: dict, main: str, judges: list[str]) -> list[Bloc
     g = cfg.generation
     used = record.prompts(run) or {"system_prompt": g.system_prompt, "instruction": g.instruction}
     system = used.get("system_prompt")
+    instructed, text_out = used.get("instruction_channel", True), used.get("text_out", True)
     rows = [
         ["model", f"`{cfg.model.adapter}` from `{report_views.display_source(cfg.model.source, run.dir)}`, "
                   f"streams recorded: {', '.join(cfg.model.streams)}"],
-        ["system prompt", "the adapter's default" if system is None else f"“{system}”"],
-        ["instruction", f"“{used.get('instruction')}” ({{emotion}}: the target)"],
+        *([["system prompt", "the adapter's default" if system is None else f"“{system}”"],
+           ["instruction", f"“{used.get('instruction')}” ({{emotion}}: the target)"]] if instructed else
+          [["instruction", "nothing was sent: the model has no instruction channel (each attempt's target emotion "
+                           "is recorded with it, never given to the model)"]]),
+        *([["words", "the model speaks the given words: each source's transcript is its input (and the WER "
+                     "reference)"]] if used.get("speaks_given_words") else []),
         ["decoding", f"greedy; at most {g.max_new_tokens} text and {g.max_audio_tokens} speech tokens"],
         ["P counts", "every position (prompt and generated)" if cfg.record.positions == "all"
          else "generated positions only (the prompt's are stored but not counted)"],
@@ -153,12 +158,17 @@ def _protocol(run: Run, groups: dict, main: str, judges: list[str]) -> list[Bloc
          else "generated steps only (the prompt's forward is untouched)"],
         ["success filter", f"judge `{run.filter_judge}` "
          f"{'says the target emotion' if cfg.filter.require_match else '(emotion not required)'} and "
-         f"WER ≤ {cfg.filter.tau_wer:g}; each emotion's set capped at c (seeded uniform sample)"],
+         + (f"WER ≤ {cfg.filter.tau_wer:g}" if text_out else
+            "no content check: the model writes no text and no ASR is configured, so the filter is the judge "
+            "alone (WER not checked)")
+         + "; each emotion's set capped at c (seeded uniform sample)"],
         ["selector options", "; ".join(f"{k}: {', '.join(f'{o} = {v}' for o, v in opts.items())}"
                                        for k, opts in cfg.selectors.items()) or "defaults (docs/selection.md)"],
-        ["WER", "corpus WER (%) of the decoded text against the transcript after whisper normalisation; "
-                "“all” pools every mask × target cell of a setting, “self” the cells whose mask emotion is the "
-                "target; Δ against the baseline over the same sources and targets"],
+        ["WER", ("corpus WER (%) of the decoded text against the transcript after whisper normalisation; "
+                 "“all” pools every mask × target cell of a setting, “self” the cells whose mask emotion is the "
+                 "target; Δ against the baseline over the same sources and targets") if text_out else
+                ("not a measure of the speech: the model writes no text, so its “decoded text” is not its "
+                 "output and WER says nothing about the words spoken")],
     ]
     every = list(groups[main].values())
     if all("n" in m for m in every):  # results.json of an older esn lacks the counts

@@ -37,8 +37,9 @@ def success_sets(run: Run, c: int, labels: str):
     else:
         judged = {r.id: r.meta.get("label") for r in records}
         who = f"judge {run.filter_judge!r}"
+    text_out = (record.prompts(run) or {}).get("text_out", True)  # no text out: the judge alone (no ASR here)
     result = filter_attempts(records, judged, tau_wer=f.tau_wer, cap=c, seed=run.cfg.seed, emotions=targets,
-                             require_match=f.require_match)
+                             require_match=f.require_match, check_wer=text_out)
     empty = [e for e in targets if not result.success.get(e)]
     if len(empty) == len(targets):
         raise EsnError(

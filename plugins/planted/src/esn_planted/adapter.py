@@ -56,6 +56,7 @@ class PlantedAdapter(ModelAdapter):
     description = "a tiny hand-built model with known emotion neurons (esn demo); not a real LALM"
     batched = True
     sample_rate = sound.RATE
+    text_out = False  # its "text" is the request's transcript, not something the model wrote
 
     def __init__(self, model: Any, source: str | Path, meta: dict):
         super().__init__(model, source)
