@@ -73,6 +73,7 @@ class MoshiAdapter(ModelAdapter):
         cls.check_architectures(read_checkpoint_config(source, "kmhf/hf-moshiko"), source)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         try:
             model, info = MoshiForConditionalGeneration.from_pretrained(
                 str(source), dtype=dtype if dtype == "auto" else getattr(torch, dtype),
@@ -82,6 +83,7 @@ class MoshiAdapter(ModelAdapter):
             raise EsnError(f"cannot load Moshi from {source}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
         bad = [str(k[0] if isinstance(k, tuple) else k) for key in ("missing_keys", "mismatched_keys", "unexpected_keys")
                for k in info.get(key, [])]
         if bad:
@@ -137,11 +139,18 @@ class MoshiAdapter(ModelAdapter):
         b = len(waves)
         text_ids = torch.full((b, n), cfg.vocab_size, dtype=torch.long, device=device)  # unconditional text
         moshi_codes = torch.full((b, cfg.num_codebooks, n), cfg.audio_vocab_size, dtype=torch.long, device=device)
+        from transformers.utils import logging as hf_logging
+
         torch.manual_seed(seed)
-        with torch.inference_mode():
-            out = model.generate(input_ids=text_ids, user_input_values=user, moshi_audio_codes=moshi_codes,
-                                 max_new_tokens=frames, min_new_tokens=frames, do_sample=False,
-                                 depth_decoder_do_sample=False, return_audio_codes=True)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # generate's notes on max_length beside max_new_tokens
+        try:
+            with torch.inference_mode():
+                out = model.generate(input_ids=text_ids, user_input_values=user, moshi_audio_codes=moshi_codes,
+                                     max_new_tokens=frames, min_new_tokens=frames, do_sample=False,
+                                     depth_decoder_do_sample=False, return_audio_codes=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         new = out.sequences[:, n + 1:]  # after the prompt and the one unconditional frame generate puts first
         vocab = len(self.tokenizer)
         texts = [self.tokenizer.decode([t for t in row.tolist() if t < vocab], skip_special_tokens=True) for row in new]

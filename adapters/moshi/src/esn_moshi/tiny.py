@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 def tiny_config():
+    """The tiny ``MoshiConfig``: temporal transformer 2 x hidden 16 (ffn 24), depth decoder 2 x 16 over 3
+    codebooks (ffn 20), a small Mimi (4 quantizers of 16 codes), a byte vocabulary of 256."""
     from transformers import MimiConfig, MoshiConfig
 
     mimi = MimiConfig(hidden_size=16, num_filters=4, num_residual_layers=1, upsampling_ratios=[8, 6, 5, 4],
@@ -53,6 +55,7 @@ def initialise_codebooks(model, *, seed: int) -> int:
 
 
 def write_tiny(directory: str | Path, *, seed: int = 0) -> Path:
+    """Write the tiny checkpoint (weights, config, tokenizer) into ``directory``; return it."""
     import torch
     from transformers import MoshiForConditionalGeneration
 
