@@ -219,3 +219,52 @@ def test_bad_declarations_are_refused(toy):
     with pytest.raises(EsnError, match="indices"):
         HookPoint("synth", 0, 7, "c.act", indices=K, index_from="c")
     assert not has_hooks(model)
+
+
+def test_indexed_probabilities_selection_files_and_index_view(toy, tmp_path):
+    """P of neuron (k, u) is over the positions of index k; a selector ranks the flat neurons; the layout
+    (with its indices) survives a file; the index x layer view counts a mask per (index, layer)."""
+    from esn import analysis, artifacts
+    from esn.selection import select_neurons
+    from esn.statistics import ActivationStats
+    from esn.store import layout_from_dict, layout_to_dict
+
+    model, target = toy
+    layout = target.layout(["synth"])
+    x, idx = inputs()
+    with GateRecorder(target, streams=["synth"]) as rec, torch.no_grad():
+        model(x, idx)
+    stats = rec.stats()
+    act = ActivationStats(["happy", "sad"], layout, stats.counts.numpy().astype(np.int64),
+                          stats.tokens.numpy(), np.ones(2, np.int64))
+    p = act.probs()
+    assert np.allclose(p[:, D:2 * D], stats.counts[:, D:2 * D].numpy() / 2)  # index 1 ran at two positions
+    assert np.array_equal(act.hook_point_positions(), [[4], [4]])
+    masks = select_neurons(p, "lap", 0.2, emotions=act.emotions)
+    assert all(len(m) == 3 for m in masks.values())  # floor(0.2 * 15) over the flat K x d neurons
+    again = layout_from_dict(layout_to_dict(layout), "test")
+    assert again.describe() == layout.describe() and again.indexed and again.fingerprint == layout.fingerprint
+    with pytest.raises(EsnError, match="fingerprint"):  # the indices are part of the layout: dropping them shows
+        layout_from_dict({**layout_to_dict(layout), "hook_points": [{"name": "synth.layers.0.mlp.gate", "width": 15}]}, "t")
+    path = tmp_path / "m.safetensors"
+    artifacts.save_masks(path, masks, layout=layout)
+    loaded = artifacts.load_masks(path)
+    names, counts = analysis.index_counts(loaded.masks, loaded.layout)
+    assert names == ["synth 0"] and counts.shape == (2, K, 1)
+    for e, mask in enumerate(masks.values()):
+        assert counts[e, :, 0].tolist() == np.bincount(mask // D, minlength=K).tolist()
+    with pytest.raises(EsnError, match="no indexed hook point"):
+        analysis.index_counts(loaded.masks, target.layout(["lm"]))
+
+
+def test_indexed_misdeclarations_are_named(toy):
+    model, _ = toy
+    x, idx = inputs()
+    d_points = points()[:2]
+    wrong_module = HookPoint("synth", 0, K * D, "c.esn_gate", "c.fc2", fused="c.fc1", indices=K, index_from="c.fc2")  # runs after the gate
+    with pytest.raises(EsnError, match="without a call of its index_from"), GateRecorder(ModelTarget(model, [*d_points, wrong_module])), torch.no_grad():
+        model(x, idx)
+    too_few = HookPoint("synth", 0, 2 * D, "c.esn_gate", "c.fc2", fused="c.fc1", indices=2, index_from="c")
+    with pytest.raises(EsnError, match=r"outside 0\.\.1"), GateRecorder(ModelTarget(model, [too_few])), torch.no_grad():
+        model(x, idx)
+    assert not has_hooks(model) and not hasattr(model.c, "esn_gate")

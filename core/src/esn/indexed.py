@@ -39,8 +39,15 @@ def index_of(args: tuple, kwargs: dict) -> Any:
     return kwargs.get("layer_idx", kwargs.get("codebook_idx"))
 
 
+_UNSET = object()  # the index_from module has not run since the last gate
+
+
 def positions_of(index: Any, pos: int, hp: HookPoint, device: torch.device) -> torch.Tensor:
     """``[pos]`` int64: the index of each of the ``pos`` positions of this call."""
+    if index is _UNSET:
+        raise EsnError(f"hook point {hp.name}: its gate ran without a call of its index_from module "
+                       f"{hp.index_from!r} before it; index_from must be the module (the MLP) whose forward "
+                       "receives the index and runs the gate")
     if index is None:
         index = torch.arange(pos, device=device)
     elif isinstance(index, int):
@@ -51,6 +58,9 @@ def positions_of(index: Any, pos: int, hp: HookPoint, device: torch.device) -> t
         shape = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
         raise EsnError(f"hook point {hp.name}: {hp.index_from!r} was called with index {shape} for {pos} "
                        f"positions; expected an int or an integer tensor [{pos}]")
+    if index.device.type == "cpu" and pos and not 0 <= int(index.min()) <= int(index.max()) < hp.indices:
+        raise EsnError(f"hook point {hp.name}: index {index.tolist()} outside 0..{hp.indices - 1} "
+                       f"(the hook point declares {hp.indices} indices)")  # on CPU: free to check, no sync
     return index
 
 
@@ -95,7 +105,7 @@ class IndexedPoint:
         self.hp = hp
         self.moments = moments
         self.root = _Rows(hp.name)
-        self.index: Any = None
+        self.index: Any = _UNSET
         self.calls = 0
         self.counts: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
@@ -122,6 +132,7 @@ class IndexedPoint:
             raise EsnError(f"hook point {hp.name} ran with batch {b} after batch {self.root.batch}: "
                            "use one GateRecorder per generate call")
         idx = positions_of(self.index, pos, hp, g.device)
+        self.index = _UNSET
         self.calls += 1
         self.counts.index_add_(1, idx, (g > 0).to(torch.int32))
         self.tokens.add_(torch.bincount(idx, minlength=hp.indices))
@@ -165,7 +176,7 @@ class _IndexedEdit:
                            f"(steer, add, clamp, deactivate, or a plugin's affine()) can be applied to it")
         self.hp = hp
         self.edit = edit
-        self.index: Any = None
+        self.index: Any = _UNSET
 
     def pre(self, module, args, kwargs) -> None:
         """Forward pre-hook (with kwargs) on ``index_from``."""
@@ -182,6 +193,7 @@ class _IndexedEdit:
         if g.dtype is not edit.dtype or g.device != edit.device:
             edit._place(g.dtype, g.device)
         idx = positions_of(self.index, g.shape[1], hp, g.device)
+        self.index = _UNSET
         k, d = hp.indices, hp.unit_width
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:  # [pos, d] or [B, pos, d]
