@@ -70,6 +70,9 @@ class GateHookPoint(nn.Module):
         z, u, self._z, self._u = self._z, self._u, None, None
         if z is None or not self._forward_hooks:  # nothing hooks the gate: leave the model alone
             return None
+        if not isinstance(z, torch.Tensor) or (self.separate_up and not isinstance(u, torch.Tensor)):
+            raise EsnError(f"hook point {self.name}: its projections gave {type(z).__name__} / {type(u).__name__}, "
+                           "expected tensors (the pre-activation gate, and the up half when it is separate)")
         if self.separate_up:
             gate = z
         else:
