@@ -187,3 +187,15 @@ def test_load_refuses_a_checkpoint_with_missing_weights(tiny_dir, tmp_path):
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(EsnError, match="missing"):
         MoshiAdapter.load(bad, dtype="float32")
+
+
+def test_recording_and_neutral_steering_change_no_bit(adapter, request_, config):
+    plain = adapter.generate([request_], config)[0]
+    with GateRecorder(adapter):
+        recorded = adapter.generate([request_], config)[0]
+    layout = adapter.layout()
+    with steer(adapter, Mask(np.arange(layout.n_neurons), layout), "steer", 0.0):
+        neutral = adapter.generate([request_], config)[0]
+    for other in (recorded, neutral):
+        assert other.text == plain.text and np.array_equal(other.waveform, plain.waveform)
+    assert not has_hooks(adapter.model) and not any(type(m).__name__ == "GateHookPoint" for m in adapter.model.modules())
