@@ -26,7 +26,8 @@ The checks:
   before ``synth`` (plus ``...mlp.shared_expert.gate`` on some of those layers); the streams are among the
   class's ``streams``; each module resolves, runs during generation and outputs ``[batch, pos, width]``
   (flat: ``[rows, width]``; routed: ``[rows, width / experts]``, with its experts module and 3-D
-  ``down_proj``).
+  ``down_proj``; indexed: ``[batch, pos, width / indices]`` with a per-index 3-D ``down_proj`` weight; a fused
+  gate's module is injected for the check, ``esn.fused``).
 - ``check_generation``: one result per request, in order, with text and non-empty finite float32
   mono audio at the declared rate; each result of a 2-request ``generate`` equals, bit for bit, the
   same request generated alone with the same seed (for ``batched = True`` adapters: a row does not
