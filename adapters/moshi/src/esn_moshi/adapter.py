@@ -17,8 +17,8 @@ text and audio streams start empty (the unconditional ids) for as many frames, t
 Moshi has no instruction channel: the request's target emotion is recorded in ``info`` and nothing is
 sent (``instruction_channel = False``). Requests run one at a time (``batched = False``): transformers'
 generate aligns the text, user and Moshi streams frame by frame with one delay pattern and one prompt
-length for the whole batch, so rows of different lengths cannot share a batch without changing what
-each row hears. Recording needs no stream spec: every position of every stream is real.
+length for the whole batch (positions come from the cache length, not a mask), so rows of different
+lengths cannot share a batch without changing what each row hears. Recording needs no stream spec: every position of every stream is real.
 """
 
 from __future__ import annotations
