@@ -157,7 +157,7 @@ def test_plugin_names_get_a_useful_hint(capsys, monkeypatch):
     err = _err(capsys, ["adapters", "tiny", "qwen_omnii", "/tmp/never-written"])
     assert "did you mean 'qwen_omni'" in err and "pip install esn-qwen_omnii" not in err
     err = _err(capsys, ["adapters", "tiny", "zzz", "/tmp/never-written"])
-    assert "unknown adapter 'zzz' (known: kimi_audio, minicpm_o, planted, qwen3_omni, qwen_omni)" in err and "pip install" not in err
+    assert "unknown adapter 'zzz' (known: kimi_audio, minicpm_o, moshi, planted, qwen3_omni, qwen_omni)" in err and "pip install" not in err
 
 
 def test_a_missing_first_party_judge_names_its_distribution(tmp_path):

@@ -103,10 +103,11 @@ def test_adapters_list_json_lists_exactly_the_repositorys_adapters():
     result = _esn("adapters", "list", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert sorted(r["name"] for r in rows) == ["kimi_audio", "minicpm_o", "planted", "qwen3_omni", "qwen_omni"]
+    assert sorted(r["name"] for r in rows) == ["kimi_audio", "minicpm_o", "moshi", "planted", "qwen3_omni", "qwen_omni"]
     dists = {r["name"]: r["distribution"] for r in rows}
     assert dists == {"qwen_omni": "esn-qwen-omni", "minicpm_o": "esn-minicpm-o", "kimi_audio": "esn-kimi-audio",
-                     "qwen3_omni": "esn-qwen3-omni", "planted": "esn-planted"}  # four LALMs and the demo's synthetic model
+                     "qwen3_omni": "esn-qwen3-omni", "moshi": "esn-moshi",
+                     "planted": "esn-planted"}  # five LALMs and the demo's synthetic model
     assert all(r["version"] and r["streams"] for r in rows)
 
 

@@ -128,6 +128,23 @@ def expert_counts(masks: dict[str, Mask | np.ndarray], layout: Layout) -> tuple[
     return names, out
 
 
+def index_counts(masks: dict[str, Mask | np.ndarray], layout: Layout) -> tuple[list[str], np.ndarray]:
+    """The index x layer view of masks: indices (rows: codebook positions, substep indices) x indexed hook
+    points (columns, ``"synth 3"``), per emotion: ``(names, counts [E, X, R])`` float, X the largest index
+    count (NaN where a layer has fewer indices). Neuron ``(k, u)`` is local index ``k * d + u``."""
+    indexed = [(i, hp) for i, hp in enumerate(layout.hook_points) if hp.indexed]
+    if not indexed:
+        raise EsnError("the layout has no indexed hook point (one MLP weight set per index)")
+    width = max(hp.indices for _, hp in indexed)
+    out = np.full((len(masks), width, len(indexed)), np.nan)
+    for e, mask in enumerate(masks.values()):
+        idx = _indices(mask)
+        for r, (i, hp) in enumerate(indexed):
+            local = idx[(idx >= layout.offsets[i]) & (idx < layout.offsets[i + 1])] - layout.offsets[i]
+            out[e, :hp.indices, r] = np.bincount(local // hp.unit_width, minlength=hp.indices)
+    return [f"{hp.stream} {hp.layer}" for _, hp in indexed], out
+
+
 @dataclass(frozen=True)
 class RoutingRow:
     """One emotion's routing: its most over-routed experts (vs. the mean over emotions) and how far its

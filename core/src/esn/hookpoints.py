@@ -11,6 +11,16 @@ local neuron ``e * d + u`` is unit ``u`` of expert ``e`` (written ``lm.layers.3.
 gate arrives as rows ``[routed rows, d]`` that the routing maps back to (batch, position, expert). A
 layer's always-on shared expert is a second hook point, ``{stream}.layers.{l}.mlp.shared_expert.gate``.
 Positions are counted per *group*: one group per dense hook point, one per expert of a routed one.
+
+Two more kinds (``HookPoint.kind``):
+
+* *fused* (``esn.fused``): the gate is computed inside the MLP's forward, from a fused projection (Moshi's
+  ``fc1`` gives gate and up halves, ``[batch, pos, 2 * d]``) or by a functional activation
+  (``F.silu(gate_proj(x))``). esn injects an identity module (``esn.fused.GateHookPoint``, the path in
+  ``module``) for the duration of recording or steering; its output is the gate ``[batch, pos, d]``.
+* *indexed* (``esn.indexed``): one MLP weight set per index (a depth decoder's codebook position); a
+  position's index comes from the call of ``index_from``. Width ``K x d``; local neuron ``k * d + u`` is
+  unit ``u`` of index ``k`` (written ``synth.layers.0.mlp.gate[k, u]``), one position group per index.
 """
 
 from __future__ import annotations
@@ -64,6 +74,11 @@ class HookPoint:
     top_k: int = 0  # experts per token (routed)
     router: str | None = None  # path of the experts module that receives the routing (routed)
     flat: bool = False  # dense gate as [batch * pos, width] (tokens flattened, e.g. a shared expert)
+    fused: str | None = None  # path of the projection whose output holds the pre-activation gate (fused kind)
+    up: str | None = None  # fused: path of a separate up projection; None: the second half of `fused`'s output
+    activation: str = "silu"  # fused: the activation applied to the gate half (esn.fused.ACTIVATIONS)
+    indices: int = 0  # indexed: weight sets K (one per codebook position / substep index); 0 = not indexed
+    index_from: str | None = None  # indexed: the module whose forward receives the index tensor [pos]
 
     def __post_init__(self) -> None:
         if self.stream not in STREAMS:
@@ -77,6 +92,12 @@ class HookPoint:
                            f"width {self.width} (width must be experts x units, 1 <= top_k <= experts)")
         if not self.experts and self.top_k:
             raise EsnError(f"hook point {self.name}: top_k is for routed hook points (experts > 0)")
+        if self.indices < 0 or (self.indices and (self.experts or self.width % self.indices)):
+            raise EsnError(f"hook point {self.name}: {self.indices} indices need width = indices x units "
+                           f"(width {self.width}) and no experts")
+        if self.fused and (self.experts or self.flat or not self.down_proj):
+            raise EsnError(f"hook point {self.name}: a fused gate needs its down_proj (where the gate enters) "
+                           "and cannot be routed or flat")
 
     @property
     def name(self) -> str:
@@ -89,9 +110,19 @@ class HookPoint:
         return self.experts > 0
 
     @property
+    def indexed(self) -> bool:
+        """Whether the MLP has one weight set per index (``indices > 0``, ``esn.indexed``)."""
+        return self.indices > 0
+
+    @property
+    def kind(self) -> str:
+        """``"routed"``, ``"indexed"``, ``"fused"`` or ``"dense"`` (an indexed gate may also be fused)."""
+        return "routed" if self.routed else "indexed" if self.indexed else "fused" if self.fused else "dense"
+
+    @property
     def groups(self) -> int:
-        """Position-count groups: one per expert (routed), else one."""
-        return max(1, self.experts)
+        """Position-count groups: one per expert (routed) or index (indexed), else one."""
+        return max(1, self.experts, self.indices)
 
     @property
     def unit_width(self) -> int:
@@ -101,7 +132,7 @@ class HookPoint:
     @property
     def step_width(self) -> int:
         """Gate values per batch row per decode position: ``top_k * d`` (routed), else the width."""
-        return self.top_k * self.unit_width if self.routed else self.width
+        return self.top_k * self.unit_width if self.routed else self.unit_width
 
     @staticmethod
     def parse(name: str) -> tuple[str, int]:
@@ -217,16 +248,24 @@ class Layout:
                 out[hp.name] = local
         return out
 
+    @property
+    def indexed(self) -> bool:
+        """Whether any hook point is indexed (one weight set per codebook position or substep index)."""
+        return any(hp.indexed for hp in self.hook_points)
+
     def neuron_name(self, flat: int) -> str:
-        """``lm.layers.3.mlp.gate[301]``; routed: ``lm.layers.3.mlp.gate[17, 301]`` (expert, unit)."""
+        """``lm.layers.3.mlp.gate[301]``; routed: ``lm.layers.3.mlp.gate[17, 301]`` (expert, unit); indexed:
+        ``synth.layers.0.mlp.gate[2, 301]`` (index, unit)."""
         i = int(np.searchsorted(self.offsets, flat, side="right") - 1)
         hp, local = self.hook_points[i], int(flat - self.offsets[i])
-        return f"{hp.name}[{local // hp.unit_width}, {local % hp.unit_width}]" if hp.routed else f"{hp.name}[{local}]"
+        return f"{hp.name}[{local // hp.unit_width}, {local % hp.unit_width}]" if hp.groups > 1 else f"{hp.name}[{local}]"
 
     def describe(self) -> list[dict]:
-        """Names and widths in order; routed hook points add ``experts`` and ``top_k`` (so a mask made for
-        another expert count has another fingerprint; dense layouts keep their fingerprints)."""
-        return [{"name": hp.name, "width": hp.width, **({"experts": hp.experts, "top_k": hp.top_k} if hp.routed else {})}
+        """Names and widths in order; routed hook points add ``experts`` and ``top_k``, indexed ones
+        ``indices`` (so a mask made for another expert or index count has another fingerprint; dense
+        layouts keep their fingerprints)."""
+        return [{"name": hp.name, "width": hp.width, **({"experts": hp.experts, "top_k": hp.top_k} if hp.routed else {}),
+                 **({"indices": hp.indices} if hp.indexed else {})}
                 for hp in self.hook_points]
 
     @property
@@ -257,6 +296,7 @@ def describe_difference(theirs: Layout, mine: Layout, what: str = "artifact") ->
             return "ends there"
         hp = d[first]
         routed = f", {hp['experts']} experts top-{hp['top_k']}" if "experts" in hp else ""
+        routed += f", {hp['indices']} indices" if "indices" in hp else ""
         return f"has {hp['name']} (width {hp['width']}{routed})"
 
     return f"hook point {first}: {what} {say(a)}; model {say(b)}"

@@ -68,6 +68,10 @@ class TraceSteering:
         if routed:  # their rows need the routing (esn.routing), which the envoy path does not see
             raise EsnError(f"nnsight steering supports dense [batch, pos, d] gates only; {routed[0]} is a "
                            "mixture-of-experts gate: use esn.steering.steer / steer_rows")
+        other = [n for n in self.edits if self.layout[n].kind in ("fused", "indexed")]
+        if other:  # a fused gate has no module of its own in the traced model; an indexed one needs its index
+            raise EsnError(f"nnsight steering supports dense [batch, pos, d] gates only; {other[0]} is a "
+                           f"{self.layout[other[0]].kind} gate: use esn.steering.steer / steer_rows")
 
     @classmethod
     def rows(cls, target: Any, conditions: Sequence[Condition | None], *,

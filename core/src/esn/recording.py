@@ -50,9 +50,11 @@ import torch
 
 from esn import gate_reduce
 from esn.errors import EsnError
+from esn.fused import injected
 from esn.gate_reduce import reduce_gates
 from esn.hookpoints import HookPoint, Layout
 from esn.hooks import installed
+from esn.indexed import IndexedPoint, index_module
 from esn.routing import RoutedPoint, recorder_hooks
 from esn.substeps import SubstepPoint, SubstepRoot
 
@@ -811,7 +813,7 @@ class GateRecorder:
         self.chunk_steps = chunk_steps
         self._specs = dict(target.stream_specs() or {})
         self._stack: contextlib.ExitStack | None = None
-        self._points: list[_Point | RoutedPoint | SubstepPoint] = []
+        self._points: list[_Point | RoutedPoint | SubstepPoint | IndexedPoint] = []
         self._homes: list[Any] = []  # per point: the module whose presence in a decoded scope decode_begin checks
         self._roots: dict[str, _Root] = {}
         self._substeps: dict[str, SubstepRoot] = {}
@@ -831,6 +833,15 @@ class GateRecorder:
             self._stack = contextlib.ExitStack()
             self._stack.enter_context(_generate_wrapped(self.target, self._record_each))
             return self
+        inject = contextlib.ExitStack()  # esn.fused: identity modules for gates computed inside a forward
+        inject.enter_context(injected(self.target.model, self.layout))
+        try:
+            return self._install(inject)
+        except BaseException:
+            inject.close()
+            raise
+
+    def _install(self, inject: contextlib.ExitStack) -> GateRecorder:
         self._points, self._homes, self._roots, self._substeps = [], [], {}, {}
         forward, pre, seen = [], [], set()
         for hp in self.layout:
@@ -841,8 +852,12 @@ class GateRecorder:
                 )
             seen.add(id(module))
             home = module
-            root = self._root_for(hp)
-            if hp.routed:  # esn.routing: rows mapped to (batch, position, expert) by a pre-hook on the experts
+            root = None if hp.indexed else self._root_for(hp)
+            if hp.indexed:  # esn.indexed: each position counted in its index's group
+                point = IndexedPoint(hp, self.moments, self._specs.get(hp.stream))
+                pre.append((index_module(self.target.model, hp), point.pre_hook))
+                hook, root = point, point.root
+            elif hp.routed:  # esn.routing: rows mapped to (batch, position, expert) by a pre-hook on the experts
                 point = RoutedPoint(hp, root, self.moments, self.strategy)
                 routing, (module, hook) = recorder_hooks(point, self.target.model)
                 pre.append(routing)
@@ -857,6 +872,7 @@ class GateRecorder:
             self._homes.append(home if root.implicit else root.path)
             forward.append((module, hook))
         stack = contextlib.ExitStack()
+        stack.enter_context(inject)  # closed last: after every hook is off
         try:
             model = self.target.model
             modules = {path: model.get_submodule(path) for path in [*self._roots, *self._substeps]}

@@ -51,11 +51,12 @@ class ActivationStats:
         return np.repeat(self.T, self.layout.group_widths, axis=1)
 
     def hook_point_positions(self) -> np.ndarray:
-        """``[E, H]``: positions seen per hook point (a routed one: its experts' T summed over top_k)."""
+        """``[E, H]``: positions seen per hook point (a routed one: its experts' T summed over top_k; an
+        indexed one: its indices' T summed)."""
         out = np.zeros((len(self.emotions), len(self.layout)), np.int64)
         for i, hp in enumerate(self.layout):
             cols = self.T[:, self.layout.group_offsets[i]:self.layout.group_offsets[i + 1]]
-            out[:, i] = cols.sum(1) // hp.top_k if hp.routed else cols[:, 0]
+            out[:, i] = cols.sum(1) // hp.top_k if hp.routed else cols.sum(1)  # indexed: over its indices
         return out
 
     def _check_positions(self) -> None:

@@ -27,8 +27,11 @@ import numpy as np
 import torch
 
 from esn.errors import EsnError, LayoutMismatchError
+from esn.fused import injected
 from esn.hookpoints import HookPoint, Layout, describe_difference
 from esn.hooks import apply_affine, installed, submodule
+from esn.indexed import fold as indexed_fold
+from esn.indexed import steer_hooks as indexed_steer_hooks
 from esn.interventions import Affine, Intervention, Method, resolve
 from esn.masks import Mask
 from esn.plugins import Registry
@@ -344,6 +347,13 @@ def _in_substep(specs: dict, hp: HookPoint) -> bool:
 
 @contextlib.contextmanager
 def _install(target: Any, layout: Layout, edits: dict[str, _Edit], positions: str) -> Iterator[tuple[str, ...]]:
+    # esn.fused: the identity modules of gates computed inside a forward, for the block (removed last)
+    with injected(target.model, [layout[n] for n in edits]), _install_hooks(target, layout, edits, positions) as names:
+        yield names
+
+
+@contextlib.contextmanager
+def _install_hooks(target: Any, layout: Layout, edits: dict[str, _Edit], positions: str) -> Iterator[tuple[str, ...]]:
     _check_positions(positions)
     states: dict[str, _Prefill] = {}
     roots = []
@@ -368,6 +378,10 @@ def _install(target: Any, layout: Layout, edits: dict[str, _Edit], positions: st
                 raise EsnError(f"hook point {name} is routed: positions='generated' needs a stream spec root "
                                f"for stream {hp.stream!r}")
             routing, forward = routing_steer_hooks(target, hp, edit, None if state is None else lambda s=state: s.prefill)
+            pre += routing
+            hooks += forward
+        elif hp.indexed:  # esn.indexed: each position gets its index's edit; all positions are generated ones
+            routing, forward = indexed_steer_hooks(target, hp, edit)
             pre += routing
             hooks += forward
         else:
@@ -441,7 +455,8 @@ def folded(
 
     Column ``n`` of ``down_proj.weight`` ``[hidden, d_mlp]`` multiplies gate neuron ``n``, so scaling it by
     the gain equals scaling the gate, with no hook at all (routed neurons ``(e, u)``: the slice
-    ``down_proj[e, :, u]`` of the experts' 3-D parameter). Always every position. Exact (bit-identical
+    ``down_proj[e, :, u]`` of the experts' 3-D parameter; indexed neurons ``(k, u)``: ``down_proj.weight[k, :, u]``
+    of the per-index weight; a fused gate enters ``down_proj`` as a dense one does). Always every position. Exact (bit-identical
     to hook steering) when the gain is a power of two or zero, in any dtype; otherwise the product is
     rounded in another place (``(g * s) * w`` vs ``g * (w * s)``), which in bf16 can differ visibly.
     The original columns are saved and written back bit for bit on exit, also when the block raises.
@@ -460,6 +475,9 @@ def folded(
         with torch.no_grad():
             for name, local in mask.split().items():
                 hp = layout[name]
+                if hp.indexed and hp.down_proj:  # per-index 3-D weight [K, hidden, d]
+                    indexed_fold(target, hp, local, form.scale, routed)
+                    continue
                 if hp.routed and hp.down_proj:
                     routing_fold(target, hp, local, form.scale, routed)
                     continue

@@ -146,7 +146,8 @@ def layout_from_dict(d: dict, where: str) -> Layout:
         for hp in d["hook_points"]:
             stream, layer, part = HookPoint.parse_name(hp["name"])
             hps.append(HookPoint(stream, layer, int(hp["width"]), module="", part=part,
-                                 experts=int(hp.get("experts", 0)), top_k=int(hp.get("top_k", 0))))
+                                 experts=int(hp.get("experts", 0)), top_k=int(hp.get("top_k", 0)),
+                                 indices=int(hp.get("indices", 0))))
         layout = Layout(hps)
         fingerprint = d["fingerprint"]
     except EsnError as exc:

@@ -30,11 +30,13 @@ The checks:
   class's ``streams``; every layer of every layer list (``nn.ModuleList``) a stream hooks has a hook point;
   each stream spec's root holds its stream's hook points; each module resolves, runs during generation
   and outputs ``[batch, pos, width]`` (flat: ``[rows, width]``; routed: ``[rows, width / experts]``, with
-  its experts module and 3-D ``down_proj``); no gate is constant (zero gate weights); the lm gates run
-  before the synth gates (not swapped); and a dense hook point's tensor is the post-activation gate: the
-  hooked module has no weights, its values stay in the declared activation's range (``meta["activation"]``
-  or the module's class), and it equals ``act(W x)`` recomputed from a projection ``W`` of its MLP (the
-  hooked module's parent) on the MLP's captured input (a fused projection's half included).
+  its experts module and 3-D ``down_proj``; indexed: ``[batch, pos, width / indices]`` with a per-index 3-D
+  ``down_proj`` weight; a fused gate's module is injected for the check, ``esn.fused``); no gate is constant
+  (zero gate weights); the lm gates run before the synth gates (not swapped); and a dense hook point's
+  tensor is the post-activation gate: the hooked module has no weights, its values stay in the declared
+  activation's range (``meta["activation"]`` or the module's class), and it equals ``act(W x)`` recomputed
+  from a projection ``W`` of its MLP (the hooked module's parent) on the MLP's captured input (a fused
+  projection's half included).
 - ``check_generation``: one result per request, in order, with text and non-empty finite float32
   mono audio at the declared rate; each result of a 2-request ``generate`` equals, bit for bit, the
   same request generated alone with the same seed (for ``batched = True`` adapters: a row does not
@@ -64,6 +66,7 @@ import numpy as np
 import torch
 
 from esn.adapters import EVCRequest, EVCResult, GenerationConfig, ModelAdapter
+from esn.fused import injected
 from esn.hookpoints import STREAMS, HookPoint
 from esn.hooks import installed
 
@@ -137,7 +140,11 @@ def _esn_sites(adapter: ModelAdapter) -> list[torch.nn.Module]:
     roots = [spec.root for spec in specs if getattr(spec, "root", None)]
     roots += [sub for spec in specs for sub in getattr(spec, "substeps", ())]
     roots += [hp.router for hp in adapter.layout() if hp.routed]
-    return [adapter.module(hp) for hp in adapter.layout()] + [adapter.model.get_submodule(r) for r in roots]
+    roots += [hp.index_from for hp in adapter.layout() if hp.indexed and hp.index_from]
+    # a fused gate's module exists only while esn hooks it (esn.fused): its projections carry esn's hooks
+    roots += [p for hp in adapter.layout() if hp.fused for p in (hp.fused, hp.up, hp.down_proj) if p]
+    return ([adapter.module(hp) for hp in adapter.layout() if not hp.fused]
+            + [adapter.model.get_submodule(r) for r in dict.fromkeys(roots)])
 
 
 def _hooks(adapter: ModelAdapter) -> set[tuple[int, str, int]]:
@@ -300,6 +307,13 @@ def check_hook_points(adapter: ModelAdapter, config: GenerationConfig | None = N
         shared = [hp.layer for hp in points if hp.stream == stream and hp.part]
         _require(set(shared) <= set(layers), f"{stream}: shared-expert hook points on layers {shared} without "
                                              "a layer hook point")
+    before = _hooks(adapter)
+    with injected(adapter.model, points):  # esn.fused: fused gates' identity modules, for this check
+        _check_sites(adapter, points, config)
+    _require(_hooks(adapter) == before, "hooks were left on the gate modules after generation")
+
+
+def _check_sites(adapter: ModelAdapter, points: Sequence[HookPoint], config: GenerationConfig | None) -> None:
     for hp in points:
         HookPoint.parse(hp.name)
         module = adapter.module(hp)
@@ -307,7 +321,12 @@ def check_hook_points(adapter: ModelAdapter, config: GenerationConfig | None = N
         if hp.routed:
             _require(isinstance(adapter.model.get_submodule(hp.router or ""), torch.nn.Module),
                      f"{hp.name}: routed, but its experts module {hp.router!r} is not an nn.Module")
-        if hp.down_proj and hp.routed:
+        if hp.down_proj and hp.indexed:
+            down = adapter.model.get_submodule(hp.down_proj).weight
+            _require(down.dim() == 3 and down.shape[0] == hp.indices and down.shape[2] == hp.unit_width,
+                     f"{hp.name}: {hp.down_proj}.weight has shape {tuple(down.shape)}, expected "
+                     f"[{hp.indices}, hidden, {hp.unit_width}]")
+        elif hp.down_proj and hp.routed:
             down = adapter.model.get_parameter(hp.down_proj)
             _require(down.dim() == 3 and down.shape[0] == hp.experts and down.shape[2] == hp.unit_width,
                      f"{hp.name}: {hp.down_proj} has shape {tuple(down.shape)}, expected "
@@ -350,7 +369,7 @@ def check_hook_points(adapter: ModelAdapter, config: GenerationConfig | None = N
     for hp in points:
         seen_shapes = shapes[hp.name]
         _require(bool(seen_shapes), f"{hp.name} ({hp.module}) never ran during generation")
-        dims, last, what = (2, hp.unit_width, "rows") if (hp.routed or hp.flat) else (3, hp.width, "batch, pos")
+        dims, last, what = (2, hp.unit_width, "rows") if (hp.routed or hp.flat) else (3, hp.unit_width, "batch, pos")
         bad = [s for s in seen_shapes if len(s) != dims or s[-1] != last]
         _require(not bad, f"{hp.name}: output shapes {bad[:3]} are not [{what}, {last}]")
     for hp in dense:
@@ -512,7 +531,8 @@ def check_recording(adapter: ModelAdapter, config: GenerationConfig | None = Non
         sums[hp.name][: flat.shape[1]] += flat.double().sum(0).cpu()
         tokens[hp.name] += flat.shape[0]
 
-    with GateRecorder(adapter) as recorder, installed(_observe(adapter, list(layout), reference)):
+    with (injected(adapter.model, layout), GateRecorder(adapter) as recorder,  # injected: esn.fused gates
+          installed(_observe(adapter, list(layout), reference))):
         _generate_one(adapter, config)
     stats = recorder.stats()
     _require(stats.batch_size == 1, f"one request recorded as {stats.batch_size} rows")
@@ -520,7 +540,7 @@ def check_recording(adapter: ModelAdapter, config: GenerationConfig | None = Non
         # routed: [experts, d] summed over experts (each row act_fn saw is one (position, expert))
         def units(t: torch.Tensor, hp: HookPoint = hp) -> torch.Tensor:
             t = t[0, layout.slice(hp.name)]
-            return t.reshape(hp.groups, hp.unit_width).sum(0) if hp.routed else t
+            return t.reshape(hp.groups, hp.unit_width).sum(0) if hp.groups > 1 else t  # indexed: over indices
 
         got = units(stats.counts).to(torch.int64)
         want = counts[hp.name][: got.numel()]

@@ -78,7 +78,9 @@ def cmd_hookpoints(args: argparse.Namespace) -> int:
     adapter = load_adapter(args)
     layout = adapter.layout()
     rows = [{"name": p.name, "kind": _kind(p), "width": p.width, "module": p.module, "down_proj": p.down_proj,
-             "meta": dict(p.meta), **({"experts": p.experts, "top_k": p.top_k} if p.routed else {})} for p in layout]
+             "meta": dict(p.meta), **({"experts": p.experts, "top_k": p.top_k} if p.routed else {}),
+             **({"indices": p.indices, "index_from": p.index_from} if p.indexed else {}),
+             **({"fused": p.fused} if p.fused else {})} for p in layout]  # fused: the module is injected (esn.fused)
     if args.json:
         print(json.dumps({"adapter": args.adapter, "model": str(args.model), "fingerprint": layout.fingerprint,
                           "n_neurons": layout.n_neurons, "hook_points": rows}, indent=2, default=str))
@@ -86,15 +88,17 @@ def cmd_hookpoints(args: argparse.Namespace) -> int:
     table = Table(title=f"{args.adapter} hook points ({layout.n_neurons} neurons, layout {layout.fingerprint})")
     routed = layout.routed
     metas = any(r["meta"] for r in rows)
+    indexed = layout.indexed
     for col, justify in (("name", "left"), ("kind", "left"), ("width", "right"),
-                         *([("experts", "right")] if routed else []), ("module", "left"), ("down_proj", "left"),
-                         *([("meta", "left")] if metas else [])):
+                         *([("experts", "right")] if routed else []), *([("indices", "right")] if indexed else []),
+                         ("module", "left"), ("down_proj", "left"), *([("meta", "left")] if metas else [])):
         table.add_column(col, justify=justify)
-    for r in rows:  # routed: width = experts x units, each token uses top_k of them
+    for r in rows:  # routed: width = experts x units, each token uses top_k of them; indexed: indices x units
         experts = [f"{r['experts']} x {r['width'] // r['experts']}, top {r['top_k']}" if "experts" in r else ""]
+        indices = [f"{r['indices']} x {r['width'] // r['indices']}" if "indices" in r else ""]
         meta = [", ".join(f"{k}={v}" for k, v in r["meta"].items())]
-        table.add_row(r["name"], r["kind"], str(r["width"]), *(experts if routed else []), r["module"],
-                      r["down_proj"] or "-", *(meta if metas else []))
+        table.add_row(r["name"], r["kind"], str(r["width"]), *(experts if routed else []),
+                      *(indices if indexed else []), r["module"], r["down_proj"] or "-", *(meta if metas else []))
     print_table(table)  # module paths are never cut, whatever the terminal width
     return 0
 

@@ -150,6 +150,30 @@ def expert_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Seq
 
 
 @figure
+def index_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Sequence[str], path: Path, *,
+                  title: str) -> Path:
+    """The index x layer view: one panel per emotion, indices (rows: codebook positions) x indexed layers
+    (columns), the selected neurons of each (NaN, blank: a layer with fewer indices). ``counts [E, X, R]``."""
+    plt = _plt()
+    counts = np.asarray(counts, dtype=float)
+    n, rows, cols = counts.shape
+    scale = max(float(np.nanmax(counts)) if np.isfinite(counts).any() else 0.0, 1.0)
+    fig, axes = plt.subplots(1, n, figsize=(min(2.2 + 0.3 * cols, 6.0) * n + 1.0, 0.25 * rows + 1.6), squeeze=False)
+    im = None
+    for k, (ax, emotion) in enumerate(zip(axes[0], emotions, strict=True)):
+        im = ax.imshow(counts[k], cmap="viridis", aspect="auto", vmin=0, vmax=scale, interpolation="nearest")
+        ax.set_title(emotion.capitalize())
+        ax.set_xticks(range(cols), layer_names, rotation=90)
+        ax.set_yticks(range(rows), [str(i) for i in range(rows)] if k == 0 else [""] * rows)
+    axes[0][0].set_ylabel("index (codebook)")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="selected neurons")
+    fig.suptitle(title, y=1.02)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+@figure
 def seen_unseen_bars(
     groups: dict[str, dict[str, float | None]],
     cis: dict[str, dict[str, list[float] | None]],
@@ -268,6 +292,7 @@ def depth_profiles(profiles: dict[str, tuple[Sequence[str], np.ndarray]], path: 
     return out
 
 
+@figure
 def layer_depth_lines(lines: Sequence[tuple[str, Sequence[float], Sequence[float]]], path: Path, *,
                       title: str) -> Path:
     """Figure 9 across models: one line per (model, stream), the share of its selected neurons per layer

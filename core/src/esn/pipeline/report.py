@@ -290,6 +290,7 @@ def build(run: Run) -> list[Block]:
                    Block("img", ("ESNs per layer and emotion", png.relative_to(run.dir)))]
         if loaded.layout.routed:
             blocks += _expert_blocks(run, anchor, loaded, fig_dir)
+        blocks += _index_blocks(run, anchor, loaded, fig_dir)
     blocks += report_views.depth_blocks(run, sw, anchor)
 
     # Figure 10: seen vs unseen
@@ -423,6 +424,38 @@ def _expert_blocks(run: Run, anchor, loaded, fig_dir: Path) -> list[Block]:
                                       "n/a" if r.jsd != r.jsd else f"{r.jsd:.3f}"] for r in rows]}),
         ]
     return blocks
+
+
+def _index_blocks(run: Run, anchor, loaded, fig_dir: Path) -> list[Block]:
+    """Indexed hook points (one MLP weight set per codebook position): where the neurons of the anchor's
+    recipe sit by index and layer (on the first stream that has indexed hook points; a depth decoder is
+    usually ``synth`` while the anchor is ``lm``), as a heatmap and a table of neurons per index."""
+    import dataclasses
+
+    from esn import analysis, artifacts
+
+    if not loaded.layout.indexed:
+        for stream in run.cfg.model.streams:
+            path = run.rundir.select / f"masks_{dataclasses.replace(anchor.recipe, stream=stream).key}.safetensors"
+            if stream != anchor.recipe.stream and path.exists():
+                other = artifacts.load_masks(path)
+                if other.layout.indexed:
+                    loaded = other
+                    break
+        else:
+            return []
+    names, counts = analysis.index_counts(loaded.masks, loaded.layout)
+    png = plots.index_heatmap(counts, names, list(loaded.masks), fig_dir / "index_layers.png",
+                              title=f"{anchor.label} ESNs per index and layer (r = {anchor.rate:g})")
+    totals = np.nansum(counts, axis=2)  # [E, X]: over the indexed layers
+    return [Block("h3", "Index × layer view (per-codebook MLPs)"),
+            Block("p", "Hook points with one MLP weight set per index (a depth decoder's codebook position): "
+                       "neuron (k, u) is unit u of index k's MLP. Rows: index; columns: indexed layers ("
+                       + ", ".join(names) + ")."),
+            Block("img", ("ESNs per index and layer", png.relative_to(run.dir))),
+            Block("table", {"head": ["emotion", *[f"index {k}" for k in range(totals.shape[1])]],
+                            "rows": [[e.capitalize(), *[str(int(v)) for v in totals[i]]]
+                                     for i, e in enumerate(loaded.masks)]})]
 
 
 def _human_blocks(run: Run, targets: list[str]) -> list[Block]:
