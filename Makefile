@@ -69,6 +69,8 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_qwen3_omni.py --size tiny --device cpu --batches 1 2 --text-tokens 4 --audio-tokens 6 --repeats 1 --seconds 1 --variants record steer steer_rows steer_rows_same
 	$(VENV)/bin/python benchmarks/bench_graph_decode.py --device cpu --size tiny --repeats 2 --steps 8
 	$(VENV)/bin/python benchmarks/bench_serve.py --requests 8 --concurrency 4 --time-limit 60
+	$(VENV)/bin/python benchmarks/bench_first_audio.py --rounds 1 --concurrency 1 2
+	$(VENV)/bin/python benchmarks/token2wav_horizon.py --perturb 1 2
 
 clean:
 	rm -rf $(VENV) $(BUILD_VENV) $(DEMO_OUT) $(DIST) $(SITE)

@@ -190,6 +190,12 @@ def test_the_stream_is_sse_ending_with_done(server):
     assert events[-1] == "[DONE]"
     first = json.loads(events[0])
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+    # text only: the text comes as content deltas, as the non-streamed answer's content
+    text_only = {k: v for k, v in body.items() if k not in ("audio", "esn")} | {"modalities": ["text"],
+                                                                                "extra_body": {"esn": body["esn"]}}
+    chunks = list(server.client.chat.completions.create(**text_only))
+    whole = server.client.chat.completions.create(**(text_only | {"stream": False}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
 
 
 # -- many clients -------------------------------------------------------------------------------------------
@@ -346,6 +352,7 @@ def test_bad_bodies_get_openai_errors(server):
         ({"audio": {"voice": "default", "format": "flac"}}, 400, "audio.format", "unsupported_value"),
         ({"audio": {"voice": "default", "format": "wav", "speed": 2}}, 400, "audio.speed", "unknown_parameter"),
         ({"n": 2}, 400, "n", "unsupported_value"),
+        ({"n": True}, 400, "n", "unsupported_value"),
         ({"messages": text_part}, 400, "messages[0].content[0].type", "unsupported_value"),
         ({"messages": system}, 400, "messages", "unsupported_value"),
         ({"messages": []}, 400, "messages", "invalid_type"),
@@ -365,8 +372,9 @@ def test_bad_bodies_get_openai_errors(server):
         error = response.json()["error"]
         assert (error["param"], error["code"]) == (param, code), (change, error)
         assert error["type"] == "invalid_request_error" and error["message"]
-    response = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers=server.auth)
-    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    for raw, code in ((b"{not json", "invalid_json"), (b"[" * 100_000, "invalid_json"), (b"[1, 2]", "invalid_type")):
+        response = httpx.post(server.url + "/v1/chat/completions", content=raw, headers=server.auth)
+        assert response.status_code == 400 and response.json()["error"]["code"] == code, response.text
     # the official client raises its typed errors from these answers
     with pytest.raises(openai.UnprocessableEntityError) as caught:
         server.client.chat.completions.create(model="qwen_omni", messages=good_audio, modalities=["text", "audio"],

@@ -74,7 +74,8 @@ def _bad(message: str, param: str | None, code: str = "invalid_value", status: i
 def _object(value: Any, param: str, allowed: tuple[str, ...]) -> dict[str, Any]:
     """``value`` as a JSON object with only ``allowed`` keys (an unknown key is refused, never ignored)."""
     if not isinstance(value, dict):
-        raise _bad(f"{param} must be an object, got {type(value).__name__}", param, "invalid_type")
+        raise _bad(f"{param or 'the body'} must be an object, got {type(value).__name__}", param or None,
+                   "invalid_type")
     for key in value:
         if key not in allowed:
             raise _bad(f"unknown parameter {param + '.' if param else ''}{key}: this service accepts "
@@ -113,7 +114,7 @@ def parse_chat(body: Any, model_id: str) -> Chat:
     if model != model_id:
         raise _bad(f"the model {model!r} does not exist; this service serves {model_id!r} (GET /v1/models)",
                    "model", "model_not_found", 404)
-    if body.get("n", 1) != 1:
+    if body.get("n", 1) != 1 or isinstance(body.get("n"), bool):
         raise _bad("n must be 1: one conversion per request", "n", "unsupported_value")
     modalities = body.get("modalities", ["text"])
     if not isinstance(modalities, list) or sorted(map(str, modalities)) not in (["text"], ["audio", "text"]) \
@@ -263,7 +264,7 @@ class ChatCompletions:
         started = time.monotonic()
         try:
             body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: nesting
             raise _bad(f"the body is not JSON: {exc}", None, "invalid_json") from None
         chat = parse_chat(body, self.model_id)
         job = await self.job(chat)
