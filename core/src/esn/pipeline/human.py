@@ -31,7 +31,7 @@ import numpy as np
 from esn.emotions import EMOTIONS, normalize_emotion
 from esn.errors import EsnError
 from esn.files import check_sha256, read_bytes
-from esn.pipeline import evaluate, record
+from esn.pipeline import evaluate, record, select
 from esn.pipeline.batches import derive_seed
 from esn.pipeline.config import settings
 from esn.pipeline.files import atomic_write_json, atomic_write_text, atomic_write_wav, read_json
@@ -78,11 +78,12 @@ def _clip(src: Path, dst: Path, sha: str | None, fix: str) -> None:
 def export_ab(run: Run, out: Path, *, per_emotion: int = 25) -> int:
     """Write ``clips/``, ``trials.csv`` (for raters), ``key.csv`` (blind key) and a response template."""
     anchor = settings(run.cfg)[0].key
+    skip = set(select.no_success(run).get(settings(run.cfg)[0].mask_key, []))  # no mask: no intervened clip
     records = evaluate.records(run)
     base = {(r["split"], r["source"], r["target"]): r for r in records if r["setting"] == BASELINE}
     rng = np.random.default_rng(derive_seed(run.cfg.seed, "human-ab"))
     pairs = []
-    for target in run.cfg.record.targets:
+    for target in [t for t in run.cfg.record.targets if t not in skip]:
         cands = [(base[(r["split"], r["source"], r["target"])], r) for r in records
                  if r["setting"] == anchor and r["mask"] == r["target"] == target
                  and (r["split"], r["source"], r["target"]) in base]
