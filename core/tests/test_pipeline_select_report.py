@@ -481,6 +481,7 @@ def test_an_emotion_without_a_success_set_is_reported_and_the_others_go_on(tmp_p
         write_report(run)
         text = (run.dir / "report.md").read_text()
         assert "0 (no success set)" in text  # success sets
+        assert "| cas_r0.05_c30 | sad (no success set) | 0 |" in text  # the masks smaller than floor(r N)
         assert "| Sad (no success set) |" in text  # Table 2
         table3 = text.split("## Table 3")[1].split("## ")[0]
         assert "| CAS (sad: no success set) |" in table3 and "| MAD (sad: no success set) |" in table3

@@ -12,7 +12,7 @@ from esn.pipeline.demo import DEMO_TOML, run_demo
 pytest.importorskip("esn_planted")
 
 
-def study(*, streams='["lm"]', targets=None, selectors='["lap", "mad", "cas"]') -> str:
+def study(*, streams='["lm"]', targets=None, selectors='["lap", "mad", "cas"]', wavs: bool = False) -> str:
     """DEMO_TOML made small: 4 identification indices, fewer test sources, no Random/LAPE/positions."""
     text = DEMO_TOML.replace('streams = ["lm"]', f"streams = {streams}")
     text = text.replace('"0016"], first = 1, last = 6}]', '"0016"], first = 1, last = 4}]')
@@ -23,6 +23,9 @@ def study(*, streams='["lm"]', targets=None, selectors='["lap", "mad", "cas"]') 
     text = text.replace('positions = ["generated"]', "positions = []").replace(
         "lape_quantiles = [0.25, 0.5, 0.75]", "lape_quantiles = []")
     text = text.replace("save_audio = true", "save_audio = false")  # no wavs: the claims read numbers
+    if wavs:  # the evaluated clips, for the listening kit
+        text = text.replace("bootstrap = 200\nsave_audio = false", "bootstrap = 200\nsave_audio = true")
+        assert text.count("save_audio = true") == 1
     if targets:
         text = text.replace("[record]\n", f"[record]\ntargets = {json.dumps(targets)}\n")
     assert "last = 4" in text and '"0011", "0013"' in text
@@ -57,7 +60,7 @@ def test_claims_fail_where_the_plant_cannot_show_them_and_a_hard_emotion_is_repo
     and every table says so."""
     out = tmp_path / "unshown"
     run_demo(out, plant={"seed": 5, "content": False, "hard": ["sad"], "synth_audible": True},
-             toml=study(streams='["lm", "synth"]', targets=["angry", "happy", "sad"]))
+             toml=study(streams='["lm", "synth"]', targets=["angry", "happy", "sad"], wavs=True))
     found, holds = claims(out)
     assert holds["too-large masks are worse"] is False and holds["moderate α is best"] is False, found
     assert holds["synthesis-side steering is inert"] is False, found
@@ -70,3 +73,12 @@ def test_claims_fail_where_the_plant_cannot_show_them_and_a_hard_emotion_is_repo
     assert "| too-large masks are worse | does not hold |" in report
     assert "| synthesis-side steering is inert | does not hold |" in report
     assert "no success set" in report.split("Read this first")[1].split("## The paper")[0]  # the recall table
+    # the A/B listening kit offers the emotions that were steered, and skips the one that was not
+    from esn.pipeline.config import load_config
+    from esn.pipeline.human import export_ab
+    from esn.pipeline.run import Run
+
+    with Run(load_config(out / "demo.toml")) as run:
+        n = export_ab(run, out / "kit", per_emotion=2)
+    key = (out / "kit" / "key.csv").read_text()
+    assert n == 4 and "angry" in key and "happy" in key and "sad" not in key

@@ -93,7 +93,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _positions(report)
     _json(report)
     report.add_argument("--compare", type=Path, nargs="+", metavar="RUN",
-                        help="run directories (or their configs) of finished runs: Tables 2 and 3 side by side")
+                        help="run directories (or their configs) of finished runs: Tables 2, 3, 4, 6 and Figure 9 side by side")
     report.add_argument("--names", help="with --compare: comma-separated column names, one per RUN")
     report.add_argument("--out", type=Path, default=Path("compare.md"),
                         help="with --compare: the Markdown file to write (HTML next to it)")

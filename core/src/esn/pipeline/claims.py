@@ -28,7 +28,7 @@ class Claim:
 
 
 def _fmt(v: float | None) -> str:
-    return "–" if v is None else f"{v:+.1f}"
+    return "–" if v is None or v != v else f"{v:+.1f}"
 
 
 def paper_claims(sts: list[Setting], sweep: dict, results: dict) -> list[Claim]:
@@ -39,8 +39,9 @@ def paper_claims(sts: list[Setting], sweep: dict, results: dict) -> list[Claim]:
     g = groups[main]
     a = sts[0]
 
-    def eff(st: Setting, key: str, group: str = main) -> float | None:
-        return groups[group].get(st.key, {}).get("judges", {}).get(judge, {}).get(key)
+    def eff(st: Setting, key: str, group: str = main) -> float:
+        v = groups[group].get(st.key, {}).get("judges", {}).get(judge, {}).get(key)
+        return float("nan") if v is None else v  # missing: every comparison is False (does not hold)
 
     def wer_rise(st: Setting) -> float | None:
         m = g.get(st.key, {})

@@ -32,7 +32,7 @@ import numpy as np
 from esn.emotions import EMOTIONS, normalize_emotion
 from esn.errors import EsnError
 from esn.files import check_sha256, read_bytes
-from esn.pipeline import evaluate, record
+from esn.pipeline import evaluate, record, select
 from esn.pipeline.batches import derive_seed
 from esn.pipeline.config import settings
 from esn.pipeline.files import atomic_write_json, atomic_write_text, atomic_write_wav, read_json
@@ -83,11 +83,12 @@ def export_ab(run: Run, out: Path, *, per_emotion: int = 25, raters: int | None 
     """Write ``clips/``, ``trials.csv`` (for raters) and a response template into ``out``, and the blind key
     (``key.csv``) and, for ``raters``, their login codes (``codes.csv``) into the private folder beside it."""
     anchor = settings(run.cfg)[0].key
+    skip = set(select.no_success(run).get(settings(run.cfg)[0].mask_key, []))  # no mask: no intervened clip
     records = evaluate.records(run)
     base = {(r["split"], r["source"], r["target"]): r for r in records if r["setting"] == BASELINE}
     rng = np.random.default_rng(derive_seed(run.cfg.seed, "human-ab"))
     pairs = []
-    for target in run.cfg.record.targets:
+    for target in [t for t in run.cfg.record.targets if t not in skip]:
         cands = [(base[(r["split"], r["source"], r["target"])], r) for r in records
                  if r["setting"] == anchor and r["mask"] == r["target"] == target
                  and (r["split"], r["source"], r["target"]) in base]

@@ -226,7 +226,8 @@ def build(run: Run) -> list[Block]:
                               "compare their sizes before reading CAS vs CAS-H as a difference of supervision."),
                    Block("table", {"head": ["set", *[t.capitalize() for t in targets]], "rows": rows})]
 
-        small = _small_masks(run, read_sealed(summary_path, _RESELECT)["masks"], sts)
+        summary = read_sealed(summary_path, _RESELECT)
+        small = _small_masks(run, summary["masks"], sts, summary.get("no_success", {}))
         if small:
             blocks += [Block("p", "Masks with fewer neurons than floor(r·N) (CAS and LAPE keep only neurons that "
                                   "qualify; an empty mask leaves its cells unsteered, so they measure noise):"),
@@ -311,7 +312,8 @@ def build(run: Run) -> list[Block]:
     return blocks
 
 
-def _small_masks(run: Run, sizes: dict[str, dict[str, int]], sts: list[Setting]) -> list[list[str]]:
+def _small_masks(run: Run, sizes: dict[str, dict[str, int]], sts: list[Setting],
+                 no_success: dict[str, list[str]] | None = None) -> list[list[str]]:
     """``[mask, emotion, size, floor(r N)]`` for every mask of the grid smaller than its selection rate asks."""
     from esn.selection import n_selected
 
@@ -326,7 +328,8 @@ def _small_masks(run: Run, sizes: dict[str, dict[str, int]], sts: list[Setting])
         if st.key not in sizes or st.stream not in widths:
             continue
         want = n_selected(st.rate, widths[st.stream])
-        rows += [[st.key, e if n else f"{e} (no success set)", str(n), str(want)]
+        none = (no_success or {}).get(st.key, [])
+        rows += [[st.key, f"{e} (no success set)" if e in none else e, str(n), str(want)]
                  for e, n in sizes[st.key].items() if n < want]
     return rows
 
@@ -337,10 +340,11 @@ def _lape_quantile_blocks(run: Run, rows: list[Setting], g: dict, judges: list[s
     if not rows:
         return []
     path = run.rundir.select / "summary.json"
-    sizes = read_json(path)["masks"] if path.exists() else {}
+    summary = read_json(path) if path.exists() else {}
+    sizes, none = summary.get("masks", {}), summary.get("no_success", {})
 
     def name(st: Setting) -> str:
-        n = [v for v in sizes.get(st.mask_key, {}).values() if v]
+        n = [v for e, v in sizes.get(st.mask_key, {}).items() if e not in none.get(st.mask_key, [])]
         return f"q = {st.quantile:g} ({np.mean(n):.1f} neurons per mask)" if n else f"q = {st.quantile:g}"
 
     a = rows[0]
