@@ -340,7 +340,7 @@ def _lape_quantile_blocks(run: Run, rows: list[Setting], g: dict, judges: list[s
     if not rows:
         return []
     path = run.rundir.select / "summary.json"
-    summary = read_json(path) if path.exists() else {}
+    summary = read_sealed(path, _RESELECT) if path.exists() else {}
     sizes, none = summary.get("masks", {}), summary.get("no_success", {})
 
     def name(st: Setting) -> str:
