@@ -460,6 +460,7 @@ class _Root:
         for p in self.points:
             p.decode_end(done)  # the hooks ran once per capture, not once per replay
         self.calls = self.base_calls + done
+        self.decoded = self.decoded or done > 0
         self.engine, self.points = None, []
 
     @property

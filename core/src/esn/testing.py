@@ -608,7 +608,8 @@ def check_speech_input(adapter: ModelAdapter, config: GenerationConfig | None = 
     layout = adapter.layout()
     runs: list[dict[str, torch.Tensor]] = []
     outputs = []
-    for seed in (0, 3):
+    # another voice: other pitch contour and noise, 12 dB quieter (coarse audio tokenisers must see it too)
+    for seed, gain in ((0, 1.0), (3, 0.25)):
         first: dict[str, torch.Tensor] = {}
 
         def keep(hp: HookPoint, g: torch.Tensor, first: dict = first) -> None:
@@ -616,7 +617,8 @@ def check_speech_input(adapter: ModelAdapter, config: GenerationConfig | None = 
                 first[hp.name] = g.detach().float().cpu().clone()
 
         with installed(_observe(adapter, list(layout), keep)):
-            outputs.append(adapter.generate([EVCRequest(speech_like(1.0, seed=seed), "happy", id=f"s{seed}")], config)[0])
+            request = EVCRequest(gain * speech_like(1.0, seed=seed), "happy", id=f"s{seed}")
+            outputs.append(adapter.generate([request], config)[0])
         runs.append(first)
     moved = [name for name in layout.names if name in runs[0] and name in runs[1]
              and (runs[0][name].shape != runs[1][name].shape or not torch.equal(runs[0][name], runs[1][name]))]
