@@ -616,7 +616,7 @@ def check_speech_input(adapter: ModelAdapter, config: GenerationConfig | None = 
             if hp.name not in first and isinstance(g, torch.Tensor):
                 first[hp.name] = g.detach().float().cpu().clone()
 
-        with installed(_observe(adapter, list(layout), keep)):
+        with injected(adapter.model, layout), installed(_observe(adapter, list(layout), keep)):  # esn.fused gates
             request = EVCRequest(gain * speech_like(1.0, seed=seed), "happy", id=f"s{seed}")
             outputs.append(adapter.generate([request], config)[0])
         runs.append(first)
