@@ -288,11 +288,18 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_judge_eval(args: argparse.Namespace) -> int:
     """``esn judge-eval``: each emotion judge's accuracy on labelled ESD clips (the paper's section 4.1)."""
+    from esn.errors import EsnError
     from esn.pipeline.judge_eval import judge_eval
     from esn.pipeline.run import load_run
 
     _threads(args)
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
+    configured = [j.name for j in run.cfg.judges.emotion]
+    with command_line():  # --judge must name a judge of this config
+        unknown = [name for name in args.judge or [] if name not in configured]
+        if unknown:
+            raise EsnError(f"--judge {', '.join(unknown)}: not among the config's emotion judges "
+                           f"({', '.join(configured)})")
     with run:
         result = judge_eval(run, split=args.split, per_emotion=args.per_emotion, judges=args.judge)
     emotions = result["emotions"]
