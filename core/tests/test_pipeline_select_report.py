@@ -398,3 +398,18 @@ def test_a_report_without_matplotlib_keeps_every_table_and_says_which_extra_draw
     done = subprocess.run([sys.executable, "-m", "esn", "report", cfg, "-q"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and (run.dir / "report.md").read_text() == with_figures
+
+
+def test_the_seen_unseen_legend_sits_beside_the_bars(tmp_path, monkeypatch):
+    """Figure 10's legend never covers a bar: it is drawn outside the axes (checked on the drawn figure)."""
+    pytest.importorskip("matplotlib")
+    from esn.pipeline import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.append(fig), path)[1])
+    full = {e: 100.0 for e in ("happy", "angry", "sad", "surprise")}  # bars up to the top, where legends go
+    plots.seen_unseen_bars({"test_seen": full, "test_unseen": full}, {}, list(full), tmp_path / "x.png", title="t")
+    (fig,) = drawn
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
