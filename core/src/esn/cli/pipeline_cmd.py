@@ -186,6 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise EsnError(f"--ranks-per-gpu {args.ranks_per_gpu}: need at least 1")
     launch = parallel.detect_launch()  # a launcher's environment that does not fit is not a usage error
     with command_line():
+        parallel.check_shard_launch(shard, launch)
         if launch is not None and workers is not None:
             raise EsnError(f"--workers starts torch's launcher itself; this process already is rank {launch.rank} of "
                            f"{launch.world_size} under {launch.launcher}: drop --workers")
