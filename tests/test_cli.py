@@ -327,6 +327,28 @@ def test_every_flag_and_command_a_message_names_exists():
     assert not wrong, "\n".join(wrong)
 
 
+def test_every_config_key_a_message_names_exists():
+    """`model.device`, `evaluate.save_audio`...: each `section.key` in a string of the core is a field of
+    that section of the run configuration."""
+    import ast
+    from pathlib import Path
+
+    import esn
+    from esn.pipeline.config import RunConfig
+
+    sections = {name: getattr(f.annotation, "model_fields", {}) for name, f in RunConfig.model_fields.items()}
+    pattern = r"(?<![\w.])(" + "|".join(s for s in sections if sections[s]) + r")\.([a-z_]+)\b(?!\()"
+    named, wrong = 0, []
+    for path in Path(esn.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for section, key in re.findall(pattern, node.value):
+                    named += 1
+                    if key not in sections[section]:
+                        wrong.append(f"{path}:{node.lineno}: {section}.{key}")
+    assert named > 20 and not wrong, "\n".join(wrong)
+
+
 def test_exit_codes_separate_usage_from_runtime(tmp_path, capsys):
     """2: the command line is wrong; 1: what it names does not fit (docs/cli.md)."""
     assert main([]) == 2  # no command: the help, as a usage error

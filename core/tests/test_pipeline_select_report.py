@@ -488,3 +488,18 @@ def test_an_emotion_without_a_success_set_is_reported_and_the_others_go_on(tmp_p
         assert "no success set" in text.split("## Figure 10")[1]
     finally:
         run.close()
+
+
+def test_the_seen_unseen_legend_sits_beside_the_bars(tmp_path, monkeypatch):
+    """Figure 10's legend never covers a bar: it is drawn outside the axes (checked on the drawn figure)."""
+    pytest.importorskip("matplotlib")
+    from esn.pipeline import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.append(fig), path)[1])
+    full = {e: 100.0 for e in ("happy", "angry", "sad", "surprise")}  # bars up to the top, where legends go
+    plots.seen_unseen_bars({"test_seen": full, "test_unseen": full}, {}, list(full), tmp_path / "x.png", title="t")
+    (fig,) = drawn
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())

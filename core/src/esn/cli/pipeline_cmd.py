@@ -194,6 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise EsnError(f"--ranks-per-gpu {args.ranks_per_gpu}: need at least 1")
     launch = parallel.detect_launch()  # a launcher's environment that does not fit is not a usage error
     with command_line():
+        parallel.check_shard_launch(shard, launch)
         if launch is not None and workers is not None:
             raise EsnError(f"--workers starts torch's launcher itself; this process already is rank {launch.rank} of "
                            f"{launch.world_size} under {launch.launcher}: drop --workers")
@@ -296,11 +297,18 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_judge_eval(args: argparse.Namespace) -> int:
     """``esn judge-eval``: each emotion judge's accuracy on labelled ESD clips (the paper's section 4.1)."""
+    from esn.errors import EsnError
     from esn.pipeline.judge_eval import judge_eval
     from esn.pipeline.run import load_run
 
     _threads(args)
     run = load_run(args.config, run_dir=args.run_dir, console=ui.progress_console())
+    configured = [j.name for j in run.cfg.judges.emotion]
+    with command_line():  # --judge must name a judge of this config
+        unknown = [name for name in args.judge or [] if name not in configured]
+        if unknown:
+            raise EsnError(f"--judge {', '.join(unknown)}: not among the config's emotion judges "
+                           f"({', '.join(configured)})")
     with run:
         result = judge_eval(run, split=args.split, per_emotion=args.per_emotion, judges=args.judge)
     emotions = result["emotions"]

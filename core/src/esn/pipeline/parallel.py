@@ -370,12 +370,17 @@ def rank_device(local_rank: int, ranks_per_gpu: int, gpus: int) -> str:
     return f"cuda:{index}"
 
 
-def team(*, shard: tuple[int, int] | None = None, launch: Launch | None = None, ranks_per_gpu: int = 1,
-         talkative: bool = False) -> Solo:
-    """The team of this process: a ``Group`` under a launcher, a ``Shard`` with ``shard``, else ``Solo``."""
+def check_shard_launch(shard: tuple[int, int] | None, launch: Launch | None) -> None:
+    """``--shard`` is for job arrays: under a launcher (``launch``) the ranks share the batches themselves."""
     if launch is not None and shard is not None:
         raise EsnError(f"--shard {shard[0]}/{shard[1]} is for job arrays without a rendezvous; under "
                        f"{launch.launcher} the ranks share the batches themselves: drop --shard")
+
+
+def team(*, shard: tuple[int, int] | None = None, launch: Launch | None = None, ranks_per_gpu: int = 1,
+         talkative: bool = False) -> Solo:
+    """The team of this process: a ``Group`` under a launcher, a ``Shard`` with ``shard``, else ``Solo``."""
+    check_shard_launch(shard, launch)
     if launch is not None:
         return Group(launch, ranks_per_gpu=ranks_per_gpu, talkative=talkative)
     return Solo() if shard is None else Shard(*shard)

@@ -247,6 +247,8 @@ def effect_curves(panels: Sequence[dict], path: Path, *, title: str) -> Path:
         ax.axhline(0, color="black", linewidth=0.6)
         if p.get("log"):
             ax.set_xscale("log")
+            ax.set_xticks(x, [f"{v:g}" for v in x])  # the swept values, not decades
+            ax.minorticks_off()
         ax.set_xlabel(p["xlabel"])
         if k == 0:
             ax.set_ylabel("Δ emotion match (pp)")

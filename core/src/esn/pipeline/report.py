@@ -515,12 +515,13 @@ def _md_cell(cell) -> str:
     return str(cell)
 
 
-_NUMBER = re.compile(r"[-+–]?[\d.,]*\d[\d.,]*\s*%?( \([^)]*\))?|–|[\[\]\d.,+\-: all]+")
+_WORD = re.compile(r"[^\W\d_]{2,}")
 
 
 def _align(cell) -> str:
-    """Numbers (and ``–``) are right-aligned, as the table's default; text and players read from the left."""
-    return "" if isinstance(cell, str) and _NUMBER.fullmatch(cell.strip()) else " class='text'"
+    """Figures (numbers, %, CIs, ``–``: no word in them) stay right-aligned, the table's default; text and
+    players read from the left."""
+    return "" if isinstance(cell, str) and not _WORD.search(cell) else " class='text'"
 
 
 _CODE = re.compile(r"`([^`]+)`")
