@@ -61,6 +61,7 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_qwen3_omni.py --size tiny --device cpu --batches 1 2 --text-tokens 4 --audio-tokens 6 --repeats 1 --seconds 1 --variants record steer steer_rows steer_rows_same
 	$(VENV)/bin/python benchmarks/bench_graph_decode.py --device cpu --size tiny --repeats 2 --steps 8
 	$(VENV)/bin/python benchmarks/bench_serve.py --requests 8 --concurrency 4 --time-limit 60
+	$(VENV)/bin/python benchmarks/bench_store.py --size tiny --attempts 100 --distinct 2
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(DIST) $(SITE)
