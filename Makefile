@@ -71,6 +71,7 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_serve.py --requests 8 --concurrency 4 --time-limit 60
 	$(VENV)/bin/python benchmarks/bench_first_audio.py --rounds 1 --concurrency 1 2
 	$(VENV)/bin/python benchmarks/token2wav_horizon.py --perturb 1 2
+	$(VENV)/bin/python benchmarks/bench_store.py --size tiny --attempts 100 --distinct 2
 
 clean:
 	rm -rf $(VENV) $(BUILD_VENV) $(DEMO_OUT) $(DIST) $(SITE)

@@ -172,11 +172,15 @@ def child(args) -> None:
     if args.per_key and hasattr(select._Stats, "prefetch"):
         select._Stats.prefetch = lambda self, recipes: None  # the older path: one aggregate per key
     with run:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         select.select(run)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     masks = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rundir.select.glob("masks_*"))}
-    print(json.dumps({"select_s": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
+    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmHWM:")) if Path("/proc/self/status").exists() else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"select_s": seconds, "select_cpu_s": cpu, "peak_rss_mb": hwm / 1024,
                       "shard_reads": len(loads), "bytes_read": int(sum(loads)), "masks": masks,
                       "esn": str(Path(select.__file__).parents[2])}))
 
@@ -232,26 +236,29 @@ def main() -> None:
         templates = [template(rng, args.batch, lay, base, lift) for _ in range(min(args.distinct,
                                                                                     args.attempts // args.batch))]
         result["generate_s"] = time.perf_counter() - t0
+        from esn.pipeline.config import parse_config
+        from esn.pipeline.run import Run
+
+        paths = {}
         for variant in ("before", "after", "after_moments"):
             root = work / variant
-            path = config(root)
-            from esn.pipeline.config import parse_config
-            from esn.pipeline.run import Run
-
-            with Run(parse_config(json.loads(path.read_text()), base=work)):  # the manifest, as `esn run` writes it
+            paths[variant] = config(root)
+            with Run(parse_config(json.loads(paths[variant].read_text()), base=work)):  # the manifest, as `esn run` writes it
                 pass
-            entry = build(root, variant, args, templates, lay)
-            if variant != "after_moments":
-                entry |= run_select(path, variant, args)
-            result["variants"][variant] = entry
-            print(variant, json.dumps({k: v for k, v in entry.items() if k != "masks"}), file=sys.stderr, flush=True)
+            result["variants"][variant] = build(root, variant, args, templates, lay)
             if variant == "after_moments":
                 shutil.rmtree(root)
+        del templates  # the selects' processes start without the parent's memory in their peak
+        for variant in ("before", "after"):
+            result["variants"][variant] |= run_select(paths[variant], variant, args)
+            entry = result["variants"][variant]
+            print(variant, json.dumps({k: v for k, v in entry.items() if k != "masks"}), file=sys.stderr, flush=True)
         before, after = result["variants"]["before"], result["variants"]["after"]
         result["masks_identical"] = before["masks"] == after["masks"]
         result["n_masks"] = len(after["masks"])
         result["ratios_after_to_before"] = {k: after[k] / before[k] for k in
-                                            ("bytes_per_attempt", "select_s", "peak_rss_mb", "bytes_read")}
+                                            ("bytes_per_attempt", "select_s", "select_cpu_s", "peak_rss_mb", "bytes_read")
+                                            if k in before and k in after}
         result["machine"]["load_avg_after"] = os.getloadavg()
     finally:
         if args.workdir is None:
@@ -261,10 +268,11 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
-    print(f"\n{'variant':<14} {'MB/attempt':>10} {'write s/att':>11} {'select s':>9} {'peak MB':>8} {'GB read':>8}")
+    print(f"\n{'variant':<14} {'MB/attempt':>10} {'write s/att':>11} {'select s':>9} {'cpu s':>7} {'peak MB':>8} "
+          f"{'GB read':>8}")
     for name, v in result["variants"].items():
-        sel = (f"{v['select_s']:>9.1f} {v['peak_rss_mb']:>8.0f} {v['bytes_read'] / 1e9:>8.2f}" if "select_s" in v
-               else f"{'-':>9} {'-':>8} {'-':>8}")
+        sel = (f"{v['select_s']:>9.1f} {v.get('select_cpu_s', float('nan')):>7.1f} {v['peak_rss_mb']:>8.0f} "
+               f"{v['bytes_read'] / 1e9:>8.2f}" if "select_s" in v else f"{'-':>9} {'-':>7} {'-':>8} {'-':>8}")
         print(f"{name:<14} {v['bytes_per_attempt'] / 1e6:>10.3f} {v['write_s_per_attempt']:>11.4f} {sel}")
     print(f"masks identical: {result['masks_identical']} ({result['n_masks']} files)")
     if not result["masks_identical"]:

@@ -50,7 +50,7 @@ SHARD_FORMAT = "esn-shard/1"  # raw tensors
 SHARD_FORMAT_COMPRESSED = "esn-shard/2"  # counts / prompt_counts row by row compressed
 SHARD_FORMATS = (SHARD_FORMAT, SHARD_FORMAT_COMPRESSED)
 _COMPRESSED = ("counts", "prompt_counts")  # integers of [B, N]: about half their size compressed
-_ZLIB_LEVEL = 1  # higher levels gain ~2% more at 2-3x the time
+_ZLIB_LEVEL = 1  # level 6 saves ~3% more bytes at 2.5x the time
 _WORKER = re.compile(r"^[A-Za-z0-9_.]+$")
 
 

@@ -253,12 +253,17 @@ def _record(run: Run) -> None:
         run.console.print(f"record{run.team.tag}: all {n} attempts{' of this shard' if run.shard else ''} "
                           "already recorded")
         return
-    check_moments(run, moments)
     remaining = sum(len(keep) for _, keep in todo)
     total = sum(len(b) for _, b in batches)
-    resuming = (run.rundir.record / "layout.json").exists()
+    # the leader's view, so that every rank takes the same collective steps below
+    resuming = run.team.agree(lambda: (run.rundir.record / "layout.json").exists())
     if resuming:  # the stored layout tells the size before the model loads
-        run.team.on_leader(lambda: check_space(run, store(run).layout, moments, remaining, total))
+
+        def check() -> None:
+            check_moments(run, moments)
+            check_space(run, store(run).layout, moments, remaining, total)
+
+        run.team.on_leader(check)
     adapter = run.adapter
     streams = cfg.model.streams
     st_store = store(run, adapter.layout(streams))
