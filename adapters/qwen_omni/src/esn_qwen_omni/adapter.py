@@ -34,7 +34,7 @@ from esn.adapters import (
     flag,
     parse_options,
 )
-from esn.decode.policy import GraphDecoding, decode_mode
+from esn.decode.policy import GraphDecoding, decode_mode, greedy_generate_options
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
 from esn.hub import checkpoint_file, read_checkpoint_config
@@ -548,16 +548,8 @@ class QwenOmniAdapter(GraphDecoding, ModelAdapter):
             sequences, _ = self.model.generate(
                 **inputs,
                 speaker=speaker,
-                thinker_do_sample=False,
-                thinker_max_new_tokens=config.max_new_tokens,
-                thinker_eos_token_id=list(self.prompts.stop_ids),
-                thinker_pad_token_id=self.prompts.pad,
-                talker_do_sample=False,
-                talker_top_k=None,
-                talker_top_p=None,
-                talker_temperature=None,
-                talker_max_new_tokens=config.max_audio_tokens,
-                talker_eos_token_id=list(self.talker_stop_ids),
+                **greedy_generate_options("thinker", config.max_new_tokens, self.prompts.stop_ids, self.prompts.pad),
+                **greedy_generate_options("talker", config.max_audio_tokens, self.talker_stop_ids, unset_sampling=True),
                 **options,
             )
         return sequences[:, inputs["input_ids"].shape[1] :], catcher.calls

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from esn.errors import EsnError
@@ -41,6 +41,32 @@ def decode_mode(adapter: str, value: str | None, device: Any, *, capturable: boo
     if value not in DECODE_MODES:
         raise EsnError(f"{adapter} option decode must be one of {', '.join(DECODE_MODES)}, got {value!r}")
     return value
+
+
+def greedy_generate_options(prefix: str, max_new_tokens: int, eos_token_ids: Sequence[int] | None = None,
+                            pad_token_id: int | None = None, *, unset_sampling: bool = False) -> dict[str, Any]:
+    """transformers' ``generate`` keywords for greedy decoding of one sub-model of a composite model, named
+    ``{prefix}_...`` (e.g. ``thinker_do_sample``). ``unset_sampling``: also clear top-k/top-p/temperature, so a
+    sub-model's sampling defaults do not warn or apply."""
+    out: dict[str, Any] = {f"{prefix}_do_sample": False, f"{prefix}_max_new_tokens": max_new_tokens}
+    if unset_sampling:
+        out.update({f"{prefix}_top_k": None, f"{prefix}_top_p": None, f"{prefix}_temperature": None})
+    if eos_token_ids is not None:
+        out[f"{prefix}_eos_token_id"] = list(eos_token_ids)
+    if pad_token_id is not None:
+        out[f"{prefix}_pad_token_id"] = pad_token_id
+    return out
+
+
+def reply_text(tokenizer: Any, generated: Sequence[int], stop_ids: Sequence[int]) -> tuple[str, int]:
+    """Text of a generated reply up to its first stop token (special tokens dropped) and its token count."""
+    tokens = list(generated)
+    for i, tok in enumerate(tokens):
+        if tok in stop_ids:
+            tokens = tokens[:i]
+            break
+    text = tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return text.strip(), len(tokens)
 
 
 class Sessions:
