@@ -136,3 +136,5 @@ def test_old_decode_name_eager_still_means_generate(adapter, speech_fn):
     new = adapter.generate(reqs, _config("generate"))
     assert old[0].info["decode"] == new[0].info["decode"] == "generate"
     assert old[0].info["audio_codes"] == new[0].info["audio_codes"] and old[0].text == new[0].text
+    fresh = type(adapter)(adapter.model, adapter.source, adapter.tokenizer)  # GraphDecoding's state, per adapter
+    assert fresh.last_decode_info == {} and fresh._sessions is not adapter._sessions and fresh.capture is False
