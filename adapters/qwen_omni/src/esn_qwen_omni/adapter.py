@@ -198,7 +198,7 @@ class _GraphedDiT:
         self.x = torch.zeros(code.shape[0], code.shape[1] * dit.repeats, dit.mel_dim, device=code.device)
         self.t = torch.zeros((), device=code.device)
         warm_up(self._forward)
-        self.graph, self.out = capture(self._forward, "a DiT evaluation", "running it eagerly")
+        self.graph, self.out = capture(self._forward, "a DiT evaluation", "something in the DiT synchronises")
 
     def _forward(self) -> Any:
         import torch

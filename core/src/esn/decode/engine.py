@@ -354,8 +354,8 @@ class Decoder:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         graph, _ = capture(self._advance, f"the decode step of {type(self.scope).__name__}",
-                           "something in the step or a hook synchronises with the host. Decode eagerly instead "
-                           "(adapter option decode='generate')")
+                           "something in the step or a hook synchronises with the host. Decode with transformers' "
+                           "generate instead (adapter option decode='generate')")
         torch.cuda.synchronize()
         self.capture_seconds.append(time.perf_counter() - t0)
         self._graphs[key] = _Captured(graph, graphs.states(hooks), [h.hook for h in hooks if not h.aware])
