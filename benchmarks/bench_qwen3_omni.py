@@ -26,7 +26,7 @@ sees map to the (token, expert) esn computes: each row equals that expert's gate
 
     python benchmarks/bench_qwen3_omni.py --size tiny --device cpu               # smoke run
     python benchmarks/bench_qwen3_omni.py --size 30b --device cuda --out r.json  # H200, decode="graph"
-    python benchmarks/bench_qwen3_omni.py --size 30b --device cuda --decode eager  # transformers' generate
+    python benchmarks/bench_qwen3_omni.py --size 30b --device cuda --decode generate  # transformers' generate
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.005, help="steering mask rate r")
     ap.add_argument("--experts", choices=("grouped_mm", "batched_mm", "eager"), default=None,
                     help="experts implementation to time (default: the model's, grouped_mm)")
-    ap.add_argument("--decode", choices=("graph", "eager"), default=None,
+    ap.add_argument("--decode", choices=("graph", "generate"), default=None,
                     help="adapter option decode (default: the adapter's: graph on CUDA unless the experts are eager)")
     ap.add_argument("--decode-experts", choices=("grouped_mm", "batched_mm"), default=None,
                     help="adapter option decode_experts: experts implementation of graph decode steps")
@@ -374,7 +374,7 @@ def main() -> None:
     # the row check keeps plain Python hooks on act_fn: transformers' generate runs them every step
     short = gen.model_copy(update={"max_new_tokens": 4, "max_audio_tokens": 4,
                                    "options": {"thinker_min_new_tokens": 4, "talker_min_new_tokens": 4,
-                                               "decode": "eager"}})
+                                               "decode": "generate"}})
     result["check"] = {}
     for impl in args.check:  # the row mapping, per experts implementation, on this device
         before = adapter.model.get_experts_implementation()
@@ -421,12 +421,12 @@ def main() -> None:
             with steer_rows(adapter, same):
                 adapter.generate(reqs, gen)
 
-        eager_gen = gen.model_copy(update={"options": {**gen.options, "decode": "eager"}})
+        eager_gen = gen.model_copy(update={"options": {**gen.options, "decode": "generate"}})
 
         def eager(reqs=reqs, eager_gen=eager_gen):  # transformers' generate, beside the graph path (decode="graph" runs)
             adapter.generate(reqs, eager_gen)
 
-        if "eager" in args.variants and result.get("decode") != "eager":  # same tokens and codes both ways?
+        if "eager" in args.variants and result.get("decode") != "generate":  # same tokens and codes both ways?
             graph_out, eager_out = adapter.generate(reqs, gen), adapter.generate(reqs, eager_gen)
             result.setdefault("graph_vs_eager", {})[str(batch)] = [
                 {"text_equal": a.text == b.text, "codes": [list(torch.as_tensor(r.info["audio_codes"]).shape)

@@ -14,7 +14,7 @@ random weights).
 Fixed work per conversion: a 3 s input, exactly 48 text tokens and 256 codec tokens (min = max new
 tokens), 10 token2wav ODE steps. A variant is ``DECODE/KIND[/bf16]``:
 
-- ``DECODE``: ``eager`` (transformers' generate) or ``graph`` (esn.decode, one CUDA-graph replay a step);
+- ``DECODE``: ``eager`` (transformers' generate: adapter option ``decode="generate"``) or ``graph`` (esn.decode, one CUDA-graph replay a step);
 - ``KIND``: ``plain``; ``record`` (GateRecorder, both streams; its reductions on a side stream, the
   default on CUDA); ``record_sync`` (the same with ``overlap=False``: reductions in order); ``record_torch``
   (reductions in torch ops instead of esn.gate_reduce's Triton kernel, on the side stream); ``steer`` (one mask, r = 0.5% of all gate
@@ -200,7 +200,7 @@ class Variants:
         ):
             raise SystemExit(f"unknown variant {name!r}: DECODE/KIND[/bf16], DECODE eager|graph, KIND {self.KINDS}")
         decode, kind = parts[:2]
-        options = {**self.base, "decode": decode, "token2wav_dit_dtype": "bfloat16" if len(parts) == 3 else "float32"}
+        options = {**self.base, "decode": "generate" if decode == "eager" else decode, "token2wav_dit_dtype": "bfloat16" if len(parts) == 3 else "float32"}
         config = fixed_config(options)
         adapter, masks, batch = self.adapter, self.masks, len(reqs)
         rows = [Condition(masks[i], "steer", 1.0) for i in range(batch)]
@@ -401,7 +401,7 @@ def check_tiny(device: str) -> dict:
     runs = {}
     # the second graph run reuses the captured graphs; the last records with overlap=False (in order)
     for decode, overlap in (("eager", None), ("graph", None), ("graph", None), ("sync", False)):
-        options = {"decode": "graph" if decode == "sync" else decode, "token2wav_num_steps": 2, "talker_min_new_tokens": 2}
+        options = {"decode": {"sync": "graph", "eager": "generate"}.get(decode, decode), "token2wav_num_steps": 2, "talker_min_new_tokens": 2}
         config = GenerationConfig(max_new_tokens=12, max_audio_tokens=24, options=options)
         with steer_rows(adapter, conditions), GateRecorder(adapter, overlap=overlap) as rec:
             out = adapter.generate(reqs, config)

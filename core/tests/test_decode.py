@@ -245,3 +245,56 @@ def test_bad_settings_are_refused(model, eos):
     with GateRecorder(_target(model, eos), strategy="ref"), pytest.raises(EsnError, match="strategy 'ref'"):
         dec.generate(IDS, MASK)
     assert not has_hooks(model)
+
+
+def test_decode_policy_is_decided_in_one_place():
+    """The adapter option ``decode`` and ``Decoder(capture=None)`` both follow ``esn.decode.policy``."""
+    import warnings
+
+    from esn.decode.policy import capture_default, decode_mode
+
+    assert capture_default("cpu") is False and capture_default(torch.device("cuda", 0)) is True
+    assert decode_mode("x", None, "cpu") == "generate"
+    assert decode_mode("x", None, "cuda") == "graph"
+    assert decode_mode("x", None, "cuda", capturable=False) == "generate"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_mode("x", "graph", "cpu") == "graph" and decode_mode("x", "generate", "cuda") == "generate"
+    with pytest.warns(FutureWarning, match="x option decode='eager' is now called decode='generate'"):
+        assert decode_mode("x", "eager", "cuda") == "generate"
+    with pytest.raises(EsnError, match="x option decode must be one of graph, generate, got 'fast'"):
+        decode_mode("x", "fast", "cpu")
+
+
+def test_graph_decoding_mixin_declares_sessions_info_and_release(model):
+    from esn.adapters import ModelAdapter
+    from esn.decode.policy import GraphDecoding, Sessions
+
+    class Plain(ModelAdapter):
+        name = "plain-test"
+
+        @classmethod
+        def load(cls, source, **kwargs):
+            raise NotImplementedError
+
+        @classmethod
+        def write_tiny(cls, directory, *, seed=0):
+            raise NotImplementedError
+
+        def hook_points(self):
+            return []
+
+        def generate(self, requests, config):
+            return []
+
+    class Graphed(GraphDecoding, Plain):
+        pass
+
+    adapter = Graphed(model, "memory")
+    assert adapter.last_decode_info == {} and isinstance(adapter._sessions, Sessions)
+    assert adapter.capture is False  # CPU: the steps run uncaptured
+    adapter.capture_graphs = True
+    assert adapter.capture is True
+    adapter._sessions.get("lm", ("k",), lambda: "session")
+    adapter.release_decode_buffers()
+    assert adapter._sessions._kept == {"lm": {}}

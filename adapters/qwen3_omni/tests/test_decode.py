@@ -1,4 +1,4 @@
-"""decode="graph" (esn.decode; on CPU the captured steps run eagerly) against decode="eager" (generate)."""
+"""decode="graph" (esn.decode; on CPU the captured steps run eagerly) against decode="generate" (transformers' generate)."""
 
 import numpy as np
 import pytest
@@ -66,16 +66,16 @@ def _mixed_mask(layout, per_point=6, seed=0) -> Mask:
 @pytest.mark.parametrize("n", [1, 3])
 def test_graph_decode_gives_generates_text_codes_and_audio(adapter, speech_fn, n):
     reqs = _requests(speech_fn, n)
-    adapter.generate(reqs[:1], _config("eager"))  # transformers installs its hidden-state hooks once
+    adapter.generate(reqs[:1], _config("generate"))  # transformers installs its hidden-state hooks once
     before = _hooks(adapter)
-    eager = _run(adapter, reqs, _config("eager"))
+    eager = _run(adapter, reqs, _config("generate"))
     graph = _run(adapter, reqs, _config("graph"))
     if n == 3:
         texts = [r.info["text_tokens"] for r in eager]
         codes = [r.info["audio_tokens"] for r in eager]
         assert texts == [7, 2, 4] and codes == [8, 3, 5], f"premise: rows end at different steps {texts} {codes}"
     assert all(len(r.info["audio_codes"]) == 4 for r in graph)  # every code group
-    assert [r.info["decode"] for r in graph] == ["graph"] * n and eager[0].info["decode"] == "eager"
+    assert [r.info["decode"] for r in graph] == ["graph"] * n and eager[0].info["decode"] == "generate"
     _same(eager, graph)
     info = adapter.last_decode_info
     assert info["thinker"]["decode"] == "eager" and info["talker"]["decode"] == "eager"  # CPU: not captured
@@ -88,7 +88,7 @@ def test_graph_decode_gives_generates_results_in_bfloat16(tiny_dir, speech_fn):
 
     bf16 = Qwen3OmniAdapter.load(tiny_dir, dtype="bfloat16")
     reqs = _requests(speech_fn)
-    _same(_run(bf16, reqs, _config("eager")), _run(bf16, reqs, _config("graph")))
+    _same(_run(bf16, reqs, _config("generate")), _run(bf16, reqs, _config("graph")))
 
 
 def test_graph_decode_with_steering_per_row_and_for_all(adapter, speech_fn):
@@ -96,19 +96,19 @@ def test_graph_decode_with_steering_per_row_and_for_all(adapter, speech_fn):
     masks = [_mixed_mask(layout, seed=s) for s in range(3)]
     conditions = [Condition(masks[0], "steer", 8.0), Condition(masks[1], "add", 3.0), Condition(masks[2], "clamp", 0.5)]
     reqs = _requests(speech_fn)
-    plain = _run(adapter, reqs, _config("eager"))
-    eager = _run(adapter, reqs, _config("eager"), conditions)
+    plain = _run(adapter, reqs, _config("generate"))
+    eager = _run(adapter, reqs, _config("generate"), conditions)
     assert [r.info["audio_codes"] for r in eager] != [r.info["audio_codes"] for r in plain], "premise: steering shows"
     _same(eager, _run(adapter, reqs, _config("graph"), conditions))
     stats = []
-    for mode in ("eager", "graph"):  # recording beside per-row steering, in the decoder's steps too
+    for mode in ("generate", "graph"):  # recording beside per-row steering, in the decoder's steps too
         with GateRecorder(adapter) as rec:
             _same(eager, _run(adapter, reqs, _config(mode), conditions))
         stats.append(rec.stats())
     assert torch.equal(stats[0].counts, stats[1].counts) and torch.equal(stats[0].tokens, stats[1].tokens)
     for method, alpha in (("steer", 8.0), ("deactivate", None)):  # one mask for every row
         with steer(adapter, masks[2], method, alpha):
-            a = _run(adapter, reqs, _config("eager"))
+            a = _run(adapter, reqs, _config("generate"))
         with steer(adapter, masks[2], method, alpha):
             b = _run(adapter, reqs, _config("graph"))
         _same(a, b)
@@ -120,7 +120,7 @@ def test_graph_decode_records_what_generate_records(adapter, speech_fn):
     reqs = _requests(speech_fn)
     before = _hooks(adapter)
     with GateRecorder(adapter) as rec:
-        eager = _run(adapter, reqs, _config("eager"))
+        eager = _run(adapter, reqs, _config("generate"))
     with GateRecorder(adapter) as rec_graph:
         graph = _run(adapter, reqs, _config("graph"))
     _same(eager, graph)
@@ -155,12 +155,12 @@ def test_graph_decode_reuses_its_sessions_and_removes_hooks_on_error(adapter, sp
 
 def test_decode_options(adapter, speech_fn):
     reqs = _requests(speech_fn, 2)
-    with pytest.raises(EsnError, match="decode must be one of graph, eager"):
+    with pytest.raises(EsnError, match="decode must be one of graph, generate"):
         adapter.generate(reqs, _config("fast"))
     with pytest.raises(EsnError, match="decode_experts='fused' must be one of"):
         adapter.generate(reqs, _config("graph", decode_experts="fused"))
     cpu_default = GenerationConfig(max_new_tokens=3, max_audio_tokens=3, system_prompt="EVC.", instruction="To {emotion}.")
-    assert adapter.generate(reqs[:1], cpu_default)[0].info["decode"] == "eager"
+    assert adapter.generate(reqs[:1], cpu_default)[0].info["decode"] == "generate"
     # the decode steps' experts implementation: as chosen, else generate's (on CPU: the model's own)
     from esn_qwen3_omni.decode import step_experts
 
@@ -229,3 +229,12 @@ def test_decode_steps_never_wait_for_the_device(adapter, speech_fn, impl):
                 adapter.model.set_experts_implementation(before)
     finally:
         adapter.model.set_experts_implementation(before)
+
+
+def test_old_decode_name_eager_still_means_generate(adapter, speech_fn):
+    reqs = _requests(speech_fn, 1)
+    with pytest.warns(FutureWarning, match="decode='eager' is now called decode='generate'"):
+        old = adapter.generate(reqs, _config("eager"))
+    new = adapter.generate(reqs, _config("generate"))
+    assert old[0].info["decode"] == new[0].info["decode"] == "generate"
+    assert old[0].info["audio_codes"] == new[0].info["audio_codes"] and old[0].text == new[0].text

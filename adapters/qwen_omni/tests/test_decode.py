@@ -1,4 +1,4 @@
-"""decode="graph" (esn.decode; on CPU the captured steps run eagerly) against decode="eager" (generate)."""
+"""decode="graph" (esn.decode; on CPU the captured steps run eagerly) against decode="generate" (transformers' generate)."""
 
 import numpy as np
 import pytest
@@ -65,14 +65,14 @@ def _same(eager, graph):
 
 def test_graph_decode_gives_generates_tokens_audio_and_statistics(adapter, speech_fn):
     reqs = _requests(speech_fn)
-    adapter.generate(reqs[:1], _config("eager"))
+    adapter.generate(reqs[:1], _config("generate"))
     before = _hooks(adapter.model)
-    eager = _run(adapter, reqs, _config("eager"))
+    eager = _run(adapter, reqs, _config("generate"))
     graph = _run(adapter, reqs, _config("graph"))
     texts = [r.info["text_tokens"] for r in eager[0]]
     codes = [r.info["audio_tokens"] for r in eager[0]]
     assert texts == [8, 2, 4] and len(set(codes)) > 1, f"premise: rows end at different steps {texts} {codes}"
-    assert [r.info["decode"] for r in graph[0]] == ["graph"] * 3 and eager[0][0].info["decode"] == "eager"
+    assert [r.info["decode"] for r in graph[0]] == ["graph"] * 3 and eager[0][0].info["decode"] == "generate"
     _same(eager, graph)
     assert adapter.last_decode_info["thinker"]["decode"] == "eager"  # CPU: the same steps, not captured
     assert _hooks(adapter.model) == before
@@ -85,13 +85,13 @@ def test_graph_decode_with_a_condition_per_row_and_recording(adapter, speech_fn)
     conditions = [Condition(masks[0], "steer", 2.0), Condition(masks[1], "add", 3.0), None,
                   Condition(masks[3], "clamp", 0.5)]
     reqs = _requests(speech_fn, 4)
-    plain = adapter.generate(reqs, _config("eager"))
-    eager = _run(adapter, reqs, _config("eager"), conditions)
+    plain = adapter.generate(reqs, _config("generate"))
+    eager = _run(adapter, reqs, _config("generate"), conditions)
     assert [r.info["audio_codes"] for r in eager[0]] != [r.info["audio_codes"] for r in plain], "premise: steering shows"
     _same(eager, _run(adapter, reqs, _config("graph"), conditions))
     for method, alpha in (("steer", 1.0), ("deactivate", None)):  # one mask for every row
         with steer(adapter, masks[2], method, alpha):
-            a = adapter.generate(reqs, _config("eager"))
+            a = adapter.generate(reqs, _config("generate"))
         with steer(adapter, masks[2], method, alpha):
             b = adapter.generate(reqs, _config("graph"))
         assert [r.info["audio_codes"] for r in a] == [r.info["audio_codes"] for r in b], method
@@ -118,12 +118,23 @@ def test_graph_decode_reuses_its_buffers_and_removes_hooks_on_error(adapter, spe
 
 def test_decode_and_dit_dtype_options(adapter, speech_fn):
     reqs = _requests(speech_fn, 2)
-    with pytest.raises(EsnError, match="decode must be one of graph, eager"):
+    with pytest.raises(EsnError, match="decode must be one of graph, generate"):
         adapter.generate(reqs, _config("fast"))
     with pytest.raises(EsnError, match="token2wav_dit_dtype must be one of float32, bfloat16"):
-        adapter.generate(reqs, _config("eager", token2wav_dit_dtype="half"))
+        adapter.generate(reqs, _config("generate", token2wav_dit_dtype="half"))
     f32 = adapter.generate(reqs, _config("graph"))
     bf16 = adapter.generate(reqs, _config("graph", token2wav_dit_dtype="bfloat16"))
     for a, b in zip(f32, bf16, strict=True):  # the DiT alone changes: same codes, nearby audio
         assert a.info["audio_codes"] == b.info["audio_codes"] and not np.array_equal(a.waveform, b.waveform)
         assert np.linalg.norm(a.waveform - b.waveform) <= 0.05 * np.linalg.norm(a.waveform)
+
+
+def test_old_decode_name_eager_still_means_generate(adapter, speech_fn):
+    reqs = _requests(speech_fn, 1)
+    with pytest.warns(FutureWarning, match="decode='eager' is now called decode='generate'"):
+        old = adapter.generate(reqs, _config("eager"))
+    new = adapter.generate(reqs, _config("generate"))
+    assert old[0].info["decode"] == new[0].info["decode"] == "generate"
+    assert old[0].info["audio_codes"] == new[0].info["audio_codes"] and old[0].text == new[0].text
+    fresh = type(adapter)(adapter.model, adapter.source, adapter.tokenizer)  # GraphDecoding's state, per adapter
+    assert fresh.last_decode_info == {} and fresh._sessions is not adapter._sessions and fresh.capture is False

@@ -43,6 +43,7 @@ from esn.adapters import (
 )
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
+from esn.loading import require_remote_code, seeded
 from esn.requirements import Requirement, ensure, install_line
 
 if TYPE_CHECKING:  # torch loads with the model: `esn adapters list` imports this module
@@ -91,17 +92,6 @@ class NoAudioWarning(UserWarning):
 
 class BudgetWarning(UserWarning):
     """``max_audio_tokens`` is more than kimia_infer's 120 s step budget leaves after the prompt."""
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: Any) -> Iterator[None]:
-    """Run under ``torch.manual_seed(seed)`` and restore the caller's RNG state afterwards."""
-    import torch
-
-    cuda = [device] if getattr(device, "type", "cpu") == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        yield
 
 
 def _read_json(path: Path) -> dict:
@@ -207,12 +197,9 @@ class KimiAudioAdapter(ModelAdapter):
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
     ) -> KimiAudioAdapter:
-        if not trust_remote_code:
-            raise EsnError(
-                f"Kimi-Audio's model class is Python code shipped inside its checkpoint ({source}/"
-                "modeling_moonshot_kimia.py), which kimia_infer loads with trust_remote_code; esn runs such code "
-                "only when you opt in: pass trust_remote_code=True (command line: --trust-remote-code)"
-            )
+        require_remote_code(trust_remote_code, f"Kimi-Audio's model class is Python code shipped inside its "
+                            f"checkpoint ({source}/modeling_moonshot_kimia.py), which kimia_infer loads with "
+                            "trust_remote_code")
         check_dtype(dtype)
         if attn_implementation:
             raise EsnError("kimia_infer chooses its own attention (flash-attn); leave attn_implementation unset")

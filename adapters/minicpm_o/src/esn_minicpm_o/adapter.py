@@ -22,7 +22,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from esn.adapters import (
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
 from esn.hub import is_hub_id, read_checkpoint_config
+from esn.loading import require_remote_code, seeded
 from esn.requirements import Requirement, ensure, install_line
 
 LM_LAYERS = "llm.model.layers"
@@ -80,17 +81,6 @@ class NoAudioWarning(UserWarning):
 def clean_text(text: str) -> str:
     """Drop special tokens and an empty thinking block from decoded text."""
     return " ".join(_SPECIAL.sub(" ", text or "").split())
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: Any) -> Iterator[None]:
-    """Run under ``torch.manual_seed(seed)`` and restore the caller's RNG state afterwards."""
-    import torch
-
-    cuda = [device] if getattr(device, "type", "cpu") == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        yield
 
 
 def _import_transformers() -> Any:
@@ -218,12 +208,8 @@ class MiniCPMOAdapter(ModelAdapter):
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
     ) -> MiniCPMOAdapter:
-        if not trust_remote_code:
-            raise EsnError(
-                f"MiniCPM-o is built by Python code shipped inside its checkpoint ({source}/modeling_minicpmo.py), "
-                "and esn runs such code only when you opt in: pass trust_remote_code=True "
-                "(command line: --trust-remote-code) if you trust that checkpoint"
-            )
+        require_remote_code(trust_remote_code, "MiniCPM-o is built by Python code shipped inside its checkpoint "
+                            f"({source}/modeling_minicpmo.py)")
         check_dtype(dtype)
         local = cls.local_checkpoint(source)
         cls.read_config(local)

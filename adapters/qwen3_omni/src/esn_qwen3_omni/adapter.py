@@ -15,7 +15,7 @@ the code predictor is a substep of the talker (``esn.substeps``): it runs inside
 
 Decoding: ``decode="graph"`` (the default on CUDA) runs thinker and talker through ``esn.decode``
 (``esn_qwen3_omni.decode``: static steps over the same modules, the code predictor unrolled inside the
-talker's step, each step captured once as a CUDA graph); ``decode="eager"`` (the default elsewhere)
+talker's step, each step captured once as a CUDA graph); ``decode="generate"`` (the default elsewhere)
 through transformers' ``generate``. Both give the same text, codes and audio.
 """
 
@@ -37,9 +37,11 @@ from esn.adapters import (
     check_dtype,
     parse_options,
 )
+from esn.decode.policy import GraphDecoding, decode_mode, greedy_generate_options
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
 from esn.hub import read_checkpoint_config
+from esn.loading import place, placement, quiet_transformers, seeded, torch_dtype
 from esn.requirements import Requirement
 
 THINKER_LAYERS = "thinker.model.language_model.layers"
@@ -56,22 +58,12 @@ OPTIONS: dict[str, Any] = {
     "talker_repetition_penalty": float,  # Qwen's default 1.05 (deterministic with greedy decoding)
     "experts_implementation": str,  # grouped_mm (default) | batched_mm | eager, for this call
     # "graph": thinker and talker through esn.decode (CUDA graphs on CUDA, the same steps eagerly on
-    # CPU); "eager": transformers' generate. Default: graph on CUDA (eager if the decode steps would run
-    # the eager experts implementation, which cannot be captured), eager elsewhere.
+    # CPU); "generate": transformers' generate. Default: graph on CUDA (generate if the decode steps would
+    # run the eager experts implementation, which cannot be captured), generate elsewhere.
     "decode": str,
     "decode_experts": str,  # decode="graph": experts implementation of the decode steps (default: the call's)
 }
-DECODE_MODES = ("graph", "eager")
 SYSTEM_PROMPTS = {"conversion": CONVERSION_SYSTEM_PROMPT}
-
-
-def _placement(device: str) -> dict[str, Any]:
-    """Load straight onto an accelerator when accelerate is installed; otherwise load, then move."""
-    import importlib.util
-
-    if str(device) == "cpu" or importlib.util.find_spec("accelerate") is None:
-        return {}
-    return {"device_map": str(device)}
 
 
 class _Code2WavCatcher:
@@ -123,7 +115,7 @@ def system_prompt(value: str | None) -> str:
     return CONVERSION_SYSTEM_PROMPT if value is None else SYSTEM_PROMPTS.get(value, value)
 
 
-class Qwen3OmniAdapter(ModelAdapter):
+class Qwen3OmniAdapter(GraphDecoding, ModelAdapter):
     """Qwen3-Omni: ``lm`` = thinker routed-expert gates (a neuron is (expert, unit)), ``synth`` = talker
     routed and shared experts and the code predictor (a substep); batched greedy EVC, 24 kHz speech."""
 
@@ -140,9 +132,6 @@ class Qwen3OmniAdapter(ModelAdapter):
     )
     batched = True
     sample_rate = 24_000
-    # decode="graph": capture the steps as CUDA graphs (None: on CUDA). False runs the very same steps
-    # uncaptured, which is how benchmarks check that a replay computes what the steps compute.
-    capture_graphs: bool | None = None
 
     def __init__(self, model: Any, source: str | Path, tokenizer: Any, features: Any):
         super().__init__(model, source)
@@ -153,8 +142,6 @@ class Qwen3OmniAdapter(ModelAdapter):
                            "Thinking or Captioner model); EVC needs speech output: use Qwen3-Omni-30B-A3B-Instruct")
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, features, model.config)
-        self._sessions = None  # decode="graph": static caches and captured steps, made on first use
-        self.last_decode_info: dict[str, Any] = {}  # decode="graph": how the last call's decoders ran
 
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -174,36 +161,25 @@ class Qwen3OmniAdapter(ModelAdapter):
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,  # native class: nothing remote to trust
     ) -> Qwen3OmniAdapter:
-        import torch
         from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration, WhisperFeatureExtractor
-        from transformers.utils import logging as hf_logging
 
         from esn_qwen3_omni.checks import check_finite
 
         check_dtype(dtype)
         cls.read_config(source)
         source = str(source)
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # config warnings about mrope keys and tiny vocabularies
-        hf_logging.disable_progress_bar()
-        try:
-            model, info = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-                source,
-                dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                attn_implementation=attn_implementation,
-                output_loading_info=True,
-                **_placement(device),
-            )
-            tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
-            features = WhisperFeatureExtractor.from_pretrained(source)
+        try:  # quiet: config warnings about mrope keys and tiny vocabularies
+            with quiet_transformers():
+                model, info = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+                    source, dtype=torch_dtype(dtype), attn_implementation=attn_implementation,
+                    output_loading_info=True, **placement(device))
+                tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+                features = WhisperFeatureExtractor.from_pretrained(source)
         except RuntimeError as exc:  # transformers' loading report: tensors missing or of another shape
             raise EsnError(f"cannot load Qwen3-Omni from {source}: weights are missing or of another shape than "
                            f"config.json says ({str(exc).splitlines()[0]})") from None
         except (OSError, ValueError, KeyError) as exc:
             raise EsnError(f"cannot load Qwen3-Omni from {source}: {type(exc).__name__}: {exc}") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            hf_logging.enable_progress_bar()
         # transformers fills missing weights with random (talker experts: uninitialised) values and only
         # logs it: refuse instead
         bad = list(info.get("missing_keys", [])) + [str(k[0] if isinstance(k, tuple) else k)
@@ -211,9 +187,7 @@ class Qwen3OmniAdapter(ModelAdapter):
         if bad:
             raise EsnError(f"{source}: {len(bad)} weights are missing or of another shape (e.g. {', '.join(sorted(bad)[:3])}); "
                            "the weights do not match config.json")
-        if not _placement(device):
-            model.to(device)
-        model.eval()
+        place(model, device)
         check_finite(model, source)
         return cls(model, source, tokenizer, features)
 
@@ -280,12 +254,10 @@ class Qwen3OmniAdapter(ModelAdapter):
     def generate(self, requests: Sequence[EVCRequest], config: GenerationConfig) -> list[EVCResult]:
         """All requests as rows of one left-padded batch (transformers 5.24's Qwen3-Omni generates batches;
         finished rows are fed the codec eos), through ``esn.decode`` (option ``decode="graph"``, the default
-        on CUDA) or transformers' ``generate`` (``"eager"``); both give the same tokens and codes. Text,
+        on CUDA) or transformers' ``generate`` (``"generate"``); both give the same tokens and codes. Text,
         codec and residual codes are greedy, so the result does not depend on the seed; the global RNG is
         forked and seeded anyway. code2wav then decodes each row alone (bit-identical to the row's solo run;
         transformers' one batched pass rounds differently)."""
-        import torch
-
         if not requests:
             return []
         speaker = (config.speaker or DEFAULT_SPEAKER).lower()
@@ -301,22 +273,18 @@ class Qwen3OmniAdapter(ModelAdapter):
         steps_impl = decode_experts or impl
         eager_steps = (steps_impl == "eager" if steps_impl
                        else "eager" in self.model.get_experts_implementation().values())
-        decode = options.pop("decode", "graph" if device.type == "cuda" and not eager_steps else "eager")
-        if decode not in DECODE_MODES:
-            raise EsnError(f"qwen3_omni option decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        decode = decode_mode(self.name, options.pop("decode", None), device, capturable=not eager_steps)
         batch = self.prompts.batch([r.audio for r in requests], system_prompt(config.system_prompt),
                                    [self.instruction(r, config) for r in requests], [r.id for r in requests])
         inputs = {k: v.to(device) for k, v in batch.tensors.items()}
         inputs["input_features"] = inputs["input_features"].to(self.model.thinker.dtype)
         before = self.model.get_experts_implementation() if impl else None
-        fork = [device] if device.type == "cuda" else []
         try:
             if impl:
                 self.model.set_experts_implementation(impl)
-            with torch.random.fork_rng(devices=fork):
-                torch.manual_seed(config.seed)
-                if decode == "eager":
-                    text, tokens, codes, chunking = self._generate_eager(inputs, config, options, speaker)
+            with seeded(config.seed, device):
+                if decode == "generate":
+                    text, tokens, codes, chunking = self._generate_transformers(inputs, config, options, speaker)
                 else:
                     text, tokens, codes, chunking = self._generate_graph(inputs, config, options, speaker, decode_experts)
             waves, lengths = self._decode_rows(codes, tokens, chunking)
@@ -339,7 +307,7 @@ class Qwen3OmniAdapter(ModelAdapter):
             results.append(EVCResult(id=request.id, text=words, waveform=wave, sample_rate=self.sample_rate, info=info))
         return results
 
-    def _generate_eager(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str) -> tuple:
+    def _generate_transformers(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str) -> tuple:
         """transformers' generate: text ``[B, n]``, codec tokens ``[B, m]``, codes ``[B, groups, m']``, chunking."""
         talker = self.model.config.talker_config
         with warnings.catch_warnings(), _caught(self.model) as (catcher, seqs):
@@ -348,16 +316,9 @@ class Qwen3OmniAdapter(ModelAdapter):
             sequences, _ = self.model.generate(
                 **inputs,
                 speaker=speaker,
-                thinker_do_sample=False,
-                thinker_max_new_tokens=config.max_new_tokens,
-                thinker_eos_token_id=list(self.prompts.stop_ids),
-                thinker_pad_token_id=self.prompts.pad,
-                talker_do_sample=False,
-                talker_top_k=None,
-                talker_top_p=None,
-                talker_temperature=None,
-                talker_max_new_tokens=config.max_audio_tokens,
-                talker_pad_token_id=int(talker.codec_eos_token_id),
+                **greedy_generate_options("thinker", config.max_new_tokens, self.prompts.stop_ids, self.prompts.pad),
+                **greedy_generate_options("talker", config.max_audio_tokens, pad_token_id=int(talker.codec_eos_token_id),
+                                          unset_sampling=True),
                 **options,
             )
         if catcher.codes is None:
@@ -366,10 +327,10 @@ class Qwen3OmniAdapter(ModelAdapter):
 
     def _generate_graph(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str,
                         chosen: str | None) -> tuple:
-        """esn.decode: what ``_generate_eager`` returns, each decode step one CUDA-graph replay (on CUDA)."""
+        """esn.decode: what ``_generate_transformers`` returns, each decode step one CUDA-graph replay (on CUDA)."""
         from esn.decode import Greedy
 
-        from esn_qwen3_omni.decode import CODE2WAV_CHUNKING, Sessions, generate_codes
+        from esn_qwen3_omni.decode import CODE2WAV_CHUNKING, generate_codes
 
         model = self.model
         talker = model.config.talker_config
@@ -393,15 +354,7 @@ class Qwen3OmniAdapter(ModelAdapter):
             # generate suppresses the last 1024 ids (the specials) but codec eos
             suppress_token_ids=tuple(i for i in range(max(vocab - 1024, 0), vocab) if i != eos),
         )
-        if self._sessions is None:
-            self._sessions = Sessions()
-        capture = self.device.type == "cuda" if self.capture_graphs is None else self.capture_graphs
         out = generate_codes(model, self._sessions, inputs, speaker_id=int(talker.speaker_id[speaker]),
-                             thinker=thinker, talker=codec, capture=capture, experts=chosen)
+                             thinker=thinker, talker=codec, capture=self.capture, experts=chosen)
         self.last_decode_info = out.info
         return out.text, out.tokens, out.codes, CODE2WAV_CHUNKING
-
-    def release_decode_buffers(self) -> None:
-        """Free the static caches and CUDA graphs that ``decode="graph"`` keeps between calls."""
-        if self._sessions is not None:
-            self._sessions.clear()

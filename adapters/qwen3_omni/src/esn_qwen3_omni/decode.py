@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 from esn.decode import Decoder, DecodeState, Greedy, left_padding
-from esn.decode.static import Sessions, StaticKV, bucket, check_generation_config
+from esn.decode.policy import Sessions
+from esn.decode.static import StaticKV, bucket, check_generation_config
 from esn.errors import EsnError
 
 CODE2WAV_CHUNKING = (300, 25)  # generate's chunked_decode(chunk_size, left_context_size)
@@ -317,7 +318,7 @@ def generate_codes(model: Any, sessions: Sessions, inputs: dict[str, torch.Tenso
     stop = predictor.generation_config.eos_token_id  # the unrolled predictor never stops early
     if any(0 <= int(i) < predictor.config.vocab_size for i in ([] if stop is None else torch.tensor(stop).flatten())):
         raise EsnError(f"the code predictor's generation config stops at code {stop!r}, which decode='graph' does "
-                       "not reproduce; use decode='eager'")
+                       "not reproduce; use decode='generate'")
     length = bucket(p + thinker.max_new_tokens)
     t = sessions.get("thinker", (batch, length, thinker, capture, key),
                      lambda: ThinkerDecoding(model.thinker, batch, length, thinker, capture))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from esn.decode.policy import reply_text
 from esn.errors import EsnError
 
 SAMPLE_RATE = 16_000
@@ -98,10 +99,4 @@ class PromptBuilder:
 
     def decode(self, generated: Sequence[int]) -> tuple[str, int]:
         """Text of the reply up to its first stop token (special tokens dropped) and its token count."""
-        tokens = list(generated)
-        for i, tok in enumerate(tokens):
-            if tok in self.stop_ids:
-                tokens = tokens[:i]
-                break
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return text.strip(), len(tokens)
+        return reply_text(self.tokenizer, generated, self.stop_ids)

@@ -13,7 +13,7 @@ padding) and the fed codec id after.
 
 Decoding: ``decode="graph"`` (the default on CUDA) runs thinker and talker through ``esn.decode``
 (``esn_qwen_omni.decode``: static steps over the same modules, each captured once as a CUDA graph);
-``decode="eager"`` (the default elsewhere) through transformers' ``generate``. Both give the same tokens
+``decode="generate"`` (the default elsewhere) through transformers' ``generate``. Both give the same tokens
 (tested on CPU, where ``graph`` runs the same steps eagerly).
 """
 
@@ -34,9 +34,11 @@ from esn.adapters import (
     flag,
     parse_options,
 )
+from esn.decode.policy import GraphDecoding, decode_mode, greedy_generate_options
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
 from esn.hub import checkpoint_file, read_checkpoint_config
+from esn.loading import place, placement, quiet_transformers, seeded, torch_dtype
 from esn.requirements import Requirement
 
 THINKER_LAYERS = ("thinker.model.language_model.layers", "thinker.model.layers")
@@ -81,21 +83,11 @@ OPTIONS: dict[str, Any] = {
     # dominates small groups (batch 1).
     "token2wav_graph": flag,
     # "graph": thinker and talker through esn.decode (CUDA graphs on CUDA, the same steps eagerly on
-    # CPU); "eager": transformers' generate. Default: graph on CUDA, eager elsewhere.
+    # CPU); "generate": transformers' generate. Default: graph on CUDA, generate elsewhere (esn.decode.policy).
     "decode": str,
 }
-DECODE_MODES = ("graph", "eager")
 DIT_GRAPHS = 2  # captured DiT evaluations kept (per group shape)
 DIT_DTYPES = ("float32", "bfloat16")
-
-
-def _placement(device: str) -> dict[str, Any]:
-    """Load straight onto an accelerator when accelerate is installed; otherwise load, then move."""
-    import importlib.util
-
-    if str(device) == "cpu" or importlib.util.find_spec("accelerate") is None:
-        return {}
-    return {"device_map": str(device)}
 
 
 class _CodeCatcher:
@@ -199,19 +191,14 @@ class _GraphedDiT:
 
     def __init__(self, dit: Any, speaker: Any, ref_mel: Any, code: Any, guided: bool, autocast: bool):
         import torch
+        from esn.decode.capture import capture, warm_up
 
         self.dit, self.guided, self.autocast = dit, guided, autocast
         self.speaker, self.ref_mel, self.code = speaker.clone(), ref_mel.clone(), code.clone()
         self.x = torch.zeros(code.shape[0], code.shape[1] * dit.repeats, dit.mel_dim, device=code.device)
         self.t = torch.zeros((), device=code.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward()  # warm-up, as torch's docs ask before a capture
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._forward()
+        warm_up(self._forward)
+        self.graph, self.out = capture(self._forward, "a DiT evaluation", "something in the DiT synchronises")
 
     def _forward(self) -> Any:
         import torch
@@ -320,7 +307,7 @@ def _dit_sample(
     return RungeKutta4ODESolver(function=velocity, initial_value=noise).integrate(t)[-1].permute(0, 2, 1)
 
 
-class QwenOmniAdapter(ModelAdapter):
+class QwenOmniAdapter(GraphDecoding, ModelAdapter):
     """Qwen2.5-Omni: ``lm`` = thinker decoder gates, ``synth`` = talker gates; batched greedy EVC, seeded token2wav."""
     name = "qwen_omni"
     # The released checkpoints' config.json says "Qwen2_5OmniModel" (the pre-release class name).
@@ -334,9 +321,6 @@ class QwenOmniAdapter(ModelAdapter):
     )
     batched = True
     sample_rate = 24_000
-    # decode="graph": capture the steps as CUDA graphs (None: on CUDA). False runs the very same steps
-    # uncaptured, which is how benchmarks check that a replay computes what the steps compute.
-    capture_graphs: bool | None = None
 
     def __init__(self, model: Any, source: str | Path, tokenizer: Any, speakers: dict[str, dict] | None = None):
         super().__init__(model, source)
@@ -346,7 +330,6 @@ class QwenOmniAdapter(ModelAdapter):
             raise EsnError(f"{source}: the checkpoint has no talker (enable_audio_output is false); EVC needs speech output")
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, model.config.thinker_config)
-        self._sessions = None  # decode="graph": static caches and captured steps, made on first use
         self._dit_graphs: dict = {}  # token2wav_graph: captured DiT evaluations per group shape
         model.speaker_map.update(speakers or {})
 
@@ -367,9 +350,7 @@ class QwenOmniAdapter(ModelAdapter):
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,  # native class: nothing remote to trust
     ) -> QwenOmniAdapter:
-        import torch
         from transformers import AutoTokenizer, PreTrainedModel, Qwen2_5OmniForConditionalGeneration
-        from transformers.utils import logging as hf_logging
 
         from esn_qwen_omni.speakers import SAFETENSORS_NAME, TORCH_NAME, load_speakers
 
@@ -379,27 +360,16 @@ class QwenOmniAdapter(ModelAdapter):
         speaker_file = checkpoint_file(source, SAFETENSORS_NAME) or checkpoint_file(source, TORCH_NAME)
         if speaker_file is None:
             raise EsnError(f"{source}: no speaker file ({SAFETENSORS_NAME} or {TORCH_NAME}); token2wav needs one")
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the talker config warns about thinker-vocabulary ids by design
-        hf_logging.disable_progress_bar()
-        try:
-            # PreTrainedModel.from_pretrained, not the class's override: that one insists on spk_dict.pt.
-            model = super(Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniForConditionalGeneration).from_pretrained(
-                source,
-                dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                attn_implementation=attn_implementation,
-                **_placement(device),
-            )
-            if not _placement(device):
-                model.to(device)
-            tokenizer = AutoTokenizer.from_pretrained(source)
+        try:  # quiet: the talker config warns about thinker-vocabulary ids by design
+            with quiet_transformers():
+                # PreTrainedModel.from_pretrained, not the class's override: that one insists on spk_dict.pt.
+                model = super(Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniForConditionalGeneration).from_pretrained(
+                    source, dtype=torch_dtype(dtype), attn_implementation=attn_implementation, **placement(device))
+                place(model, device)
+                tokenizer = AutoTokenizer.from_pretrained(source)
         except OSError as exc:
             raise EsnError(f"cannot load Qwen2.5-Omni from {source}: {exc}") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            hf_logging.enable_progress_bar()
         assert isinstance(model, PreTrainedModel)
-        model.eval()
         return cls(model, source, tokenizer, load_speakers(speaker_file))
 
     @classmethod
@@ -497,15 +467,13 @@ class QwenOmniAdapter(ModelAdapter):
         """All requests as rows of one left-padded batch; each row converts as in its solo run.
 
         Text and codec tokens are greedy, decoded through ``esn.decode`` (option ``decode="graph"``, the
-        default on CUDA) or transformers' ``generate`` (``"eager"``); both give the same tokens. Then
+        default on CUDA) or transformers' ``generate`` (``"generate"``); both give the same tokens. Then
         token2wav decodes rows whose codes have the same length in batches of ``token2wav_batch``
         (option; default 1 = row by row, bit-identical to the solo run). Every row's ODE starts from the
         noise its solo run draws after seeding with ``config.seed``, so with batches a row's audio
         depends on its batch mates only through the rounding of batched kernels. The global RNG state is
         restored afterwards.
         """
-        import torch
-
         from esn_qwen_omni.prompt import system_prompt
 
         if not requests:
@@ -515,9 +483,7 @@ class QwenOmniAdapter(ModelAdapter):
             raise EsnError(f"unknown speaker {speaker!r} for {self.source}; available: {', '.join(self.speakers)}")
         options = self._options(config.options)
         device = self.device
-        decode = options.pop("decode", "graph" if device.type == "cuda" else "eager")
-        if decode not in DECODE_MODES:
-            raise EsnError(f"qwen_omni option decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        decode = decode_mode(self.name, options.pop("decode", None), device)
         rows_per_batch = options.pop("token2wav_batch", 1)
         if rows_per_batch < 1:
             raise EsnError(f"qwen_omni option token2wav_batch must be >= 1, got {rows_per_batch}")
@@ -534,10 +500,9 @@ class QwenOmniAdapter(ModelAdapter):
         )
         inputs = {k: v.to(device) for k, v in batch.tensors.items()}
         inputs["input_features"] = inputs["input_features"].to(self.model.thinker.dtype)
-        fork = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork):
-            if decode == "eager":
-                text, calls = self._generate_eager(inputs, config, options, speaker)
+        with seeded(config.seed, device):  # token2wav seeds each group's noise again
+            if decode == "generate":
+                text, calls = self._generate_transformers(inputs, config, options, speaker)
             else:
                 text, calls = self._generate_graph(inputs, config, options, speaker)
             if len(calls) != len(requests):
@@ -572,7 +537,7 @@ class QwenOmniAdapter(ModelAdapter):
             )
         return results
 
-    def _generate_eager(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str) -> tuple[Any, list]:
+    def _generate_transformers(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str) -> tuple[Any, list]:
         """transformers' generate: the generated text tokens ``[B, n]`` and token2wav's calls per row."""
         from esn.hooks import installed
 
@@ -583,25 +548,17 @@ class QwenOmniAdapter(ModelAdapter):
             sequences, _ = self.model.generate(
                 **inputs,
                 speaker=speaker,
-                thinker_do_sample=False,
-                thinker_max_new_tokens=config.max_new_tokens,
-                thinker_eos_token_id=list(self.prompts.stop_ids),
-                thinker_pad_token_id=self.prompts.pad,
-                talker_do_sample=False,
-                talker_top_k=None,
-                talker_top_p=None,
-                talker_temperature=None,
-                talker_max_new_tokens=config.max_audio_tokens,
-                talker_eos_token_id=list(self.talker_stop_ids),
+                **greedy_generate_options("thinker", config.max_new_tokens, self.prompts.stop_ids, self.prompts.pad),
+                **greedy_generate_options("talker", config.max_audio_tokens, self.talker_stop_ids, unset_sampling=True),
                 **options,
             )
         return sequences[:, inputs["input_ids"].shape[1] :], catcher.calls
 
     def _generate_graph(self, inputs: dict, config: GenerationConfig, options: dict, speaker: str) -> tuple[Any, list]:
-        """esn.decode: the same tokens as ``_generate_eager``, each decode step one CUDA-graph replay."""
+        """esn.decode: the same tokens as ``_generate_transformers``, each decode step one CUDA-graph replay."""
         from esn.decode import Greedy
 
-        from esn_qwen_omni.decode import Sessions, generate_codes
+        from esn_qwen_omni.decode import generate_codes
 
         model, talker = self.model, self.model.talker
         thinker = Greedy(
@@ -619,12 +576,9 @@ class QwenOmniAdapter(ModelAdapter):
             repetition_penalty=options.get("talker_repetition_penalty", 1.05),  # Qwen's generate default
             suppress_token_ids=(int(talker.codec_bos_token),),
         )
-        if self._sessions is None:
-            self._sessions = Sessions()
         params = model.speaker_map[speaker]
         out = generate_codes(model, self._sessions, inputs, speaker_bos=int(params["bos_token"]), thinker=thinker,
-                             talker=codec, capture=self.device.type == "cuda" if self.capture_graphs is None
-                             else self.capture_graphs)
+                             talker=codec, capture=self.capture)
         batch, device = len(out.codes), self.device
         cond = params["cond"].to(device).float().expand(batch, -1)
         mel = params["ref_mel"].to(device).float().expand(batch, -1, -1)
@@ -634,6 +588,5 @@ class QwenOmniAdapter(ModelAdapter):
 
     def release_decode_buffers(self) -> None:
         """Free the static caches and CUDA graphs that ``decode="graph"`` and ``token2wav_graph`` keep."""
-        if self._sessions is not None:
-            self._sessions.clear()
+        super().release_decode_buffers()
         self._dit_graphs.clear()

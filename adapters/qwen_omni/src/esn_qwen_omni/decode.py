@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 from esn.decode import Decoder, DecodeState, Greedy, left_padding, prompt_positions
-from esn.decode.static import Sessions, StaticKV, bucket, check_generation_config
+from esn.decode.policy import Sessions
+from esn.decode.static import StaticKV, bucket, check_generation_config
 from esn.errors import EsnError
 
 

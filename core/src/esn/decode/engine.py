@@ -41,6 +41,8 @@ import torch
 from torch import nn
 
 from esn.decode import graphs
+from esn.decode.capture import capture
+from esn.decode.policy import capture_default
 from esn.errors import EsnError
 
 
@@ -202,7 +204,7 @@ class Decoder:
         if device is None:
             device = next(scope.parameters()).device
         device = torch.device(device)
-        capture = device.type == "cuda" if capture is None else bool(capture)
+        capture = capture_default(device) if capture is None else bool(capture)
         if capture and device.type != "cuda":
             raise EsnError(f"CUDA graphs need a CUDA device; the model is on {device} (decode eagerly)")
         if batch < 1 or check_every < 1 or max_graphs < 1:
@@ -351,16 +353,9 @@ class Decoder:
     def _capture(self, key: tuple, hooks: list[graphs.ScopedHook]) -> Callable[[], None]:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self._advance()
-        except Exception as exc:
-            raise EsnError(
-                f"capturing the decode step of {type(self.scope).__name__} as a CUDA graph failed "
-                f"({type(exc).__name__}: {exc}); something in the step or a hook synchronises with the host. "
-                "Decode eagerly instead (adapter option decode='eager')"
-            ) from exc
+        graph, _ = capture(self._advance, f"the decode step of {type(self.scope).__name__}",
+                           "something in the step or a hook synchronises with the host. Decode with transformers' "
+                           "generate instead (adapter option decode='generate')")
         torch.cuda.synchronize()
         self.capture_seconds.append(time.perf_counter() - t0)
         self._graphs[key] = _Captured(graph, graphs.states(hooks), [h.hook for h in hooks if not h.aware])

@@ -1,10 +1,9 @@
 """The static pieces every adapter's decode steps share: a KV cache with its key mask, length buckets,
-sessions kept across ``generate`` calls, and the generation settings ``esn.decode`` does not reproduce."""
+and the generation settings ``esn.decode`` does not reproduce (sessions kept across ``generate`` calls:
+``esn.decode.policy``)."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,7 +12,6 @@ from esn.decode.engine import DecodeState
 from esn.errors import EsnError
 
 LENGTH_BUCKET = 64  # cache lengths are rounded up to this, so prompts of similar length share graphs
-SESSIONS_PER_STREAM = 2  # static caches kept per stream (e.g. a full batch and the last, smaller one)
 # generate settings the static steps do not reproduce: decoding with any of them set is refused
 UNSUPPORTED = ("no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "begin_suppress_tokens",
                "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
@@ -32,7 +30,7 @@ def check_generation_config(config: Any, what: str, extra: tuple[str, ...] = ())
         value = getattr(config, name, None)
         if value not in (None, 0, 1.0, [], ()):
             raise EsnError(f"the {what}'s generation config sets {name}={value!r}, which decode='graph' does not "
-                           "reproduce; use decode='eager'")
+                           "reproduce; use decode='generate'")
 
 
 class StaticKV:
@@ -61,26 +59,3 @@ class StaticKV:
         """``[B, 1, 1, L]`` bool: the prompt's real keys and every position up to this step's."""
         cur = self.prompt_len + state.step
         return (self.kv_allowed & (self.kv_index <= cur)).view(self.batch, 1, 1, self.max_len)
-
-
-class Sessions:
-    """An adapter's static decoding sessions, a few per stream, reused across generate calls."""
-
-    def __init__(self) -> None:
-        self._kept: dict[str, OrderedDict] = {}
-
-    def get(self, stream: str, key: tuple, make: Callable[[], Any]) -> Any:
-        """The session of ``stream`` for ``key`` (made by ``make()`` if new; the oldest beyond
-        ``SESSIONS_PER_STREAM`` dropped)."""
-        kept = self._kept.setdefault(stream, OrderedDict())
-        if key not in kept:
-            kept[key] = make()
-            while len(kept) > SESSIONS_PER_STREAM:
-                kept.popitem(last=False)
-        kept.move_to_end(key)
-        return kept[key]
-
-    def clear(self) -> None:
-        """Drop every session (their caches and captured graphs)."""
-        for kept in self._kept.values():
-            kept.clear()
