@@ -125,7 +125,7 @@ def test_a_folder_in_place_of_a_batch_file_is_refused_before_the_batch_is_comput
     (batches / "000003.json").mkdir()
     (batches / "000003.json" / "notes.txt").write_text("mine")
     done = subprocess.run(esn(study, run_dir), env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 2
+    assert done.returncode == 1  # a runtime failure, not usage
     assert "000003.json is a folder, where esn keeps an evaluation batch" in " ".join(done.stderr.split())
     assert not (batches / "000002.json").exists()  # refused before any batch was computed
     assert (batches / "000003.json" / "notes.txt").read_text() == "mine"

@@ -341,7 +341,7 @@ def test_labelling_kit_offers_wer_passing_attempts_only(tmp_path):
 def _swept_run(root: Path) -> tuple[Run, str]:
     """``make_run`` with α, r and c swept, the model from an absolute folder outside the run directory."""
     def edit(text: str) -> str:
-        text = text.replace('source = "none"', 'source = "/models/private/Qwen2.5-Omni-7B"')
+        text = text.replace('source = "none"', 'source = "/models/private/Qwen2.5-Omni-7B"').replace("alphas = [2.0]\n", "")
         return text.replace('positions = ["', 'rates = [0.02, 0.1]\nc = [10]\nalphas = [0.5, 2.0]\n'
                                               'interventions = [{method = "deactivate"}]\npositions = ["')
 

@@ -17,6 +17,7 @@ from esn.errors import EsnError
 from esn.hookpoints import HookPoint, Layout
 from esn.pipeline import record, select
 from esn.pipeline.config import parse_config
+from esn.pipeline.files import atomic_write_json, seal
 from esn.pipeline.run import Run
 from esn.plugins import hookimpl, registry_with
 from esn.selection import select_neurons
@@ -174,7 +175,12 @@ def test_a_store_written_by_an_older_esn_still_loads_resumes_and_selects_the_sam
                 store = record.store(run)
                 assert store.has_moments() is True and len(store.records()) == 12
                 assert store.done_ids() == {a.id for a in record.attempts(run)}
-                record.record(run)  # nothing to do: the checkpoint (which does not exist) is never loaded
+                # prompts.json as this esn seals it (an unsealed or missing one is written again, which loads
+                # the model: tests/test_resume.py); then nothing is left to do and the checkpoint is never loaded
+                atomic_write_json(run.rundir.record / "prompts.json", seal(
+                    {"adapter": "qwen_omni", "system_prompt": None, "instruction": None, "instruction_channel": True,
+                     "speaks_given_words": False, "text_out": True}))
+                record.record(run)
                 assert "all 12 attempts already recorded" in run.console.file.getvalue()
             else:
                 AttemptStore(run.rundir.record, LAYOUT, architecture="tiny").merge_from(

@@ -187,7 +187,7 @@ def test_esn_convert_names_a_link_loop(tmp_path, capsys):
     (tmp_path / "a.wav").symlink_to("a.wav")
     (tmp_path / "ckpt").mkdir()
     assert main(["convert", "--adapter", "qwen_omni", "--model", str(tmp_path / "ckpt"), str(tmp_path / "a.wav"),
-                 "--emotion", "happy", "-o", str(tmp_path / "o.wav")]) == 2
+                 "--emotion", "happy", "-o", str(tmp_path / "o.wav")]) == 1  # a runtime failure, not usage
     err = capsys.readouterr().err
     assert "symbolic link loop" in err and "not found" not in err, err
 
@@ -257,7 +257,7 @@ def test_esn_run_refuses_a_linked_lock_in_one_line_and_truncates_nothing(tmp_pat
     outside, before = _planted(tmp_path, ".lock")
     cfg = tmp_path / "study.json"
     cfg.write_text(json.dumps(config(tmp_path, data={"root": str(tmp_path / "esd"), **splits})))
-    assert main(["run", str(cfg)]) == 2
+    assert main(["run", str(cfg)]) == 1  # a runtime failure, not usage
     err = capsys.readouterr().err
     assert "holds symbolic links (.lock -> " in err and "Traceback" not in err, err
     assert outside.read_bytes() == before
@@ -376,7 +376,8 @@ def test_a_wrong_schema_prompts_file_is_refused_not_reported_as_the_default(tmp_
             atomic_write_json(path, seal(content))
             with pytest.raises(EsnError, match=r"prompts.json is not an esn prompts file"):
                 record.prompts(run)
-        good = {"adapter": "qwen_omni", "system_prompt": None, "instruction": "Sound {emotion}."}
+        good = {"adapter": "qwen_omni", "system_prompt": None, "instruction": "Sound {emotion}.",
+                "instruction_channel": True, "speaks_given_words": False, "text_out": True}
         atomic_write_json(path, seal(good))
         assert record.prompts(run) == good
         edited = json.loads(path.read_text()) | {"system_prompt": "Be sad."}

@@ -75,6 +75,7 @@ FIRST_PARTY: dict[tuple[str, str], tuple[str, str]] = {
     ("adapter", "minicpm_o"): ("esn-minicpm-o", "transformers; the model runs its own remote code"),
     ("adapter", "kimi_audio"): ("esn-kimi-audio", "transformers; the model needs kimia_infer from its own repository"),
     ("adapter", "qwen3_omni"): ("esn-qwen3-omni", "transformers >= 5.24 (fused experts)"),
+    ("adapter", "moshi"): ("esn-moshi", "transformers"),
     ("judge", "emotion2vec"): ("esn-emotion2vec", "funasr, about 890 MB with its dependencies"),
     ("judge", "lalm_judge"): ("esn-lalm-judge", "transformers; the judge model has 30B parameters"),
     ("judge", "utmos"): ("esn-utmos", "utmos-pytorch"),

@@ -80,5 +80,5 @@ def test_claims_fail_where_the_plant_cannot_show_them_and_a_hard_emotion_is_repo
 
     with Run(load_config(out / "demo.toml")) as run:
         n = export_ab(run, out / "kit", per_emotion=2)
-    key = (out / "kit" / "key.csv").read_text()
+    key = (out / "kit-private" / "key.csv").read_text()  # beside the folder raters get
     assert n == 4 and "angry" in key and "happy" in key and "sad" not in key

@@ -56,7 +56,7 @@ class UpProjection(PlantedAdapter):  # up_proj: right rank and width, wrong mean
 class InputNorm(PlantedAdapter):  # the MLP's input norm, declared at its own width
     def hook_points(self):
         return _points(self, module=lambda hp: hp.module.replace("mlp.act_fn", "post_attention_layernorm"),
-                       width=lambda hp: planted.HIDDEN, down_proj=lambda hp: None)
+                       width=lambda hp: self.model.config.hidden_size, down_proj=lambda hp: None)
 
 
 class HookedUpThroughIdentity(PlantedAdapter):

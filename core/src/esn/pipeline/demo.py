@@ -178,8 +178,8 @@ BY_CONSTRUCTION = ("On the planted model these hold by construction, not as evid
 
 def claims_blocks(found: dict) -> list:
     """The paper's claims as decided on this run (``esn.pipeline.claims``): verdict, numbers, rule."""
+    from esn.pipeline.blocks import Block
     from esn.pipeline.claims import Claim, verdict
-    from esn.pipeline.report import Block
 
     rows = [[c.name, verdict(c), c.evidence, c.rule] for c in (Claim(**d) for d in found["claims"])]
     return [Block("h2", "The paper's claims on this model"),
@@ -191,7 +191,7 @@ def claims_blocks(found: dict) -> list:
 def planted_blocks(found: dict) -> list:
     """The report's opening blocks for the demo: what is synthetic, the recall table, the claims, the real command."""
     from esn.install import pip_install
-    from esn.pipeline.report import Block
+    from esn.pipeline.blocks import Block
 
     emotions = list(found["planted"])
     rows = [[name, *_recall_cells(found, r)] for name, r in found["recall"].items()]

@@ -9,28 +9,20 @@ from __future__ import annotations
 import html
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 
 from esn.emotions import EMOTIONS
 from esn.pipeline import evaluate, plots, record, report_views
+from esn.pipeline.blocks import Block
 from esn.pipeline.config import Setting, settings
 from esn.pipeline.files import atomic_write_json, atomic_write_text, read_json, read_sealed
 from esn.pipeline.grid import BASELINE
 from esn.pipeline.run import Run
 
 _RESELECT = "run `esn select` to write it again"  # what to do about a damaged select output
-
-
-@dataclass
-class Block:
-    """One report element: a heading, paragraph, table, image or code block, rendered to Markdown and HTML."""
-    kind: str  # "h1" | "h2" | "h3" | "p" | "table" | "img" | "code" | "clips" (a table with audio cells)
-    body: Any
 
 
 def _f(v: float | None, fmt: str = "+.2f") -> str:

@@ -56,7 +56,7 @@ def listening_blocks(run: Run, anchor: Setting, targets: list[str], *, per_targe
     anchor's self-steered clip (its mask emotion = the target), as players linking the run's saved wavs."""
     from esn.pipeline import evaluate
     from esn.pipeline.batches import derive_seed
-    from esn.pipeline.report import Block
+    from esn.pipeline.blocks import Block
 
     try:
         records = evaluate.records(run)
@@ -96,7 +96,7 @@ def _verdict(record: dict, target: str) -> str:
 # -- curves: the trade-off against α, and the sweeps over r and c -----------------------------------------
 def curve_blocks(run: Run, sw: dict, groups: dict, primary: str, anchor: Setting) -> list:
     """Self and cross effect (judge ``primary``) and WER against each swept factor (α, r, c)."""
-    from esn.pipeline.report import Block
+    from esn.pipeline.blocks import Block
 
     panels = []
     for key, name, value in (("alpha", "α", lambda s: s.alpha), ("rate", "selection rate r", lambda s: s.rate),
@@ -143,7 +143,7 @@ def depth_blocks(run: Run, sw: dict, anchor: Setting) -> list:
     has a mask of it (lm vs synth side by side, depth on a common axis)."""
     from esn import artifacts
     from esn.analysis import layer_counts
-    from esn.pipeline.report import Block
+    from esn.pipeline.blocks import Block
 
     profiles = {}
     for stream, rows in sw["selectors"].items():

@@ -17,9 +17,7 @@ shape on the OpenAI-compatible routes).
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import io
 import logging
 import time
 import uuid
@@ -28,7 +26,6 @@ from dataclasses import replace
 from typing import Annotated
 from urllib.parse import quote
 
-import soundfile as sf
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -36,10 +33,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from esn.display import header_text
-from esn.serve.batcher import Batcher, QueueFull
+from esn.serve.batcher import Batcher
 from esn.serve.convert import NO_STEERING, Converter, Job, Outcome
 from esn.serve.errors import RequestError
 from esn.serve.guard import Access, AccessGuard
+from esn.serve.jobs import await_outcome, submit, wav_bytes
 from esn.serve.metrics import Metrics
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures this one: our lines join its log
@@ -112,64 +110,6 @@ class Guard:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (after the body has been read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def submit(request: Request, job: Job, metrics: Metrics) -> asyncio.Future:
-    """Queue ``job`` on the app's batcher; 429 ``queue_full`` when the queue is at its limit."""
-    batcher: Batcher = request.app.state.batcher
-    try:
-        return batcher.submit(job)
-    except QueueFull:
-        metrics.conversions.labels("queue_full").inc()
-        raise RequestError(429, "queue_full", f"{batcher.queue.maxsize} conversions are already waiting; "
-                           "try again shortly", headers={"Retry-After": "1"}) from None
-
-
-async def await_outcome(request: Request, job: Job, future: asyncio.Future, started: float, metrics: Metrics,
-                        *, watch_disconnect: bool = True) -> Outcome | None:
-    """The job's successful outcome; None if the client disconnected first (watched unless the caller
-    watches itself, as a streamed response does); RequestError on timeout or a failed conversion. Leaving
-    (cancelled included) cancels the future, so the batcher skips the job, or drops its row's answer if
-    it already runs."""
-    waits = {future}
-    gone = asyncio.ensure_future(_disconnected(request)) if watch_disconnect else None
-    if gone is not None:
-        waits.add(gone)
-    left = max(0.0, job.timeout_s - (time.monotonic() - started))
-    try:
-        done, _ = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if gone is not None:
-            gone.cancel()
-        if not future.done():
-            future.cancel()
-    if future not in done:
-        if gone is not None and gone in done:
-            metrics.conversions.labels("disconnected").inc()
-            return None
-        metrics.conversions.labels("timeout").inc()
-        raise RequestError(504, "timeout", f"no answer within {job.timeout_s:g} s "
-                           f"({request.app.state.batcher.depth} waiting); "
-                           "try again later or with a longer timeout")
-    outcome: Outcome = future.result()
-    metrics.queue_seconds.observe(outcome.extra.get("queue_s", 0.0))
-    if outcome.error is not None:
-        metrics.conversions.labels(outcome.error.code).inc()
-        raise outcome.error
-    metrics.conversions.labels("ok").inc()
-    return outcome
-
-
-def _wav(outcome: Outcome) -> bytes:
-    buf = io.BytesIO()  # 16-bit PCM, as `esn convert` writes it: the same samples give the same bytes
-    sf.write(buf, outcome.result.waveform, outcome.result.sample_rate, subtype="PCM_16", format="WAV")
-    return buf.getvalue()
-
-
 def _answer(request: Request, job: Job, outcome: Outcome) -> Response:
     result = outcome.result
     facts = {"id": job.id, **job.settings, "batch_size": outcome.batch_size,
@@ -180,13 +120,13 @@ def _answer(request: Request, job: Job, outcome: Outcome) -> Response:
             **facts, "text": result.text, "sample_rate": result.sample_rate,
             "seconds": round(result.waveform.size / result.sample_rate, 6),
             "text_tokens": result.info.get("text_tokens"), "audio_tokens": result.info.get("audio_tokens"),
-            "audio_wav_base64": base64.b64encode(_wav(outcome)).decode("ascii"),
+            "audio_wav_base64": base64.b64encode(wav_bytes(outcome)).decode("ascii"),
         })
     text, cut = header_text(result.text)  # bounded: the whole text is in the JSON answer
     headers = {"X-Esn-Text": text, "X-Esn-Text-Truncated": "true" if cut else "false", "X-Esn-Request-Id": job.id,
                "X-Esn-Batch-Size": str(outcome.batch_size),
                "X-Esn-Settings": quote(",".join(f"{k}={v}" for k, v in job.settings.items()), safe="=,")}
-    return Response(_wav(outcome), media_type="audio/wav", headers=headers)
+    return Response(wav_bytes(outcome), media_type="audio/wav", headers=headers)
 
 
 def create_app(converter: Converter, *, token: str | None = None, access: Access | None = None) -> FastAPI:

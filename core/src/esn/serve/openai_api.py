@@ -36,9 +36,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from esn.serve.app import _wav, await_outcome, submit
 from esn.serve.convert import Converter, Job, Outcome
 from esn.serve.errors import RequestError
+from esn.serve.jobs import await_outcome, submit, wav_bytes
 from esn.serve.metrics import Metrics
 
 PATHS = ("/v1/models", "/v1/chat/completions")
@@ -242,7 +242,7 @@ class ChatCompletions:
         result = outcome.result
         message: dict[str, Any] = {"role": "assistant", "content": None if chat.with_audio else result.text}
         if chat.with_audio:
-            wav = _wav(outcome)
+            wav = wav_bytes(outcome)
             data = wav if chat.out_format == "wav" else _pcm16(wav)
             message["audio"] = {"id": f"audio_{job.id}", "data": base64.b64encode(data).decode("ascii"),
                                 "expires_at": created + 3600, "transcript": result.text}
@@ -311,7 +311,7 @@ class ChatCompletions:
             result = outcome.result
             if chat.with_audio:
                 yield chunk({"audio": {"id": f"audio_{job.id}", "transcript": result.text}})
-                pcm = _pcm16(_wav(outcome))
+                pcm = _pcm16(wav_bytes(outcome))
                 step = 2 * max(1, int(CHUNK_SECONDS * result.sample_rate))
                 for at in range(0, len(pcm), step):
                     yield chunk({"audio": {"data": base64.b64encode(pcm[at:at + step]).decode("ascii")}})
