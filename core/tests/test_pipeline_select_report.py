@@ -356,12 +356,13 @@ def _save_some_audio(run: Run) -> None:
 
     anchor = settings(run.cfg)[0].key
     for path in sorted((run.rundir.evaluate / "batches").glob("*.json")):
-        rows = read_json(path)
+        rows = evaluate.read_batch(path, "a test batch")
         for r in rows:
             if r["setting"] in (BASELINE, anchor):
                 r["audio"] = audio_name(r["id"])
-                atomic_write_wav(run.rundir.evaluate / r["audio"], np.full(800, 0.1, np.float32), 16_000)
-        atomic_write_json(path, rows)
+                r["audio_sha256"] = atomic_write_wav(run.rundir.evaluate / r["audio"], np.full(800, 0.1, np.float32),
+                                                     16_000)
+        evaluate.write_batch(path, rows)
 
 
 @pytest.mark.slow
