@@ -163,6 +163,17 @@ def mlp_hook_points(model: nn.Module, layers_path: str, stream: str, *, first_la
     return points
 
 
+def scale_grouped_columns(weight: torch.Tensor, local, d: int, scale: float, saved: list) -> None:
+    """Fold a gain into a grouped down projection ``weight [groups, hidden, d]`` (experts or indices): scale
+    ``weight[k, :, u]`` for local neurons ``k * d + u``, appending ``(weight, (groups, units), values)`` to
+    ``saved`` so that ``esn.routing.unfold`` writes the originals back."""
+    local = torch.as_tensor(local, dtype=torch.long)
+    index = (local // d).to(weight.device), (local % d).to(weight.device)
+    values = weight[index[0], :, index[1]]  # [n, hidden], a copy
+    saved.append((weight, index, values))
+    weight[index[0], :, index[1]] = values * scale
+
+
 def apply_affine(g: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
                  floor: torch.Tensor | None) -> torch.Tensor:
     """``max(g * scale + shift, floor)``, skipping the parts that are ``None``: the steering edit of a gate.

@@ -29,7 +29,7 @@ import torch
 
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
-from esn.hooks import apply_affine, submodule
+from esn.hooks import apply_affine, scale_grouped_columns, submodule
 
 
 def index_of(args: tuple, kwargs: dict) -> Any:
@@ -224,8 +224,4 @@ def fold(target: Any, hp: HookPoint, local, scale: float, saved: list) -> None:
     if weight.dim() != 3 or (weight.shape[0], weight.shape[2]) != (hp.indices, d) or weight.device.type == "meta":
         raise EsnError(f"{hp.name}: {hp.down_proj}.weight has shape {tuple(weight.shape)} on {weight.device}; "
                        f"folding needs a materialised per-index [{hp.indices}, hidden, {d}] weight")
-    local = torch.as_tensor(local, dtype=torch.long)
-    index = (local // d).to(weight.device), (local % d).to(weight.device)
-    values = weight[index[0], :, index[1]]  # [n, hidden], a copy
-    saved.append((weight, index, values))
-    weight[index[0], :, index[1]] = values * scale
+    scale_grouped_columns(weight, local, d, scale, saved)

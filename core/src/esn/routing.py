@@ -32,7 +32,7 @@ import torch
 
 from esn.errors import EsnError
 from esn.hookpoints import HookPoint
-from esn.hooks import apply_affine, submodule
+from esn.hooks import apply_affine, scale_grouped_columns, submodule
 
 IMPLEMENTATIONS: tuple[str, ...] = ("grouped_mm", "batched_mm", "eager")
 _SLICE_BYTES = 64 * 2**20  # float64 copies of prefill rows are summed in slices this small
@@ -580,11 +580,7 @@ def fold(target: Any, hp: HookPoint, local, scale: float, saved: list) -> None:
     if weight.dim() != 3 or tuple(weight.shape[::2]) != (hp.experts, d) or weight.device.type == "meta":
         raise EsnError(f"{hp.name}: {hp.down_proj} has shape {tuple(weight.shape)} on {weight.device}; folding "
                        f"needs a materialised [{hp.experts}, hidden, {d}] parameter")
-    local = torch.as_tensor(local, dtype=torch.long)
-    index = (local // d).to(weight.device), (local % d).to(weight.device)
-    values = weight[index[0], :, index[1]]  # [n, hidden], a copy
-    saved.append((weight, index, values))
-    weight[index[0], :, index[1]] = values * scale
+    scale_grouped_columns(weight, local, d, scale, saved)
 
 
 def unfold(saved: list) -> None:
