@@ -127,3 +127,17 @@ def test_cli_prints_raters_and_refuses_repeats(study, capsys):
     assert "2 raters, 3 answers (answers per rater: r1 2, r2 1)" in " ".join(out.split())
     assert main([*args, str(one), str(one)]) != 0
     assert "given twice" in capsys.readouterr().err
+
+
+def test_an_edited_results_file_is_refused_not_reported(study):
+    """human/results.json is sealed like every other output a later stage reads: a hand-edited win rate is
+    refused by the report's reader, with what to do about it."""
+    run, kit, _, root = study
+    result = human.import_ab(run, kit, [write(root / "r1.csv", "r1,1,A", "r1,2,B", "r1,3,tie")])
+    assert human.responses_summary(run)["rates"] == result["rates"]
+    path = run.dir / "human" / "results.json"
+    edited = json.loads(path.read_text())
+    edited["rates"]["average"]["win"] = 1.0
+    path.write_text(json.dumps(edited))
+    with pytest.raises(EsnError, match=r"results.json is damaged or was edited.*esn human import"):
+        human.responses_summary(run)

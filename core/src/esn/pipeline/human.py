@@ -35,7 +35,13 @@ from esn.files import check_sha256, read_bytes
 from esn.pipeline import evaluate, record, select
 from esn.pipeline.batches import derive_seed
 from esn.pipeline.config import settings
-from esn.pipeline.files import atomic_write_json, atomic_write_text, atomic_write_wav, read_json
+from esn.pipeline.files import (
+    atomic_write_json,
+    atomic_write_text,
+    atomic_write_wav,
+    read_sealed,
+    seal,
+)
 from esn.pipeline.grid import BASELINE
 from esn.pipeline.listening import CODES, KEY, issue_codes, key_path, private_dir, read_codes, write_page
 from esn.pipeline.run import Run
@@ -191,7 +197,7 @@ def import_ab(run: Run, kit: Path, responses: Sequence[Path]) -> dict:
         "counts": {e: {**{k: c[k] for k in ("win", "tie", "loss")}, "n": sum(c.values())} for e, c in table.items()},
         "raters": raters,  # answers per rater
     }
-    atomic_write_json(run.dir / "human" / "results.json", result)
+    atomic_write_json(run.dir / "human" / "results.json", seal(result))  # a damaged or edited file is refused
     return result
 
 
@@ -257,7 +263,10 @@ def import_labels(run: Run, kit: Path, responses: Sequence[Path]) -> tuple[Path,
     return atomic_write_text(run.dir / "human" / "labels.csv", _csv(rows, ["id", "label"])), raters
 
 
+REIMPORT = "run `esn human import` again to write it from the responses"  # what to do about a damaged results.json
+
+
 def responses_summary(run: Run) -> dict | None:
     """The imported listening-test results of a run (``human/results.json``), or None before an import."""
     path = run.dir / "human" / "results.json"
-    return read_json(path) if path.exists() else None
+    return read_sealed(path, REIMPORT) if path.exists() else None

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import numpy as np
 
 from esn.emotions import EMOTIONS
-from esn.pipeline import evaluate, plots, record, report_views
+from esn.pipeline import evaluate, human, plots, record, report_views
 from esn.pipeline.blocks import Block
 from esn.pipeline.config import Setting, settings
 from esn.pipeline.files import atomic_write_json, atomic_write_text, read_json, read_sealed
@@ -464,9 +464,9 @@ def _human_blocks(run: Run, targets: list[str]) -> list[Block]:
                 for e, v in data.items()]
         out += [Block("h2", "Table 5 — ESNs from human- vs judge-filtered successes"),
                 Block("table", {"head": ["Emotion", "Jaccard", "Direct match", "JSD"], "rows": rows})]
-    wtl = run.dir / "human" / "results.json"
-    if wtl.exists():
-        rates = read_json(wtl)["rates"]
+    summary = human.responses_summary(run)
+    if summary is not None:
+        rates = summary["rates"]
         png = plots.win_tie_loss(rates, run.rundir.figures / "human_wtl.png", title="Listeners: intervened vs baseline")
         rows = [[e.capitalize() if e != "average" else "Average", *[f"{100 * rates[e][k]:.0f}%" for k in ("win", "tie", "loss")]]
                 for e in rates]
