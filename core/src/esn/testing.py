@@ -429,9 +429,20 @@ def _check_roots(adapter: ModelAdapter, points: Sequence[HookPoint]) -> None:
             adapter.model.get_submodule(root)
         except AttributeError:
             raise ConformanceError(f"stream spec {stream!r}: root {root!r} is not a module of the model") from None
-        outside = [hp.name for hp in points if hp.stream == stream and not hp.module.startswith(root + ".")]
-        _require(not outside, f"stream spec {stream!r}: hook points {outside[:3]} are not under its root {root!r}: "
-                              "the root must be the module that feeds this stream's tokens to its layers")
+        # a substep (a decoder run inside the root's steps, e.g. a depth decoder beside the backbone)
+        # feeds the hook points under it; the spec names it, so those count as the stream's own
+        substeps = tuple(getattr(spec, "substeps", ()) or ())
+        for sub in substeps:
+            try:
+                adapter.model.get_submodule(sub)
+            except AttributeError:
+                raise ConformanceError(f"stream spec {stream!r}: substep {sub!r} is not a module of the model") from None
+        outside = [hp.name for hp in points if hp.stream == stream
+                   and not any(hp.module.startswith(m + ".") for m in (root, *substeps))]
+        nor = f" nor under its substeps {list(substeps)}" if substeps else ""
+        _require(not outside, f"stream spec {stream!r}: hook points {outside[:3]} are not under its root {root!r}{nor}: "
+                              "the root must be the module that feeds this stream's tokens to its layers (a decoder "
+                              "that runs inside the root's steps goes in substeps=)")
 
 
 # Lowest value each activation can output (for the declared activation's range check).
