@@ -257,3 +257,42 @@ def test_steer_edits_exactly_the_selected_synth_units(adapter):
 
 def test_conformance(tmp_path):
     run_conformance(CsmAdapter, tmp_path)
+
+
+def _edited_positions(adapter, mask, name, units, positions):
+    """(positions where ``units`` came out of act_fn doubled, positions the gate ran) under steer alpha 1."""
+    hp = next(h for h in adapter.hook_points() if h.name == name)
+    mlp = adapter.model.get_submodule(hp.module.rsplit(".", 1)[0])
+    outs, ins = [], []
+    with steer(adapter, mask, "steer", 1.0, positions=positions):
+        handles = [adapter.module(hp).register_forward_hook(lambda m, a, o: outs.append(o.detach().clone())),
+                   mlp.register_forward_hook(lambda m, a, o: ins.append(a[0].detach().clone()))]
+        try:
+            adapter.generate(tiny_requests(2), _config())
+        finally:
+            for h in handles:
+                h.remove()
+    edited = total = 0
+    for o, x in zip(outs, ins, strict=True):
+        with torch.inference_mode():
+            raw = mlp.act_fn(mlp.gate_proj(x))
+        edited += int((o[..., units] == 2 * raw[..., units]).all(-1).sum())
+        total += o.shape[0] * o.shape[1]
+    return edited, total
+
+
+def test_steer_generated_edits_every_synth_position(adapter):
+    name, units = "synth.layers.0.mlp.gate", [0, 5]
+    mask = Mask.from_split(adapter.layout(), {name: np.array(units)})
+    edited, total = _edited_positions(adapter, mask, name, units, "generated")
+    assert edited == total == 2 * K * 4  # 2 requests x 4 frames x K positions, all generated
+
+
+def test_naive_declaration_steering_generated_is_refused(checkpoint):
+    naive = NaiveCsmAdapter.load(checkpoint)
+    name = "synth.layers.0.mlp.gate"
+    mask = Mask.from_split(naive.layout(), {name: np.array([0, 5])})
+    assert _edited_positions(naive, mask, name, [0, 5], "all") == (2 * K * 4, 2 * K * 4)
+    with pytest.raises(EsnError, match=r"synth\.layers\.0\.mlp\.gate .* second prefill .*substeps="):
+        _edited_positions(naive, mask, name, [0, 5], "generated")
+    assert "generate" not in vars(naive), vars(naive).get("generate")  # the per-request wrapper is gone

@@ -315,8 +315,20 @@ class _EditHook:
         self.edit = edit
         self.prefill = prefill
         self.flat = flat
+        self.began = False  # without a stream root: this hook point ran a decode call (one position)
+        self.one_generation = False  # set while each call is one request's generation (batched = False)
 
     def __call__(self, module, args, out):
+        if self.one_generation and out.dim() >= 2:
+            if out.shape[1] == 1:
+                self.began = True
+            elif self.began:  # as recording: a sub-generation per step would be skipped as "the prompt"
+                raise EsnError(f"hook point {self.edit.name} (stream without a stream spec) ran a second prefill "
+                               f"({out.shape[1]} positions) after it began decoding: positions='generated' would "
+                               "leave that sub-generation unsteered. If this module runs a sub-generation per step "
+                               "of another decoder (a depth decoder, once per frame), declare it in that stream's "
+                               "spec: StreamSpec(root=<the decoder whose steps run it>, substeps=(<this sub-model's "
+                               "path>,))")
         if self.prefill is not None and self.prefill.skip(out):
             return None
         if self.flat and self.edit.rows is not None:
@@ -386,8 +398,38 @@ def _install_hooks(target: Any, layout: Layout, edits: dict[str, _Edit], positio
             hooks += forward
         else:
             hooks.append((target.module(hp), _EditHook(edit, state, hp.flat)))
-    with installed(roots + pre, kind="pre", with_kwargs=True), installed(hooks):
+    untracked = [h for _, h in hooks if isinstance(h, _EditHook) and h.prefill is not None and not h.prefill.tracked]
+    with _each_request(target, untracked), installed(roots + pre, kind="pre", with_kwargs=True), installed(hooks):
         yield tuple(edits)
+
+
+@contextlib.contextmanager
+def _each_request(target: Any, hooks: list[_EditHook]) -> Iterator[None]:
+    """For an adapter that runs its requests one by one (``batched = False``), route ``generate`` through
+    one call per request, so that a hook point without a stream root knows its generation's prefill (and
+    refuses a second one). Unmarked, so a recorder inside or around the block still wraps it too."""
+    generate = getattr(target, "generate", None)
+    if not hooks or getattr(target, "batched", True) is not False or not callable(generate):
+        yield
+        return
+    had_own = "generate" in vars(target)
+
+    def each(requests, *args, **kwargs):
+        out = []
+        for request in requests:
+            for h in hooks:
+                h.began, h.one_generation = False, True
+            out += generate([request], *args, **kwargs)
+        return out
+
+    target.generate = each
+    try:
+        yield
+    finally:
+        if had_own:
+            target.generate = generate
+        else:
+            del target.generate
 
 
 # -- public API ------------------------------------------------------------------------------------
