@@ -296,3 +296,19 @@ def test_naive_declaration_steering_generated_is_refused(checkpoint):
     with pytest.raises(EsnError, match=r"synth\.layers\.0\.mlp\.gate .* second prefill .*substeps="):
         _edited_positions(naive, mask, name, [0, 5], "generated")
     assert "generate" not in vars(naive), vars(naive).get("generate")  # the per-request wrapper is gone
+
+
+@pytest.mark.parametrize("outside", ["steer", "recorder"])
+def test_recording_and_steering_nest_either_way_on_a_one_by_one_adapter(checkpoint, outside):
+    naive = NaiveCsmAdapter.load(checkpoint)  # lm has no spec: steering splits requests, so does the recorder
+    mask = Mask.from_split(naive.layout(), {"lm.layers.0.mlp.gate": np.array([1])})
+    blocks = [lambda: steer(naive, mask, "steer", 1.0, positions="generated"),
+              lambda: GateRecorder(naive, streams=["lm"])]
+    outer, inner = blocks if outside == "steer" else blocks[::-1]
+    with outer() as a, inner() as b:
+        naive.generate(tiny_requests(2), _config())
+    rec = a if outside == "recorder" else b
+    stats = rec.stats()
+    assert stats.tokens.tolist() == [[18, 18], [18, 18]]  # one row per request: 15 prompt + 3 decode
+    assert stats.prompt_tokens.tolist() == [[15, 15], [15, 15]]
+    assert "generate" not in vars(naive)

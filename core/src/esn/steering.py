@@ -407,7 +407,7 @@ def _install_hooks(target: Any, layout: Layout, edits: dict[str, _Edit], positio
 def _each_request(target: Any, hooks: list[_EditHook]) -> Iterator[None]:
     """For an adapter that runs its requests one by one (``batched = False``), route ``generate`` through
     one call per request, so that a hook point without a stream root knows its generation's prefill (and
-    refuses a second one). Unmarked, so a recorder inside or around the block still wraps it too."""
+    refuses a second one). Unmarked unless it wraps a recorder's split, so a recorder inside still splits."""
     generate = getattr(target, "generate", None)
     if not hooks or getattr(target, "batched", True) is not False or not callable(generate):
         yield
@@ -422,6 +422,8 @@ def _each_request(target: Any, hooks: list[_EditHook]) -> Iterator[None]:
             out += generate([request], *args, **kwargs)
         return out
 
+    if getattr(generate, "_esn_each", False):  # a recorder around the block already splits requests:
+        each._esn_each = True  # its per-request recorders inside must see the split as theirs
     target.generate = each
     try:
         yield
