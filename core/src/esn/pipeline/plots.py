@@ -129,24 +129,14 @@ def expert_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Seq
                    title: str) -> Path:
     """The layer x expert view: one panel per emotion, routed layers (rows) x experts (columns), the
     selected neurons of each expert (NaN, blank: a layer with fewer experts). ``counts [E, R, X]``."""
-    plt = _plt()
     counts = np.asarray(counts, dtype=float)
-    n, rows, width = counts.shape
-    scale = max(float(np.nanmax(counts)) if np.isfinite(counts).any() else 0.0, 1.0)
-    fig, axes = plt.subplots(1, n, figsize=(min(2.2 + 0.05 * width, 6.0) * n + 1.0, 0.25 * rows + 1.6),
-                             squeeze=False)
-    im = None
-    for k, (ax, emotion) in enumerate(zip(axes[0], emotions, strict=True)):
-        im = ax.imshow(counts[k], cmap="viridis", aspect="auto", vmin=0, vmax=scale, interpolation="nearest")
-        ax.set_title(emotion.capitalize())
+    rows = counts.shape[1]
+
+    def ticks(ax, first: bool) -> None:
         ax.set_xlabel("expert")
-        ax.set_yticks(range(rows), layer_names if k == 0 else [""] * rows)
-    axes[0][0].set_ylabel("routed layer")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="selected neurons")
-    fig.suptitle(title, y=1.02)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+        ax.set_yticks(range(rows), layer_names if first else [""] * rows)
+
+    return _panels(counts, emotions, path, title=title, col_inches=0.05, ticks=ticks, ylabel="routed layer")
 
 
 @figure
@@ -154,18 +144,31 @@ def index_heatmap(counts: np.ndarray, layer_names: Sequence[str], emotions: Sequ
                   title: str) -> Path:
     """The index x layer view: one panel per emotion, indices (rows: codebook positions) x indexed layers
     (columns), the selected neurons of each (NaN, blank: a layer with fewer indices). ``counts [E, X, R]``."""
-    plt = _plt()
     counts = np.asarray(counts, dtype=float)
+    rows, cols = counts.shape[1:]
+
+    def ticks(ax, first: bool) -> None:
+        ax.set_xticks(range(cols), layer_names, rotation=90)
+        ax.set_yticks(range(rows), [str(i) for i in range(rows)] if first else [""] * rows)
+
+    return _panels(counts, emotions, path, title=title, col_inches=0.3, ticks=ticks, ylabel="index (codebook)")
+
+
+def _panels(counts: np.ndarray, emotions: Sequence[str], path: Path, *, title: str, col_inches: float, ticks,
+            ylabel: str) -> Path:
+    """One heatmap panel per emotion of ``counts [E, rows, cols]`` on one colour scale (NaN: blank), with
+    ``ticks(ax, first_panel)`` labelling each: the expert and index views of selected neurons."""
+    plt = _plt()
     n, rows, cols = counts.shape
     scale = max(float(np.nanmax(counts)) if np.isfinite(counts).any() else 0.0, 1.0)
-    fig, axes = plt.subplots(1, n, figsize=(min(2.2 + 0.3 * cols, 6.0) * n + 1.0, 0.25 * rows + 1.6), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(min(2.2 + col_inches * cols, 6.0) * n + 1.0, 0.25 * rows + 1.6),
+                             squeeze=False)
     im = None
     for k, (ax, emotion) in enumerate(zip(axes[0], emotions, strict=True)):
         im = ax.imshow(counts[k], cmap="viridis", aspect="auto", vmin=0, vmax=scale, interpolation="nearest")
         ax.set_title(emotion.capitalize())
-        ax.set_xticks(range(cols), layer_names, rotation=90)
-        ax.set_yticks(range(rows), [str(i) for i in range(rows)] if k == 0 else [""] * rows)
-    axes[0][0].set_ylabel("index (codebook)")
+        ticks(ax, k == 0)
+    axes[0][0].set_ylabel(ylabel)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="selected neurons")
     fig.suptitle(title, y=1.02)
     out = _save(fig, path)
